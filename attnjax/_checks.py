@@ -1,0 +1,106 @@
+"""Input validation shared by every primitive.
+
+Errors name the offending argument and the shapes/values received, so a user
+reading a traceback knows which array to fix.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+
+
+def check_rank(name: str, x, ranks: Sequence[int]) -> None:
+  if x.ndim not in ranks:
+    raise ValueError(
+        f"`{name}` must have rank in {tuple(ranks)}, got shape {tuple(x.shape)} "
+        f"(rank {x.ndim}).")
+
+
+def check_floating(name: str, x) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"`{name}` must be floating point, got dtype {x.dtype}.")
+
+
+def check_broadcastable(name: str, x, target: Sequence[int], *,
+                        what: str = "[batch, heads, q_len, kv_len]") -> None:
+  """Checks that `x` broadcasts (numpy rules, right-aligned) to `target`."""
+  shape = tuple(x.shape)
+  target = tuple(target)
+  if len(shape) > len(target):
+    raise ValueError(
+        f"`{name}` with shape {shape} has more dims than {what}={target}.")
+  for s, t in zip(reversed(shape), reversed(target)):
+    if s != 1 and s != t:
+      raise ValueError(
+          f"`{name}` with shape {shape} is not broadcastable to {what}={target}.")
+
+
+def check_qkv(query, key, value, *, allow_unbatched: bool = True,
+              same_value_dim: bool = False):
+  """Validates BTNH / BSKH attention inputs; returns (B, T, N, S, K, H, Hv).
+
+  Unbatched rank-3 inputs are accepted when `allow_unbatched`; the caller is
+  responsible for adding/removing the batch dim.
+  """
+  ranks = (3, 4) if allow_unbatched else (4,)
+  check_rank("query", query, ranks)
+  check_rank("key", key, ranks)
+  check_rank("value", value, ranks)
+  if not (query.ndim == key.ndim == value.ndim):
+    raise ValueError(
+        "`query`, `key` and `value` must have the same rank, got shapes "
+        f"query={tuple(query.shape)}, key={tuple(key.shape)}, "
+        f"value={tuple(value.shape)}.")
+  for n, x in (("query", query), ("key", key), ("value", value)):
+    check_floating(n, x)
+  q = query.shape if query.ndim == 4 else (1,) + tuple(query.shape)
+  k = key.shape if key.ndim == 4 else (1,) + tuple(key.shape)
+  v = value.shape if value.ndim == 4 else (1,) + tuple(value.shape)
+  b, t, n, h = q
+  bk, s, kh, hk = k
+  bv, sv, kv, hv = v
+  if bk != b or bv != b:
+    raise ValueError(
+        "batch sizes of `query`, `key`, `value` differ: shapes "
+        f"query={tuple(query.shape)}, key={tuple(key.shape)}, "
+        f"value={tuple(value.shape)}.")
+  if hk != h:
+    raise ValueError(
+        f"`key` head_dim {hk} must equal `query` head_dim {h}: shapes "
+        f"query={tuple(query.shape)}, key={tuple(key.shape)}.")
+  if sv != s or kv != kh:
+    raise ValueError(
+        "`key` and `value` must agree in kv_len and kv_heads: shapes "
+        f"key={tuple(key.shape)}, value={tuple(value.shape)}.")
+  if same_value_dim and hv != h:
+    raise ValueError(
+        f"`value` head_dim {hv} must equal `query` head_dim {h} for this "
+        f"implementation: shapes query={tuple(query.shape)}, "
+        f"value={tuple(value.shape)}.")
+  if kh == 0 or n % kh != 0:
+    raise ValueError(
+        f"`query` heads ({n}) must be a multiple of `key`/`value` heads ({kh}) "
+        f"for grouped-query attention: shapes query={tuple(query.shape)}, "
+        f"key={tuple(key.shape)}.")
+  return b, t, n, s, kh, h, hv
+
+
+def normalize_window(local_window_size):
+  """int w -> (w, w); (left, right) kept; None -> None. Validates values."""
+  if local_window_size is None:
+    return None
+  if isinstance(local_window_size, int):
+    left = right = local_window_size
+  else:
+    try:
+      left, right = local_window_size
+    except (TypeError, ValueError):
+      raise ValueError(
+          "`local_window_size` must be an int or a (left, right) pair, got "
+          f"{local_window_size!r}.") from None
+  if left < 0 or right < 0:
+    raise ValueError(
+        f"`local_window_size` must be non-negative, got {local_window_size!r}.")
+  return int(left), int(right)

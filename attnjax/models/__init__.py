@@ -1,0 +1,1 @@
+"""attnjax/models."""

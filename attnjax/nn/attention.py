@@ -1,0 +1,184 @@
+"""Flax NNX multi-head attention with a pluggable attention primitive.
+
+`MultiHeadAttention` follows `flax.nnx.MultiHeadAttention`'s calling
+convention and parameter layout (query/key/value `LinearGeneral` kernels
+`[in, heads, head_dim]`, out kernel `[heads, head_dim, out]`), so weights
+transfer one-to-one, with two research-oriented differences:
+
+* `head_dim` is set independently of the width (`qkv_features / num_heads` is
+  only the default). The low-rank-bottleneck remedy ("fixed head size",
+  Bhojanapalli et al. 2020) is `MultiHeadAttention(num_heads=h,
+  in_features=d, head_dim=p)` with p fixed as h grows.
+* `attention_fn` is any attnjax primitive `fn(query, key, value, **kwargs)`
+  on `[B, T, N, H]` inputs. Only the keywords the call needs are passed
+  (`mask`, `bias`, `is_causal`, dropout, and anything given to `__call__`
+  as `attention_kwargs`), so mechanisms without masks (e.g.
+  `attnjax.linear_attention`) plug in unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnjax.softmax import attention_weights, dot_product_attention
+
+default_kernel_init = nnx.initializers.lecun_normal()
+
+
+class MultiHeadAttention(nnx.Module):
+  """Multi-head (GQA-capable) attention layer.
+
+  Args:
+    num_heads: query heads N.
+    in_features: width of the query input.
+    qkv_features: total q/k/v width; head_dim defaults to qkv_features // N.
+    out_features: output width (default in_features).
+    num_kv_heads: key/value heads K (N % K == 0); default N.
+    head_dim: per-head size, independent of the width when given.
+    in_kv_features: width of key/value inputs (cross-attention).
+    use_bias: biases on the q/k/v projections.
+    use_out_bias: bias on the output projection (default: use_bias).
+    attention_fn: the attention primitive.
+    dropout_rate: attention-weight dropout passed to attention_fn.
+    normalize_qk: LayerNorm (no bias) on queries and keys per head.
+  """
+
+  def __init__(self, num_heads: int, in_features: int,
+               qkv_features: Optional[int] = None,
+               out_features: Optional[int] = None, *,
+               num_kv_heads: Optional[int] = None,
+               head_dim: Optional[int] = None,
+               in_kv_features: Optional[int] = None,
+               use_bias: bool = True,
+               use_out_bias: Optional[bool] = None,
+               attention_fn: Callable[..., jax.Array] = dot_product_attention,
+               dropout_rate: float = 0.0,
+               deterministic: bool = False,
+               normalize_qk: bool = False,
+               dtype: Optional[Any] = None,
+               param_dtype: Any = jnp.float32,
+               kernel_init=default_kernel_init,
+               out_kernel_init=None,
+               bias_init=nnx.initializers.zeros_init(),
+               rngs: nnx.Rngs):
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+      raise ValueError(
+          f"`num_heads` ({num_heads}) must be a positive multiple of "
+          f"`num_kv_heads` ({num_kv_heads}).")
+    qkv_features = in_features if qkv_features is None else qkv_features
+    if head_dim is None:
+      if qkv_features % num_heads:
+        raise ValueError(
+            f"`qkv_features` ({qkv_features}) must be divisible by `num_heads` "
+            f"({num_heads}) unless `head_dim` is given.")
+      head_dim = qkv_features // num_heads
+    if head_dim <= 0:
+      raise ValueError(f"`head_dim` must be positive, got {head_dim}.")
+    self.num_heads = num_heads
+    self.num_kv_heads = num_kv_heads
+    self.head_dim = head_dim
+    self.in_features = in_features
+    self.in_kv_features = in_features if in_kv_features is None else in_kv_features
+    self.out_features = in_features if out_features is None else out_features
+    self.attention_fn = attention_fn
+    self.dropout_rate = dropout_rate
+    self.deterministic = deterministic
+    use_out_bias = use_bias if use_out_bias is None else use_out_bias
+
+    def proj(fin, heads):
+      return nnx.LinearGeneral(fin, (heads, head_dim), axis=-1,
+                               use_bias=use_bias, dtype=dtype,
+                               param_dtype=param_dtype,
+                               kernel_init=kernel_init, bias_init=bias_init,
+                               rngs=rngs)
+
+    self.query = proj(in_features, num_heads)
+    self.key = proj(self.in_kv_features, num_kv_heads)
+    self.value = proj(self.in_kv_features, num_kv_heads)
+    self.out = nnx.LinearGeneral(
+        (num_heads, head_dim), self.out_features, axis=(-2, -1),
+        use_bias=use_out_bias, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=out_kernel_init or kernel_init, bias_init=bias_init,
+        rngs=rngs)
+    if normalize_qk:
+      self.query_ln = nnx.LayerNorm(head_dim, use_bias=False, dtype=dtype,
+                                    param_dtype=param_dtype, rngs=rngs)
+      self.key_ln = nnx.LayerNorm(head_dim, use_bias=False, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
+    else:
+      self.query_ln = None
+      self.key_ln = None
+    self.rngs = rngs.fork() if dropout_rate > 0.0 else None
+
+  def project_qkv(self, inputs_q, inputs_k=None, inputs_v=None):
+    """Returns the per-head (query, key, value) the attention_fn receives."""
+    inputs_k = inputs_q if inputs_k is None else inputs_k
+    inputs_v = inputs_k if inputs_v is None else inputs_v
+    if inputs_q.shape[-1] != self.in_features:
+      raise ValueError(
+          f"`inputs_q` last dim must be in_features={self.in_features}, got "
+          f"shape {inputs_q.shape}.")
+    for name, x in (("inputs_k", inputs_k), ("inputs_v", inputs_v)):
+      if x.shape[-1] != self.in_kv_features:
+        raise ValueError(
+            f"`{name}` last dim must be in_kv_features={self.in_kv_features}, "
+            f"got shape {x.shape}.")
+    q = self.query(inputs_q)
+    k = self.key(inputs_k)
+    v = self.value(inputs_v)
+    if self.query_ln is not None:
+      q = self.query_ln(q)
+      k = self.key_ln(k)
+    return q, k, v
+
+  def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None,
+               bias=None, is_causal: bool = False,
+               deterministic: Optional[bool] = None,
+               rngs: Optional[nnx.Rngs] = None, sow_weights: bool = False,
+               attention_kwargs: Optional[dict] = None):
+    q, k, v = self.project_qkv(inputs_q, inputs_k, inputs_v)
+    kwargs = dict(attention_kwargs or {})
+    if mask is not None:
+      kwargs["mask"] = mask
+    if bias is not None:
+      kwargs["bias"] = bias
+    if is_causal:
+      kwargs["is_causal"] = True
+    deterministic = self.deterministic if deterministic is None else deterministic
+    if self.dropout_rate > 0.0 and not deterministic:
+      stream = rngs if rngs is not None else self.rngs
+      if stream is None:
+        raise ValueError("attention dropout needs `rngs` when not deterministic.")
+      kwargs["dropout_rate"] = self.dropout_rate
+      kwargs["dropout_rng"] = stream.dropout()
+    if sow_weights:
+      w_kwargs = {k_: kwargs[k_] for k_ in ("mask", "bias", "is_causal")
+                  if k_ in kwargs}
+      self.sow(nnx.Intermediate, "attention_weights",
+               attention_weights(q, k, **w_kwargs))
+    x = self.attention_fn(q, k, v, **kwargs)
+    return self.out(x)
+
+  def merged_matrices(self):
+    """Per-head merged matrices for analysis.
+
+    Returns (kq [N, in_q, in_kv], ov [N, in_kv, out]) with
+    kq_h = W_Q,h W_K,h^T (scores are x_q^T kq_h x_k, before scaling) and
+    ov_h = W_V,h W_O,h (a key token's contribution is x_k^T ov_h).
+    Biases are ignored.
+    """
+    wq = self.query.kernel[...]     # [in, N, H]
+    wk = self.key.kernel[...]       # [in_kv, K, H]
+    wv = self.value.kernel[...]     # [in_kv, K, Hv]
+    wo = self.out.kernel[...]       # [N, H, out]
+    rep = self.num_heads // self.num_kv_heads
+    wk = jnp.repeat(wk, rep, axis=1)
+    wv = jnp.repeat(wv, rep, axis=1)
+    kq = jnp.einsum("anh,bnh->nab", wq, wk)
+    ov = jnp.einsum("anh,nho->nao", wv, wo)
+    return kq, ov

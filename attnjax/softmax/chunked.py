@@ -1,0 +1,297 @@
+"""Memory-efficient softmax attention in pure JAX ("chunked").
+
+Forward: for each query block, an online-softmax loop over key/value blocks
+(running max `m`, normalizer `l`, unnormalized accumulator), saving only the
+output and the log-sum-exp. Backward (`jax.custom_vjp`): a scan over key/value
+blocks with an inner loop over query blocks that recomputes each block's
+probabilities from the saved log-sum-exp (`p = exp(s - lse)`), so no
+[T, S] array is ever stored. Peak memory is O(B N (T + S) H + block_q block_kv).
+
+With `is_causal` or a local window, the loops visit only the blocks that
+intersect the band (the loop bounds are computed per block), so causal
+attention costs about half of non-causal.
+
+Padding: T and S are padded up to multiples of the block sizes outside the
+custom_vjp (so autodiff handles the padding); padded keys are masked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from attnjax.softmax._common import (AttentionCall, KV_PAD_SEGMENT,
+                                     Q_PAD_SEGMENT)
+
+DEFAULT_BLOCK_Q = 512
+DEFAULT_BLOCK_KV = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  scale: float
+  left: float      # query i sees keys >= i - left (inf: unbounded)
+  right: float     # query i sees keys <= i + right (inf: unbounded)
+  block_q: int
+  block_kv: int
+  kv_len: int      # true key length; keys at or past it are padding
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _slice_blocks(x, i, j, bq, bk):
+  """Slices a rank-5 [.., .., .., T|1, S|1] array at query block i, key block j."""
+  if x.shape[3] != 1:
+    x = lax.dynamic_slice_in_dim(x, i * bq, bq, axis=3)
+  if x.shape[4] != 1:
+    x = lax.dynamic_slice_in_dim(x, j * bk, bk, axis=4)
+  return x
+
+
+def _block_mask(cfg: _Config, i, j, mask, q_seg, kv_seg, s_pad):
+  """Boolean mask broadcastable to [B, K, G, bq, bk] for block (i, j)."""
+  bq, bk = cfg.block_q, cfg.block_kv
+  parts = []
+  qpos = i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
+  kpos = j * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]
+  if cfg.kv_len < s_pad:
+    parts.append(kpos < cfg.kv_len)
+  if math.isfinite(cfg.left):
+    parts.append(kpos >= qpos - int(cfg.left))
+  if math.isfinite(cfg.right):
+    parts.append(kpos <= qpos + int(cfg.right))
+  if mask is not None:
+    parts.append(_slice_blocks(mask, i, j, bq, bk))
+  if q_seg is not None:
+    qs = lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1)
+    ks = lax.dynamic_slice_in_dim(kv_seg, j * bk, bk, axis=1)
+    parts.append((qs[:, :, None] == ks[:, None, :])[:, None, None])
+  out = None
+  for p in parts:
+    out = p if out is None else out & p
+  return out
+
+
+def _block_logits(cfg: _Config, qi, kj, bias, i, j):
+  s = jnp.einsum("bqkgh,bckh->bkgqc", qi, kj,
+                 preferred_element_type=jnp.float32) * cfg.scale
+  if bias is not None:
+    s = s + _slice_blocks(bias, i, j, cfg.block_q, cfg.block_kv).astype(
+        jnp.float32)
+  return s
+
+
+def _kv_range(cfg: _Config, i, nk_valid: int):
+  """Key blocks [lo, hi) that query block i can see."""
+  bq, bk = cfg.block_q, cfg.block_kv
+  lo = jnp.int32(0)
+  hi = jnp.int32(nk_valid)
+  if math.isfinite(cfg.left):
+    lo = jnp.maximum(0, (i * bq - int(cfg.left)) // bk)
+  if math.isfinite(cfg.right):
+    hi = jnp.minimum(nk_valid, (i * bq + bq - 1 + int(cfg.right)) // bk + 1)
+  return lo, hi
+
+
+def _q_range(cfg: _Config, j, nq: int):
+  """Query blocks [lo, hi) that can see key block j."""
+  bq, bk = cfg.block_q, cfg.block_kv
+  lo = jnp.int32(0)
+  hi = jnp.int32(nq)
+  if math.isfinite(cfg.right):
+    lo = jnp.maximum(0, (j * bk - int(cfg.right)) // bq)
+  if math.isfinite(cfg.left):
+    hi = jnp.minimum(nq, (j * bk + bk - 1 + int(cfg.left)) // bq + 1)
+  return lo, hi
+
+
+def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg):
+  b, t_pad, nkv, g, h = q.shape
+  s_pad, hv = k.shape[1], v.shape[-1]
+  bq, bk = cfg.block_q, cfg.block_kv
+  nq = t_pad // bq
+  nk_valid = -(-cfg.kv_len // bk)
+
+  def q_block(i):
+    qi = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
+
+    def body(j, carry):
+      acc, m, l = carry
+      kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
+      vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+      s = _block_logits(cfg, qi, kj, bias, i, j)
+      msk = _block_mask(cfg, i, j, mask, q_seg, kv_seg, s_pad)
+      if msk is not None:
+        s = jnp.where(msk, s, -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+      m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+      p = jnp.exp(s - m_safe[..., None])
+      alpha = jnp.exp(m - m_safe)
+      l = alpha * l + jnp.sum(p, axis=-1)
+      pv = jnp.einsum("bkgqc,bckd->bkgqd", p.astype(v.dtype), vj,
+                      preferred_element_type=jnp.float32)
+      acc = alpha[..., None] * acc + pv
+      return acc, m_new, l
+
+    init = (jnp.zeros((b, nkv, g, bq, hv), jnp.float32),
+            jnp.full((b, nkv, g, bq), -jnp.inf, jnp.float32),
+            jnp.zeros((b, nkv, g, bq), jnp.float32))
+    lo, hi = _kv_range(cfg, i, nk_valid)
+    acc, m, l = lax.fori_loop(lo, hi, body, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+    return out.astype(q.dtype), lse
+
+  outs, lses = lax.map(q_block, jnp.arange(nq, dtype=jnp.int32))
+  # outs: [nq, B, K, G, bq, Hv] -> [B, T, K, G, Hv]; lses: [nq, B, K, G, bq]
+  out = jnp.transpose(outs, (1, 0, 4, 2, 3, 5)).reshape(b, t_pad, nkv, g, hv)
+  lse = jnp.transpose(lses, (1, 2, 3, 0, 4)).reshape(b, nkv, g, t_pad)
+  return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked(cfg, q, k, v, bias, mask, q_seg, kv_seg):
+  return _forward(cfg, q, k, v, bias, mask, q_seg, kv_seg)
+
+
+def _chunked_fwd(cfg, q, k, v, bias, mask, q_seg, kv_seg):
+  out, lse = _forward(cfg, q, k, v, bias, mask, q_seg, kv_seg)
+  return (out, lse), (q, k, v, bias, mask, q_seg, kv_seg, out, lse)
+
+
+def _reduce_to(x, shape):
+  """Sums x over the axes where `shape` has 1 (broadcast axes)."""
+  axes = tuple(a for a, (xs, ts) in enumerate(zip(x.shape, shape))
+               if ts == 1 and xs != 1)
+  return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _chunked_bwd(cfg, res, cts):
+  q, k, v, bias, mask, q_seg, kv_seg, out, lse = res
+  dout, dlse = cts
+  b, t_pad, nkv, g, h = q.shape
+  s_pad, hv = k.shape[1], v.shape[-1]
+  bq, bk = cfg.block_q, cfg.block_kv
+  nq, nk = t_pad // bq, s_pad // bk
+
+  # D_i = rowsum(dO * O): [B, K, G, T].
+  delta = jnp.einsum("btkgd,btkgd->bkgt", dout.astype(jnp.float32),
+                     out.astype(jnp.float32))
+  lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  dlse = jnp.zeros_like(lse) if dlse is None else dlse.astype(jnp.float32)
+
+  def kv_block(carry, j):
+    dq, dbias = carry
+    kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
+    vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+
+    def body(i, c):
+      dk, dv, dq, dbias = c
+      qi = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
+      doi = lax.dynamic_slice_in_dim(dout, i * bq, bq, axis=1)
+      lse_i = lax.dynamic_slice_in_dim(lse_safe, i * bq, bq, axis=3)
+      d_i = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
+      dlse_i = lax.dynamic_slice_in_dim(dlse, i * bq, bq, axis=3)
+      s = _block_logits(cfg, qi, kj, bias, i, j)
+      msk = _block_mask(cfg, i, j, mask, q_seg, kv_seg, s_pad)
+      if msk is not None:
+        s = jnp.where(msk, s, -jnp.inf)
+      p = jnp.exp(s - lse_i[..., None])
+      dv = dv + jnp.einsum("bkgqc,bqkgd->bckd", p.astype(dout.dtype), doi,
+                           preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bqkgd,bckd->bkgqc", doi, vj,
+                      preferred_element_type=jnp.float32)
+      ds = p * (dp - d_i[..., None] + dlse_i[..., None])
+      dqi = jnp.einsum("bkgqc,bckh->bqkgh", ds.astype(k.dtype), kj,
+                       preferred_element_type=jnp.float32) * cfg.scale
+      dq = lax.dynamic_update_slice_in_dim(
+          dq, lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1) + dqi,
+          i * bq, axis=1)
+      dk = dk + jnp.einsum("bkgqc,bqkgh->bckh", ds.astype(q.dtype), qi,
+                           preferred_element_type=jnp.float32) * cfg.scale
+      if dbias is not None:
+        shape = bias.shape[:3] + (bq if bias.shape[3] != 1 else 1,
+                                  bk if bias.shape[4] != 1 else 1)
+        dsb = _reduce_to(ds, shape)
+        ti = i * bq if bias.shape[3] != 1 else 0
+        tj = j * bk if bias.shape[4] != 1 else 0
+        cur = lax.dynamic_slice(dbias, (0, 0, 0, ti, tj), shape)
+        dbias = lax.dynamic_update_slice(dbias, cur + dsb, (0, 0, 0, ti, tj))
+      return dk, dv, dq, dbias
+
+    init = (jnp.zeros((b, bk, nkv, h), jnp.float32),
+            jnp.zeros((b, bk, nkv, hv), jnp.float32), dq, dbias)
+    lo, hi = _q_range(cfg, j, nq)
+    dk, dv, dq, dbias = lax.fori_loop(lo, hi, body, init)
+    return (dq, dbias), (dk, dv)
+
+  dq0 = jnp.zeros(q.shape, jnp.float32)
+  dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
+  (dq, dbias), (dks, dvs) = lax.scan(kv_block, (dq0, dbias0),
+                                     jnp.arange(nk, dtype=jnp.int32))
+  dk = jnp.transpose(dks, (1, 0, 2, 3, 4)).reshape(b, s_pad, nkv, h)
+  dv = jnp.transpose(dvs, (1, 0, 2, 3, 4)).reshape(b, s_pad, nkv, hv)
+  dbias = None if dbias is None else dbias.astype(bias.dtype)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias,
+          None, None, None)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def _to5(x, n, nkv, t, s, t_pad, s_pad, fill):
+  """[B|1, N|1, T|1, S|1] -> padded [B|1, K|1, G|1, Tp|1, Sp|1]."""
+  if x is None:
+    return None
+  pads = [(0, 0), (0, 0),
+          (0, t_pad - t if x.shape[2] != 1 else 0),
+          (0, s_pad - s if x.shape[3] != 1 else 0)]
+  x = jnp.pad(x, pads, constant_values=fill)
+  bx, nx, tx, sx = x.shape
+  if nx == 1:
+    return x.reshape(bx, 1, 1, tx, sx)
+  return x.reshape(bx, nkv, n // nkv, tx, sx)
+
+
+def chunked_attention(call: AttentionCall, *, block_q: Optional[int] = None,
+                      block_kv: Optional[int] = None):
+  """Backend entry: returns (out [B, T, N, Hv], lse [B, N, T])."""
+  if call.dropout_rate > 0.0:
+    raise NotImplementedError(
+        "implementation='chunked' does not support attention dropout; use "
+        "implementation='xla' (dropout needs the full probability matrix).")
+  b, t, n, s, nkv, h, hv = call.shape
+  g = n // nkv
+  bq = min(block_q or DEFAULT_BLOCK_Q, _round_up(t, 8))
+  bk = min(block_kv or DEFAULT_BLOCK_KV, _round_up(s, 8))
+  if bq <= 0 or bk <= 0:
+    raise ValueError(f"block sizes must be positive, got ({block_q}, {block_kv}).")
+  t_pad, s_pad = _round_up(t, bq), _round_up(s, bk)
+  left, right = call.effective_window() or (math.inf, math.inf)
+  cfg = _Config(scale=call.scale, left=float(left), right=float(right),
+                block_q=bq, block_kv=bk, kv_len=s)
+  q = jnp.pad(call.query, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
+  q = q.reshape(b, t_pad, nkv, g, h)
+  kv_pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
+  k = jnp.pad(call.key, kv_pad)
+  v = jnp.pad(call.value, kv_pad)
+  bias = _to5(call.bias, n, nkv, t, s, t_pad, s_pad, 0.0)
+  mask = _to5(call.mask, n, nkv, t, s, t_pad, s_pad, False)
+  q_seg = kv_seg = None
+  if call.q_segment_ids is not None:
+    q_seg = jnp.pad(call.q_segment_ids, ((0, 0), (0, t_pad - t)),
+                    constant_values=Q_PAD_SEGMENT)
+    kv_seg = jnp.pad(call.kv_segment_ids, ((0, 0), (0, s_pad - s)),
+                     constant_values=KV_PAD_SEGMENT)
+  out, lse = _chunked(cfg, q, k, v, bias, mask, q_seg, kv_seg)
+  out = out.reshape(b, t_pad, n, hv)[:, :t]
+  lse = lse.reshape(b, n, t_pad)[:, :, :t]
+  return out, lse
