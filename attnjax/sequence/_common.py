@@ -1,0 +1,86 @@
+"""Helpers shared by the sequence attention family (not public API)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import jax.numpy as jnp
+
+from attnjax._checks import check_broadcastable, check_qkv
+
+# The four attention patterns a mechanism may support.
+PATTERNS = ("noncausal_self", "causal_self", "noncausal_cross", "causal_cross")
+
+
+def prepare_qkv(query, key, value, *, same_value_dim=False):
+  """Validates BTNH/BSKH inputs; adds a batch dim to rank-3 inputs.
+
+  Returns (query, key, value, dims, unbatched) with dims = (B, T, N, S, K, H, Hv).
+  """
+  dims = check_qkv(query, key, value, same_value_dim=same_value_dim)
+  unbatched = query.ndim == 3
+  if unbatched:
+    query, key, value = query[None], key[None], value[None]
+  return query, key, value, dims, unbatched
+
+
+def default_scale(scale: Optional[float], head_dim: int) -> float:
+  return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def key_padding_mask(mask, b: int, n: int, t: int, s: int, *, mechanism: str,
+                     unbatched: bool = False):
+  """Reduces a boolean `mask` to a key-padding mask [B, S] (or None).
+
+  Mechanisms that never form the [T, S] score matrix can only apply masks that
+  do not depend on the query position or the head: shapes broadcastable to
+  [B, 1, 1, S]. Anything else raises NotImplementedError saying why.
+  """
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  if mask.dtype != jnp.bool_:
+    raise ValueError(
+        f"`mask` must be boolean (True = attend), got dtype {mask.dtype}.")
+  if mask.ndim > 4:
+    raise ValueError(f"`mask` must have rank <= 4, got shape {mask.shape}.")
+  if unbatched and mask.ndim == 4:
+    raise ValueError(
+        f"`mask` of rank 4 given with unbatched inputs: shape {mask.shape}.")
+  check_broadcastable("mask", mask, (b, n, t, s))
+  m4 = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+  if m4.shape[1] != 1 or m4.shape[2] != 1:
+    raise NotImplementedError(
+        f"{mechanism} never forms the [q_len, kv_len] score matrix, so it can "
+        "only apply key-padding masks broadcastable to [batch, 1, 1, kv_len]; "
+        f"got `mask` with shape {mask.shape}.")
+  return jnp.broadcast_to(m4[:, 0, 0, :], (b, s))
+
+
+def reject(name: str, value, mechanism: str, why: str):
+  """Raises NotImplementedError when an unsupported keyword is given."""
+  if value is None or (isinstance(value, (bool, int, float)) and not value):
+    return
+  raise NotImplementedError(f"{mechanism} does not support `{name}`: {why}")
+
+
+def round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def pattern_of(is_causal: bool, is_cross: bool) -> str:
+  return ("causal_" if is_causal else "noncausal_") + (
+      "cross" if is_cross else "self")
+
+
+def check_positive_int(name: str, x) -> int:
+  if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
+    raise ValueError(f"`{name}` must be a positive int, got {x!r}.")
+  return x
+
+
+def split_heads(x, k: int) -> Tuple:
+  """[B, T, N, H] -> [B, T, K, G, H] (GQA grouping)."""
+  b, t, n, h = x.shape
+  return x.reshape(b, t, k, n // k, h)
