@@ -1,0 +1,304 @@
+"""Multi-device checks for attnjax.distributed and experiments.sharding.
+
+Run by tests/test_distributed.py in a subprocess whose environment sets
+XLA_FLAGS=--xla_force_host_platform_device_count=N before jax initializes, so
+the forced host devices never leak into other tests. Usage:
+
+  python tests/distributed_checks.py attention          # needs 8 devices
+  python tests/distributed_checks.py ckpt_save DIR      # any N >= 2
+  python tests/distributed_checks.py ckpt_restore DIR   # any M >= 1
+
+Each group raises (non-zero exit) on the first failed check and prints one
+`OK <name>` line per passed check.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+import attnjax
+from attnjax.distributed import (from_ring_layout, ring_attention,
+                                 ring_permutation, to_ring_layout,
+                                 ulysses_attention)
+
+
+def ok(name):
+  print("OK", name, flush=True)
+
+
+def assert_close(name, got, want, tol):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  if got.shape != want.shape:
+    raise AssertionError(f"{name}: shape {got.shape} != {want.shape}")
+  err = float(np.max(np.abs(got - want)))
+  scale = float(np.max(np.abs(want))) or 1.0
+  if not err <= tol * scale:
+    raise AssertionError(f"{name}: max abs err {err:.3g} > {tol} * {scale:.3g}")
+
+
+def expect_value_error(name, fn, needle):
+  try:
+    fn()
+  except ValueError as e:
+    if needle not in str(e):
+      raise AssertionError(f"{name}: ValueError without {needle!r}: {e}")
+    ok(name)
+    return
+  raise AssertionError(f"{name}: no ValueError raised")
+
+
+def _inputs(dtype=jnp.float32, b=2, t=32, n=8, k=2, h=8):
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (b, t, n, h), dtype)
+  kk = jax.random.normal(ks[1], (b, t, k, h), dtype)
+  v = jax.random.normal(ks[2], (b, t, k, h), dtype)
+  do = jax.random.normal(ks[3], (b, t, n, h), dtype)
+  return q, kk, v, do
+
+
+def _value_and_grads(fns, q, k, v, do):
+  """{name: (out, dq, dk, dv)} for each fn(q, k, v), in one jit."""
+  def run(q, k, v, do):
+    res = {}
+    for name, f in fns.items():
+      out, vjp = jax.vjp(f, q, k, v)
+      res[name] = (out,) + tuple(vjp(do))
+    return res
+  return jax.jit(run)(q, k, v, do)
+
+
+def _reference(q, k, v, do, scale=None):
+  ref = lambda c: (lambda q, k, v: attnjax.dot_product_attention(
+      q, k, v, is_causal=c, scale=scale, implementation="xla"))
+  return _value_and_grads({"causal": ref(True), "full": ref(False)},
+                          q, k, v, do)
+
+
+def _compare(tag, got, want, tol):
+  for part, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    assert_close(f"{tag} {part}", g, w, tol)
+  ok(tag)
+
+
+def check_attention():
+  devices = jax.devices()
+  assert len(devices) == 8, f"expected 8 forced host devices, got {devices}"
+  q, k, v, do = _inputs()
+  want = _reference(q, k, v, do)
+
+  for p in (2, 4, 8):
+    mesh = Mesh(np.array(devices[:p]), ("seq",))
+    fns = {}
+    layouts = ("zigzag", "striped", "contiguous") if p == 4 else ("zigzag",)
+    for lay in layouts:
+      fns[f"ring causal {lay}"] = (
+          lambda q, k, v, lay=lay: ring_attention(
+              q, k, v, mesh=mesh, axis_name="seq", is_causal=True,
+              layout=lay))
+    fns["ring full"] = lambda q, k, v: ring_attention(
+        q, k, v, mesh=mesh, axis_name="seq")
+    # 8 query heads, 2 kv heads: p=4, 8 take the kv-head repeat path.
+    fns["ulysses causal"] = lambda q, k, v: ulysses_attention(
+        q, k, v, mesh=mesh, axis_name="seq", is_causal=True)
+    fns["ulysses full"] = lambda q, k, v: ulysses_attention(
+        q, k, v, mesh=mesh, axis_name="seq", implementation="chunked")
+    got = _value_and_grads(fns, q, k, v, do)
+    for name, res in got.items():
+      shard_devices = res[0].sharding.device_set
+      if len(shard_devices) != p:
+        raise AssertionError(f"{name} P={p}: output on {len(shard_devices)} "
+                             "devices, not sharded over the mesh")
+      _compare(f"{name} P={p}", res, want["causal" if "causal" in name
+                                          else "full"], 2e-5)
+
+  # Data parallel x context parallel, on an Explicit-axes mesh.
+  mesh = jax.make_mesh((2, 4), ("data", "seq"))
+  fns = {
+      "ring causal (data=2, seq=4)": lambda q, k, v: ring_attention(
+          q, k, v, mesh=mesh, axis_name="seq", is_causal=True,
+          batch_axis="data"),
+      "ulysses causal (data=2, seq=4)": lambda q, k, v: ulysses_attention(
+          q, k, v, mesh=mesh, axis_name="seq", is_causal=True,
+          batch_axis="data"),
+  }
+  got = _value_and_grads(fns, q, k, v, do)
+  for name, res in got.items():
+    spec = res[0].sharding.spec
+    if tuple(spec)[:2] != ("data", "seq"):
+      raise AssertionError(f"{name}: output spec {spec}")
+    _compare(name, res, want["causal"], 2e-5)
+
+  # Inputs kept in ring order (permuted=True), custom scale, striped, p=8.
+  mesh = Mesh(np.array(devices), ("seq",))
+  for lay in ("zigzag", "striped"):
+    fn = jax.jit(lambda q, k, v, lay=lay: ring_attention(
+        q, k, v, mesh=mesh, axis_name="seq", is_causal=True, scale=0.3,
+        layout=lay, permuted=True))
+    perm = lambda x: to_ring_layout(x, 8, lay)
+    out = from_ring_layout(fn(perm(q), perm(k), perm(v)), 8, lay)
+    want_s = attnjax.dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    assert_close(f"ring permuted {lay}", out, want_s, 2e-5)
+    ok(f"ring permuted {lay} P=8")
+
+  # bfloat16 in, bfloat16 out, close to the float32 result.
+  qb, kb, vb, dob = (x.astype(jnp.bfloat16) for x in (q, k, v, do))
+  mesh = Mesh(np.array(devices[:4]), ("seq",))
+  got = _value_and_grads({"ring": lambda q, k, v: ring_attention(
+      q, k, v, mesh=mesh, axis_name="seq", is_causal=True)}, qb, kb, vb, dob)
+  res = got["ring"]
+  if any(x.dtype != jnp.bfloat16 for x in res):
+    raise AssertionError(f"bf16 dtypes {[x.dtype for x in res]}")
+  _compare("ring causal bf16 P=4", res, want["causal"], 3e-2)
+
+  # Cross-attention (T != S), non-causal.
+  ks = jax.random.split(jax.random.key(1), 2)
+  k2 = jax.random.normal(ks[0], (2, 16, 2, 8))
+  v2 = jax.random.normal(ks[1], (2, 16, 2, 8))
+  out = jax.jit(lambda q, k, v: ring_attention(
+      q, k, v, mesh=mesh, axis_name="seq"))(q, k2, v2)
+  assert_close("ring cross", out, attnjax.dot_product_attention(q, k2, v2),
+               2e-5)
+  ok("ring cross-attention T=32 S=16 P=4")
+
+  # Placements and errors.
+  perm = ring_permutation(16, 4, "zigzag")
+  np.testing.assert_array_equal(
+      perm.reshape(4, 4), [[0, 1, 14, 15], [2, 3, 12, 13], [4, 5, 10, 11],
+                           [6, 7, 8, 9]])
+  np.testing.assert_array_equal(ring_permutation(8, 4, "striped"),
+                                [0, 4, 1, 5, 2, 6, 3, 7])
+  x = jnp.arange(2 * 24).reshape(2, 24)
+  for lay in ("zigzag", "striped"):
+    np.testing.assert_array_equal(
+        from_ring_layout(to_ring_layout(x, 4, lay), 4, lay), x)
+  ok("ring_permutation")
+  mesh = Mesh(np.array(devices[:4]), ("seq",))
+  expect_value_error("err axis", lambda: ring_attention(
+      q, k, v, mesh=mesh, axis_name="sp"), "axis_name")
+  expect_value_error("err divisible", lambda: ring_attention(
+      q[:, :30], k[:, :30], v[:, :30], mesh=mesh, axis_name="seq"),
+                     "divisible")
+  expect_value_error("err zigzag", lambda: ring_attention(
+      q[:, :12], k[:, :12], v[:, :12], mesh=mesh, axis_name="seq",
+      is_causal=True), "2 * 4")
+  expect_value_error("err causal cross", lambda: ring_attention(
+      q, k2, v2, mesh=mesh, axis_name="seq", is_causal=True), "equal")
+  expect_value_error("err layout", lambda: ring_attention(
+      q, k, v, mesh=mesh, axis_name="seq", layout="spiral"), "layout")
+  expect_value_error("err heads", lambda: ulysses_attention(
+      q[:, :, :2], k[:, :, :1], v[:, :, :1], mesh=mesh, axis_name="seq"),
+                     "heads")
+  expect_value_error("err batch axis", lambda: ring_attention(
+      q, k, v, mesh=mesh, axis_name="seq", batch_axis="seq"), "batch_axis")
+
+
+# ----------------------------------------------------------------------------
+# Sharded training: save on N devices, restore on M devices.
+# ----------------------------------------------------------------------------
+
+MESH_BY_COUNT = {8: "data:2,seq:4", 2: "data:1,seq:2", 1: "data:1,seq:1"}
+
+
+def _train_setup(mesh_spec):
+  import optax
+  from flax import nnx
+  from attnjax.distributed import sequence_parallel_attention_fn
+  from experiments import sharding
+
+  mesh = sharding.make_mesh(mesh_spec)
+  attn = sequence_parallel_attention_fn(mesh, "seq", kind="ring",
+                                        batch_axis="data")
+  model = attnjax.TransformerEncoder(2, 16, 4, mlp_dim=32, attention_fn=attn,
+                                     rngs=nnx.Rngs(0))
+  # eps well above the float noise of gradients that are exactly zero in
+  # exact arithmetic (key biases: softmax is shift-invariant), which Adam
+  # would otherwise blow up into different-but-valid updates per mesh.
+  opt = nnx.Optimizer(model, optax.adam(1e-2, eps=1e-4), wrt=nnx.Param)
+  sharding.shard_nnx(model, opt, mesh=mesh, fsdp_axis="data", min_size=0)
+
+  @nnx.jit
+  def step(model, opt, x, y):
+    def loss_fn(model):
+      return jnp.mean((model(x, is_causal=True) - y) ** 2)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    return loss
+
+  def batch(i):
+    kx, ky = jax.random.split(jax.random.fold_in(jax.random.key(7), i))
+    x = np.asarray(jax.random.normal(kx, (4, 16, 16)))
+    y = np.asarray(jax.random.normal(ky, (4, 16, 16)))
+    return sharding.shard_batch((x, y), mesh, seq_axis="seq")
+
+  return mesh, model, opt, step, batch
+
+
+def _flat_params(model):
+  from flax import nnx
+  leaves = jax.tree_util.tree_leaves_with_path(
+      nnx.state(model, nnx.Param).to_pure_dict())
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+
+
+def check_ckpt_save(workdir):
+  from experiments.common import Checkpointer, nnx_state
+  n = len(jax.devices())
+  mesh, model, opt, step, batch = _train_setup(MESH_BY_COUNT[n])
+  for i in range(3):
+    loss = step(model, opt, *batch(i))
+  kernel = model.blocks[0].attn.query.kernel.value
+  if len(kernel.sharding.device_set) != n:
+    raise AssertionError(f"params live on {kernel.sharding.device_set}")
+  ckpt = Checkpointer(workdir)
+  ckpt.save(3, {"nnx": nnx_state(model, opt)})
+  ckpt.close()
+  np.savez(os.path.join(workdir, "params_at_save.npz"), **_flat_params(model))
+  step(model, opt, *batch(3))
+  np.savez(os.path.join(workdir, "params_next.npz"), **_flat_params(model))
+  ok(f"ckpt_save on {n} devices (loss {float(loss):.4f})")
+
+
+def check_ckpt_restore(workdir):
+  from experiments.common import Checkpointer, nnx_load, nnx_state
+  m = len(jax.devices())
+  mesh, model, opt, step, batch = _train_setup(MESH_BY_COUNT[m])
+  ckpt = Checkpointer(workdir)
+  restored_step, state = ckpt.restore_or({"nnx": nnx_state(model, opt)})
+  if restored_step != 3:
+    raise AssertionError(f"restored step {restored_step}, expected 3")
+  nnx_load((model, opt), state["nnx"])
+  kernel = model.blocks[0].attn.query.kernel.value
+  if kernel.sharding.mesh.devices.size != m:
+    raise AssertionError(f"restored onto {kernel.sharding}")
+  saved = np.load(os.path.join(workdir, "params_at_save.npz"))
+  got = _flat_params(model)
+  if set(saved.files) != set(got):
+    raise AssertionError(f"param names differ: {set(saved.files) ^ set(got)}")
+  for name in saved.files:
+    np.testing.assert_array_equal(got[name], saved[name], err_msg=name)
+  ok(f"ckpt_restore on {m} devices: params identical")
+  step(model, opt, *batch(3))
+  nxt = np.load(os.path.join(workdir, "params_next.npz"))
+  got = _flat_params(model)
+  for name in nxt.files:
+    np.testing.assert_allclose(got[name], nxt[name], rtol=2e-5, atol=2e-6,
+                               err_msg=name)
+  ok(f"ckpt_restore on {m} devices: next step matches the saving run")
+
+
+if __name__ == "__main__":
+  group = sys.argv[1]
+  if group == "attention":
+    check_attention()
+  elif group == "ckpt_save":
+    check_ckpt_save(sys.argv[2])
+  elif group == "ckpt_restore":
+    check_ckpt_restore(sys.argv[2])
+  else:
+    raise SystemExit(f"unknown group {group!r}")
