@@ -1,0 +1,721 @@
+r"""In-context linear regression with multi-head softmax attention.
+
+Reproduces He, Pan, Chen & Yang, "In-Context Linear Regression Demystified:
+Training Dynamics and Mechanistic Interpretability of Multi-Head Softmax
+Attention" (ICML 2025, arXiv 2503.12734).
+
+Setup (paper): x_i, x_q ~ N(0, I_d) (or N(0, Sigma), Sigma_ij = rho^|i-j|),
+beta ~ N(0, I_d / d), y = beta^T x + eps, eps ~ N(0, sigma^2 = 0.1) on the
+context *and* the query target; d = 5, L = 40; tokens z_i = (x_i, y_i),
+query (x_q, 0) attending only to the L context tokens; no positional
+encoding; fresh samples every step. Model `attnjax.models.icl.ICLAttention`:
+one layer, H heads, full (d+1)x(d+1) Q_h, K_h, V_h, a 1x(d+1) O_h, scale
+1/sqrt(d+1); a softmax-free (linear attention, 1/L-normalized) variant.
+Adam, lr 1e-3, batch 256, squared loss on the query target.
+
+Reproduced: test MSE per H and loss curves; the KQ / OV patterns (diagonal
+and homogeneous KQ x-block, last-entry-only and zero-sum OV); the reduced
+model (omega_h, mu_h) against the debiased-GD, one-step GD, single-head
+kernel and ridge (Bayes-optimal) predictors for L in {10, 40, 100}; length
+generalization (softmax vs linear attention, trained at L = 40); with
+`rho > 0` a preconditioned-GD analysis; with `num_tasks = 2` the multi-task
+superposition analysis.
+
+Run (presets and commands in experiments/configs/icl_regression.py):
+
+  python -m experiments.icl_regression --workdir=DIR \
+      [--config=experiments/configs/icl_regression.py:PRESET] [--config.k=v]
+
+Re-running with the same DIR resumes every run from DIR/checkpoints/<run>;
+final numbers equal an uninterrupted run (per-step data from
+fold_in(key, step), full training state checkpointed).
+
+results.json keys (H are strings; 'L' keys are context lengths as strings):
+  config                      the config used
+  heads, linear_heads         trained head counts
+  test_mse[H]                 test MSE of the softmax model with H heads (at
+                              the training L, fresh prompts, query noise in)
+  test_mse_linear[H]          same for the linear-attention model
+  kq_diag_ratio[H]            mean over active heads of ||diag KQ_x|| /
+                              ||KQ_x||_F (KQ_x: the d x d covariate block of
+                              KQ_h = K_h^T Q_h / sqrt(d+1))
+  kq_diag_norm_var[H]         mean over active heads of Var(diag KQ_x) /
+                              mean(diag(KQ_x)^2)  (0 = homogeneous)
+  ov_last_entry_ratio[H]      mean over active heads of |OV_h[-1]| / ||OV_h||
+                              (OV_h = V_h^T O_h^T)
+  ov_zero_sum[H]              |sum_h OV_h[-1]| / sum_h |OV_h[-1]| over active
+                              heads (0 = exact zero-sum)
+  num_active_heads[H]         heads with ||OV_h|| >= active_threshold * max
+  head_metrics[H]             per-head lists: kq_diag_ratio, kq_diag_mean
+                              (= omega_h), kq_diag_norm_var,
+                              ov_last_entry_ratio, ov_last_entry (= mu_h),
+                              active
+  baselines[L][name]          Monte-Carlo MSE of ridge (Bayes-optimal,
+                              lambda = sigma^2 d), gd (one-step GD, step size
+                              tuned), debiased_gd (step tuned),
+                              single_head_kernel (mu sum_l y_l softmax(omega
+                              x_l.x_q), omega and mu tuned), at each L in
+                              reduced_lengths
+  baseline_mse                the same at the training L (flat dict)
+  reduced_model[H]            omega, mu (per head); mse_model[L],
+                              mse_reduced[L] (reduced model with the fitted
+                              omega_h, mu_h), mse_dgd_from_heads[L] (debiased
+                              GD with step sum_h mu_h omega_h, mean-y weight
+                              sum_h mu_h: the reduced model's linearization),
+                              rel_gap_reduced[L], rel_gap_dgd[L] (E(f_model -
+                              f)^2 / E y^2)
+  length_generalization       lengths; mse[name] lists over lengths for
+                              softmax_h{H}, linear_h{H}, ridge,
+                              debiased_gd_tuned (step tuned per L),
+                              debiased_gd_fixed (step tuned at training L)
+  noniso[H] (rho > 0)         cos_gamma_sigma_inv, cos_gamma_identity,
+                              cos_gamma_fitted: cosine similarity of the
+                              heads' effective preconditioner
+                              Gamma = sum_h mu_h KQ_h,x with Sigma^-1, I, and
+                              the least-squares-optimal one-step debiased
+                              preconditioner Gamma*; mse_gamma_heads,
+                              mse_gamma_fitted
+  multitask[H] (num_tasks>1)  task_share (per active head, readout of task 1
+                              over both), superposition_index (mean over
+                              active heads of 1 - |2 share - 1|: 0 = each head
+                              serves one task, 1 = every head serves both),
+                              regime, test_mse_per_task
+  wall_time_s                 wall time of this invocation
+Figures: loss_curves.png, kq_ov_heads_h{H}.png, trajectories.png,
+predictors.png, length_generalization.png. Curves: metrics.jsonl, one line
+per log step with train_loss/<run> (mean over the logged chunk),
+omega/<run> and mu/<run> (per-head lists), runs named softmax_h{H} and
+linear_h{H}. All runs train jointly on the same batches (one jitted scan
+over log_every steps), checkpointed together in checkpoints/.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from attnjax.analysis import kq_ov
+from attnjax.models.icl import ICLAttention
+from experiments import common
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs",
+                           "icl_regression.py:default"),
+    "Config file and preset.")
+
+
+def _ints(s) -> List[int]:
+  if isinstance(s, (list, tuple)):
+    return [int(v) for v in s]
+  s = str(s).strip()
+  return [int(v) for v in s.split(",") if v.strip()] if s else []
+
+
+def _supports(cfg) -> List[List[int]]:
+  if cfg.num_tasks == 1:
+    return [list(range(cfg.d))]
+  sup = [[int(i) for i in g.split(",")] for g in cfg.task_supports.split(";")]
+  if len(sup) != cfg.num_tasks or any(max(g) >= cfg.d for g in sup):
+    raise ValueError(f"task_supports {cfg.task_supports!r} must give "
+                     f"{cfg.num_tasks} index lists within [0, {cfg.d}).")
+  return sup
+
+
+def covariance(d: int, rho: float) -> np.ndarray:
+  i = np.arange(d)
+  return rho ** np.abs(i[:, None] - i[None, :])
+
+
+# ----------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------
+
+
+class Task:
+  """Samples prompts: x [B, L, d], y [B, L, T], xq [B, d], yq [B, T]."""
+
+  def __init__(self, cfg):
+    self.d, self.T, self.sigma2 = cfg.d, cfg.num_tasks, float(cfg.sigma2)
+    self.sigma = covariance(cfg.d, cfg.rho) if cfg.rho > 0 else np.eye(cfg.d)
+    self.chol = (np.linalg.cholesky(self.sigma).astype(np.float32)
+                 if cfg.rho > 0 else None)
+    self.supports = _supports(cfg)
+    mask = np.zeros((self.T, self.d), np.float32)
+    for t, g in enumerate(self.supports):
+      mask[t, g] = 1.0 / math.sqrt(len(g))     # beta_t ~ N(0, I_S / |S|)
+    self.beta_scale = mask
+
+  def sample(self, key, batch: int, length: int):
+    kx, kq, kb, ke, keq = jax.random.split(key, 5)
+    x = jax.random.normal(kx, (batch, length, self.d))
+    xq = jax.random.normal(kq, (batch, self.d))
+    if self.chol is not None:
+      x = x @ self.chol.T
+      xq = xq @ self.chol.T
+    beta = jax.random.normal(kb, (batch, self.T, self.d)) * self.beta_scale
+    sd = math.sqrt(self.sigma2)
+    y = jnp.einsum("bld,btd->blt", x, beta) + sd * jax.random.normal(
+        ke, (batch, length, self.T))
+    yq = jnp.einsum("bd,btd->bt", xq, beta) + sd * jax.random.normal(
+        keq, (batch, self.T))
+    return x, y, xq, yq
+
+
+def tokens(x, y, xq):
+  zc = jnp.concatenate([x, y], axis=-1)
+  zq = jnp.concatenate([xq, jnp.zeros(xq.shape[:-1] + (y.shape[-1],),
+                                      xq.dtype)], axis=-1)
+  return zq, zc
+
+
+# ----------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------
+
+
+class Run:
+  """One model (attention kind, H): parameters, loss and predictions."""
+
+  def __init__(self, cfg, task: Task, attention: str, num_heads: int):
+    self.cfg, self.task = cfg, task
+    self.attention, self.H = attention, num_heads
+    self.name = f"{attention}_h{num_heads}"
+    tag = (0 if attention == "softmax" else 1000) + num_heads
+    init_seed = int(jax.random.randint(jax.random.fold_in(
+        jax.random.fold_in(jax.random.key(cfg.seed), 2), tag), (), 0,
+        2**31 - 1))
+    model = ICLAttention(cfg.d, num_heads, num_tasks=cfg.num_tasks,
+                         attention=attention, rngs=nnx.Rngs(init_seed))
+    self.graphdef, state = nnx.split(model)
+    self._template = state
+    self.params0 = state.to_pure_dict()
+    self._predict = jax.jit(self._predict_impl)
+
+  def model(self, params) -> ICLAttention:
+    st = jax.tree_util.tree_map(lambda v: v, self._template)
+    nnx.replace_by_pure_dict(st, params)
+    return nnx.merge(self.graphdef, st)
+
+  def loss(self, params, batch):
+    x, y, xq, yq = batch
+    zq, zc = tokens(x, y, xq)
+    pred = self.model(params)(zq, zc)
+    return jnp.mean(jnp.sum((pred - yq) ** 2, axis=-1))
+
+  def _predict_impl(self, params, zq, zc, mask):
+    return self.model(params)(zq, zc, mask=mask)
+
+  def predict(self, params, zq, zc, mask, chunk: int):
+    outs = []
+    for s in range(0, zq.shape[0], chunk):
+      outs.append(self._predict(params, zq[s:s + chunk], zc[s:s + chunk],
+                                mask[s:s + chunk]))
+    return np.asarray(jnp.concatenate(outs, 0), np.float64)
+
+  def merged(self, params) -> Tuple[np.ndarray, np.ndarray]:
+    kq, ov = self.model(params).merged_matrices()
+    return np.asarray(kq, np.float64), np.asarray(ov, np.float64)
+
+
+class Stopped(Exception):
+  """Raised when `stop_after_steps` simulates a kill."""
+
+
+def _make_chunk(cfg, task, runs, tx):
+  """jit(params, opt, start, n) -> n Adam steps of every run on shared data.
+
+  All models see the same batch at each step (drawn from
+  fold_in(data_key, step)), so the H comparison is paired and the batch is
+  sampled once per step for all of them.
+  """
+  data_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+
+  def chunk(params, opt, start, n):
+    def body(carry, i):
+      p, o = carry
+      batch = task.sample(jax.random.fold_in(data_key, start + i),
+                          cfg.batch_size, cfg.L)
+      losses, new_p, new_o = {}, {}, {}
+      for run in runs:
+        loss, g = jax.value_and_grad(run.loss)(p[run.name], batch)
+        upd, new_o[run.name] = tx.update(g, o[run.name], p[run.name])
+        new_p[run.name] = optax.apply_updates(p[run.name], upd)
+        losses[run.name] = loss
+      return (new_p, new_o), losses
+
+    (params, opt), losses = jax.lax.scan(body, (params, opt), jnp.arange(n))
+    return params, opt, jax.tree_util.tree_map(jnp.mean, losses)
+
+  return jax.jit(chunk, static_argnums=(3,))
+
+
+def train(cfg, task, runs, workdir: str) -> dict:
+  """Trains all runs jointly with checkpoint/resume; returns their params."""
+  if cfg.ckpt_every % cfg.log_every:
+    raise ValueError(f"ckpt_every ({cfg.ckpt_every}) must be a multiple of "
+                     f"log_every ({cfg.log_every}).")
+  tx = optax.adam(cfg.lr)
+  params = {r.name: r.params0 for r in runs}
+  init = {"params": params,
+          "opt": {r.name: tx.init(r.params0) for r in runs}}
+  leaves0, treedef = jax.tree_util.tree_flatten(init)
+  ckpt = common.Checkpointer(workdir)
+  step, saved = ckpt.restore_or({"step": np.zeros((), np.int64),
+                                 "leaves": leaves0})
+  state = jax.tree_util.tree_unflatten(treedef, saved["leaves"])
+  params, opt = state["params"], state["opt"]
+  writer = common.MetricsWriter(workdir)
+  writer.resume_from(step if step > 0 else -1)
+  if step == 0:
+    _log(cfg, writer, runs, 0, params, None)
+  chunk = _make_chunk(cfg, task, runs, tx)
+  prog = common.Progress(cfg.steps, start=step, every=cfg.log_every,
+                         desc="train " + ",".join(r.name for r in runs))
+  while step < cfg.steps:
+    n = min(cfg.log_every, cfg.steps - step)
+    params, opt, losses = chunk(params, opt, jnp.asarray(step), n)
+    step += n
+    _log(cfg, writer, runs, step, params, losses)
+    prog.update(step, **{k: float(v) for k, v in losses.items()})
+    if step % cfg.ckpt_every == 0 or step == cfg.steps:
+      ckpt.save(step, {"step": np.asarray(step, np.int64),
+                       "leaves": jax.tree_util.tree_leaves(
+                           {"params": params, "opt": opt})})
+    if cfg.stop_after_steps and step >= cfg.stop_after_steps and \
+        step < cfg.steps:
+      ckpt.close()
+      raise Stopped(f"stopped at step {step} (stop_after_steps)")
+  ckpt.close()
+  return params
+
+
+def _log(cfg, writer, runs, step, params, losses):
+  """metrics.jsonl line: per run the loss, omega_h and mu_h of each head."""
+  d = cfg.d
+  rec = {}
+  for run in runs:
+    kq, ov = run.merged(params[run.name])
+    rec[f"omega/{run.name}"] = kq_ov.diagonal_mean(kq[:, :d, :d]).tolist()
+    rec[f"mu/{run.name}"] = ov[:, d, 0].tolist()
+    if losses is not None:
+      rec[f"train_loss/{run.name}"] = float(losses[run.name])
+  writer.write(step, **rec)
+
+
+# ----------------------------------------------------------------------------
+# Predictors (float64 NumPy on the evaluation prompts)
+# ----------------------------------------------------------------------------
+
+
+def ridge_predict(x, y, xq, lam):
+  """Posterior mean under beta ~ N(0, I/d): (X^T X + lam I)^-1 X^T y."""
+  xtx = np.einsum("bld,ble->bde", x, x) + lam * np.eye(x.shape[-1])
+  xty = np.einsum("bld,bl->bd", x, y)
+  beta = np.linalg.solve(xtx, xty[..., None])[..., 0]
+  return np.einsum("bd,bd->b", beta, xq)
+
+
+def gd_feature(x, y, xq):
+  return np.einsum("bl,bld,bd->b", y, x, xq) / x.shape[1]
+
+
+def debiased_gd_feature(x, y, xq):
+  yc = y - y.mean(axis=1, keepdims=True)
+  return np.einsum("bl,bld,bd->b", yc, x, xq) / x.shape[1]
+
+
+def kernel_feature(x, y, xq, omega):
+  s = omega * np.einsum("bld,bd->bl", x, xq)
+  s = s - s.max(axis=1, keepdims=True)
+  w = np.exp(s)
+  w /= w.sum(axis=1, keepdims=True)
+  return np.einsum("bl,bl->b", w, y)
+
+
+def reduced_predict(x, y, xq, omega, mu):
+  return sum(m * kernel_feature(x, y, xq, o) for o, m in zip(omega, mu))
+
+
+def _fit_scale(f, target):
+  return float(np.dot(f, target) / max(np.dot(f, f), 1e-30))
+
+
+def _mse(pred, target):
+  return float(np.mean((pred - target) ** 2))
+
+
+# ----------------------------------------------------------------------------
+# Study
+# ----------------------------------------------------------------------------
+
+
+def _eval_set(cfg, task, salt: int, length: int):
+  key = jax.random.fold_in(jax.random.key(cfg.seed), salt)
+  x, y, xq, yq = task.sample(key, cfg.eval_samples, length)
+  return tuple(np.asarray(a, np.float64) for a in (x, y, xq, yq))
+
+
+def _model_on_prefix(run, params, data, length, chunk):
+  x, y, xq, _ = data
+  zq, zc = tokens(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
+                  jnp.asarray(xq, jnp.float32))
+  mask = np.zeros(x.shape[:2], bool)
+  mask[:, :length] = True
+  return run.predict(params, zq, zc, jnp.asarray(mask), chunk)
+
+
+def baselines_at(cfg, fit, ev, length: int) -> Dict[str, float]:
+  """MSE of the reference predictors on prefixes of length `length`."""
+  fx, fy, fxq, fyq = (a[:, :length] if a.ndim == 3 else a for a in fit)
+  ex, ey, exq, eyq = (a[:, :length] if a.ndim == 3 else a for a in ev)
+  fy, fyq, ey, eyq = fy[..., 0], fyq[..., 0], ey[..., 0], eyq[..., 0]
+  out = {"ridge": _mse(ridge_predict(ex, ey, exq, cfg.sigma2 * cfg.d), eyq)}
+  for name, feat in (("gd", gd_feature), ("debiased_gd", debiased_gd_feature)):
+    eta = _fit_scale(feat(fx, fy, fxq), fyq)
+    out[name] = _mse(eta * feat(ex, ey, exq), eyq)
+  best = None
+  for om in np.linspace(0.02, 2.0, cfg.kernel_grid):
+    f = kernel_feature(fx, fy, fxq, om)
+    mu = _fit_scale(f, fyq)
+    err = _mse(mu * f, fyq)
+    if best is None or err < best[0]:
+      best = (err, om, mu)
+  _, om, mu = best
+  out["single_head_kernel"] = _mse(mu * kernel_feature(ex, ey, exq, om), eyq)
+  out["single_head_kernel_omega"] = float(om)
+  return out
+
+
+def run_study(cfg, workdir: str) -> dict:
+  t0 = time.time()
+  task = Task(cfg)
+  d, T = cfg.d, cfg.num_tasks
+  heads, lin_heads = _ints(cfg.heads), _ints(cfg.linear_heads)
+  runs = [Run(cfg, task, "softmax", h) for h in heads]
+  runs += [Run(cfg, task, "linear", h) for h in lin_heads]
+  trained = train(cfg, task, runs, workdir)
+
+  # Evaluation data: prompts with the longest context any analysis needs;
+  # shorter contexts are prefixes (masked for the models).
+  red_L = _ints(cfg.reduced_lengths) if cfg.reduced_model else []
+  len_L = _ints(cfg.eval_lengths) if cfg.length_generalization else []
+  lmax = max([cfg.L] + red_L + len_L)
+  ev = _eval_set(cfg, task, 10_001, lmax)
+  fit = _eval_set(cfg, task, 10_002, lmax)
+  chunk = cfg.eval_chunk
+
+  res = {"config": cfg.to_dict(), "heads": heads, "linear_heads": lin_heads,
+         "test_mse": {}, "test_mse_linear": {}, "kq_diag_ratio": {},
+         "kq_diag_norm_var": {}, "ov_last_entry_ratio": {}, "ov_zero_sum": {},
+         "num_active_heads": {}, "head_metrics": {}}
+  preds = {}
+  for run in runs:
+    p = _model_on_prefix(run, trained[run.name], ev, cfg.L, chunk)
+    preds[(run.name, cfg.L)] = p
+    mse = float(np.mean(np.sum((p - ev[3]) ** 2, axis=-1)))
+    key = str(run.H)
+    if run.attention == "linear":
+      res["test_mse_linear"][key] = mse
+      continue
+    res["test_mse"][key] = mse
+    kq, ov = run.merged(trained[run.name])
+    summ = kq_ov.summarize_heads(kq, ov, kq_block=slice(0, d),
+                                 rel_threshold=cfg.active_threshold)
+    # The y-readout of task 1 is the OV row d (token coordinate of y_1).
+    summ["ov_last_entry"] = ov[:, d, 0].tolist()
+    if T == 1:
+      res["kq_diag_ratio"][key] = summ["mean_active_kq_diag_ratio"]
+      res["kq_diag_norm_var"][key] = summ["mean_active_kq_diag_norm_var"]
+      res["ov_last_entry_ratio"][key] = summ["mean_active_ov_last_entry_ratio"]
+      res["ov_zero_sum"][key] = summ["ov_last_zero_sum"]
+    else:
+      act = np.asarray(summ["active"])
+      res["kq_diag_ratio"][key] = summ["mean_active_kq_diag_ratio"]
+      res["kq_diag_norm_var"][key] = summ["mean_active_kq_diag_norm_var"]
+      # Multi-task: each head's OV should read only the y rows.
+      ratio = (np.linalg.norm(ov[:, d:, :], axis=(1, 2)) /
+               np.maximum(np.linalg.norm(ov, axis=(1, 2)), 1e-30))
+      res["ov_last_entry_ratio"][key] = float(ratio[act].mean())
+    res["num_active_heads"][key] = summ["num_active"]
+    res["head_metrics"][key] = summ
+
+  if T == 1:
+    base_lengths = sorted(set(red_L + [cfg.L]))
+    res["baselines"] = {str(l): baselines_at(cfg, fit, ev, l)
+                        for l in base_lengths}
+    res["baseline_mse"] = res["baselines"][str(cfg.L)]
+  if T == 1 and cfg.reduced_model:
+    res["reduced_model"] = _reduced_model(cfg, runs, trained, ev, red_L, preds)
+  if T == 1 and cfg.length_generalization:
+    res["length_generalization"] = _length_gen(cfg, runs, trained, fit, ev,
+                                               len_L, preds)
+  if T == 1 and cfg.rho > 0:
+    res["noniso"] = _noniso(cfg, task, runs, trained, fit, ev)
+  if T > 1:
+    res["multitask"] = _multitask(cfg, task, runs, trained, ev, preds)
+  res["wall_time_s"] = time.time() - t0
+  if cfg.figures:
+    _figures(cfg, workdir, runs, trained, res)
+  return res
+
+
+def _reduced_model(cfg, runs, trained, ev, lengths, preds):
+  d = cfg.d
+  out = {}
+  x, y, xq, yq = ev[0], ev[1][..., 0], ev[2], ev[3][..., 0]
+  for run in runs:
+    if run.attention != "softmax":
+      continue
+    kq, ov = run.merged(trained[run.name])
+    omega = kq_ov.diagonal_mean(kq[:, :d, :d])
+    mu = ov[:, d, 0]
+    r = {"omega": omega.tolist(), "mu": mu.tolist(), "mse_model": {},
+         "mse_reduced": {}, "mse_dgd_from_heads": {}, "rel_gap_reduced": {},
+         "rel_gap_dgd": {}}
+    for l in lengths:
+      key = (run.name, l)
+      if key not in preds:
+        preds[key] = _model_on_prefix(run, trained[run.name], ev, l,
+                                      cfg.eval_chunk)
+      pm = preds[key][:, 0]
+      xl, yl = x[:, :l], y[:, :l]
+      pr = reduced_predict(xl, yl, xq, omega, mu)
+      # Linearization of the reduced model: (sum mu) ybar + (sum mu omega) DGD
+      pd = (mu.sum() * yl.mean(axis=1) +
+            float(np.dot(mu, omega)) * debiased_gd_feature(xl, yl, xq))
+      ey2 = float(np.mean(yq ** 2))
+      r["mse_model"][str(l)] = _mse(pm, yq)
+      r["mse_reduced"][str(l)] = _mse(pr, yq)
+      r["mse_dgd_from_heads"][str(l)] = _mse(pd, yq)
+      r["rel_gap_reduced"][str(l)] = _mse(pm, pr) / ey2
+      r["rel_gap_dgd"][str(l)] = _mse(pm, pd) / ey2
+    out[str(run.H)] = r
+  return out
+
+
+def _length_gen(cfg, runs, trained, fit, ev, lengths, preds):
+  x, y, xq, yq = ev[0], ev[1][..., 0], ev[2], ev[3][..., 0]
+  fx, fy, fxq, fyq = fit[0], fit[1][..., 0], fit[2], fit[3][..., 0]
+  out = {"lengths": lengths, "mse": {}}
+  for run in runs:
+    vals = []
+    for l in lengths:
+      key = (run.name, l)
+      if key not in preds:
+        preds[key] = _model_on_prefix(run, trained[run.name], ev, l,
+                                      cfg.eval_chunk)
+      vals.append(_mse(preds[key][:, 0], yq))
+    out["mse"][run.name] = vals
+  eta_fixed = _fit_scale(debiased_gd_feature(fx[:, :cfg.L], fy[:, :cfg.L],
+                                             fxq), fyq)
+  ridge, tuned, fixed = [], [], []
+  for l in lengths:
+    xl, yl = x[:, :l], y[:, :l]
+    ridge.append(_mse(ridge_predict(xl, yl, xq, cfg.sigma2 * cfg.d), yq))
+    eta = _fit_scale(debiased_gd_feature(fx[:, :l], fy[:, :l], fxq), fyq)
+    f = debiased_gd_feature(xl, yl, xq)
+    tuned.append(_mse(eta * f, yq))
+    fixed.append(_mse(eta_fixed * f, yq))
+  out["mse"]["ridge"] = ridge
+  out["mse"]["debiased_gd_tuned"] = tuned
+  out["mse"]["debiased_gd_fixed"] = fixed
+  return out
+
+
+def _noniso(cfg, task, runs, trained, fit, ev):
+  d, L = cfg.d, cfg.L
+  x, y, xq, yq = ev[0][:, :L], ev[1][:, :L, 0], ev[2], ev[3][..., 0]
+  fx, fy, fxq, fyq = fit[0][:, :L], fit[1][:, :L, 0], fit[2], fit[3][..., 0]
+
+  def feats(x_, y_, xq_):   # [B, d, d]: (1/L) sum_l (y_l - ybar) x_l x_q^T
+    yc = y_ - y_.mean(axis=1, keepdims=True)
+    return np.einsum("bl,bld,be->bde", yc, x_, xq_) / x_.shape[1]
+
+  ff = feats(fx, fy, fxq).reshape(fx.shape[0], -1)
+  fb = np.concatenate([ff, fy.mean(axis=1)[:, None]], axis=1)
+  coef = np.linalg.lstsq(fb, fyq, rcond=None)[0]
+  gamma_star = coef[:-1].reshape(d, d)
+  fe = feats(x, y, xq)
+  mse_fit = _mse(np.einsum("bde,de->b", fe, gamma_star) +
+                 coef[-1] * y.mean(axis=1), yq)
+  sig_inv = np.linalg.inv(task.sigma)
+  out = {"sigma": task.sigma.tolist(), "gamma_fitted": gamma_star.tolist(),
+         "mse_gamma_fitted": mse_fit,
+         "cos_fitted_sigma_inv": float(kq_ov.matrix_cosine(gamma_star,
+                                                          sig_inv)),
+         "cos_fitted_identity": float(kq_ov.matrix_cosine(gamma_star,
+                                                         np.eye(d)))}
+  for run in runs:
+    if run.attention != "softmax":
+      continue
+    kq, ov = run.merged(trained[run.name])
+    mu = ov[:, d, 0]
+    gamma = np.einsum("h,hde->de", mu, kq[:, :d, :d])
+    out[str(run.H)] = {
+        "gamma_heads": gamma.tolist(),
+        "cos_gamma_sigma_inv": float(kq_ov.matrix_cosine(gamma, sig_inv)),
+        "cos_gamma_identity": float(kq_ov.matrix_cosine(gamma, np.eye(d))),
+        "cos_gamma_fitted": float(kq_ov.matrix_cosine(gamma, gamma_star)),
+        "mse_gamma_heads": _mse(np.einsum("bde,de->b", fe, gamma) +
+                                mu.sum() * y.mean(axis=1), yq),
+    }
+  return out
+
+
+def _multitask(cfg, task, runs, trained, ev, preds):
+  d, T = cfg.d, cfg.num_tasks
+  out = {"supports": task.supports}
+  for run in runs:
+    if run.attention != "softmax":
+      continue
+    kq, ov = run.merged(trained[run.name])
+    act = kq_ov.active_heads(ov, cfg.active_threshold)
+    readout = np.stack([np.abs(ov[:, d + t, t]) for t in range(T)], axis=1)
+    share = readout[:, 0] / np.maximum(readout.sum(axis=1), 1e-30)
+    sup_idx = 1.0 - np.abs(2.0 * share - 1.0)
+    sp = float(sup_idx[act].mean())
+    p = preds[(run.name, cfg.L)]
+    out[str(run.H)] = {
+        "task_share": share.tolist(), "active": act.tolist(),
+        "superposition_index": sp,
+        "regime": "superposition" if sp > 0.5 else "one-task-per-head",
+        "test_mse_per_task": np.mean((p - ev[3]) ** 2, axis=0).tolist(),
+        "omega_per_task_support": [
+            [float(np.mean(np.diagonal(kq[h, :d, :d])[g]))
+             for g in task.supports] for h in range(run.H)],
+    }
+  return out
+
+
+def _figures(cfg, workdir, runs, trained, res):
+  plt = common.setup_matplotlib()
+  recs = common.MetricsWriter(workdir).read()
+  # Loss curves.
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for run in runs:
+    k = "train_loss/" + run.name
+    rr = [r for r in recs if k in r]
+    ax.plot([r["step"] for r in rr], [r[k] for r in rr], label=run.name)
+  if "baseline_mse" in res:
+    ax.axhline(res["baseline_mse"]["ridge"], color="k", ls="--",
+               label="ridge (Bayes)")
+  ax.set_yscale("log")
+  ax.set_xlabel("step")
+  ax.set_ylabel("train MSE")
+  ax.legend(fontsize=7)
+  common.save_figure(fig, workdir, "loss_curves")
+  # Heatmaps per H.
+  d = cfg.d
+  for run in runs:
+    if run.attention != "softmax":
+      continue
+    kq, ov = run.merged(trained[run.name])
+    H = run.H
+    fig, axes = plt.subplots(2, H, figsize=(2.2 * H + 0.5, 4.6),
+                             squeeze=False)
+    for h in range(H):
+      vmax = np.abs(kq[h]).max()
+      axes[0, h].imshow(kq[h], cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+      axes[0, h].set_title(f"KQ head {h}", fontsize=8)
+      o = ov[h]
+      vmax = max(np.abs(o).max(), 1e-12)
+      axes[1, h].imshow(o.T if o.shape[1] > 1 else o, cmap="RdBu_r",
+                        vmin=-vmax, vmax=vmax, aspect="auto")
+      axes[1, h].set_title(f"OV head {h}", fontsize=8)
+      for a in axes[:, h]:
+        a.set_xticks([])
+        a.set_yticks([])
+    fig.suptitle(f"softmax H={H}")
+    common.save_figure(fig, workdir, f"kq_ov_heads_h{H}")
+  # Trajectories of omega_h (mean KQ diagonal) and mu_h (OV last entry).
+  soft = [r for r in runs if r.attention == "softmax"]
+  if soft:
+    fig, axes = plt.subplots(2, len(soft), figsize=(3.2 * len(soft), 5),
+                             squeeze=False)
+    for i, run in enumerate(soft):
+      steps = [r["step"] for r in recs]
+      om = np.array([r["omega/" + run.name] for r in recs])
+      mu = np.array([r["mu/" + run.name] for r in recs])
+      axes[0, i].plot(steps, om)
+      axes[0, i].set_title(f"H={run.H}: mean KQ diag", fontsize=8)
+      axes[1, i].plot(steps, mu)
+      axes[1, i].set_title(f"H={run.H}: OV last entry", fontsize=8)
+      axes[1, i].set_xlabel("step")
+    common.save_figure(fig, workdir, "trajectories")
+  # Predictor comparison.
+  if "baselines" in res:
+    lengths = sorted(res["baselines"], key=int)
+    names = ["ridge", "debiased_gd", "gd", "single_head_kernel"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / (len(names) + len(soft) + 1)
+    xs = np.arange(len(lengths))
+    k = 0
+    for n in names:
+      ax.bar(xs + k * width, [res["baselines"][l][n] for l in lengths], width,
+             label=n)
+      k += 1
+    rm = res.get("reduced_model", {})
+    for run in soft:
+      vals = [rm.get(str(run.H), {}).get("mse_model", {}).get(l, np.nan)
+              for l in lengths]
+      ax.bar(xs + k * width, vals, width, label=f"trained H={run.H}")
+      k += 1
+    if rm:
+      h = str(max(int(k_) for k_ in rm))
+      ax.bar(xs + k * width, [rm[h]["mse_reduced"].get(l, np.nan)
+                              for l in lengths], width,
+             label=f"reduced model (H={h})")
+    ax.set_xticks(xs + 0.4)
+    ax.set_xticklabels([f"L={l}" for l in lengths])
+    ax.set_ylabel("test MSE")
+    ax.legend(fontsize=7)
+    common.save_figure(fig, workdir, "predictors")
+  if "length_generalization" in res:
+    lg = res["length_generalization"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, vals in lg["mse"].items():
+      ls = "--" if name in ("ridge", "debiased_gd_tuned",
+                            "debiased_gd_fixed") else "-"
+      ax.plot(lg["lengths"], vals, ls, marker="o", ms=3, label=name)
+    ax.axvline(cfg.L, color="gray", lw=0.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length L (trained at %d)" % cfg.L)
+    ax.set_ylabel("test MSE")
+    ax.legend(fontsize=7)
+    common.save_figure(fig, workdir, "length_generalization")
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)   # orbax is chatty at INFO
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required.")
+  cfg = _CONFIG.value
+  workdir = _WORKDIR.value
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    res = run_study(cfg, workdir)
+  except Stopped as e:
+    logging.warning("%s", e)
+    print(str(e), flush=True)
+    return
+  path = common.write_results(workdir, res)
+  msg = " ".join(f"H={h}:{v:.4f}" for h, v in res["test_mse"].items())
+  print(f"test_mse {msg}; wrote {path} ({res['wall_time_s']:.0f}s)",
+        flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

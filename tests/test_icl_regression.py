@@ -1,0 +1,223 @@
+"""In-context regression study: model, predictors, data, resume, colab.
+
+The model is checked against the paper's formula written in plain NumPy
+from the raw projection kernels; ridge against an lstsq solve; the resume
+contract by interrupting a tiny run and comparing with an uninterrupted one.
+"""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from attnjax.models.icl import (ICLAttention, icl_prediction_reference,
+                                linear_icl_attention)
+from experiments import icl_regression as icl
+from experiments.configs.icl_regression import PRESETS, get_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _softmax(s):
+  s = s - s.max()
+  e = np.exp(s)
+  return e / e.sum()
+
+
+def _numpy_model(model, zq, zc, attention="softmax"):
+  """sum_h O_h V_h Z act(Z^T K_h^T Q_h z_q / sqrt(D)) in float64 NumPy."""
+  a = model.attn
+  wq = np.asarray(a.query.kernel[...], np.float64)   # [D, H, D]
+  wk = np.asarray(a.key.kernel[...], np.float64)
+  wv = np.asarray(a.value.kernel[...], np.float64)
+  wo = np.asarray(a.out.kernel[...], np.float64)     # [H, D, n_out]
+  zq, zc = np.asarray(zq, np.float64), np.asarray(zc, np.float64)
+  B, L, D = zc.shape
+  out = np.zeros((B, wo.shape[-1]))
+  for b in range(B):
+    Z = zc[b].T                                       # [D, L] columns z_i
+    for h in range(wq.shape[1]):
+      Q, K, V = wq[:, h, :].T, wk[:, h, :].T, wv[:, h, :].T   # [D, D]
+      O = wo[h].T                                     # [n_out, D]
+      s = Z.T @ K.T @ Q @ zq[b] / math.sqrt(D)
+      w = _softmax(s) if attention == "softmax" else s / L
+      out[b] += O @ V @ Z @ w
+  return out
+
+
+@pytest.mark.parametrize("attention,heads,tasks", [("softmax", 3, 1),
+                                                   ("linear", 2, 1),
+                                                   ("softmax", 2, 2)])
+def test_model_matches_numpy_formula(attention, heads, tasks):
+  d, L = 4, 7
+  m = ICLAttention(d, heads, num_tasks=tasks, attention=attention,
+                   rngs=nnx.Rngs(3))
+  D = d + tasks
+  k1, k2 = jax.random.split(jax.random.key(0))
+  zq = jax.random.normal(k1, (5, D)).at[:, d:].set(0.0)
+  zc = jax.random.normal(k2, (5, L, D))
+  got = np.asarray(m(zq, zc), np.float64)
+  np.testing.assert_allclose(got, _numpy_model(m, zq, zc, attention),
+                             rtol=2e-5, atol=2e-6)
+  # Merged matrices (paper orientation) reproduce the same predictions.
+  kq, ov = m.merged_matrices()
+  np.testing.assert_allclose(
+      np.asarray(icl_prediction_reference(kq, ov, zq, zc, attention)), got,
+      rtol=2e-5, atol=2e-6)
+
+
+def test_merged_matrices_orientation():
+  d = 3
+  m = ICLAttention(d, 2, rngs=nnx.Rngs(0))
+  kq, ov = m.merged_matrices()
+  wq = np.asarray(m.attn.query.kernel[...])
+  wk = np.asarray(m.attn.key.kernel[...])
+  wv = np.asarray(m.attn.value.kernel[...])
+  wo = np.asarray(m.attn.out.kernel[...])
+  for h in range(2):
+    Q, K, V, O = wq[:, h].T, wk[:, h].T, wv[:, h].T, wo[h].T
+    np.testing.assert_allclose(kq[h], K.T @ Q / math.sqrt(d + 1), rtol=1e-5,
+                               atol=1e-7)
+    np.testing.assert_allclose(ov[h], V.T @ O.T, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("attention", ["softmax", "linear"])
+def test_mask_equals_truncated_context(attention):
+  m = ICLAttention(3, 2, attention=attention, rngs=nnx.Rngs(1))
+  zq = jax.random.normal(jax.random.key(1), (4, 4)).at[:, -1].set(0.0)
+  zc = jax.random.normal(jax.random.key(2), (4, 9, 4))
+  mask = jnp.arange(9)[None, :] < 5
+  full = m(zq, zc, mask=jnp.broadcast_to(mask, (4, 9)))
+  np.testing.assert_allclose(full, m(zq, zc[:, :5]), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_attention_and_errors():
+  q = jax.random.normal(jax.random.key(0), (2, 1, 2, 3))
+  k = jax.random.normal(jax.random.key(1), (2, 5, 2, 3))
+  v = jax.random.normal(jax.random.key(2), (2, 5, 2, 4))
+  out = linear_icl_attention(q, k, v, scale=0.5)
+  ref = np.einsum("btnh,bsnh,bsnv->btnv", np.asarray(q), np.asarray(k),
+                  np.asarray(v)) * 0.5 / 5
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+  assert linear_icl_attention(q.astype(jnp.bfloat16), k, v,
+                              scale=0.5).dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="query"):
+    linear_icl_attention(q[0], k, v, scale=1.0)
+  with pytest.raises(ValueError, match="attention"):
+    ICLAttention(3, 1, attention="relu", rngs=nnx.Rngs(0))
+  m = ICLAttention(3, 1, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="z_context"):
+    m(jnp.zeros((2, 4)), jnp.zeros((2, 5, 3)))
+
+
+def test_ridge_matches_lstsq():
+  rng = np.random.default_rng(0)
+  x, y, xq = rng.normal(size=(3, 8, 4)), rng.normal(size=(3, 8)), \
+      rng.normal(size=(3, 4))
+  lam = 0.5
+  got = icl.ridge_predict(x, y, xq, lam)
+  for b in range(3):
+    a = np.concatenate([x[b], math.sqrt(lam) * np.eye(4)])
+    t = np.concatenate([y[b], np.zeros(4)])
+    beta = np.linalg.lstsq(a, t, rcond=None)[0]
+    assert got[b] == pytest.approx(beta @ xq[b], rel=1e-10)
+
+
+def test_gd_predictors_and_reduced_model():
+  rng = np.random.default_rng(1)
+  x, y, xq = rng.normal(size=(2, 6, 3)), rng.normal(size=(2, 6)), \
+      rng.normal(size=(2, 3))
+  for b in range(2):
+    xbar = x[b].mean(0)
+    assert icl.gd_feature(x, y, xq)[b] == pytest.approx(
+        sum(y[b, l] * x[b, l] @ xq[b] for l in range(6)) / 6)
+    assert icl.debiased_gd_feature(x, y, xq)[b] == pytest.approx(
+        sum(y[b, l] * (x[b, l] - xbar) @ xq[b] for l in range(6)) / 6)
+    w = _softmax(0.7 * x[b] @ xq[b])
+    assert icl.kernel_feature(x, y, xq, 0.7)[b] == pytest.approx(w @ y[b])
+  # A zero-sum pair (omega, -omega), (mu, -mu) is debiased GD with step
+  # 2 omega mu to first order in omega.
+  om, mu = 1e-3, 3.0
+  red = icl.reduced_predict(x, y, xq, [om, -om], [mu, -mu])
+  np.testing.assert_allclose(red, 2 * om * mu *
+                             icl.debiased_gd_feature(x, y, xq), rtol=1e-3)
+
+
+def test_data_distribution():
+  cfg = get_config("tiny")
+  task = icl.Task(cfg)
+  x, y, xq, yq = task.sample(jax.random.key(0), 4000, 10)
+  assert x.shape == (4000, 10, 5) and y.shape == (4000, 10, 1)
+  # E[y^2] = E||beta||^2 + sigma^2 = 1 + 0.1 (beta ~ N(0, I/d)).
+  assert float(jnp.mean(y ** 2)) == pytest.approx(1.1, rel=0.05)
+  assert float(jnp.mean(yq ** 2)) == pytest.approx(1.1, rel=0.08)
+  zq, zc = icl.tokens(x, y, xq)
+  assert zq.shape == (4000, 6) and float(jnp.abs(zq[:, -1]).max()) == 0.0
+  # Non-isotropic covariates: Cov(x) = rho^|i-j|.
+  cfg.rho = 0.5
+  x = icl.Task(cfg).sample(jax.random.key(1), 4000, 10)[0].reshape(-1, 5)
+  np.testing.assert_allclose(np.cov(np.asarray(x).T),
+                             icl.covariance(5, 0.5), atol=0.03)
+
+
+def test_configs():
+  for p in PRESETS:
+    c = get_config(p)
+    assert c.ckpt_every % c.log_every == 0
+  assert get_config("paper").steps == 500_000
+  with pytest.raises(ValueError, match="preset"):
+    get_config("nope")
+
+
+def _small_cfg(**kw):
+  c = get_config("tiny")
+  c.heads, c.linear_heads = "2", "1"
+  c.steps, c.log_every, c.ckpt_every = 20, 5, 10
+  c.eval_samples = c.eval_chunk = 64
+  c.reduced_lengths, c.eval_lengths, c.kernel_grid = "10,40", "10,40", 4
+  for k, v in kw.items():
+    setattr(c, k, v)
+  return c
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  full = str(tmp_path / "full")
+  res_full = icl.run_study(_small_cfg(), full)
+  part = str(tmp_path / "part")
+  with pytest.raises(icl.Stopped):
+    icl.run_study(_small_cfg(stop_after_steps=15), part)   # last ckpt: 10
+  with open(os.path.join(part, "metrics.jsonl")) as f:
+    assert max(json.loads(l)["step"] for l in f) == 15
+  res_part = icl.run_study(_small_cfg(), part)
+  for r in (res_full, res_part):
+    r.pop("wall_time_s")
+  assert json.dumps(res_full, sort_keys=True) == json.dumps(res_part,
+                                                            sort_keys=True)
+  with open(os.path.join(full, "metrics.jsonl")) as f1, \
+       open(os.path.join(part, "metrics.jsonl")) as f2:
+    assert f1.read() == f2.read()
+  # Required keys.
+  for k in ("test_mse", "kq_diag_ratio", "ov_last_entry_ratio"):
+    assert set(res_full[k]) == {"2"}
+  assert set(res_full["test_mse_linear"]) == {"1"}
+  assert set(res_full["baseline_mse"]) >= {"ridge", "gd", "debiased_gd",
+                                           "single_head_kernel"}
+  assert set(res_full["reduced_model"]["2"]["mse_reduced"]) == {"10", "40"}
+  assert res_full["length_generalization"]["lengths"] == [10, 40]
+  # Ridge (Bayes-optimal) beats the one-step GD predictors.
+  b = res_full["baseline_mse"]
+  assert b["ridge"] < b["debiased_gd"] and b["ridge"] < b["gd"]
+
+
+@pytest.mark.slow
+def test_colab_runs():
+  from tests.notebook_runner import output_text, run_notebook
+  nb = run_notebook(os.path.join(ROOT, "colabs", "icl_regression.ipynb"),
+                    timeout=300)
+  text = output_text(nb)
+  assert "test MSE" in text and "ridge" in text
