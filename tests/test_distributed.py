@@ -79,7 +79,8 @@ def test_parse_mesh():
   assert parse_mesh("data:-1,seq:2", 8) == {"data": 4, "seq": 2}
   assert parse_mesh(None, 4) == {"data": 4}
   assert parse_mesh({"data": 1, "seq": 2}, 8) == {"data": 1, "seq": 2}
-  for bad in ("data=2", "data:2,data:2", "data:-1,seq:-1", "data:3", "data:x",
-              "data:16"):
+  assert parse_mesh("data:3", 8) == {"data": 3}  # a subset of the devices
+  for bad in ("data=2", "data:2,data:2", "data:-1,seq:-1", "data:-1,seq:3",
+              "data:x", "data:16", "data:0"):
     with pytest.raises(ValueError, match="mesh"):
       parse_mesh(bad, 8)
