@@ -1,0 +1,18 @@
+"""Spatial attention family: attention over images and volumes.
+
+Primitives take `[batch, *spatial, heads, head_dim]`; each has a plain-jnp
+`*_reference`. Layers take channels-last feature maps `[B, H, W, C]` and own
+their projections as the original papers do. See docs/spatial.md.
+"""
+
+from attnjax.spatial.neighborhood import (NeighborhoodAttention,
+                                          neighborhood_attention,
+                                          neighborhood_attention_reference,
+                                          neighborhood_mask,
+                                          neighborhood_window_start)
+
+__all__ = [
+    "NeighborhoodAttention", "neighborhood_attention",
+    "neighborhood_attention_reference", "neighborhood_mask",
+    "neighborhood_window_start",
+]

@@ -1,0 +1,185 @@
+"""Helpers shared by the spatial attention family.
+
+Spatial primitives take query/key/value `[batch, *spatial, heads, head_dim]`.
+Everything here is plain jnp/numpy; nothing imports a layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax._checks import check_floating
+
+
+def to_tuple(name: str, value, ndim: int, *, minimum: int = 1) -> Tuple[int, ...]:
+  """int -> (int,) * ndim; a sequence must have length ndim. Validates >= min."""
+  if isinstance(value, (int, np.integer)):
+    out = (int(value),) * ndim
+  else:
+    try:
+      out = tuple(int(v) for v in value)
+    except TypeError:
+      raise ValueError(
+          f"`{name}` must be an int or a tuple of {ndim} ints, got {value!r}."
+      ) from None
+    if len(out) != ndim:
+      raise ValueError(
+          f"`{name}` must have one entry per spatial dim ({ndim}), got "
+          f"{value!r}.")
+  if any(v < minimum for v in out):
+    raise ValueError(f"`{name}` entries must be >= {minimum}, got {value!r}.")
+  return out
+
+
+def to_bool_tuple(name: str, value, ndim: int) -> Tuple[bool, ...]:
+  if isinstance(value, (bool, np.bool_)):
+    return (bool(value),) * ndim
+  try:
+    out = tuple(bool(v) for v in value)
+  except TypeError:
+    raise ValueError(
+        f"`{name}` must be a bool or a tuple of {ndim} bools, got {value!r}."
+    ) from None
+  if len(out) != ndim:
+    raise ValueError(
+        f"`{name}` must have one entry per spatial dim ({ndim}), got {value!r}.")
+  return out
+
+
+def check_spatial_qkv(query, key, value, *, spatial_dims=(1, 2, 3),
+                      same_spatial: bool = True):
+  """Validates [B, *spatial, N, H] inputs; returns (ndim_spatial, N, K).
+
+  Key/value heads K must divide query heads N (grouped-query attention).
+  """
+  for n, x in (("query", query), ("key", key), ("value", value)):
+    check_floating(n, x)
+  ranks = tuple(d + 3 for d in spatial_dims)
+  shapes = (f"query={tuple(query.shape)}, key={tuple(key.shape)}, "
+            f"value={tuple(value.shape)}")
+  if query.ndim not in ranks:
+    raise ValueError(
+        f"`query` must have shape [batch, *spatial, heads, head_dim] with "
+        f"{spatial_dims} spatial dims (rank in {ranks}), got shapes {shapes}.")
+  if not (query.ndim == key.ndim == value.ndim):
+    raise ValueError(
+        f"`query`, `key`, `value` must have the same rank, got shapes {shapes}.")
+  if key.shape[:-1] != value.shape[:-1]:
+    raise ValueError(
+        f"`key` and `value` must agree in all but the last dim, got shapes "
+        f"{shapes}.")
+  if query.shape[0] != key.shape[0]:
+    raise ValueError(f"batch sizes differ: shapes {shapes}.")
+  if same_spatial and query.shape[1:-2] != key.shape[1:-2]:
+    raise ValueError(
+        f"`query` and `key` must have the same spatial shape, got shapes "
+        f"{shapes}.")
+  if query.shape[-1] != key.shape[-1]:
+    raise ValueError(
+        f"`query` and `key` head_dim differ, got shapes {shapes}.")
+  n, kh = query.shape[-2], key.shape[-2]
+  if kh == 0 or n % kh:
+    raise ValueError(
+        f"`query` heads ({n}) must be a multiple of `key`/`value` heads "
+        f"({kh}), got shapes {shapes}.")
+  return query.ndim - 3, n, kh
+
+
+def repeat_kv(x, num_heads: int):
+  """[..., K, H] -> [..., N, H] by repeating each kv head N // K times."""
+  k = x.shape[-2]
+  return x if k == num_heads else jnp.repeat(x, num_heads // k, axis=-2)
+
+
+def default_scale(scale, head_dim: int) -> float:
+  return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def masked_softmax(logits, mask=None, axis=-1):
+  """float32 softmax; masked entries 0; rows with nothing allowed -> zeros."""
+  logits = logits.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, -jnp.inf)
+  m = jnp.max(logits, axis=axis, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  p = jnp.exp(logits - m)
+  s = jnp.sum(p, axis=axis, keepdims=True)
+  return p / jnp.where(s > 0, s, 1.0)
+
+
+def dense_attention_reference(query, key, value, mask=None, bias=None, *,
+                              scale: float):
+  """Plain attention over flattened tokens: q [B, T, N, H], k/v [B, S, N, H].
+
+  mask bool / bias float broadcastable to [B, N, T, S]. Softmax in float32,
+  rows with nothing to attend to -> zeros. Materializes the [B, N, T, S]
+  scores: this is the definition every spatial mechanism is tested against.
+  """
+  n = query.shape[-2]
+  key, value = repeat_kv(key, n), repeat_kv(value, n)
+  logits = jnp.einsum("btnh,bsnh->bnts", query.astype(jnp.float32),
+                      key.astype(jnp.float32)) * scale
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  p = masked_softmax(logits, mask)
+  out = jnp.einsum("bnts,bsnh->btnh", p, value.astype(jnp.float32))
+  return out.astype(query.dtype)
+
+
+def flatten_spatial(x):
+  """[B, *spatial, N, H] -> [B, prod(spatial), N, H]."""
+  return x.reshape(x.shape[0], -1, *x.shape[-2:])
+
+
+def pad_to_multiple(x, multiples: Sequence[int], axes: Sequence[int]):
+  """Zero-pads `axes` of x at the end up to a multiple of `multiples`."""
+  pads = [(0, 0)] * x.ndim
+  for m, a in zip(multiples, axes):
+    pads[a] = (0, (-x.shape[a]) % m)
+  if all(p == (0, 0) for p in pads):
+    return x
+  return jnp.pad(x, pads)
+
+
+def partition_windows(x, window: Sequence[int]):
+  """[B, *S, ...] (S divisible by window) -> [B, nW..., W..., ...].
+
+  Axis order after: batch, window-grid dims, in-window dims, trailing dims.
+  """
+  nd = len(window)
+  b, spatial, rest = x.shape[0], x.shape[1:1 + nd], x.shape[1 + nd:]
+  shape = [b]
+  for s, w in zip(spatial, window):
+    shape += [s // w, w]
+  x = x.reshape(*shape, *rest)
+  perm = ([0] + [1 + 2 * i for i in range(nd)] + [2 + 2 * i for i in range(nd)]
+          + list(range(1 + 2 * nd, x.ndim)))
+  return x.transpose(perm)
+
+
+def merge_windows(x, nd: int):
+  """Inverse of partition_windows: [B, nW..., W..., ...] -> [B, *S, ...]."""
+  b = x.shape[0]
+  grid, win = x.shape[1:1 + nd], x.shape[1 + nd:1 + 2 * nd]
+  rest = x.shape[1 + 2 * nd:]
+  perm = [0]
+  for i in range(nd):
+    perm += [1 + i, 1 + nd + i]
+  perm += list(range(1 + 2 * nd, x.ndim))
+  x = x.transpose(perm)
+  return x.reshape(b, *[g * w for g, w in zip(grid, win)], *rest)
+
+
+def valid_mask(spatial_shape: Sequence[int], padded_shape: Sequence[int]):
+  """numpy bool [*padded_shape]: True at positions inside spatial_shape."""
+  m = np.ones(tuple(padded_shape), bool)
+  for a, (s, p) in enumerate(zip(spatial_shape, padded_shape)):
+    idx = [slice(None)] * len(padded_shape)
+    idx[a] = slice(s, p)
+    m[tuple(idx)] = False
+  return m
