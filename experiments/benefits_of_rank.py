@@ -1,0 +1,369 @@
+r"""Benefits of rank in attention layers (Amsel, Yehudai, Bruna 2024).
+
+Paper: N. Amsel, G. Yehudai, J. Bruna, "On the Benefits of Rank in Attention
+Layers", arXiv 2407.16153 (2024).
+
+Task (the paper's nearest-neighbour target in its self-attention form, as in
+the authors' experiments): N points x_1..x_N uniform on the unit sphere in
+R^d; the target for token i is the point farthest from it,
+y_i = x_{argmin_j <x_i, x_j>} (the nearest neighbour of -x_i). Loss: squared
+L2 error per output vector, averaged over tokens; predicting 0 scores
+exactly 1 (targets are unit vectors).
+
+Models (`attnjax.models.rank_models.RankAttentionNet`, built from
+`attnjax.nn.TransformerEncoder`): depth-L stacks of pre-RMSNorm residual
+attention blocks with H = d / r heads of query-key rank r and a linear
+readout. The q/k/v/o parameter budget (4 d^2 + biases per layer) is the same
+for every rank. Reproduced: one full-rank head (r = d, H = 1) solves the
+task at one layer for every N; heads of low rank fail at one layer (MSE
+stays near the trivial level) although they have the same parameter count;
+depth narrows the gap for short contexts (small N).
+
+Also reported: the explicit one-head construction W_Q W_K^T = -beta I,
+W_V W_O = I (hard-attention limit as beta -> inf), evaluated on the same
+data, as an independent check that a single full-rank head represents the
+target.
+
+Run (see experiments/configs/benefits_of_rank.py for all presets):
+
+  python -m experiments.benefits_of_rank --workdir=/tmp/rank_default
+
+Outputs in --workdir:
+  results.json keys:
+    mse                   {"N=<n>": {"depth=<L>": {"rank=<r>": test MSE}}}
+    table                 list of {"N", "depth", "rank", "heads", "mse",
+                          "params"} rows (one per sweep cell)
+    params                {"depth=<L>": {"rank=<r>": trainable parameters}}
+    full_rank_1layer_mse  {"N=<n>": MSE of r = d, H = 1, depth 1}
+    low_rank_1layer_mse   {"N=<n>": MSE of the lowest rank, depth 1}
+    best_low_rank_mse     {"N=<n>": best MSE over r < d and all depths}
+    construction_mse      {"N=<n>": MSE of the explicit one-head
+                          construction at beta = construction_beta}
+    zero_predictor_mse    1.0 (MSE of predicting 0)
+    config, wall_time_s
+  rank_vs_mse.png     test MSE vs rank, one panel per N, a line per depth
+  metrics.jsonl       training loss per chunk of steps ("step" is global
+                      across cells; "cell" names the cell)
+  cells/<cell>.json   finished cells (skipped on re-runs)
+  checkpoints/<cell>/ orbax checkpoints of the cell being trained
+
+`train_cells` (the resumable sweep-of-training-runs driver) is reused by
+experiments/low_rank_bottleneck.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Dict, List, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from attnjax.models.rank_models import RankAttentionNet, sphere_batch
+from experiments import common
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs",
+                           "benefits_of_rank.py:default"),
+    "Config file and preset.")
+
+
+class Stopped(Exception):
+  """Raised when `stop_after_steps` is reached (a simulated kill)."""
+
+
+def ints(s) -> List[int]:
+  if isinstance(s, (list, tuple)):
+    return [int(v) for v in s]
+  s = str(s).strip()
+  return [int(v) for v in s.split(",") if v.strip()] if s else []
+
+
+# ----------------------------------------------------------------------------
+# Resumable sweep of independent training runs ("cells").
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Cell:
+  """One training run of a sweep.
+
+  make_model() -> nnx.Module; loss_fn(model, batch) -> scalar;
+  batch_fn(key) -> batch (key = fold_in(data_key, step));
+  eval_fn(model) -> dict of scalars (deterministic). `info` is copied
+  into the cell's result.
+  """
+  name: str
+  make_model: Callable[[], nnx.Module]
+  loss_fn: Callable[[nnx.Module, Any], jax.Array]
+  batch_fn: Callable[[jax.Array], Any]
+  eval_fn: Callable[[nnx.Module], Dict[str, Any]]
+  steps: int
+  lr: float
+  seed: int
+  b2: float = 0.999
+  info: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _cell_file(workdir: str, name: str) -> str:
+  return os.path.join(workdir, "cells", name + ".json")
+
+
+def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
+                ckpt_every: int, stop_after_steps: int = 0,
+                desc: str = "train") -> Dict[str, Dict[str, Any]]:
+  """Trains `cells` in order; returns {cell name: result dict}.
+
+  Resume contract: a cell's whole training state (params and optimizer
+  state, as lists of arrays) is one pytree saved every `ckpt_every` steps
+  under checkpoints/<cell>; batches come from fold_in(data_key, step), so a
+  resumed cell reproduces an uninterrupted one exactly. A finished cell
+  writes cells/<cell>.json and is skipped by later runs. With
+  `stop_after_steps` > 0 the run raises `Stopped` once it has trained that
+  many steps (losing everything after the last checkpoint, like a kill).
+  """
+  if ckpt_every % chunk:
+    raise ValueError(f"`ckpt_every` ({ckpt_every}) must be a multiple of "
+                     f"`chunk` ({chunk}).")
+  for c in cells:
+    if c.steps % chunk:
+      raise ValueError(f"cell {c.name}: `steps` ({c.steps}) must be a "
+                       f"multiple of `chunk` ({chunk}).")
+  os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
+  metrics = common.MetricsWriter(workdir)
+
+  def ckpt_dir(c):
+    return os.path.join(workdir, "checkpoints", c.name)
+
+  done_steps = 0
+  for c in cells:
+    if os.path.exists(_cell_file(workdir, c.name)):
+      done_steps += c.steps
+    elif os.path.isdir(ckpt_dir(c)):
+      done_steps += common.Checkpointer(
+          workdir, subdir=os.path.join("checkpoints", c.name)).latest_step() or 0
+  total = sum(c.steps for c in cells)
+  progress = common.Progress(total, start=done_steps, every=chunk, desc=desc)
+  trained = 0
+  results = {}
+  offset = 0
+  for c in cells:
+    path = _cell_file(workdir, c.name)
+    if os.path.exists(path):
+      with open(path) as f:
+        results[c.name] = json.load(f)
+      offset += c.steps
+      continue
+    model = c.make_model()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = params.to_pure_dict()
+    p_leaves, p_def = jax.tree_util.tree_flatten(params)
+    tx = optax.adam(optax.cosine_decay_schedule(c.lr, c.steps), b2=c.b2)
+    opt = tx.init(params)
+    o_leaves, o_def = jax.tree_util.tree_flatten(opt)
+    ckpt = common.Checkpointer(workdir,
+                               subdir=os.path.join("checkpoints", c.name))
+    step, state = ckpt.restore_or({"params": p_leaves, "opt": o_leaves})
+    params = jax.tree_util.tree_unflatten(p_def, list(state["params"]))
+    opt = jax.tree_util.tree_unflatten(o_def, list(state["opt"]))
+    metrics.resume_from(offset + step)
+    data_key = jax.random.fold_in(jax.random.key(c.seed), 1)
+
+    def loss_of(p, batch, c=c, graphdef=graphdef, rest=rest):
+      return c.loss_fn(nnx.merge(graphdef, p, rest), batch)
+
+    @jax.jit
+    def run_chunk(p, o, start, c=c, tx=tx, data_key=data_key,
+                  loss_of=loss_of):
+      def body(i, carry):
+        p, o, acc = carry
+        batch = c.batch_fn(jax.random.fold_in(data_key, start + i))
+        loss, g = jax.value_and_grad(loss_of)(p, batch)
+        upd, o = tx.update(g, o, p)
+        return optax.apply_updates(p, upd), o, acc + loss
+      p, o, acc = jax.lax.fori_loop(0, chunk, body, (p, o, 0.0))
+      return p, o, acc / chunk
+
+    t0 = time.time()
+    while step < c.steps:
+      params, opt, loss = run_chunk(params, opt, step)
+      step += chunk
+      trained += chunk
+      loss = float(loss)
+      metrics.write(offset + step, cell=c.name, cell_step=step, loss=loss)
+      progress.update(offset + step, loss=loss)
+      if step % ckpt_every == 0 or step == c.steps:
+        ckpt.save(step, {"params": jax.tree_util.tree_leaves(params),
+                         "opt": jax.tree_util.tree_leaves(opt)})
+      if stop_after_steps and trained >= stop_after_steps:
+        ckpt.close()
+        raise Stopped(f"stopped after {trained} steps in this run "
+                      f"(cell {c.name} at step {step}); re-run to resume.")
+    ckpt.close()
+    res = {k: float(v) for k, v in
+           c.eval_fn(nnx.merge(graphdef, params, rest)).items()}
+    res.update(c.info)
+    res["train_loss_final"] = loss
+    res["train_time_s"] = time.time() - t0
+    common.write_results(os.path.dirname(path), res,
+                         name=os.path.basename(path))
+    results[c.name] = common.read_results(os.path.dirname(path),
+                                          os.path.basename(path))
+    offset += c.steps
+  return results
+
+
+# ----------------------------------------------------------------------------
+# The study.
+# ----------------------------------------------------------------------------
+
+def per_vector_mse(pred, target):
+  """Mean over tokens of ||pred - target||^2."""
+  return jnp.mean(jnp.sum((pred - target) ** 2, axis=-1))
+
+
+def construction_predict(x, beta: float):
+  """The paper's one full-rank head: scores -beta <x_i, x_j>, values x_j."""
+  scores = -beta * jnp.einsum("bid,bjd->bij", x, x)
+  return jnp.einsum("bij,bjd->bid", jax.nn.softmax(scores, axis=-1), x)
+
+
+def count_params(model) -> int:
+  return int(sum(np.size(x) for x in
+                 jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))))
+
+
+def make_cells(cfg) -> List[Cell]:
+  d = int(cfg.dim)
+  cells = []
+  for n in ints(cfg.num_points):
+    eval_key = jax.random.fold_in(jax.random.key(cfg.seed), 10_000 + n)
+    x_eval, y_eval = sphere_batch(eval_key, int(cfg.eval_batch), n, d)
+    for depth in ints(cfg.depths):
+      for r in ints(cfg.ranks):
+        seed = cfg.seed * 1_000_003 + n * 1009 + depth * 101 + r
+
+        def make_model(r=r, depth=depth, seed=seed):
+          return RankAttentionNet(d, r, depth, mlp_dim=int(cfg.mlp_dim),
+                                  rngs=nnx.Rngs(seed))
+
+        def loss_fn(model, batch):
+          x, y = batch
+          return per_vector_mse(model(x), y)
+
+        def batch_fn(key, n=n):
+          return sphere_batch(key, int(cfg.batch_size), n, d)
+
+        def eval_fn(model, x_eval=x_eval, y_eval=y_eval):
+          return {"mse": per_vector_mse(model(x_eval), y_eval)}
+
+        cells.append(Cell(
+            name=f"N{n}_L{depth}_r{r}", make_model=make_model,
+            loss_fn=loss_fn, batch_fn=batch_fn, eval_fn=eval_fn,
+            steps=int(cfg.steps), lr=float(cfg.lr), seed=seed,
+            b2=float(cfg.b2),
+            info={"N": n, "depth": depth, "rank": r, "heads": d // r,
+                  "params": count_params(make_model())}))
+  return cells
+
+
+def run_study(cfg, workdir: str) -> Dict[str, Any]:
+  t0 = time.time()
+  d = int(cfg.dim)
+  ranks, depths, ns = ints(cfg.ranks), ints(cfg.depths), ints(cfg.num_points)
+  for r in ranks:
+    if r < 1 or d % r:
+      raise ValueError(f"every rank must divide dim={d}; got ranks={ranks}.")
+  cells = make_cells(cfg)
+  res = train_cells(workdir, cells, chunk=int(cfg.chunk),
+                    ckpt_every=int(cfg.ckpt_every),
+                    stop_after_steps=int(cfg.stop_after_steps),
+                    desc="benefits_of_rank")
+  table = [res[c.name] for c in cells]
+  mse = {f"N={n}": {f"depth={L}": {f"rank={r}": res[f"N{n}_L{L}_r{r}"]["mse"]
+                                   for r in ranks} for L in depths}
+         for n in ns}
+  params = {f"depth={L}": {f"rank={r}": res[f"N{ns[0]}_L{L}_r{r}"]["params"]
+                           for r in ranks} for L in depths}
+  low = [r for r in ranks if r < d]
+  out = {
+      "mse": mse,
+      "table": [{k: row[k] for k in ("N", "depth", "rank", "heads", "mse",
+                                     "params")} for row in table],
+      "params": params,
+      "zero_predictor_mse": 1.0,
+      "construction_mse": {},
+      "full_rank_1layer_mse": {},
+      "low_rank_1layer_mse": {},
+      "best_low_rank_mse": {},
+  }
+  for n in ns:
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 10_000 + n)
+    x, y = sphere_batch(key, int(cfg.eval_batch), n, d)
+    out["construction_mse"][f"N={n}"] = float(per_vector_mse(
+        construction_predict(x, float(cfg.construction_beta)), y))
+    if d in ranks and 1 in depths:
+      out["full_rank_1layer_mse"][f"N={n}"] = mse[f"N={n}"]["depth=1"][
+          f"rank={d}"]
+    if low and 1 in depths:
+      out["low_rank_1layer_mse"][f"N={n}"] = mse[f"N={n}"]["depth=1"][
+          f"rank={min(low)}"]
+    if low:
+      out["best_low_rank_mse"][f"N={n}"] = min(
+          mse[f"N={n}"][f"depth={L}"][f"rank={r}"] for L in depths
+          for r in low)
+  make_figure(out, ranks, depths, ns, d, workdir)
+  out["config"] = cfg.to_dict()
+  out["wall_time_s"] = time.time() - t0
+  return out
+
+
+def make_figure(out, ranks, depths, ns, d, workdir):
+  plt = common.setup_matplotlib()
+  fig, axes = plt.subplots(1, len(ns), figsize=(4.2 * len(ns), 3.4),
+                           squeeze=False)
+  for ax, n in zip(axes[0], ns):
+    for L in depths:
+      ys = [out["mse"][f"N={n}"][f"depth={L}"][f"rank={r}"] for r in ranks]
+      ax.plot(ranks, ys, "o-", label=f"{L} layer" + ("s" if L > 1 else ""))
+    ax.axhline(1.0, color="gray", ls=":", lw=1, label="predict 0")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"rank r per head (H = {d}/r heads)")
+    ax.set_ylabel("test MSE (per vector)")
+    ax.set_title(f"farthest point, d={d}, N={n}")
+    ax.legend(fontsize=7)
+  common.save_figure(fig, workdir, "rank_vs_mse")
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)   # orbax is chatty at INFO
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required.")
+  cfg = _CONFIG.value
+  workdir = _WORKDIR.value
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    res = run_study(cfg, workdir)
+  except Stopped as e:
+    print(str(e), flush=True)
+    return
+  path = common.write_results(workdir, res)
+  for row in res["table"]:
+    print(f"N={row['N']:<4d} depth={row['depth']} rank={row['rank']:<3d} "
+          f"heads={row['heads']:<3d} mse={row['mse']:.4f}")
+  print(f"wrote {path} ({res['wall_time_s']:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
