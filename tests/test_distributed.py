@@ -84,3 +84,26 @@ def test_parse_mesh():
               "data:x", "data:16", "data:0"):
     with pytest.raises(ValueError, match="mesh"):
       parse_mesh(bad, 8)
+
+
+def test_bench_distributed_smoke(tmp_path):
+  """The benchmark binary runs and per-device memory drops as P grows."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  env["PYTHONPATH"] = ROOT
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_distributed",
+       f"--workdir={tmp_path}", "--quick", "--devices=1,4",
+       "--methods=ring_zigzag,ulysses", "--modes=fwd_bwd", "--repeats=1",
+       "--host_devices=4"], env=env, cwd=ROOT, capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  import json
+  with open(tmp_path / "results.json") as f:
+    rows = json.load(f)["rows"]
+  mem = {(r["method"], r["devices"]): r["mem_per_device_bytes"] for r in rows}
+  assert set(mem) == {(m, p) for m in ("ring_zigzag", "ulysses")
+                      for p in (1, 4)}, mem
+  for m in ("ring_zigzag", "ulysses"):
+    assert 0 < mem[(m, 4)] < 0.5 * mem[(m, 1)], mem
+  assert "ring_zigzag" in proc.stdout and "mem/dev MB" in proc.stdout
