@@ -45,13 +45,15 @@ def _numpy_model(model, zq, zc, attention="softmax"):
       Q, K, V = wq[:, h, :].T, wk[:, h, :].T, wv[:, h, :].T   # [D, D]
       O = wo[h].T                                     # [n_out, D]
       s = Z.T @ K.T @ Q @ zq[b] / math.sqrt(D)
-      w = _softmax(s) if attention == "softmax" else s / L
+      w = {"softmax": _softmax, "linear": lambda s: s,
+           "linear_norm": lambda s: s / L}[attention](s)
       out[b] += O @ V @ Z @ w
   return out
 
 
 @pytest.mark.parametrize("attention,heads,tasks", [("softmax", 3, 1),
                                                    ("linear", 2, 1),
+                                                   ("linear_norm", 2, 1),
                                                    ("softmax", 2, 2)])
 def test_model_matches_numpy_formula(attention, heads, tasks):
   d, L = 4, 7
@@ -86,7 +88,7 @@ def test_merged_matrices_orientation():
     np.testing.assert_allclose(ov[h], V.T @ O.T, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("attention", ["softmax", "linear"])
+@pytest.mark.parametrize("attention", ["softmax", "linear", "linear_norm"])
 def test_mask_equals_truncated_context(attention):
   m = ICLAttention(3, 2, attention=attention, rngs=nnx.Rngs(1))
   zq = jax.random.normal(jax.random.key(1), (4, 4)).at[:, -1].set(0.0)
@@ -100,10 +102,12 @@ def test_linear_attention_and_errors():
   q = jax.random.normal(jax.random.key(0), (2, 1, 2, 3))
   k = jax.random.normal(jax.random.key(1), (2, 5, 2, 3))
   v = jax.random.normal(jax.random.key(2), (2, 5, 2, 4))
-  out = linear_icl_attention(q, k, v, scale=0.5)
+  out = linear_icl_attention(q, k, v, scale=0.5, normalize_by_length=True)
   ref = np.einsum("btnh,bsnh,bsnv->btnv", np.asarray(q), np.asarray(k),
-                  np.asarray(v)) * 0.5 / 5
-  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+                  np.asarray(v)) * 0.5
+  np.testing.assert_allclose(out, ref / 5, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(linear_icl_attention(q, k, v, scale=0.5), ref,
+                             rtol=1e-5, atol=1e-5)
   assert linear_icl_attention(q.astype(jnp.bfloat16), k, v,
                               scale=0.5).dtype == jnp.bfloat16
   with pytest.raises(ValueError, match="query"):

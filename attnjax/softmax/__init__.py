@@ -163,6 +163,23 @@ def dot_product_attention_with_lse(query, key, value, bias=None, mask=None, *,
   return (out[0], lse[0]) if unbatched else (out, lse)
 
 
+def chunked_dot_product_attention(query, key, value, bias=None, mask=None, *,
+                                  block_q: Optional[int] = None,
+                                  block_kv: Optional[int] = None,
+                                  return_lse: bool = False, **kwargs):
+  """`implementation='chunked'` with explicit block sizes.
+
+  Same arguments as `dot_product_attention`; `block_q` / `block_kv` set the
+  query and key/value block lengths (defaults 512 / 1024, capped at the
+  sequence lengths). Peak memory grows with block_q * block_kv, not T * S.
+  """
+  call, unbatched = prepare(query, key, value, bias, mask, **kwargs)
+  out, lse = chunked_attention(call, block_q=block_q, block_kv=block_kv)
+  if unbatched:
+    out, lse = out[0], lse[0]
+  return (out, lse) if return_lse else out
+
+
 def attention_weights(query, key, bias=None, mask=None, **kwargs):
   """Softmax attention probabilities [B, N, T, S] (float32), for analysis.
 
@@ -178,6 +195,7 @@ def attention_weights(query, key, bias=None, mask=None, **kwargs):
 
 __all__ = [
     "AttentionCall", "attention_weights", "available_implementations",
-    "chunked_attention", "dot_product_attention",
+    "chunked_attention", "chunked_dot_product_attention",
+    "dot_product_attention",
     "dot_product_attention_with_lse", "register_backend", "xla_attention",
 ]

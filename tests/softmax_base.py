@@ -1,0 +1,332 @@
+"""The shared test suite every softmax-attention implementation runs.
+
+Subclass `SoftmaxAttentionSuite` in a `test_*.py` file, name the class
+`Test...`, and either set `implementation` (a name for
+`attnjax.dot_product_attention(implementation=...)`) or override `attention`.
+Capability flags switch off what a backend legitimately refuses (it must then
+raise NotImplementedError, which `test_refusals_are_not_implemented` checks).
+
+Every check compares with `tests.reference_np.attention_np`: float64 NumPy
+written from the definition, with hand-derived gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import hypothesis
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnjax
+from attnjax import masks as M
+from tests.reference_np import attention_np
+
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+def _tol(dtype):
+  # (atol, rtol) for values; gradient checks use relative Frobenius error.
+  return (2e-5, 2e-5) if dtype == jnp.float32 else (3e-2, 3e-2)
+
+
+def _grad_tol(dtype):
+  return 2e-4 if dtype == jnp.float32 else 6e-2
+
+
+def _rand(seed, shape, dtype, scale=1.0):
+  x = np.random.default_rng(seed).standard_normal(shape) * scale
+  return jnp.asarray(x, dtype)
+
+
+def _rel_err(a, b):
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
+
+
+class SoftmaxAttentionSuite:
+  implementation = None
+  supports_bias = True
+  supports_dropout = False
+  supports_lse = True
+  supports_segment_ids = True
+  supports_value_head_dim = True
+  bf16_only = False   # e.g. cuDNN
+
+  # Shapes small enough for interpret-mode kernels.
+  B, T, S, N, K, H = 2, 19, 23, 4, 2, 16
+
+  def attention(self, q, k, v, bias=None, mask=None, **kw):
+    return attnjax.dot_product_attention(
+        q, k, v, bias, mask, implementation=self.implementation, **kw)
+
+  def attention_with_lse(self, q, k, v, bias=None, mask=None, **kw):
+    return attnjax.dot_product_attention_with_lse(
+        q, k, v, bias, mask, implementation=self.implementation, **kw)
+
+  # ------------------------------------------------------------- helpers
+  def _dtypes(self):
+    return [jnp.bfloat16] if self.bf16_only else DTYPES
+
+  def _inputs(self, dtype, *, b=None, t=None, s=None, n=None, kh=None, h=None,
+              hv=None, seed=0, scale=1.0):
+    b = b or self.B
+    t = t or self.T
+    s = s or self.S
+    n = n or self.N
+    kh = kh or self.K
+    h = h or self.H
+    hv = hv or h
+    q = _rand(seed, (b, t, n, h), dtype, scale)
+    k = _rand(seed + 1, (b, s, kh, h), dtype, scale)
+    v = _rand(seed + 2, (b, s, kh, hv), dtype)
+    return q, k, v
+
+  def _check_values(self, dtype, q, k, v, bias=None, mask=None, ref_kw=None,
+                    **kw):
+    out = self.attention(q, k, v, bias, mask, **kw)
+    assert out.dtype == q.dtype
+    assert out.shape == q.shape[:-1] + (v.shape[-1],)
+    ref = attention_np(q, k, v, bias, mask=mask, **(ref_kw or {}))
+    atol, rtol = _tol(dtype)
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref["out"],
+                               atol=atol, rtol=rtol)
+    return out, ref
+
+  def _check_grads(self, dtype, q, k, v, bias=None, mask=None, ref_kw=None,
+                   **kw):
+    dout = _rand(99, q.shape[:-1] + (v.shape[-1],), jnp.float32)
+
+    def loss(q, k, v, bias):
+      out = self.attention(q, k, v, bias, mask, **kw)
+      return jnp.sum(out.astype(jnp.float32) * dout)
+
+    argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+    grads = jax.grad(loss, argnums=argnums)(q, k, v, bias)
+    ref = attention_np(q, k, v, bias, mask=mask, dout=dout, **(ref_kw or {}))
+    names = ["dq", "dk", "dv", "dbias"][:len(argnums)]
+    for name, g in zip(names, grads):
+      primal = {"dq": q, "dk": k, "dv": v, "dbias": bias}[name]
+      assert g.dtype == primal.dtype, (name, g.dtype, primal.dtype)
+      assert np.all(np.isfinite(np.asarray(g, np.float32))), name
+      err = _rel_err(g, ref[name])
+      assert err < _grad_tol(dtype), f"{name}: relative error {err}"
+
+  # --------------------------------------------------------------- tests
+  @pytest.mark.parametrize("is_causal", [False, True])
+  @pytest.mark.parametrize("dtype", DTYPES)
+  def test_values(self, dtype, is_causal):
+    if dtype not in self._dtypes():
+      pytest.skip("dtype not served by this backend")
+    q, k, v = self._inputs(dtype)
+    self._check_values(dtype, q, k, v, is_causal=is_causal,
+                       ref_kw=dict(is_causal=is_causal))
+
+  @pytest.mark.parametrize("is_causal", [False, True])
+  @pytest.mark.parametrize("dtype", DTYPES)
+  def test_grads(self, dtype, is_causal):
+    if dtype not in self._dtypes():
+      pytest.skip("dtype not served by this backend")
+    q, k, v = self._inputs(dtype)
+    self._check_grads(dtype, q, k, v, is_causal=is_causal,
+                      ref_kw=dict(is_causal=is_causal))
+
+  @pytest.mark.parametrize("n,kh", [(4, 4), (4, 2), (4, 1), (6, 3)])
+  def test_gqa_mqa(self, n, kh):
+    dtype = self._dtypes()[0]
+    q, k, v = self._inputs(dtype, n=n, kh=kh, seed=3)
+    self._check_values(dtype, q, k, v)
+    self._check_grads(dtype, q, k, v)
+
+  @pytest.mark.parametrize("t,s", [(7, 29), (29, 7), (1, 16), (16, 1)])
+  def test_causal_q_len_ne_kv_len(self, t, s):
+    dtype = self._dtypes()[0]
+    q, k, v = self._inputs(dtype, t=t, s=s, seed=4)
+    self._check_values(dtype, q, k, v, is_causal=True,
+                       ref_kw=dict(is_causal=True))
+    self._check_grads(dtype, q, k, v, is_causal=True,
+                      ref_kw=dict(is_causal=True))
+
+  @pytest.mark.parametrize("kind", ["dense", "window_int", "window_pair",
+                                    "window_causal", "lengths", "segments",
+                                    "block", "combined"])
+  def test_masks(self, kind):
+    dtype = self._dtypes()[0]
+    b, t, s = self.B, self.T, self.S
+    q, k, v = self._inputs(dtype, seed=5)
+    rng = np.random.default_rng(7)
+    kw, ref_kw, mask = {}, {}, None
+    if kind == "dense":
+      mask = jnp.asarray(rng.random((b, 1, t, s)) < 0.6)
+    elif kind == "window_int":
+      kw, ref_kw = dict(local_window_size=3), dict(window=3)
+    elif kind == "window_pair":
+      kw, ref_kw = dict(local_window_size=(4, 1)), dict(window=(4, 1))
+    elif kind == "window_causal":
+      kw = dict(local_window_size=(5, 5), is_causal=True)
+      ref_kw = dict(window=(5, 5), is_causal=True)
+    elif kind == "lengths":
+      ql, kl = np.array([t, 5]), np.array([9, s])
+      kw = dict(query_seq_lengths=jnp.asarray(ql),
+                key_value_seq_lengths=jnp.asarray(kl))
+      ref_kw = dict(q_lengths=ql, kv_lengths=kl)
+    elif kind == "segments":
+      if not self.supports_segment_ids:
+        pytest.skip("segment ids not supported")
+      qs = np.sort(rng.integers(0, 3, (b, t)), axis=1)
+      ks = np.sort(rng.integers(0, 3, (b, s)), axis=1)
+      kw = dict(q_segment_ids=jnp.asarray(qs), kv_segment_ids=jnp.asarray(ks))
+      ref_kw = dict(q_segment_ids=qs, kv_segment_ids=ks)
+    elif kind == "block":
+      layout = rng.random((-(-t // 8), -(-s // 8))) < 0.5
+      layout[:, 0] = True
+      mask = M.block_mask(layout, 8, 8, t, s)
+    elif kind == "combined":
+      dense = jnp.asarray(rng.random((1, self.N, t, s)) < 0.8)
+      mask = M.and_masks(dense, M.local_window_mask(t, s, (6, 2)))
+      kw = dict(is_causal=True)
+      ref_kw = dict(is_causal=True)
+      if self.supports_segment_ids:
+        qs = np.sort(rng.integers(0, 2, (b, t)), axis=1)
+        ks = np.sort(rng.integers(0, 2, (b, s)), axis=1)
+        kw.update(q_segment_ids=jnp.asarray(qs), kv_segment_ids=jnp.asarray(ks))
+        ref_kw.update(q_segment_ids=qs, kv_segment_ids=ks)
+    self._check_values(dtype, q, k, v, mask=mask, ref_kw=ref_kw, **kw)
+    self._check_grads(dtype, q, k, v, mask=mask, ref_kw=ref_kw, **kw)
+
+  @pytest.mark.parametrize("bias_shape", ["full", "heads", "rows"])
+  def test_bias(self, bias_shape):
+    if not self.supports_bias:
+      pytest.skip("bias not supported")
+    dtype = self._dtypes()[0]
+    q, k, v = self._inputs(dtype, seed=6)
+    shape = {"full": (self.B, self.N, self.T, self.S),
+             "heads": (1, self.N, 1, self.S),
+             "rows": (self.T, self.S)}[bias_shape]
+    bias = _rand(8, shape, jnp.float32)
+    self._check_values(dtype, q, k, v, bias=bias)
+    self._check_grads(dtype, q, k, v, bias=bias)
+
+  def test_fully_masked_rows_give_zeros(self):
+    dtype = self._dtypes()[0]
+    q, k, v = self._inputs(dtype, seed=9)
+    mask = np.ones((self.B, 1, self.T, self.S), bool)
+    mask[0, :, 3, :] = False
+    mask[1, :, :5, :] = False
+    mask = jnp.asarray(mask)
+    out, _ = self._check_values(dtype, q, k, v, mask=mask)
+    assert np.all(np.asarray(out[0, 3], np.float32) == 0.0)
+    assert np.all(np.asarray(out[1, :5], np.float32) == 0.0)
+    self._check_grads(dtype, q, k, v, mask=mask)
+    # kv lengths of zero mask whole batch rows.
+    out = self.attention(q, k, v,
+                         key_value_seq_lengths=jnp.asarray([0, self.S]))
+    assert np.all(np.asarray(out[0], np.float32) == 0.0)
+    assert np.all(np.isfinite(np.asarray(out, np.float32)))
+
+  def test_large_logits_stay_finite(self):
+    dtype = self._dtypes()[0]
+    # Logits of magnitude ~1e4 (scale 1 on inputs of norm ~100).
+    q, k, v = self._inputs(dtype, seed=10, scale=25.0)
+    out, ref = self._check_values(dtype, q, k, v, scale=1.0,
+                                  ref_kw=dict(scale=1.0))
+    assert np.abs(np.asarray(ref["lse"])).max() > 1e3
+    assert np.all(np.isfinite(np.asarray(out, np.float32)))
+    g = jax.grad(lambda q: jnp.sum(self.attention(q, k, v, scale=1.0)
+                                   .astype(jnp.float32)))(q)
+    assert np.all(np.isfinite(np.asarray(g, np.float32)))
+
+  def test_lse(self):
+    if not self.supports_lse:
+      pytest.skip("lse not supported")
+    dtype = self._dtypes()[0]
+    q, k, v = self._inputs(dtype, seed=11)
+    mask = np.ones((1, 1, self.T, self.S), bool)
+    mask[..., 2, :] = False
+    out, lse = self.attention_with_lse(q, k, v, mask=jnp.asarray(mask),
+                                       is_causal=True)
+    ref = attention_np(q, k, v, mask=mask, is_causal=True)
+    assert lse.shape == (self.B, self.N, self.T)
+    finite = np.isfinite(ref["lse"])
+    assert np.all(np.isneginf(np.asarray(lse))[~finite])
+    np.testing.assert_allclose(np.asarray(lse)[finite], ref["lse"][finite],
+                               atol=5e-4 if dtype == jnp.float32 else 5e-2)
+
+  def test_value_head_dim_differs(self):
+    if not self.supports_value_head_dim:
+      pytest.skip("value head_dim must equal query head_dim here")
+    dtype = self._dtypes()[0]
+    q, k, v = self._inputs(dtype, hv=8, seed=12)
+    self._check_values(dtype, q, k, v)
+    self._check_grads(dtype, q, k, v)
+
+  def test_jit_and_vmap(self):
+    dtype = self._dtypes()[0]
+    q, k, v = self._inputs(dtype, seed=13)
+    ref = self.attention(q, k, v, is_causal=True)
+    jitted = jax.jit(functools.partial(self.attention, is_causal=True))(q, k, v)
+    np.testing.assert_allclose(np.asarray(jitted, np.float32),
+                               np.asarray(ref, np.float32), atol=1e-5, rtol=1e-5)
+    # vmap over the batch with unbatched [T, N, H] inputs.
+    vm = jax.vmap(functools.partial(self.attention, is_causal=True))(q, k, v)
+    atol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(vm, np.float32),
+                               np.asarray(ref, np.float32), atol=atol, rtol=atol)
+    # vmap over an extra leading axis of batched inputs, with grads.
+    stack = lambda x: jnp.stack([x, x[::-1]])
+    g = jax.vmap(jax.grad(lambda q, k, v: jnp.sum(
+        self.attention(q, k, v).astype(jnp.float32) ** 2)))(
+            stack(q), stack(k), stack(v))
+    g0 = jax.grad(lambda q: jnp.sum(
+        self.attention(q, k, v).astype(jnp.float32) ** 2))(q)
+    np.testing.assert_allclose(np.asarray(g[0], np.float32),
+                               np.asarray(g0, np.float32), atol=10 * atol,
+                               rtol=10 * atol)
+
+  def test_invalid_shapes_raise_value_error(self):
+    dtype = self._dtypes()[0]
+    q, k, v = self._inputs(dtype)
+    cases = [
+        ((q[..., :8], k, v), {}, "key"),                  # head_dim mismatch
+        ((q, k[:, :5], v), {}, "value"),                   # kv_len mismatch
+        ((q, k[:1], v[:1]), {}, "batch"),                  # batch mismatch
+        ((q[:, :, :3], k, v), {}, "heads"),                # 3 % 2 != 0
+        ((q[0, 0], k, v), {}, "query"),                    # bad rank
+        ((q, k, v), dict(mask=jnp.ones((3, 5), bool)), "mask"),
+        ((q, k, v), dict(bias=jnp.ones((self.T + 1, self.S))), "bias"),
+        ((q, k, v), dict(mask=jnp.ones((self.T, self.S), jnp.int32)), "mask"),
+        ((q, k, v), dict(local_window_size=(-1, 2)), "local_window_size"),
+        ((q, k, v), dict(key_value_seq_lengths=jnp.ones((3,), jnp.int32)),
+         "key_value_seq_lengths"),
+    ]
+    for args, kw, needle in cases:
+      with pytest.raises(ValueError) as e:
+        self.attention(*args, **kw)
+      assert needle in str(e.value), (needle, str(e.value))
+
+  def test_refusals_are_not_implemented(self):
+    dtype = self._dtypes()[0]
+    q, k, v = self._inputs(dtype)
+    refusals = []
+    if not self.supports_dropout:
+      refusals.append(dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)))
+    if not self.supports_bias:
+      refusals.append(dict(bias=jnp.zeros((self.T, self.S))))
+    for kw in refusals:
+      with pytest.raises(NotImplementedError):
+        self.attention(q, k, v, **kw)
+
+  @hypothesis.settings(max_examples=4, deadline=None,
+                       suppress_health_check=list(hypothesis.HealthCheck))
+  @hypothesis.given(t=st.integers(1, 40), s=st.integers(1, 40),
+                    kh=st.sampled_from([1, 2]), g=st.sampled_from([1, 2, 3]),
+                    causal=st.booleans())
+  def test_random_shapes(self, t, s, kh, g, causal):
+    dtype = self._dtypes()[0]
+    q, k, v = self._inputs(dtype, b=1, t=t, s=s, n=kh * g, kh=kh, h=8, seed=t)
+    self._check_values(dtype, q, k, v, is_causal=causal,
+                       ref_kw=dict(is_causal=causal))
