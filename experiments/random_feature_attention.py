@@ -1,0 +1,416 @@
+r"""Random-feature attention vs a random-feature MLP: sample complexity.
+
+Reproduces the simulations of Fu, Guo, Bai & Mei, "What can a Single
+Attention Layer Learn? A Study Through the Random Features Lens" (NeurIPS
+2023, arXiv 2307.11353).
+
+Setup. A query x_0 and N keys x_1..x_N, i.i.d. uniform on the unit sphere
+S^{d-1}, each with a constant 1 appended (x~ = [x; 1]). Targets are
+permutation invariant in the keys, f(x_0, X) = (1/N) sum_i F(x_0, x_i), of
+increasing complexity (see the config: key_linear, He_1..He_4 of
+t_i = sqrt(d) <x_0, x_i>, bilinear_sq). Models, all linear in their
+trainable weights on top of frozen random features, fitted by ridge
+regression (closed form, the estimator the paper analyses) with the penalty
+chosen on a validation split:
+
+  rfa_zero      random-feature attention (`attnjax.models.random_feature_attention`),
+                M heads, f = sum_m (1/N) sum_i relu(x~_0^T W_m x~_i) <v_m, x~_i>,
+                W_m i.i.d. with zero-mean Gaussian entries; M * (d+1) values.
+  rfa_identity  the same with identity-centred W_m = s * I_d (+0 on the
+                appended constant) + Gaussian: the paper's non-zero-mean
+                ("biased") sampling.
+  rf_mlp        a standard two-layer random-feature network on the
+                concatenated input [x~_0, x~_1, ..., x~_N] with M * (d+1)
+                ReLU units (matched trainable parameter count).
+
+Reported: test error (MSE / Var(y_test), so predicting the mean scores 1) vs
+the training sample size n, per model and target, averaged over
+`num_repeats` independent draws of data and features.
+
+Run:
+  python -m experiments.random_feature_attention --workdir=/tmp/rfa \
+      [--config=experiments/configs/random_feature_attention.py:default]
+
+Resume: every (repeat, model, n) cell is written to `DIR/cells/` as soon as it
+finishes; a re-run with the same workdir loads finished cells instead of
+recomputing them. All randomness derives from `config.seed`, so the same
+seed gives the same numbers. (Training is closed-form, so there is no orbax
+training state to checkpoint.)
+
+`DIR/results.json` keys:
+  config            the config used.
+  sample_sizes, models, targets
+  param_counts      {model: trainable parameters}.
+  test_error        {model: {target: [mean rel. test error per n]}}.
+  test_error_std    {model: {target: [std over repeats per n]}}.
+  test_error_per_repeat  {model: {target: [[per n] per repeat]}}.
+  ridge_lambda      {model: {target: [[chosen lambda per n] per repeat]}}.
+  layer_check_max_abs_diff  max |ridge prediction - RandomFeatureAttention
+                    layer output with the fitted values| over RFA cells.
+  headline:
+    error_at_max_n           {target: {model: error}} at the largest n.
+    samples_to_reach         {target: {model: smallest n with error <=
+                             error_threshold, or null}}.
+    rf_mlp_over_rfa_zero_at_max_n        {target: ratio of errors}.
+    rfa_zero_over_rfa_identity_at_max_n  {target: ratio of errors}.
+    frac_cells_rfa_zero_beats_rf_mlp     over all (target, n) cells.
+    frac_cells_rfa_identity_beats_rfa_zero
+    rfa_beats_rf_mlp         bool: rfa_zero has lower mean error than rf_mlp
+                             at the largest n on every target that either
+                             of them learns (error < 0.9; where both stay
+                             at ~1 neither is ahead).
+    identity_mean_helps      bool: rfa_identity beats rfa_zero on every
+                             He_k (k >= 2) target at the largest n.
+  wall_time_s       time of the invocation that wrote the file.
+Figures: test_error_vs_n.png (one panel per target) and
+test_error_<target>.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Dict, List
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from attnjax.models.random_feature_attention import RandomFeatureAttention
+from experiments import common
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs",
+                           "random_feature_attention.py:default"),
+    "Config file (path:preset).")
+
+MODEL_KINDS = {
+    "rfa_zero": ("rfa", "zero"),
+    "rfa_identity": ("rfa", "identity"),
+    "rf_mlp": ("mlp", None),
+}
+TARGETS = ("key_linear", "he1", "he2", "he3", "he4", "bilinear_sq")
+
+
+# ----------------------------------------------------------------------------
+# Data.
+
+def _sphere(rng: np.random.Generator, shape, d):
+  x = rng.standard_normal(tuple(shape) + (d,))
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _hermite(k, t):
+  return {1: t, 2: t ** 2 - 1, 3: t ** 3 - 3 * t,
+          4: t ** 4 - 6 * t ** 2 + 3}[k]
+
+
+def make_data(cfg, repeat: int):
+  """Inputs (augmented, float32) and clean targets for all splits."""
+  rng = np.random.default_rng([cfg.seed, repeat, 0])
+  d, n_keys = cfg.dim, cfg.num_keys
+  n_train = max(cfg.sample_sizes)
+  n_all = n_train + cfg.num_val + cfg.num_test
+  x0 = _sphere(rng, (n_all, 1), d)
+  xs = _sphere(rng, (n_all, n_keys), d)
+  beta = _sphere(rng, (), d)
+  a = rng.standard_normal((d, d))
+  a /= np.linalg.norm(a)
+  t = np.sqrt(d) * np.einsum("bod,bnd->bn", x0, xs)
+  ys = {}
+  for name in cfg.targets:
+    if name == "key_linear":
+      f = np.sqrt(d) * xs @ beta
+    elif name.startswith("he"):
+      f = _hermite(int(name[2:]), t)
+    elif name == "bilinear_sq":
+      # E[(x^T A y)^2] = |A|_F^2 / d^2 for independent uniform unit x, y.
+      f = d * np.einsum("bod,de,bne->bn", x0, a, xs) ** 2 - 1.0 / d
+    else:
+      raise ValueError(f"unknown target {name!r}; choose from {TARGETS}.")
+    ys[name] = f.mean(-1)
+  noise = rng.standard_normal(n_all) * cfg.label_noise
+  one = np.ones
+  q = np.concatenate([x0, one(x0.shape[:-1] + (1,))], -1).astype(np.float32)
+  k = np.concatenate([xs, one(xs.shape[:-1] + (1,))], -1).astype(np.float32)
+  splits = {"train": slice(0, n_train),
+            "val": slice(n_train, n_train + cfg.num_val),
+            "test": slice(n_train + cfg.num_val, n_all)}
+  return dict(q=q, k=k, y=ys, noise=noise, splits=splits)
+
+
+# ----------------------------------------------------------------------------
+# Models: frozen random features.
+
+def identity_mean(cfg):
+  m = cfg.identity_mean_scale * np.eye(cfg.dim + 1, dtype=np.float32)
+  m[-1, -1] = 0.0        # no mean on the appended constant coordinate
+  return m
+
+
+def build_rfa(cfg, model: str, repeat: int) -> RandomFeatureAttention:
+  mean = "zero" if MODEL_KINDS[model][1] == "zero" else identity_mean(cfg)
+  seed = int(jax.random.randint(
+      jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), repeat),
+                         list(MODEL_KINDS).index(model) + 1), (), 0, 2**30))
+  return RandomFeatureAttention(
+      cfg.num_heads, cfg.dim + 1, 1, qk_mean=mean, qk_std=cfg.qk_std,
+      nonlinearity=cfg.nonlinearity, rngs=nnx.Rngs(seed))
+
+
+def param_counts(cfg) -> Dict[str, int]:
+  return {m: cfg.num_heads * (cfg.dim + 1) for m in cfg.models}
+
+
+def model_features(cfg, model: str, repeat: int, data, layer=None):
+  """float64 features [n_all, p] of one model (p = M * (d + 1))."""
+  q, k = data["q"], data["k"]
+  n_all = q.shape[0]
+  bs = cfg.feature_batch
+  if MODEL_KINDS[model][0] == "rfa":
+    feat_fn = jax.jit(lambda qq, kk: layer.features(qq, kk))
+    out = [np.asarray(feat_fn(q[i:i + bs], k[i:i + bs])).reshape(
+        min(bs, n_all - i), -1) for i in range(0, n_all, bs)]
+    return np.concatenate(out).astype(np.float64)
+  # Random-feature MLP on the concatenated input, width = matched params.
+  u = np.concatenate([q.reshape(n_all, -1), k.reshape(n_all, -1)], -1)
+  width = cfg.num_heads * (cfg.dim + 1)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed),
+                                              repeat), 1000)
+  w = jax.random.normal(key, (u.shape[1], width), jnp.float32)
+  w = w / np.sqrt(u.shape[1])
+  fn = jax.jit(lambda uu: jax.nn.relu(uu @ w))
+  out = [np.asarray(fn(u[i:i + bs])) for i in range(0, n_all, bs)]
+  return np.concatenate(out).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------
+# Ridge regression along a penalty path (one eigendecomposition per cell).
+
+def ridge_cell(cfg, feats, data, n: int):
+  """Fits every target at sample size n; returns per-target results."""
+  sp = data["splits"]
+  a = feats[sp["train"]][:n]
+  mu = a.mean(0)
+  a = a - mu
+  fv = feats[sp["val"]] - mu
+  ft = feats[sp["test"]] - mu
+  n_, p = a.shape
+  if n_ <= p:                    # dual: K = A A^T
+    ev, u = np.linalg.eigh(a @ a.T)
+    basis = a.T @ u              # [p, n]: w = basis @ coef
+  else:                          # primal: C = A^T A
+    ev, basis = np.linalg.eigh(a.T @ a)
+  ev = np.maximum(ev, 0.0)
+  scale = ev.sum()               # trace: makes lambda scale-free
+  pv, pt = fv @ basis, ft @ basis
+  out = {}
+  for name in cfg.targets:
+    y_all = data["y"][name]
+    y = y_all[sp["train"]][:n] + data["noise"][sp["train"]][:n]
+    ybar = y.mean()
+    yv = y_all[sp["val"]] + data["noise"][sp["val"]]
+    yt = y_all[sp["test"]]
+    proj = basis.T @ (a.T @ (y - ybar)) if n_ > p else u.T @ (y - ybar)
+    best = None
+    for lam in cfg.ridge_lambdas:
+      coef = proj / (ev + lam * scale)
+      val = float(np.mean((pv @ coef + ybar - yv) ** 2) / np.var(yv))
+      if best is None or val < best[0]:
+        best = (val, lam, coef)
+    val, lam, coef = best
+    pred_t = pt @ coef + ybar
+    test = float(np.mean((pred_t - yt) ** 2) / np.var(yt))
+    w = basis @ coef
+    out[name] = dict(test_error=test, val_error=val, ridge_lambda=lam,
+                     weights=w, offset=float(ybar - mu @ w))
+  return out
+
+
+def layer_check(layer, data, cell, name):
+  """Max |layer(x) + offset - ridge prediction| on the test split."""
+  sp = data["splits"]
+  q, k = data["q"][sp["test"]][:256], data["k"][sp["test"]][:256]
+  res = cell[name]
+  layer.set_values_from_flat(res["weights"].astype(np.float32))
+  out = np.asarray(layer(q, k))[:, 0, 0] + res["offset"]
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Driver.
+
+def _cell_path(workdir, repeat, model, n):
+  return os.path.join(workdir, "cells", f"r{repeat}_{model}_n{n}.json")
+
+
+def run(cfg, workdir: str, *, log_every: int = 1):
+  """Runs (or resumes) the study; returns (results, stats)."""
+  t0 = time.time()
+  for m in cfg.models:
+    if m not in MODEL_KINDS:
+      raise ValueError(f"unknown model {m!r}; choose from {list(MODEL_KINDS)}.")
+  os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
+  sizes = sorted(cfg.sample_sizes)
+  cells = [(r, m, n) for r in range(cfg.num_repeats) for m in cfg.models
+           for n in sizes]
+  done = {c: _cell_path(workdir, *c) for c in cells}
+  todo = [c for c in cells if not os.path.exists(done[c])]
+  progress = common.Progress(len(cells), start=len(cells) - len(todo),
+                             every=log_every, desc="rfa cells")
+  computed = 0
+  for r in range(cfg.num_repeats):
+    need = [c for c in todo if c[0] == r]
+    if not need:
+      continue
+    data = make_data(cfg, r)
+    for m in cfg.models:
+      ns = [c[2] for c in need if c[1] == m]
+      if not ns:
+        continue
+      layer = build_rfa(cfg, m, r) if MODEL_KINDS[m][0] == "rfa" else None
+      feats = model_features(cfg, m, r, data, layer)
+      for n in ns:
+        cell = ridge_cell(cfg, feats, data, n)
+        rec = {t: {k: v for k, v in res.items() if k != "weights"}
+               for t, res in cell.items()}
+        if layer is not None:
+          # The fitted values, written into the NNX layer, must reproduce
+          # the ridge predictions.
+          sp = data["splits"]
+          ft = feats[sp["test"]][:256]
+          for t in cfg.targets:
+            ref = ft @ cell[t]["weights"] + cell[t]["offset"]
+            got = layer_check(layer, data, cell, t)
+            rec[t]["layer_check_max_abs_diff"] = float(np.max(np.abs(got - ref)))
+        tmp = done[(r, m, n)] + ".tmp"
+        with open(tmp, "w") as f:
+          json.dump(common.to_jsonable(rec), f)
+        os.replace(tmp, done[(r, m, n)])
+        computed += 1
+        progress.update(len(cells) - len(todo) + computed,
+                        **{f"err_{t}": rec[t]["test_error"]
+                           for t in cfg.targets[:2]})
+  results = aggregate(cfg, workdir, sizes)
+  results["wall_time_s"] = time.time() - t0
+  common.write_results(workdir, results)
+  make_figures(cfg, workdir, results)
+  return results, {"cells_computed": computed, "cells_total": len(cells)}
+
+
+def aggregate(cfg, workdir, sizes):
+  models, targets = list(cfg.models), list(cfg.targets)
+  per = {m: {t: [] for t in targets} for m in models}
+  lams = {m: {t: [] for t in targets} for m in models}
+  diff = 0.0
+  for r in range(cfg.num_repeats):
+    for m in models:
+      rows = {t: [] for t in targets}
+      lrow = {t: [] for t in targets}
+      for n in sizes:
+        with open(_cell_path(workdir, r, m, n)) as f:
+          rec = json.load(f)
+        for t in targets:
+          rows[t].append(rec[t]["test_error"])
+          lrow[t].append(rec[t]["ridge_lambda"])
+          diff = max(diff, rec[t].get("layer_check_max_abs_diff", 0.0))
+      for t in targets:
+        per[m][t].append(rows[t])
+        lams[m][t].append(lrow[t])
+  mean = {m: {t: np.mean(per[m][t], 0).tolist() for t in targets}
+          for m in models}
+  std = {m: {t: np.std(per[m][t], 0).tolist() for t in targets}
+         for m in models}
+  head = {"error_at_max_n": {t: {m: mean[m][t][-1] for m in models}
+                             for t in targets},
+          "samples_to_reach": {}, "error_threshold": cfg.error_threshold}
+  for t in targets:
+    head["samples_to_reach"][t] = {}
+    for m in models:
+      hit = [n for n, e in zip(sizes, mean[m][t]) if e <= cfg.error_threshold]
+      head["samples_to_reach"][t][m] = hit[0] if hit else None
+  if "rfa_zero" in models and "rf_mlp" in models:
+    head["rf_mlp_over_rfa_zero_at_max_n"] = {
+        t: mean["rf_mlp"][t][-1] / mean["rfa_zero"][t][-1] for t in targets}
+    wins = [a < b for t in targets
+            for a, b in zip(mean["rfa_zero"][t], mean["rf_mlp"][t])]
+    head["frac_cells_rfa_zero_beats_rf_mlp"] = float(np.mean(wins))
+    learnable = [t for t in targets
+                 if min(mean["rfa_zero"][t][-1], mean["rf_mlp"][t][-1]) < 0.9]
+    head["rfa_beats_rf_mlp"] = bool(learnable) and bool(all(
+        mean["rfa_zero"][t][-1] < mean["rf_mlp"][t][-1] for t in learnable))
+  if "rfa_zero" in models and "rfa_identity" in models:
+    head["rfa_zero_over_rfa_identity_at_max_n"] = {
+        t: mean["rfa_zero"][t][-1] / mean["rfa_identity"][t][-1]
+        for t in targets}
+    wins = [a < b for t in targets
+            for a, b in zip(mean["rfa_identity"][t], mean["rfa_zero"][t])]
+    head["frac_cells_rfa_identity_beats_rfa_zero"] = float(np.mean(wins))
+    hk = [t for t in targets if t.startswith("he") and int(t[2:]) >= 2]
+    head["identity_mean_helps"] = bool(hk) and bool(all(
+        mean["rfa_identity"][t][-1] < mean["rfa_zero"][t][-1] for t in hk))
+  return {"config": cfg.to_dict(), "sample_sizes": sizes, "models": models,
+          "targets": targets, "param_counts": param_counts(cfg),
+          "test_error": mean, "test_error_std": std,
+          "test_error_per_repeat": per, "ridge_lambda": lams,
+          "layer_check_max_abs_diff": diff, "headline": head}
+
+
+STYLE = {"rfa_zero": ("C0", "o", "RFA, zero-mean W"),
+         "rfa_identity": ("C1", "s", "RFA, identity-centred W"),
+         "rf_mlp": ("C2", "^", "RF-MLP (matched params)")}
+
+
+def _panel(ax, results, target):
+  sizes = results["sample_sizes"]
+  for m in results["models"]:
+    c, mk, label = STYLE.get(m, ("k", "x", m))
+    mu = np.asarray(results["test_error"][m][target])
+    sd = np.asarray(results["test_error_std"][m][target])
+    ax.plot(sizes, mu, marker=mk, color=c, label=label)
+    ax.fill_between(sizes, np.maximum(mu - sd, 1e-4), mu + sd, color=c,
+                    alpha=0.15)
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("training samples n")
+  ax.set_ylabel("test MSE / Var(y)")
+  ax.set_title(target)
+  ax.grid(True, which="both", alpha=0.3)
+
+
+def make_figures(cfg, workdir, results):
+  plt = common.setup_matplotlib()
+  targets = results["targets"]
+  fig, axes = plt.subplots(1, len(targets), figsize=(4 * len(targets), 3.4),
+                           squeeze=False)
+  for ax, t in zip(axes[0], targets):
+    _panel(ax, results, t)
+  axes[0][0].legend(fontsize=8)
+  fig.suptitle(f"Random-feature attention (d={cfg.dim}, N={cfg.num_keys}, "
+               f"M={cfg.num_heads}) vs RF-MLP")
+  common.save_figure(fig, workdir, "test_error_vs_n.png")
+  for t in targets:
+    fig, ax = plt.subplots(figsize=(4.5, 3.4))
+    _panel(ax, results, t)
+    ax.legend(fontsize=8)
+    common.save_figure(fig, workdir, f"test_error_{t}.png")
+
+
+def main(argv):
+  del argv
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required.")
+  cfg = _CONFIG.value
+  results, stats = run(cfg, _WORKDIR.value)
+  logging.info("cells computed this run: %d / %d", stats["cells_computed"],
+               stats["cells_total"])
+  print(json.dumps(common.to_jsonable(results["headline"]), indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)
