@@ -10,7 +10,8 @@ context *and* the query target; d = 5, L = 40; tokens z_i = (x_i, y_i),
 query (x_q, 0) attending only to the L context tokens; no positional
 encoding; fresh samples every step. Model `attnjax.models.icl.ICLAttention`:
 one layer, H heads, full (d+1)x(d+1) Q_h, K_h, V_h, a 1x(d+1) O_h, scale
-1/sqrt(d+1); a softmax-free (linear attention, 1/L-normalized) variant.
+1/sqrt(d+1); softmax-free variants: 'linear' (softmax removed, as in the
+paper's linear-transformer comparison) and 'linear_norm' (also / L).
 Adam, lr 1e-3, batch 256, squared loss on the query target.
 
 Reproduced: test MSE per H and loss curves; the KQ / OV patterns (diagonal
@@ -32,10 +33,15 @@ fold_in(key, step), full training state checkpointed).
 
 results.json keys (H are strings; 'L' keys are context lengths as strings):
   config                      the config used
-  heads, linear_heads         trained head counts
+  heads, linear_heads         trained head counts (linear_variants: which
+                              softmax-free kinds were trained)
   test_mse[H]                 test MSE of the softmax model with H heads (at
                               the training L, fresh prompts, query noise in)
-  test_mse_linear[H]          same for the linear-attention model
+  test_mse_linear[H]          same for the linear-attention model (softmax
+                              removed); test_mse_linear_norm[H] for the
+                              1/L-normalized one when trained
+  kq_diag_ratio_weighted[H],  the same three, averaged over heads with
+  ov_last_entry_ratio_weighted[H]   weights ||OV_h|| (small heads count less)
   kq_diag_ratio[H]            mean over active heads of ||diag KQ_x|| /
                               ||KQ_x||_F (KQ_x: the d x d covariate block of
                               KQ_h = K_h^T Q_h / sqrt(d+1))
@@ -65,7 +71,8 @@ results.json keys (H are strings; 'L' keys are context lengths as strings):
                               rel_gap_reduced[L], rel_gap_dgd[L] (E(f_model -
                               f)^2 / E y^2)
   length_generalization       lengths; mse[name] lists over lengths for
-                              softmax_h{H}, linear_h{H}, ridge,
+                              softmax_h{H}, linear_h{H}, linear_norm_h{H},
+                              ridge,
                               debiased_gd_tuned (step tuned per L),
                               debiased_gd_fixed (step tuned at training L)
   noniso[H] (rho > 0)         cos_gamma_sigma_inv, cos_gamma_identity,
@@ -191,7 +198,8 @@ class Run:
     self.cfg, self.task = cfg, task
     self.attention, self.H = attention, num_heads
     self.name = f"{attention}_h{num_heads}"
-    tag = (0 if attention == "softmax" else 1000) + num_heads
+    tag = {"softmax": 0, "linear": 1000, "linear_norm": 2000}[attention]
+    tag += num_heads
     init_seed = int(jax.random.randint(jax.random.fold_in(
         jax.random.fold_in(jax.random.key(cfg.seed), 2), tag), (), 0,
         2**31 - 1))
@@ -403,7 +411,8 @@ def run_study(cfg, workdir: str) -> dict:
   d, T = cfg.d, cfg.num_tasks
   heads, lin_heads = _ints(cfg.heads), _ints(cfg.linear_heads)
   runs = [Run(cfg, task, "softmax", h) for h in heads]
-  runs += [Run(cfg, task, "linear", h) for h in lin_heads]
+  for kind in [k.strip() for k in cfg.linear_variants.split(",") if k]:
+    runs += [Run(cfg, task, kind, h) for h in lin_heads]
   trained = train(cfg, task, runs, workdir)
 
   # Evaluation data: prompts with the longest context any analysis needs;
@@ -416,7 +425,10 @@ def run_study(cfg, workdir: str) -> dict:
   chunk = cfg.eval_chunk
 
   res = {"config": cfg.to_dict(), "heads": heads, "linear_heads": lin_heads,
-         "test_mse": {}, "test_mse_linear": {}, "kq_diag_ratio": {},
+         "linear_variants": cfg.linear_variants,
+         "test_mse": {}, "test_mse_linear": {}, "test_mse_linear_norm": {},
+         "kq_diag_ratio": {}, "kq_diag_ratio_weighted": {},
+         "ov_last_entry_ratio_weighted": {},
          "kq_diag_norm_var": {}, "ov_last_entry_ratio": {}, "ov_zero_sum": {},
          "num_active_heads": {}, "head_metrics": {}}
   preds = {}
@@ -425,8 +437,8 @@ def run_study(cfg, workdir: str) -> dict:
     preds[(run.name, cfg.L)] = p
     mse = float(np.mean(np.sum((p - ev[3]) ** 2, axis=-1)))
     key = str(run.H)
-    if run.attention == "linear":
-      res["test_mse_linear"][key] = mse
+    if run.attention != "softmax":
+      res["test_mse_" + run.attention][key] = mse
       continue
     res["test_mse"][key] = mse
     kq, ov = run.merged(trained[run.name])
@@ -448,6 +460,12 @@ def run_study(cfg, workdir: str) -> dict:
                np.maximum(np.linalg.norm(ov, axis=(1, 2)), 1e-30))
       res["ov_last_entry_ratio"][key] = float(ratio[act].mean())
     res["num_active_heads"][key] = summ["num_active"]
+    w = kq_ov.head_norms(ov)
+    w = w / w.sum()
+    res["kq_diag_ratio_weighted"][key] = float(
+        np.dot(w, summ["kq_diag_ratio"]))
+    res["ov_last_entry_ratio_weighted"][key] = float(
+        np.dot(w, summ["ov_last_entry_ratio"]))
     res["head_metrics"][key] = summ
 
   if T == 1:
@@ -687,6 +705,7 @@ def _figures(cfg, workdir, runs, trained, res):
     for name, vals in lg["mse"].items():
       ls = "--" if name in ("ridge", "debiased_gd_tuned",
                             "debiased_gd_fixed") else "-"
+      vals = [v if v < 1e3 else np.nan for v in vals]
       ax.plot(lg["lengths"], vals, ls, marker="o", ms=3, label=name)
     ax.axvline(cfg.L, color="gray", lw=0.5)
     ax.set_yscale("log")

@@ -14,9 +14,11 @@ encoding. It is `attnjax.MultiHeadAttention(num_heads=H, in_features=D,
 head_dim=D, out_features=n_out, use_bias=False)` with D = d + 1 (or d + T for
 T tasks) and the scale 1/sqrt(D).
 
-`attention="linear"` swaps the softmax for the softmax-free kernel
-`linear_icl_attention` (scores q.k * scale, averaged over the L keys), the
-linear-transformer comparison of the paper.
+`attention="linear"` removes the softmax (the paper's linear-transformer
+comparison): TF = sum_h O_h V_h Z Z^T K_h^T Q_h z_q / sqrt(d+1), via
+`linear_icl_attention`; `attention="linear_norm"` also divides by the number
+of context tokens L (the 1/L-normalized linear attention common in the ICL
+literature).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ torch_linear_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in",
 
 
 def linear_icl_attention(query, key, value, mask=None, *, scale: float,
-                         normalize_by_length: bool = True):
+                         normalize_by_length: bool = False):
   """Softmax-free attention: out_t = sum_s (scale q_t.k_s) v_s [/ #keys].
 
   query [B, T, N, H], key [B, S, N, H], value [B, S, N, Hv]; mask (bool,
@@ -80,7 +82,8 @@ class ICLAttention(nnx.Module):
     num_heads: H.
     num_tasks: number of responses per token (1 for plain regression; the
       multi-task study uses 2). Token width D = d + num_tasks.
-    attention: 'softmax' (the paper's model) or 'linear'.
+    attention: 'softmax' (the paper's model), 'linear' (softmax removed) or
+      'linear_norm' (softmax removed, scores divided by L).
     scale: logit scale, default 1/sqrt(d + 1) as in the paper (for the
       multi-task model the paper's code uses 1/sqrt(D)).
     kernel_init: initializer of all four projections; default PyTorch's
@@ -104,11 +107,12 @@ class ICLAttention(nnx.Module):
     if attention == "softmax":
       fn = functools.partial(dot_product_attention, scale=self.scale,
                              implementation="xla")
-    elif attention == "linear":
-      fn = functools.partial(linear_icl_attention, scale=self.scale)
+    elif attention in ("linear", "linear_norm"):
+      fn = functools.partial(linear_icl_attention, scale=self.scale,
+                             normalize_by_length=attention == "linear_norm")
     else:
-      raise ValueError(
-          f"`attention` must be 'softmax' or 'linear', got {attention!r}.")
+      raise ValueError("`attention` must be 'softmax', 'linear' or "
+                       f"'linear_norm', got {attention!r}.")
     self.attn = MultiHeadAttention(
         num_heads, width, out_features=num_tasks, head_dim=width,
         use_bias=False, attention_fn=fn, kernel_init=kernel_init, rngs=rngs)
@@ -154,6 +158,8 @@ def icl_prediction_reference(kq, ov, z_query, z_context, attention="softmax"):
   scores = jnp.einsum("bld,hde,be->bhl", z_context, kq, z_query)
   if attention == "softmax":
     w = jax.nn.softmax(scores, axis=-1)
+  elif attention == "linear":
+    w = scores
   else:
     w = scores / z_context.shape[1]
   return jnp.einsum("bhl,bld,hdo->bo", w, z_context, ov)

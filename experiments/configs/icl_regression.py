@@ -2,7 +2,8 @@
 
 Run commands (from the repository root):
 
-  # default: H in {1,2,4,8} softmax + 2-head linear attention, all analyses
+  # default: H in {1,2,4,8} softmax + 2-head linear attention; test MSE,
+  # KQ/OV patterns, reduced model + predictors, length generalization
   python -m experiments.icl_regression --workdir=/tmp/icl_default
   # the paper's sizes (500k steps, batch 256, H in {1,2,4,8})
   python -m experiments.icl_regression --workdir=/tmp/icl_paper \
@@ -48,6 +49,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   # Models: comma-separated head counts; '' trains none of that kind.
   c.heads = "1,2,4,8"
   c.linear_heads = "2"
+  # Softmax-free kinds trained with linear_heads: 'linear' (softmax removed,
+  # the paper's comparison) and/or 'linear_norm' (scores also divided by L).
+  c.linear_variants = "linear"
   # Training (paper: Adam, lr 1e-3, batch 256, 500k steps).
   c.steps = 8000
   c.batch_size = 256
@@ -80,7 +84,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.length_generalization = False
   elif preset == "length":
     c.heads = "2"
-    c.linear_heads = "1,2"
+    c.linear_heads = "2"
+    c.linear_variants = "linear,linear_norm"
     c.steps = 8000
     c.reduced_model = False
     c.eval_lengths = "10,20,40,60,80,100,150,200"
