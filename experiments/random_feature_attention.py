@@ -366,7 +366,7 @@ STYLE = {"rfa_zero": ("C0", "o", "RFA, zero-mean W"),
          "rf_mlp": ("C2", "^", "RF-MLP (matched params)")}
 
 
-def _panel(ax, results, target):
+def _panel(ax, results, target, ylabel=True):
   sizes = results["sample_sizes"]
   for m in results["models"]:
     c, mk, label = STYLE.get(m, ("k", "x", m))
@@ -378,7 +378,8 @@ def _panel(ax, results, target):
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
   ax.set_xlabel("training samples n")
-  ax.set_ylabel("test MSE / Var(y)")
+  if ylabel:
+    ax.set_ylabel("test MSE / Var(y)")
   ax.set_title(target)
   ax.grid(True, which="both", alpha=0.3)
 
@@ -388,11 +389,12 @@ def make_figures(cfg, workdir, results):
   targets = results["targets"]
   fig, axes = plt.subplots(1, len(targets), figsize=(4 * len(targets), 3.4),
                            squeeze=False)
-  for ax, t in zip(axes[0], targets):
-    _panel(ax, results, t)
+  for i, (ax, t) in enumerate(zip(axes[0], targets)):
+    _panel(ax, results, t, ylabel=i == 0)
   axes[0][0].legend(fontsize=8)
   fig.suptitle(f"Random-feature attention (d={cfg.dim}, N={cfg.num_keys}, "
-               f"M={cfg.num_heads}) vs RF-MLP")
+               f"M={cfg.num_heads}) vs RF-MLP", y=1.03)
+  fig.tight_layout()
   common.save_figure(fig, workdir, "test_error_vs_n.png")
   for t in targets:
     fig, ax = plt.subplots(figsize=(4.5, 3.4))
