@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import attnjax
-from pallas_kernels import flash_attention as fa
+from pallas_kernels import flash as fa
 from tests.softmax_base import SoftmaxAttentionSuite
 
 

@@ -1,0 +1,42 @@
+"""`implementation='pallas'`: pallas_kernels flash attention.
+
+Importing this module registers the backend (the dispatcher imports it on
+first use). Serves every AttentionCall except attention dropout; on CPU the
+kernels run in Pallas interpret mode (correct but slow: for tests).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from attnjax.softmax import register_backend
+from attnjax.softmax._common import AttentionCall
+
+from pallas_kernels.flash import flash_attention
+
+
+def _pow2(x: int) -> bool:
+  return x >= 16 and (x & (x - 1)) == 0
+
+
+def pallas_attention(call: AttentionCall, need_lse: bool):
+  """Backend entry: (out [B, T, N, Hv], lse [B, N, T] float32)."""
+  del need_lse  # the kernel always produces the log-sum-exp.
+  if call.dropout_rate > 0.0:
+    raise NotImplementedError(
+        "implementation='pallas' does not support attention dropout; use "
+        "implementation='xla'.")
+  h, hv = call.query.shape[-1], call.value.shape[-1]
+  if jax.default_backend() == "gpu" and not (_pow2(h) and _pow2(hv)):
+    raise NotImplementedError(
+        "implementation='pallas' on GPU needs power-of-two head dims >= 16, "
+        f"got head_dim={h}, value head_dim={hv}.")
+  out, lse = flash_attention(
+      call.query, call.key, call.value, is_causal=call.is_causal,
+      scale=call.scale, bias=call.bias, mask=call.mask,
+      local_window_size=call.window, q_segment_ids=call.q_segment_ids,
+      kv_segment_ids=call.kv_segment_ids, return_lse=True)
+  return out, lse
+
+
+register_backend("pallas", pallas_attention)

@@ -1,0 +1,794 @@
+"""Flash attention (forward and backward) as portable Pallas kernels.
+
+Layout: query [B, T, N, H], key/value [B, S, K, H|Hv] with N % K == 0 (GQA).
+
+Forward (grid (B, N, T/block_q)): each program holds one query tile and runs
+an online softmax over the key tiles it can see (running max `m`, normalizer
+`l`, float32 accumulator), writing the output tile and the log-sum-exp.
+
+Backward (`jax.custom_vjp`), two kernels that never need atomics:
+  dK/dV  grid (B, N, S/block_kv_bwd): a key tile loops over the query tiles
+         that can see it, recomputing p = exp(s - lse).
+  dQ     grid (B, N, T/block_q_bwd): a query tile loops over its key tiles;
+         also writes dS when a bias needs a gradient.
+dK/dV come out per query head and are summed over each GQA group outside.
+
+Which key tiles a query tile visits comes either from arithmetic on the
+causal / local-window band (dense mode: tiles outside the band are never
+loaded) or from a per-tile index table (block-sparse mode, see
+`block_sparse.py`). Inside a visited tile, the element mask combines the key
+tail (lengths not divisible by the tile), causal/window band, segment ids, an
+optional boolean mask and an optional additive bias.
+
+Only grid + BlockSpecs + ref indexing + `lax.fori_loop` are used, so the same
+kernels lower with Mosaic (TPU), on GPU, and run anywhere with
+`interpret=True` (the default on CPU). On GPU the kernels read [B, T, N, H]
+directly (head dim squeezed by the BlockSpec); elsewhere the wrapper moves
+heads in front ([B, N, T, H]) so that each tile's last two dims are
+(sequence, head_dim), as Mosaic wants.
+
+Softmax statistics are float32 whatever the input dtype; outputs are in the
+query dtype; a query row with nothing to attend to gives zeros (lse = -inf).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels._util import (cdiv, check_float, check_rank, lcm,
+                                  next_pow2, resolve_interpret, round_up)
+
+# Finite "minus infinity" for masked logits: keeps exp/max free of inf - inf.
+_NEG = -1e30
+_Q_PAD = -(2**31)
+_KV_PAD = -(2**31) + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes. Forward: block_q x block_kv; backward: *_bwd for both kernels.
+
+  Sizes larger than the (power-of-two rounded) sequence are clipped; lengths
+  that are not multiples are padded and the tail is masked.
+  """
+  block_q: int = 128
+  block_kv: int = 128
+  block_q_bwd: int = 128
+  block_kv_bwd: int = 128
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      v = getattr(self, f.name)
+      if not isinstance(v, int) or v <= 0:
+        raise ValueError(f"BlockSizes.{f.name} must be a positive int, got {v!r}.")
+
+  @classmethod
+  def get_default(cls, platform: Optional[str] = None,
+                  head_dim: int = 128) -> "BlockSizes":
+    """Per-platform defaults (starting points, tune with bench_kernels)."""
+    platform = platform or jax.default_backend()
+    if platform == "tpu":
+      return cls(block_q=512, block_kv=512, block_q_bwd=256, block_kv_bwd=256)
+    if platform == "gpu":
+      if head_dim > 128:
+        return cls(block_q=64, block_kv=32, block_q_bwd=32, block_kv_bwd=32)
+      return cls(block_q=128, block_kv=64, block_q_bwd=64, block_kv_bwd=64)
+    # CPU interpret mode: big tiles mean few interpreted loop steps.
+    return cls(block_q=128, block_kv=128, block_q_bwd=128, block_kv_bwd=128)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+  scale: float
+  left: float          # query i sees keys >= i - left (inf: unbounded)
+  right: float         # query i sees keys <= i + right (inf: unbounded)
+  kv_len: int          # true key length (keys at/after it are padding)
+  bq: int
+  bk: int
+  bq_bwd: int
+  bk_bwd: int
+  interpret: bool
+  heads_major: bool    # arrays are [B, N, L, H] (else [B, L, N, H])
+  groups: int          # query heads per kv head
+
+
+# ----------------------------------------------------------------------------
+# In-kernel helpers
+# ----------------------------------------------------------------------------
+
+def _tile2d(ref, rows, cols):
+  """Loads a 2D tile; `rows`/`cols` are pl.ds or None (whole / broadcast)."""
+  r = slice(None) if rows is None or ref.shape[0] == 1 else rows
+  c = slice(None) if cols is None or ref.shape[1] == 1 else cols
+  return ref[r, c]
+
+
+def _dot_nt(a, b):
+  """a [m, d] @ b[n, d]^T -> [m, n] float32."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+  """a[m, n]^T @ b[m, d] -> [n, d] float32."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+def _dot_nn(a, b):
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+def _scores(cfg, q, k, q_start, k_start, bias_t, mask_t, qseg_t, kvseg_t,
+            s_pad):
+  """Scaled (biased) logits [bq, bk] float32 and validity mask (or None)."""
+  s = _dot_nt(q, k) * cfg.scale
+  if bias_t is not None:
+    s = s + bias_t.astype(jnp.float32)
+  shape = s.shape
+  parts = []
+  need_pos = (cfg.kv_len < s_pad or math.isfinite(cfg.left)
+              or math.isfinite(cfg.right))
+  if need_pos:
+    qpos = lax.broadcasted_iota(jnp.int32, shape, 0) + q_start
+    kpos = lax.broadcasted_iota(jnp.int32, shape, 1) + k_start
+    if cfg.kv_len < s_pad:
+      parts.append(kpos < cfg.kv_len)
+    if math.isfinite(cfg.left):
+      parts.append(kpos >= qpos - int(cfg.left))
+    if math.isfinite(cfg.right):
+      parts.append(kpos <= qpos + int(cfg.right))
+  if mask_t is not None:
+    parts.append(mask_t != 0)
+  if qseg_t is not None:
+    parts.append(qseg_t == kvseg_t)
+  valid = None
+  for p in parts:
+    valid = p if valid is None else jnp.logical_and(valid, p)
+  if valid is not None:
+    valid = jnp.broadcast_to(valid, shape)
+    s = jnp.where(valid, s, _NEG)
+  return s, valid
+
+
+def _kv_loop_bounds(cfg, i, bq, bk, nk_valid, cnt_ref, idx_ref):
+  """(lo, hi, j_of_t) for the key tiles query tile i visits."""
+  if cnt_ref is not None:
+    return 0, cnt_ref[i], lambda t: idx_ref[i, t]
+  lo = 0
+  hi = nk_valid
+  if math.isfinite(cfg.left):
+    lo = jnp.maximum(0, (i * bq - int(cfg.left)) // bk)
+  if math.isfinite(cfg.right):
+    hi = jnp.minimum(nk_valid, (i * bq + bq - 1 + int(cfg.right)) // bk + 1)
+  return lo, hi, lambda t: t
+
+
+def _q_loop_bounds(cfg, j, bq, bk, nq, nk_valid, cnt_ref, idx_ref):
+  """(lo, hi, i_of_t) for the query tiles that see key tile j."""
+  if cnt_ref is not None:
+    return 0, cnt_ref[j], lambda t: idx_ref[j, t]
+  lo = 0
+  hi = nq
+  if math.isfinite(cfg.right):
+    lo = jnp.maximum(0, (j * bk - int(cfg.right)) // bq)
+  if math.isfinite(cfg.left):
+    hi = jnp.minimum(nq, (j * bk + bk - 1 + int(cfg.left)) // bq + 1)
+  hi = jnp.where(j < nk_valid, hi, lo)   # all-padding key tile
+  return lo, hi, lambda t: t
+
+
+def _unpack(refs, flags):
+  it = iter(refs)
+  out = {}
+  for name in ("q", "k", "v"):
+    out[name] = next(it)
+  for name in flags:
+    out[name] = next(it)
+  out["rest"] = list(it)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------
+
+def _fwd_kernel(*refs, cfg, flags, s_pad):
+  r = _unpack(refs, flags)
+  o_ref, lse_ref = r["rest"]
+  bias_ref, mask_ref = r.get("bias"), r.get("mask")
+  qseg_ref, kvseg_ref = r.get("qseg"), r.get("kvseg")
+  bq, bk = cfg.bq, cfg.bk
+  i = pl.program_id(2)
+  q = r["q"][...]
+  qseg_t = None if qseg_ref is None else qseg_ref[...]
+  hv = r["v"].shape[-1]
+  nk_valid = cdiv(cfg.kv_len, bk)
+  lo, hi, jfn = _kv_loop_bounds(cfg, i, bq, bk, nk_valid, r.get("kcnt"),
+                                r.get("kidx"))
+
+  def body(t, carry):
+    acc, m, l = carry
+    j = jfn(t)
+    start = j * bk
+    sl = pl.ds(start, bk)
+    k = r["k"][sl, :]
+    v = r["v"][sl, :]
+    s, valid = _scores(
+        cfg, q, k, i * bq, start,
+        None if bias_ref is None else _tile2d(bias_ref, None, sl),
+        None if mask_ref is None else _tile2d(mask_ref, None, sl),
+        qseg_t, None if kvseg_ref is None else _tile2d(kvseg_ref, None, sl),
+        s_pad)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    p = jnp.exp(s - m_new)
+    if valid is not None:
+      p = jnp.where(valid, p, 0.0)
+    alpha = jnp.exp(m - m_new)
+    l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+    acc = alpha * acc + _dot_nn(p.astype(v.dtype), v)
+    return acc, m_new, l
+
+  init = (jnp.zeros((bq, hv), jnp.float32),
+          jnp.full((bq, 1), _NEG, jnp.float32),
+          jnp.zeros((bq, 1), jnp.float32))
+  acc, m, l = lax.fori_loop(lo, hi, body, init)
+  has = l > 0.0
+  l_safe = jnp.where(has, l, 1.0)
+  o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(has, m + jnp.log(l_safe), -jnp.inf)
+
+
+def _dq_kernel(*refs, cfg, flags, s_pad):
+  r = _unpack(refs, flags)
+  rest = r["rest"]
+  do_ref, lse_ref, delta_ref = rest[:3]
+  dq_ref = rest[3]
+  dbias_ref = rest[4] if len(rest) > 4 else None
+  bias_ref, mask_ref = r.get("bias"), r.get("mask")
+  qseg_ref, kvseg_ref = r.get("qseg"), r.get("kvseg")
+  bq, bk = cfg.bq_bwd, cfg.bk_bwd
+  i = pl.program_id(2)
+  q = r["q"][...]
+  do = do_ref[...]
+  lse = lse_ref[...]
+  lse = jnp.where(lse == -jnp.inf, 0.0, lse)
+  delta = delta_ref[...]
+  qseg_t = None if qseg_ref is None else qseg_ref[...]
+  nk_valid = cdiv(cfg.kv_len, bk)
+  lo, hi, jfn = _kv_loop_bounds(cfg, i, bq, bk, nk_valid, r.get("kcnt"),
+                                r.get("kidx"))
+  if dbias_ref is not None:
+    dbias_ref[...] = jnp.zeros(dbias_ref.shape, dbias_ref.dtype)
+
+  def body(t, dq):
+    j = jfn(t)
+    start = j * bk
+    sl = pl.ds(start, bk)
+    k = r["k"][sl, :]
+    v = r["v"][sl, :]
+    s, valid = _scores(
+        cfg, q, k, i * bq, start,
+        None if bias_ref is None else _tile2d(bias_ref, None, sl),
+        None if mask_ref is None else _tile2d(mask_ref, None, sl),
+        qseg_t, None if kvseg_ref is None else _tile2d(kvseg_ref, None, sl),
+        s_pad)
+    p = jnp.exp(s - lse)
+    if valid is not None:
+      p = jnp.where(valid, p, 0.0)
+    dp = _dot_nt(do, v)
+    ds = p * (dp - delta)
+    if dbias_ref is not None:
+      dbias_ref[:, sl] = ds.astype(dbias_ref.dtype)
+    return dq + _dot_nn(ds.astype(k.dtype), k)
+
+  dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(*refs, cfg, flags, s_pad, nq):
+  r = _unpack(refs, flags)
+  rest = r["rest"]
+  do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
+  bias_ref, mask_ref = r.get("bias"), r.get("mask")
+  qseg_ref, kvseg_ref = r.get("qseg"), r.get("kvseg")
+  bq, bk = cfg.bq_bwd, cfg.bk_bwd
+  j = pl.program_id(2)
+  k = r["k"][...]
+  v = r["v"][...]
+  kvseg_t = None if kvseg_ref is None else kvseg_ref[...]
+  nk_valid = cdiv(cfg.kv_len, bk)
+  lo, hi, ifn = _q_loop_bounds(cfg, j, bq, bk, nq, nk_valid, r.get("qcnt"),
+                               r.get("qidx"))
+
+  def body(t, carry):
+    dk, dv = carry
+    i = ifn(t)
+    start = i * bq
+    sl = pl.ds(start, bq)
+    q = r["q"][sl, :]
+    do = do_ref[sl, :]
+    lse = lse_ref[sl, :]
+    lse = jnp.where(lse == -jnp.inf, 0.0, lse)
+    delta = delta_ref[sl, :]
+    s, valid = _scores(
+        cfg, q, k, start, j * bk,
+        None if bias_ref is None else _tile2d(bias_ref, sl, None),
+        None if mask_ref is None else _tile2d(mask_ref, sl, None),
+        None if qseg_ref is None else _tile2d(qseg_ref, sl, None), kvseg_t,
+        s_pad)
+    p = jnp.exp(s - lse)
+    if valid is not None:
+      p = jnp.where(valid, p, 0.0)
+    dv = dv + _dot_tn(p.astype(do.dtype), do)
+    dp = _dot_nt(do, v)
+    ds = p * (dp - delta)
+    dk = dk + _dot_tn(ds.astype(q.dtype), q)
+    return dk, dv
+
+  dk, dv = lax.fori_loop(lo, hi, body,
+                         (jnp.zeros(k.shape, jnp.float32),
+                          jnp.zeros(v.shape, jnp.float32)))
+  dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------
+# BlockSpecs
+# ----------------------------------------------------------------------------
+
+def _seq_spec(cfg, block_len, width, head_of, blk_of):
+  """Spec for a [B, L, N, W] (or heads-major [B, N, L, W]) array; grid (b, n, x)."""
+  if cfg.heads_major:
+    return pl.BlockSpec((None, None, block_len, width),
+                        lambda b, n, x: (b, head_of(n), blk_of(x), 0))
+  return pl.BlockSpec((None, block_len, None, width),
+                      lambda b, n, x: (b, blk_of(x), head_of(n), 0))
+
+
+def _bn_spec(arr, rows, cols, row_of, col_of):
+  """Spec for a [Bx, Nx, Rx, Cx] array whose dims may be 1 (broadcast)."""
+  bb, nb, rb, cb = arr.shape
+  rblk = rows if rb != 1 else 1
+  cblk = cols if cb != 1 else 1
+  return pl.BlockSpec(
+      (None, None, rblk, cblk),
+      lambda b, n, x: (b if bb != 1 else 0, n if nb != 1 else 0,
+                       row_of(x) if rb != 1 else 0,
+                       col_of(x) if cb != 1 else 0))
+
+
+def _inputs(cfg, q, k, v, extras, *, mode):
+  """(flags, arrays, in_specs) for the q/k/v + optional extras of a kernel.
+
+  mode 'q': grid over query tiles (fwd, dq); 'kv': grid over key tiles (dkv).
+  """
+  g = cfg.groups
+  tp = q.shape[2] if cfg.heads_major else q.shape[1]
+  sp = k.shape[2] if cfg.heads_major else k.shape[1]
+  h, hv = q.shape[-1], v.shape[-1]
+  if mode == "q":
+    bq = cfg.bq if mode == "q" and extras.get("_fwd") else cfg.bq_bwd
+    q_spec = _seq_spec(cfg, bq, h, lambda n: n, lambda x: x)
+    k_spec = _seq_spec(cfg, sp, h, lambda n: n // g, lambda x: 0)
+    v_spec = _seq_spec(cfg, sp, hv, lambda n: n // g, lambda x: 0)
+    rows, cols, row_of, col_of = bq, sp, (lambda x: x), (lambda x: 0)
+  else:
+    bk = cfg.bk_bwd
+    q_spec = _seq_spec(cfg, tp, h, lambda n: n, lambda x: 0)
+    k_spec = _seq_spec(cfg, bk, h, lambda n: n // g, lambda x: x)
+    v_spec = _seq_spec(cfg, bk, hv, lambda n: n // g, lambda x: x)
+    rows, cols, row_of, col_of = tp, bk, (lambda x: 0), (lambda x: x)
+  flags, arrays, specs = [], [q, k, v], [q_spec, k_spec, v_spec]
+  for name in ("bias", "mask"):
+    a = extras.get(name)
+    if a is not None:
+      flags.append(name)
+      arrays.append(a)
+      specs.append(_bn_spec(a, rows, cols, row_of, col_of))
+  if extras.get("qseg") is not None:
+    qs, ks = extras["qseg"], extras["kvseg"]   # [B, Tp, 1], [B, 1, Sp]
+    flags += ["qseg", "kvseg"]
+    arrays += [qs, ks]
+    if mode == "q":
+      specs += [pl.BlockSpec((None, rows, 1), lambda b, n, x: (b, x, 0)),
+                pl.BlockSpec((None, 1, sp), lambda b, n, x: (b, 0, 0))]
+    else:
+      specs += [pl.BlockSpec((None, tp, 1), lambda b, n, x: (b, 0, 0)),
+                pl.BlockSpec((None, 1, cols), lambda b, n, x: (b, 0, x))]
+  tables = extras.get("kv_tables" if mode == "q" else "q_tables")
+  if tables is not None:
+    cnt, idx = tables     # [L, n_tiles], [L, n_tiles, n_other]
+    per_head = cnt.shape[0] != 1
+    flags += ["kcnt", "kidx"] if mode == "q" else ["qcnt", "qidx"]
+    arrays += [cnt, idx]
+    specs += [
+        pl.BlockSpec((None, cnt.shape[1]),
+                     lambda b, n, x: (n if per_head else 0, 0)),
+        pl.BlockSpec((None,) + idx.shape[1:],
+                     lambda b, n, x: (n if per_head else 0, 0, 0))]
+  return tuple(flags), arrays, specs
+
+
+def _stat_spec(cfg, rows, mode_q: bool, tp):
+  """Spec for [B, N, Tp, 1] row statistics (lse, delta)."""
+  if mode_q:
+    return pl.BlockSpec((None, None, rows, 1), lambda b, n, x: (b, n, x, 0))
+  return pl.BlockSpec((None, None, tp, 1), lambda b, n, x: (b, n, 0, 0))
+
+
+def _dims(cfg, q, k):
+  if cfg.heads_major:
+    b, n, tp, _ = q.shape
+    sp = k.shape[2]
+  else:
+    b, tp, n, _ = q.shape
+    sp = k.shape[1]
+  return b, n, tp, sp
+
+
+# ----------------------------------------------------------------------------
+# pallas_call wrappers and custom_vjp
+# ----------------------------------------------------------------------------
+
+def _fwd_call(cfg, q, k, v, extras):
+  b, n, tp, sp = _dims(cfg, q, k)
+  hv = v.shape[-1]
+  flags, arrays, specs = _inputs(cfg, q, k, v, dict(extras, _fwd=True),
+                                 mode="q")
+  out_shape = [
+      jax.ShapeDtypeStruct(q.shape[:-1] + (hv,), q.dtype),
+      jax.ShapeDtypeStruct((b, n, tp, 1), jnp.float32)]
+  out_specs = [_seq_spec(cfg, cfg.bq, hv, lambda n_: n_, lambda x: x),
+               _stat_spec(cfg, cfg.bq, True, tp)]
+  kernel = functools.partial(_fwd_kernel, cfg=cfg, flags=flags, s_pad=sp)
+  out, lse = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(b, n, tp // cfg.bq),
+      in_specs=specs, out_specs=out_specs, interpret=cfg.interpret,
+      name="flash_fwd")(*arrays)
+  return out, lse
+
+
+def _bwd_call(cfg, q, k, v, extras, out, lse, dout, dlse):
+  b, n, tp, sp = _dims(cfg, q, k)
+  h, hv = q.shape[-1], v.shape[-1]
+  g = cfg.groups
+  # delta_i = rowsum(dO * O) - dlse_i  (dlse folds into the same term).
+  # As a contraction (like the in-kernel dO V^T) so that rows whose
+  # probabilities are exactly one give dS exactly zero.
+  if cfg.heads_major:
+    delta = jnp.einsum("bntd,bntd->bnt", dout.astype(jnp.float32),
+                       out.astype(jnp.float32))[..., None]
+  else:
+    delta = jnp.einsum("btnd,btnd->bnt", dout.astype(jnp.float32),
+                       out.astype(jnp.float32))[..., None]
+  if dlse is not None:
+    delta = delta - dlse.astype(jnp.float32)
+  has_bias = extras.get("bias") is not None
+
+  # dQ (+ dS for the bias).
+  flags, arrays, specs = _inputs(cfg, q, k, v, extras, mode="q")
+  bq = cfg.bq_bwd
+  arrays += [dout, lse, delta]
+  specs += [_seq_spec(cfg, bq, hv, lambda n_: n_, lambda x: x),
+            _stat_spec(cfg, bq, True, tp), _stat_spec(cfg, bq, True, tp)]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  out_specs = [_seq_spec(cfg, bq, h, lambda n_: n_, lambda x: x)]
+  if has_bias:
+    out_shape.append(jax.ShapeDtypeStruct((b, n, tp, sp), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, None, bq, sp),
+                                  lambda b_, n_, x: (b_, n_, x, 0)))
+  kernel = functools.partial(_dq_kernel, cfg=cfg, flags=flags, s_pad=sp)
+  res = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(b, n, tp // bq), in_specs=specs,
+      out_specs=out_specs, interpret=cfg.interpret, name="flash_dq")(*arrays)
+  dq = res[0]
+  dbias_full = res[1] if has_bias else None
+
+  # dK, dV per query head.
+  flags, arrays, specs = _inputs(cfg, q, k, v, extras, mode="kv")
+  bk = cfg.bk_bwd
+  arrays += [dout, lse, delta]
+  specs += [_seq_spec(cfg, tp, hv, lambda n_: n_, lambda x: 0),
+            _stat_spec(cfg, tp, False, tp), _stat_spec(cfg, tp, False, tp)]
+  if cfg.heads_major:
+    dk_shape, dv_shape = (b, n, sp, h), (b, n, sp, hv)
+  else:
+    dk_shape, dv_shape = (b, sp, n, h), (b, sp, n, hv)
+  out_shape = [jax.ShapeDtypeStruct(dk_shape, jnp.float32),
+               jax.ShapeDtypeStruct(dv_shape, jnp.float32)]
+  out_specs = [_seq_spec(cfg, bk, h, lambda n_: n_, lambda x: x),
+               _seq_spec(cfg, bk, hv, lambda n_: n_, lambda x: x)]
+  kernel = functools.partial(_dkv_kernel, cfg=cfg, flags=flags, s_pad=sp,
+                             nq=tp // cfg.bq_bwd)
+  dk, dv = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(b, n, sp // bk), in_specs=specs,
+      out_specs=out_specs, interpret=cfg.interpret, name="flash_dkv")(*arrays)
+  nkv = n // g
+  if cfg.heads_major:
+    dk = dk.reshape(b, nkv, g, sp, h).sum(2)
+    dv = dv.reshape(b, nkv, g, sp, hv).sum(2)
+  else:
+    dk = dk.reshape(b, sp, nkv, g, h).sum(3)
+    dv = dv.reshape(b, sp, nkv, g, hv).sum(3)
+  dbias = None
+  if has_bias:
+    bias = extras["bias"]
+    axes = tuple(a for a in range(4) if bias.shape[a] == 1 and
+                 dbias_full.shape[a] != 1)
+    dbias = jnp.sum(dbias_full, axis=axes, keepdims=True) if axes else dbias_full
+    dbias = dbias.astype(bias.dtype)
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), dbias
+
+
+def _pack(bias, mask, qseg, kvseg, kv_tables, q_tables):
+  return {"bias": bias, "mask": mask, "qseg": qseg, "kvseg": kvseg,
+          "kv_tables": kv_tables, "q_tables": q_tables}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg, q, k, v, bias, mask, qseg, kvseg, kv_tables, q_tables):
+  return _fwd_call(cfg, q, k, v,
+                   _pack(bias, mask, qseg, kvseg, kv_tables, q_tables))
+
+
+def _flash_fwd(cfg, q, k, v, bias, mask, qseg, kvseg, kv_tables, q_tables):
+  out, lse = _fwd_call(cfg, q, k, v,
+                       _pack(bias, mask, qseg, kvseg, kv_tables, q_tables))
+  return (out, lse), (q, k, v, bias, mask, qseg, kvseg, kv_tables, q_tables,
+                      out, lse)
+
+
+def _flash_bwd(cfg, res, cts):
+  q, k, v, bias, mask, qseg, kvseg, kv_tables, q_tables, out, lse = res
+  dout, dlse = cts
+  extras = _pack(bias, mask, qseg, kvseg, kv_tables, q_tables)
+  dq, dk, dv, dbias = _bwd_call(cfg, q, k, v, extras, out, lse, dout, dlse)
+  none_like = lambda t: None if t is None else jax.tree.map(lambda _: None, t)
+  return (dq, dk, dv, dbias, None, None, None, none_like(kv_tables),
+          none_like(q_tables))
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------
+
+def _normalize_window(local_window_size):
+  if local_window_size is None:
+    return None
+  if isinstance(local_window_size, int):
+    w = (local_window_size, local_window_size)
+  else:
+    w = tuple(local_window_size)
+  if len(w) != 2 or any((not isinstance(x, int)) or x < 0 for x in w):
+    raise ValueError(
+        "`local_window_size` must be an int >= 0 or a (left, right) pair of "
+        f"ints >= 0, got {local_window_size!r}.")
+  return w
+
+
+def _as4d(name, x, target):
+  """Broadcast-compatible rank<=4 array -> rank 4, validating against target."""
+  x = jnp.asarray(x)
+  if x.ndim > 4:
+    raise ValueError(f"`{name}` must have rank <= 4, got shape {x.shape}.")
+  x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+  for s, t in zip(x.shape, target):
+    if s not in (1, t):
+      raise ValueError(
+          f"`{name}` with shape {x.shape} is not broadcastable to "
+          f"[batch, heads, q_len, kv_len]={tuple(target)}.")
+  return x
+
+
+def check_inputs(query, key, value):
+  """Validates [B, T, N, H] / [B, S, K, H] / [B, S, K, Hv]; returns dims."""
+  check_rank("query", query, 4, "[batch, q_len, heads, head_dim]")
+  check_rank("key", key, 4, "[batch, kv_len, kv_heads, head_dim]")
+  check_rank("value", value, 4, "[batch, kv_len, kv_heads, v_head_dim]")
+  for nm, x in (("query", query), ("key", key), ("value", value)):
+    check_float(nm, x)
+  b, t, n, h = query.shape
+  bk_, s, nkv, hk = key.shape
+  bv, sv, nv, hv = value.shape
+  if not (b == bk_ == bv):
+    raise ValueError(
+        "batch sizes differ: query {}, key {}, value {}.".format(
+            query.shape, key.shape, value.shape))
+  if s != sv or nkv != nv:
+    raise ValueError(
+        f"`key` {key.shape} and `value` {value.shape} must agree on kv_len and "
+        "kv_heads.")
+  if hk != h:
+    raise ValueError(
+        f"`query` {query.shape} and `key` {key.shape} must have the same "
+        "head_dim.")
+  if nkv == 0 or n % nkv != 0:
+    raise ValueError(
+        f"query heads ({n}, shape {query.shape}) must be a multiple of kv "
+        f"heads ({nkv}, key shape {key.shape}).")
+  return b, t, n, s, nkv, h, hv
+
+
+def _flash_entry(query, key, value, *, bias, mask, is_causal, scale,
+                 local_window_size, q_segment_ids, kv_segment_ids,
+                 block_sizes, interpret, heads_major, tables=None,
+                 tile_sizes=None):
+  """Shared by flash_attention and block_sparse_attention."""
+  b, t, n, s, nkv, h, hv = check_inputs(query, key, value)
+  if scale is None:
+    scale = 1.0 / math.sqrt(h)
+  window = _normalize_window(local_window_size)
+  left, right = (math.inf, math.inf) if window is None else map(float, window)
+  if is_causal:
+    right = min(right, 0.0)
+  interpret = resolve_interpret(interpret)
+  if heads_major is None:
+    heads_major = interpret or jax.default_backend() != "gpu"
+  if tile_sizes is not None:           # block-sparse: tiles fixed by layout
+    bq = bq_b = tile_sizes[0]
+    bk = bk_b = tile_sizes[1]
+  else:
+    if block_sizes is None:
+      block_sizes = BlockSizes.get_default(head_dim=max(h, hv))
+    if not isinstance(block_sizes, BlockSizes):
+      raise ValueError(
+          f"`block_sizes` must be a BlockSizes, got {type(block_sizes)}.")
+    cq = max(8, next_pow2(t))
+    ck = max(8, next_pow2(s))
+    bq, bk = min(block_sizes.block_q, cq), min(block_sizes.block_kv, ck)
+    bq_b = min(block_sizes.block_q_bwd, cq)
+    bk_b = min(block_sizes.block_kv_bwd, ck)
+  tp = round_up(t, lcm(bq, bq_b))
+  sp = round_up(s, lcm(bk, bk_b))
+  cfg = _Cfg(scale=float(scale), left=float(left), right=float(right),
+             kv_len=s, bq=bq, bk=bk, bq_bwd=bq_b, bk_bwd=bk_b,
+             interpret=interpret, heads_major=bool(heads_major),
+             groups=n // nkv)
+  target = (b, n, t, s)
+
+  def pad_ts(x, fill):
+    pads = [(0, 0), (0, 0), (0, tp - t if x.shape[2] != 1 else 0),
+            (0, sp - s if x.shape[3] != 1 else 0)]
+    return jnp.pad(x, pads, constant_values=fill)
+
+  if bias is not None:
+    bias = _as4d("bias", bias, target)
+    check_float("bias", bias)
+    bias = pad_ts(bias, 0)
+  if mask is not None:
+    mask = _as4d("mask", mask, target)
+    if mask.dtype != jnp.bool_:
+      raise ValueError(
+          f"`mask` must be boolean (True = attend), got dtype {mask.dtype}.")
+    mask = pad_ts(mask.astype(jnp.int8), 0)
+  qseg = kvseg = None
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("give both `q_segment_ids` and `kv_segment_ids` or neither.")
+  if q_segment_ids is not None:
+    q_segment_ids = jnp.asarray(q_segment_ids)
+    kv_segment_ids = jnp.asarray(kv_segment_ids)
+    if q_segment_ids.shape != (b, t) or not jnp.issubdtype(
+        q_segment_ids.dtype, jnp.integer):
+      raise ValueError(
+          f"`q_segment_ids` must be an int array of shape {(b, t)}, got "
+          f"{q_segment_ids.shape} ({q_segment_ids.dtype}).")
+    if kv_segment_ids.shape != (b, s) or not jnp.issubdtype(
+        kv_segment_ids.dtype, jnp.integer):
+      raise ValueError(
+          f"`kv_segment_ids` must be an int array of shape {(b, s)}, got "
+          f"{kv_segment_ids.shape} ({kv_segment_ids.dtype}).")
+    qseg = jnp.pad(q_segment_ids.astype(jnp.int32), ((0, 0), (0, tp - t)),
+                   constant_values=_Q_PAD)[:, :, None]
+    kvseg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, sp - s)),
+                    constant_values=_KV_PAD)[:, None, :]
+  kv_tables, q_tables = (None, None) if tables is None else tables
+  return _padded_flash(cfg, t, tp, s, sp, query, key, value, bias, mask,
+                       qseg, kvseg, kv_tables, q_tables)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _padded_flash(cfg, t, tp, s, sp, query, key, value, bias, mask, qseg,
+                  kvseg, kv_tables, q_tables):
+  # jit: identical calls (same shapes and config) reuse one compilation,
+  # which matters in interpret mode where compiling dominates.
+  q = jnp.pad(query, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+  k = jnp.pad(key, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
+  v = jnp.pad(value, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
+  if cfg.heads_major:
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+  out, lse = _flash(cfg, q, k, v, bias, mask, qseg, kvseg, kv_tables,
+                    q_tables)
+  if cfg.heads_major:
+    out = jnp.swapaxes(out, 1, 2)
+  return out[:, :t], lse[:, :, :t, 0]
+
+
+def flash_attention(query, key, value, *, is_causal: bool = False,
+                    scale: Optional[float] = None,
+                    interpret: Optional[bool] = None, bias=None, mask=None,
+                    local_window_size=None, q_segment_ids=None,
+                    kv_segment_ids=None,
+                    block_sizes: Optional[BlockSizes] = None,
+                    return_lse: bool = False, heads_major: Optional[bool] = None):
+  """Flash attention as Pallas kernels, differentiable (custom_vjp).
+
+  Args:
+    query: [B, T, N, H]; key: [B, S, K, H]; value: [B, S, K, Hv]; N % K == 0.
+    is_causal: query i sees keys j <= i (top-left aligned, as jax.nn).
+    scale: logit scale, default 1/sqrt(H).
+    interpret: run the kernels in Pallas interpret mode; None -> True on CPU.
+    bias: float, broadcastable to [B, N, T, S]; added to the scaled logits
+      (differentiable).
+    mask: bool, broadcastable to [B, N, T, S]; True = attend.
+    local_window_size: int w or (left, right): query i sees [i-left, i+right];
+      key tiles outside the band are never visited.
+    q_segment_ids, kv_segment_ids: int [B, T] / [B, S]; attend only within
+      equal ids (packing; padding via an id nothing else uses).
+    block_sizes: `BlockSizes`; default `BlockSizes.get_default()`.
+    return_lse: also return the log-sum-exp [B, N, T] float32 (-inf on rows
+      with nothing to attend to); it is differentiable too.
+    heads_major: kernel-side layout; None -> [B, T, N, H] read in place on
+      GPU, heads moved in front elsewhere. Exposed for testing.
+
+  Returns:
+    out [B, T, N, Hv] in query.dtype (and lse when return_lse).
+  """
+  out, lse = _flash_entry(
+      query, key, value, bias=bias, mask=mask, is_causal=is_causal,
+      scale=scale, local_window_size=local_window_size,
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+      block_sizes=block_sizes, interpret=interpret, heads_major=heads_major)
+  return (out, lse) if return_lse else out
+
+
+def mha_reference(query, key, value, *, is_causal: bool = False,
+                  scale: Optional[float] = None, bias=None, mask=None,
+                  local_window_size=None, q_segment_ids=None,
+                  kv_segment_ids=None, return_lse: bool = False):
+  """Plain-jnp softmax attention with the same semantics (float32 math)."""
+  b, t, n, s, nkv, h, hv = check_inputs(query, key, value)
+  g = n // nkv
+  scale = 1.0 / math.sqrt(h) if scale is None else scale
+  kf = jnp.repeat(key.astype(jnp.float32), g, axis=2)
+  vf = jnp.repeat(value.astype(jnp.float32), g, axis=2)
+  logits = jnp.einsum("btnh,bsnh->bnts", query.astype(jnp.float32), kf,
+                      precision=lax.Precision.HIGHEST) * scale
+  if bias is not None:
+    logits = logits + jnp.asarray(bias).astype(jnp.float32)
+  valid = jnp.ones((1, 1, t, s), bool)
+  qi = jnp.arange(t)[:, None]
+  kj = jnp.arange(s)[None, :]
+  if is_causal:
+    valid = valid & (kj <= qi)
+  window = _normalize_window(local_window_size)
+  if window is not None:
+    valid = valid & (kj >= qi - window[0]) & (kj <= qi + window[1])
+  if mask is not None:
+    valid = valid & jnp.asarray(mask)
+  if q_segment_ids is not None:
+    valid = valid & (q_segment_ids[:, None, :, None] ==
+                     kv_segment_ids[:, None, None, :])
+  valid = jnp.broadcast_to(valid, logits.shape)
+  logits = jnp.where(valid, logits, -jnp.inf)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  p = jnp.where(valid, jnp.exp(logits - m), 0.0)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  w = p / jnp.where(l > 0, l, 1.0)
+  out = jnp.einsum("bnts,bsnd->btnd", w, vf,
+                   precision=lax.Precision.HIGHEST).astype(query.dtype)
+  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)[..., 0]
+  return (out, lse) if return_lse else out
