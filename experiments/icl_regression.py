@@ -36,7 +36,8 @@ results.json keys (H are strings; 'L' keys are context lengths as strings):
   heads, linear_heads         trained head counts (linear_variants: which
                               softmax-free kinds were trained)
   test_mse[H]                 test MSE of the softmax model with H heads (at
-                              the training L, fresh prompts, query noise in)
+                              the training L, fresh prompts, query noise in;
+                              multi-task: summed over the tasks)
   test_mse_linear[H]          same for the linear-attention model (softmax
                               removed); test_mse_linear_norm[H] for the
                               1/L-normalized one when trained
@@ -51,6 +52,7 @@ results.json keys (H are strings; 'L' keys are context lengths as strings):
                               (OV_h = V_h^T O_h^T)
   ov_zero_sum[H]              |sum_h OV_h[-1]| / sum_h |OV_h[-1]| over active
                               heads (0 = exact zero-sum)
+  ov_last_sum[H]              sum_h OV_h[-1] over active heads (raw)
   num_active_heads[H]         heads with ||OV_h|| >= active_threshold * max
   head_metrics[H]             per-head lists: kq_diag_ratio, kq_diag_mean
                               (= omega_h), kq_diag_norm_var,
@@ -61,9 +63,13 @@ results.json keys (H are strings; 'L' keys are context lengths as strings):
                               tuned), debiased_gd (step tuned),
                               single_head_kernel (mu sum_l y_l softmax(omega
                               x_l.x_q), omega and mu tuned), at each L in
-                              reduced_lengths
+                              reduced_lengths; gd_eta, debiased_gd_eta: the
+                              tuned step sizes
   baseline_mse                the same at the training L (flat dict)
-  reduced_model[H]            omega, mu (per head); mse_model[L],
+  reduced_model[H]            omega, mu (per head); eta_heads = sum_h mu_h
+                              omega_h (the implied debiased-GD step, compare
+                              baselines[L]['debiased_gd_eta']), mu_sum;
+                              mse_model[L],
                               mse_reduced[L] (reduced model with the fitted
                               omega_h, mu_h), mse_dgd_from_heads[L] (debiased
                               GD with step sum_h mu_h omega_h, mean-y weight
@@ -392,6 +398,7 @@ def baselines_at(cfg, fit, ev, length: int) -> Dict[str, float]:
   for name, feat in (("gd", gd_feature), ("debiased_gd", debiased_gd_feature)):
     eta = _fit_scale(feat(fx, fy, fxq), fyq)
     out[name] = _mse(eta * feat(ex, ey, exq), eyq)
+    out[name + "_eta"] = eta
   best = None
   for om in np.linspace(0.02, 2.0, cfg.kernel_grid):
     f = kernel_feature(fx, fy, fxq, om)
@@ -430,7 +437,7 @@ def run_study(cfg, workdir: str) -> dict:
          "kq_diag_ratio": {}, "kq_diag_ratio_weighted": {},
          "ov_last_entry_ratio_weighted": {},
          "kq_diag_norm_var": {}, "ov_last_entry_ratio": {}, "ov_zero_sum": {},
-         "num_active_heads": {}, "head_metrics": {}}
+         "ov_last_sum": {}, "num_active_heads": {}, "head_metrics": {}}
   preds = {}
   for run in runs:
     p = _model_on_prefix(run, trained[run.name], ev, cfg.L, chunk)
@@ -460,6 +467,8 @@ def run_study(cfg, workdir: str) -> dict:
                np.maximum(np.linalg.norm(ov, axis=(1, 2)), 1e-30))
       res["ov_last_entry_ratio"][key] = float(ratio[act].mean())
     res["num_active_heads"][key] = summ["num_active"]
+    res["ov_last_sum"][key] = float(
+        np.sum(ov[:, d, 0][np.asarray(summ["active"])]))
     w = kq_ov.head_norms(ov)
     w = w / w.sum()
     res["kq_diag_ratio_weighted"][key] = float(
@@ -498,7 +507,9 @@ def _reduced_model(cfg, runs, trained, ev, lengths, preds):
     kq, ov = run.merged(trained[run.name])
     omega = kq_ov.diagonal_mean(kq[:, :d, :d])
     mu = ov[:, d, 0]
-    r = {"omega": omega.tolist(), "mu": mu.tolist(), "mse_model": {},
+    r = {"omega": omega.tolist(), "mu": mu.tolist(),
+         "eta_heads": float(np.dot(mu, omega)), "mu_sum": float(mu.sum()),
+         "mse_model": {},
          "mse_reduced": {}, "mse_dgd_from_heads": {}, "rel_gap_reduced": {},
          "rel_gap_dgd": {}}
     for l in lengths:

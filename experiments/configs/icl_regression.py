@@ -17,6 +17,7 @@ Run commands (from the repository root):
       --config=experiments/configs/icl_regression.py:noniso
   python -m experiments.icl_regression --workdir=/tmp/icl_multitask \
       --config=experiments/configs/icl_regression.py:multitask
+  # a sub-study at the paper's length: add --config.steps=500000
   # seconds-long smoke test (CI / unit tests)
   python -m experiments.icl_regression --workdir=/tmp/icl_tiny \
       --config=experiments/configs/icl_regression.py:tiny
