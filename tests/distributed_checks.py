@@ -156,6 +156,16 @@ def check_attention():
     raise AssertionError(f"bf16 dtypes {[x.dtype for x in res]}")
   _compare("ring causal bf16 P=4", res, want["causal"], 3e-2)
 
+  # Under vmap (an extra leading axis), values and gradients.
+  stack = lambda x: jnp.stack([x, x[::-1] * 0.5])
+  qs, ks_, vs, dos = (stack(x) for x in (q, k, v, do))
+  vring = jax.vmap(lambda q, k, v: ring_attention(
+      q, k, v, mesh=mesh, axis_name="seq", is_causal=True))
+  vref = jax.vmap(lambda q, k, v: attnjax.dot_product_attention(
+      q, k, v, is_causal=True, implementation="xla"))
+  got = _value_and_grads({"ring": vring, "ref": vref}, qs, ks_, vs, dos)
+  _compare("ring causal under vmap P=4", got["ring"], got["ref"], 2e-5)
+
   # Cross-attention (T != S), non-causal.
   ks = jax.random.split(jax.random.key(1), 2)
   k2 = jax.random.normal(ks[0], (2, 16, 2, 8))

@@ -315,9 +315,8 @@ def _run_plan_bwd(cfg, plan, q, k, v, do, lse, delta):
   return dq, dk, dv
 
 
-def _step(cfg, i, j, run, q, kv_args):
-  """Runs the off-diagonal step against the shard of device j."""
-  t = q.shape[1]
+def _step(cfg, i, j, run, t):
+  """Runs `run(plan)` for the step of device i against the shard of device j."""
   pred, plan_t, plan_f = _offdiag_branches(cfg, i, j, t)
   if pred is None:
     return run(plan_t)
@@ -345,7 +344,7 @@ def _ring_forward(cfg: _Config, q, k, v):
     j = (i - s) % p
     ks, vs = kv
     o2, l2 = _step(cfg, i, j,
-                   lambda plan: _run_plan_fwd(cfg, plan, q, ks, vs), q, kv)
+                   lambda plan: _run_plan_fwd(cfg, plan, q, ks, vs), t)
     return _merge(o, lse, o2, l2)
 
   def body(s, carry):
@@ -387,8 +386,7 @@ def _ring_bwd(cfg, res, g):
       j = (i - s) % p
       a, b_, c = _step(
           cfg, i, j,
-          lambda plan: _run_plan_bwd(cfg, plan, q, ks, vs, do, lse, delta),
-          q, (ks, vs))
+          lambda plan: _run_plan_bwd(cfg, plan, q, ks, vs, do, lse, delta), t)
       return dq + a, (ks, vs, dks + b_, dvs + c)
 
     dq, (_, _, dk, dv) = lax.fori_loop(1, p, body, (dq, (k, v, dk, dv)))
