@@ -1,15 +1,40 @@
 """Spatial attention family: attention over images and volumes.
 
 Primitives take `[batch, *spatial, heads, head_dim]`; each has a plain-jnp
-`*_reference`. Layers take channels-last feature maps `[B, H, W, C]` and own
-their projections as the original papers do. See docs/spatial.md.
+`*_reference` (dense attention with the mechanism's mask, the test oracle).
+Layers take channels-last feature maps `[B, H, W, C]` and own their
+projections as the original papers do. See docs/spatial.md.
 """
 
+from attnjax.spatial.axial import (AxialAttention, axial_attention,
+                                   axial_attention_reference)
+from attnjax.spatial.biformer import (BiLevelRoutingAttention,
+                                      bi_level_routing_attention,
+                                      bi_level_routing_attention_reference,
+                                      region_routing)
+from attnjax.spatial.channel import (ChannelAttention, channel_attention,
+                                     channel_attention_reference)
+from attnjax.spatial.convit import (GPSA, convolutional_init,
+                                    gated_positional_attention,
+                                    gated_positional_attention_reference,
+                                    relative_position_features)
+from attnjax.spatial.crossvit import (CrossViTAttention, CrossViTFusion,
+                                      cls_cross_attention,
+                                      cls_cross_attention_reference)
+from attnjax.spatial.cswin import (CSWinAttention,
+                                   cross_shaped_window_attention,
+                                   cross_shaped_window_attention_reference,
+                                   stripe_attention)
 from attnjax.spatial.neighborhood import (NeighborhoodAttention,
                                           neighborhood_attention,
                                           neighborhood_attention_reference,
                                           neighborhood_mask,
                                           neighborhood_window_start)
+from attnjax.spatial.twins import (GlobalSubsampledAttention, HiLoAttention,
+                                   LocallyGroupedAttention, average_pool,
+                                   pooled_attention,
+                                   pooled_attention_reference,
+                                   subsampled_attention)
 from attnjax.spatial.window import (GridAttention, WindowAttention,
                                     grid_attention, grid_attention_reference,
                                     relative_position_index,
@@ -18,11 +43,33 @@ from attnjax.spatial.window import (GridAttention, WindowAttention,
                                     window_attention_reference)
 
 __all__ = [
+    # neighborhood (NAT / DiNAT)
+    "NeighborhoodAttention", "neighborhood_attention",
+    "neighborhood_attention_reference", "neighborhood_mask",
+    "neighborhood_window_start",
+    # window / shifted window (Swin), block / grid (MaxViT)
     "GridAttention", "WindowAttention", "grid_attention",
     "grid_attention_reference", "relative_position_index",
     "resize_relative_position_bias", "window_attention",
     "window_attention_reference",
-    "NeighborhoodAttention", "neighborhood_attention",
-    "neighborhood_attention_reference", "neighborhood_mask",
-    "neighborhood_window_start",
+    # axial
+    "AxialAttention", "axial_attention", "axial_attention_reference",
+    # CSWin
+    "CSWinAttention", "cross_shaped_window_attention",
+    "cross_shaped_window_attention_reference", "stripe_attention",
+    # Twins LSA / GSA, LITv2 HiLo
+    "GlobalSubsampledAttention", "HiLoAttention", "LocallyGroupedAttention",
+    "average_pool", "pooled_attention", "pooled_attention_reference",
+    "subsampled_attention",
+    # BiFormer
+    "BiLevelRoutingAttention", "bi_level_routing_attention",
+    "bi_level_routing_attention_reference", "region_routing",
+    # DaViT
+    "ChannelAttention", "channel_attention", "channel_attention_reference",
+    # ConViT
+    "GPSA", "convolutional_init", "gated_positional_attention",
+    "gated_positional_attention_reference", "relative_position_features",
+    # CrossViT
+    "CrossViTAttention", "CrossViTFusion", "cls_cross_attention",
+    "cls_cross_attention_reference",
 ]
