@@ -98,6 +98,9 @@ class _Cfg:
   interpret: bool
   heads_major: bool    # arrays are [B, N, L, H] (else [B, L, N, H])
   groups: int          # query heads per kv head
+  # Fused neighborhood attention (see neighborhood.py): None, or
+  # (nt1, th, tw, (k0, k1), (d0, d1), (l0, l1), (causal0, causal1)).
+  na: Optional[tuple] = None
 
 
 # ----------------------------------------------------------------------------
@@ -129,13 +132,15 @@ def _dot_nn(a, b):
 
 
 def _scores(cfg, q, k, q_start, k_start, bias_t, mask_t, qseg_t, kvseg_t,
-            s_pad):
+            s_pad, na_n=None):
   """Scaled (biased) logits [bq, bk] float32 and validity mask (or None)."""
   s = _dot_nt(q, k) * cfg.scale
   if bias_t is not None:
     s = s + bias_t.astype(jnp.float32)
   shape = s.shape
   parts = []
+  if cfg.na is not None:
+    parts.append(_na_valid(cfg, shape, q_start, k_start, na_n))
   need_pos = (cfg.kv_len < s_pad or math.isfinite(cfg.left)
               or math.isfinite(cfg.right))
   if need_pos:
@@ -160,8 +165,70 @@ def _scores(cfg, q, k, q_start, k_start, bias_t, mask_t, qseg_t, kvseg_t,
   return s, valid
 
 
-def _kv_loop_bounds(cfg, i, bq, bk, nk_valid, cnt_ref, idx_ref):
+def _na_group_lengths(cfg):
+  """In-group lengths (n0, n1) of this program's dilation group."""
+  _, _, _, _, (d0, d1), (l0, l1), _ = cfg.na
+  bg = pl.program_id(0)
+  g0 = (bg // d1) % d0
+  g1 = bg % d1
+  return (l0 - g0 + d0 - 1) // d0, (l1 - g1 + d1 - 1) // d1
+
+
+def _na_start(q, k, n, causal):
+  """First key of query q's window (in-group index), NATTEN semantics."""
+  if causal:
+    return jnp.maximum(q - k + 1, 0)
+  return jnp.clip(q - k // 2, 0, n - k)
+
+
+def _na_valid(cfg, shape, q_start, k_start, na_n):
+  """Neighborhood mask of a (query tile, key tile) pair."""
+  nt1, th, tw, (k0, k1), _, _, (c0, c1) = cfg.na
+  n0, n1 = na_n
+  tsz = th * tw
+  qt, kt = q_start // tsz, k_start // tsz
+  qe = lax.broadcasted_iota(jnp.int32, shape, 0)
+  ke = lax.broadcasted_iota(jnp.int32, shape, 1)
+  qr = (qt // nt1) * th + qe // tw
+  qc = (qt % nt1) * tw + qe % tw
+  kr = (kt // nt1) * th + ke // tw
+  kc = (kt % nt1) * tw + ke % tw
+  ok = (kr < n0) & (kc < n1)
+  for qp, kp, ksz, n, causal in ((qr, kr, k0, n0, c0), (qc, kc, k1, n1, c1)):
+    st = _na_start(qp, ksz, n, causal)
+    hi = qp if causal else st + ksz - 1
+    ok = ok & (kp >= st) & (kp <= hi)
+  return ok
+
+
+def _na_bounds(cfg, tile, inverse, na_n):
+  """(0, count, j_of_t) over the key tiles a query tile can see (or, when
+  `inverse`, the query tiles that can see a key tile)."""
+  nt1, th, tw, (k0, k1), _, _, (c0, c1) = cfg.na
+  n0, n1 = na_n
+  a, b = tile // nt1, tile % nt1
+  ranges = []
+  for pos0, size, ksz, n, causal in ((a * th, th, k0, n0, c0),
+                                     (b * tw, tw, k1, n1, c1)):
+    first = pos0
+    last = jnp.minimum(pos0 + size - 1, n - 1)
+    if not inverse:
+      lo = _na_start(first, ksz, n, causal)
+      hi = last if causal else _na_start(last, ksz, n, causal) + ksz - 1
+    else:  # a query sees keys within distance ksz - 1 (and not ahead if causal)
+      lo = first if causal else jnp.maximum(first - (ksz - 1), 0)
+      hi = jnp.minimum(last + ksz - 1, n - 1)
+    cnt = jnp.where(first < n, hi // size - lo // size + 1, 0)
+    ranges.append((lo // size, cnt))
+  (r0, nr), (c0_, nc) = ranges
+  nc_safe = jnp.maximum(nc, 1)
+  return 0, nr * nc, lambda t: (r0 + t // nc_safe) * nt1 + c0_ + t % nc_safe
+
+
+def _kv_loop_bounds(cfg, i, bq, bk, nk_valid, cnt_ref, idx_ref, na_n=None):
   """(lo, hi, j_of_t) for the key tiles query tile i visits."""
+  if cfg.na is not None:
+    return _na_bounds(cfg, i, False, na_n)
   if cnt_ref is not None:
     return 0, cnt_ref[i], lambda t: idx_ref[i, t]
   lo = 0
@@ -173,8 +240,11 @@ def _kv_loop_bounds(cfg, i, bq, bk, nk_valid, cnt_ref, idx_ref):
   return lo, hi, lambda t: t
 
 
-def _q_loop_bounds(cfg, j, bq, bk, nq, nk_valid, cnt_ref, idx_ref):
+def _q_loop_bounds(cfg, j, bq, bk, nq, nk_valid, cnt_ref, idx_ref,
+                   na_n=None):
   """(lo, hi, i_of_t) for the query tiles that see key tile j."""
+  if cfg.na is not None:
+    return _na_bounds(cfg, j, True, na_n)
   if cnt_ref is not None:
     return 0, cnt_ref[j], lambda t: idx_ref[j, t]
   lo = 0
@@ -213,8 +283,10 @@ def _fwd_kernel(*refs, cfg, flags, s_pad):
   qseg_t = None if qseg_ref is None else qseg_ref[...]
   hv = r["v"].shape[-1]
   nk_valid = cdiv(cfg.kv_len, bk)
+  # program_id is read here, not inside loop bodies (interpret mode).
+  na_n = None if cfg.na is None else _na_group_lengths(cfg)
   lo, hi, jfn = _kv_loop_bounds(cfg, i, bq, bk, nk_valid, r.get("kcnt"),
-                                r.get("kidx"))
+                                r.get("kidx"), na_n)
 
   def body(t, carry):
     acc, m, l = carry
@@ -228,7 +300,7 @@ def _fwd_kernel(*refs, cfg, flags, s_pad):
         None if bias_ref is None else _tile2d(bias_ref, None, sl),
         None if mask_ref is None else _tile2d(mask_ref, None, sl),
         qseg_t, None if kvseg_ref is None else _tile2d(kvseg_ref, None, sl),
-        s_pad)
+        s_pad, na_n)
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     p = jnp.exp(s - m_new)
     if valid is not None:
@@ -265,8 +337,10 @@ def _dq_kernel(*refs, cfg, flags, s_pad):
   delta = delta_ref[...]
   qseg_t = None if qseg_ref is None else qseg_ref[...]
   nk_valid = cdiv(cfg.kv_len, bk)
+  # program_id is read here, not inside loop bodies (interpret mode).
+  na_n = None if cfg.na is None else _na_group_lengths(cfg)
   lo, hi, jfn = _kv_loop_bounds(cfg, i, bq, bk, nk_valid, r.get("kcnt"),
-                                r.get("kidx"))
+                                r.get("kidx"), na_n)
   if dbias_ref is not None:
     dbias_ref[...] = jnp.zeros(dbias_ref.shape, dbias_ref.dtype)
 
@@ -281,7 +355,7 @@ def _dq_kernel(*refs, cfg, flags, s_pad):
         None if bias_ref is None else _tile2d(bias_ref, None, sl),
         None if mask_ref is None else _tile2d(mask_ref, None, sl),
         qseg_t, None if kvseg_ref is None else _tile2d(kvseg_ref, None, sl),
-        s_pad)
+        s_pad, na_n)
     p = jnp.exp(s - lse)
     if valid is not None:
       p = jnp.where(valid, p, 0.0)
@@ -307,8 +381,9 @@ def _dkv_kernel(*refs, cfg, flags, s_pad, nq):
   v = r["v"][...]
   kvseg_t = None if kvseg_ref is None else kvseg_ref[...]
   nk_valid = cdiv(cfg.kv_len, bk)
+  na_n = None if cfg.na is None else _na_group_lengths(cfg)
   lo, hi, ifn = _q_loop_bounds(cfg, j, bq, bk, nq, nk_valid, r.get("qcnt"),
-                               r.get("qidx"))
+                               r.get("qidx"), na_n)
 
   def body(t, carry):
     dk, dv = carry
@@ -325,7 +400,7 @@ def _dkv_kernel(*refs, cfg, flags, s_pad, nq):
         None if bias_ref is None else _tile2d(bias_ref, sl, None),
         None if mask_ref is None else _tile2d(mask_ref, sl, None),
         None if qseg_ref is None else _tile2d(qseg_ref, sl, None), kvseg_t,
-        s_pad)
+        s_pad, na_n)
     p = jnp.exp(s - lse)
     if valid is not None:
       p = jnp.where(valid, p, 0.0)

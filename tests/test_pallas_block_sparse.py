@@ -66,10 +66,10 @@ def test_empty_tiles_are_skipped_and_traced_layout():
       7, (1, s, 2, 16))
   layout = bsa.local_block_layout(4, 4, bq, bk, 8, 0)   # diagonal + 1 below
   assert bsa.visited_fraction(layout) == 7 / 16
-  k_nan = k.at[:, 24:].set(jnp.nan)   # last key tile: only query tile 3 sees it
+  v_nan = v.at[:, 24:].set(jnp.nan)   # last key tile: only query tile 3 sees it
   f = jax.jit(lambda q, k, v, lay: bsa.block_sparse_attention(
       q, k, v, lay, block_q=bq, block_kv=bk))
-  out = f(q, k_nan, v, jnp.asarray(layout))
+  out = f(q, k, v_nan, jnp.asarray(layout))
   ref = bsa.block_sparse_attention_reference(q, k, v, layout, block_q=bq,
                                              block_kv=bk)
   np.testing.assert_allclose(out[:, :24], ref[:, :24], atol=1e-5, rtol=1e-5)

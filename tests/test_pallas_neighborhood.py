@@ -1,0 +1,95 @@
+"""Fused neighborhood attention kernels (interpret mode on CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import neighborhood as nb
+
+try:
+  from attnjax import neighborhood_attention as attnjax_na
+except ImportError:  # spatial family not available
+  attnjax_na = None
+
+
+def _rand(seed, shape, dtype=jnp.float32):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1.0)
+
+
+CASES = {
+    # name: (dtype, q shape, kv heads, kwargs, tile)
+    "1d_dilated_gqa_f32": (jnp.float32, (2, 23, 4, 8), 2,
+                           dict(kernel_size=5, dilation=2), (8,)),
+    "2d_dilated_f32": (jnp.float32, (1, 11, 13, 2, 8), 2,
+                       dict(kernel_size=(3, 5), dilation=(2, 1)), (4, 4)),
+    "2d_causal_row_bf16": (jnp.bfloat16, (1, 9, 10, 2, 8), 1,
+                           dict(kernel_size=(3, 4), is_causal=(True, False),
+                                dilation=(1, 2)), (2, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_values_and_grads_vs_reference(name):
+  dtype, shape, kh, kw, tile = CASES[name]
+  kshape = shape[:-2] + (kh, shape[-1])
+  q, k, v = _rand(0, shape, dtype), _rand(1, kshape, dtype), _rand(
+      2, kshape, dtype)
+  dout = _rand(3, shape)
+  f32 = lambda x: x.astype(jnp.float32)
+  kern = lambda q, k, v: nb.neighborhood_attention(q, k, v, tile_size=tile,
+                                                   **kw)
+  out = kern(q, k, v)
+  ref = nb.neighborhood_attention_reference(f32(q), f32(k), f32(v), **kw)
+  assert out.dtype == dtype and out.shape == shape
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=tol,
+                             rtol=tol)
+  if attnjax_na is not None:
+    other = attnjax_na(f32(q), f32(k), f32(v), **kw)
+    np.testing.assert_allclose(np.asarray(out, np.float32), other, atol=tol,
+                               rtol=tol)
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)
+                                            * dout)
+  g = jax.jit(jax.grad(loss(kern), (0, 1, 2)))(q, k, v)
+  gr = jax.grad(loss(lambda q, k, v: nb.neighborhood_attention_reference(
+      q, k, v, **kw)), (0, 1, 2))(f32(q), f32(k), f32(v))
+  for a, b in zip(g, gr):
+    assert a.dtype == dtype
+    assert _rel(a, b) < (1e-4 if dtype == jnp.float32 else 5e-2)
+
+
+def test_only_reachable_tiles_are_visited():
+  # 1D, L=64, K=3, tiles of 8: query tiles 0-1 reach key tiles 0-2 only, so
+  # NaNs planted in values from position 24 on never reach them (a dense
+  # kernel that masked instead of skipping would propagate 0 * NaN = NaN).
+  q, k, v = _rand(4, (1, 64, 1, 8)), _rand(5, (1, 64, 1, 8)), _rand(
+      6, (1, 64, 1, 8))
+  out = nb.neighborhood_attention(q, k, v.at[:, 24:].set(jnp.nan), 3,
+                                  tile_size=8)
+  ref = nb.neighborhood_attention_reference(q, k, v, 3)
+  np.testing.assert_allclose(out[:, :16], ref[:, :16], atol=1e-5, rtol=1e-5)
+  assert np.isnan(np.asarray(out[:, 30])).all()
+
+
+def test_mask_definition_and_value_errors():
+  # Border shift: query 0 of L=7, K=3 sees keys 0..2; query 6 sees 4..6.
+  m = nb.neighborhood_mask_np((7,), 3)
+  assert m[0].nonzero()[0].tolist() == [0, 1, 2]
+  assert m[6].nonzero()[0].tolist() == [4, 5, 6]
+  assert (m.sum(1) == 3).all()
+  # Dilation groups: L=7, d=2: group 1 = {1, 3, 5}, K=3 -> all of them.
+  m = nb.neighborhood_mask_np((7,), 3, dilation=2)
+  assert m[3].nonzero()[0].tolist() == [1, 3, 5]
+  x = jnp.zeros((1, 6, 2, 8))
+  with pytest.raises(ValueError, match="kernel_size"):
+    nb.neighborhood_attention(x, x, x, 4, dilation=2)
+  with pytest.raises(ValueError, match="query"):
+    nb.neighborhood_attention(x[0], x[0], x[0], 3)
+  with pytest.raises(ValueError, match="key"):
+    nb.neighborhood_attention(x, x[:, :5], x, 3)
