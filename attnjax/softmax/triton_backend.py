@@ -1,0 +1,44 @@
+"""`implementation='triton'`: Triton flash attention through jax-triton.
+
+Importing registers the backend. Serves GPU calls without bias, mask,
+window, segment ids/lengths or dropout and with a power-of-two head dim
+(value head dim equal); anything else raises NotImplementedError saying why,
+so `implementation=None` falls through to another backend.
+"""
+
+from __future__ import annotations
+
+from attnjax.softmax import register_backend
+from attnjax.softmax._common import AttentionCall
+
+from pallas_kernels import triton_flash
+
+
+def triton_attention(call: AttentionCall, need_lse: bool):
+  del need_lse
+  why = triton_flash.why_unavailable()
+  if why is None:
+    h, hv = call.query.shape[-1], call.value.shape[-1]
+    if call.dropout_rate > 0.0:
+      why = "no attention dropout"
+    elif call.bias is not None or call.mask is not None:
+      why = "no bias or mask (use implementation='pallas')"
+    elif call.window is not None:
+      why = "no local window (use implementation='pallas')"
+    elif call.q_segment_ids is not None:
+      why = "no segment ids or sequence lengths (use implementation='pallas')"
+    elif h != hv:
+      why = f"value head_dim {hv} must equal head_dim {h}"
+  if why is not None:
+    raise NotImplementedError(
+        f"implementation='triton' cannot serve this call: {why}.")
+  try:
+    return triton_flash.triton_flash_attention(
+        call.query, call.key, call.value, is_causal=call.is_causal,
+        scale=call.scale, return_lse=True)
+  except NotImplementedError as e:
+    raise NotImplementedError(
+        f"implementation='triton' cannot serve this call: {e}") from e
+
+
+register_backend("triton", triton_attention)
