@@ -1,21 +1,74 @@
 """The sequence attention family: linear, random-feature, sparse, routed,
 mixture-of-heads and higher-order attention.
 
-Each mechanism has a pure function, a plain-jnp `*_reference`, and where it
-needs parameters of its own an NNX layer. `SUPPORT[name]` says which of the
-four patterns (noncausal/causal x self/cross) it supports; the rest raise
-NotImplementedError saying why (docs/sequence.md has the table).
+Each mechanism has a pure function, a plain-jnp `*_reference`, and an NNX
+layer. `SUPPORT[name][pattern]` says which of the four patterns
+(`PATTERNS`: noncausal/causal x self/cross) it supports; the others raise
+NotImplementedError saying why. docs/sequence.md has the table (a test checks
+it against this dict and against the functions' behaviour).
 """
 
-from attnjax.sequence import linear as _linear
+from attnjax.sequence import (agent as _agent, efficient as _efficient,
+                              higher_order as _higher_order, linear as _linear,
+                              moba as _moba, moh as _moh,
+                              performer as _performer, routing as _routing,
+                              sparse as _sparse)
 from attnjax.sequence._common import PATTERNS
-from attnjax.sequence.linear import (linear_attention,
+from attnjax.sequence.agent import (agent_attention, agent_attention_reference,
+                                    pool_agents)
+from attnjax.sequence.efficient import (efficient_attention,
+                                        efficient_attention_reference)
+from attnjax.sequence.higher_order import (triplewise_attention,
+                                           triplewise_attention_reference)
+from attnjax.sequence.layers import (AgentAttention, EfficientAttention,
+                                     LinearAttention, MoBAAttention,
+                                     MoHAttention, PerformerAttention,
+                                     RandomFeatures, RoutingAttention,
+                                     SlidingWindowAttention,
+                                     TriplewiseAttention)
+from attnjax.sequence.linear import (FEATURE_MAPS, linear_attention,
                                      linear_attention_reference)
+from attnjax.sequence.moba import (moba_attention, moba_attention_reference,
+                                   moba_selected_blocks)
+from attnjax.sequence.moh import (mixture_of_heads_attention, moh_gates,
+                                  moh_gates_reference)
+from attnjax.sequence.performer import (favor_features,
+                                        orthogonal_random_features,
+                                        performer_attention,
+                                        performer_attention_reference)
+from attnjax.sequence.routing import (routing_attention,
+                                      routing_attention_reference)
+from attnjax.sequence.sparse import (block_sparse_attention,
+                                     block_sparse_attention_reference,
+                                     sliding_window_attention,
+                                     sliding_window_attention_reference)
 
 SUPPORT = {
     "linear_attention": _linear.SUPPORT,
+    "efficient_attention": _efficient.SUPPORT,
+    "performer_attention": _performer.SUPPORT,
+    "sliding_window_attention": _sparse.SUPPORT_SLIDING_WINDOW,
+    "block_sparse_attention": _sparse.SUPPORT_BLOCK_SPARSE,
+    "moba_attention": _moba.SUPPORT,
+    "routing_attention": _routing.SUPPORT,
+    "agent_attention": _agent.SUPPORT,
+    "mixture_of_heads_attention": _moh.SUPPORT,
+    "triplewise_attention": _higher_order.SUPPORT,
 }
 
 __all__ = [
-    "PATTERNS", "SUPPORT", "linear_attention", "linear_attention_reference",
+    "AgentAttention", "EfficientAttention", "FEATURE_MAPS", "LinearAttention",
+    "MoBAAttention", "MoHAttention", "PATTERNS", "PerformerAttention",
+    "RandomFeatures", "RoutingAttention", "SUPPORT", "SlidingWindowAttention",
+    "TriplewiseAttention", "agent_attention", "agent_attention_reference",
+    "block_sparse_attention", "block_sparse_attention_reference",
+    "efficient_attention", "efficient_attention_reference", "favor_features",
+    "linear_attention", "linear_attention_reference",
+    "mixture_of_heads_attention", "moba_attention", "moba_attention_reference",
+    "moba_selected_blocks", "moh_gates", "moh_gates_reference",
+    "orthogonal_random_features", "performer_attention",
+    "performer_attention_reference", "pool_agents", "routing_attention",
+    "routing_attention_reference", "sliding_window_attention",
+    "sliding_window_attention_reference", "triplewise_attention",
+    "triplewise_attention_reference",
 ]

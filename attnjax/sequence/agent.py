@@ -1,0 +1,159 @@
+"""Agent attention (Han et al. 2024, "Agent Attention: On the Integration of
+Softmax and Linear Attention"), 1D sequences.
+
+A small set of agent tokens A [n_agents] -- by default adaptive average
+pooling of the queries over the sequence -- first aggregates from the keys
+and values, then broadcasts back to the queries, both by softmax:
+
+  V_A = softmax(scale A K^T) V          (agent aggregation)
+  out = softmax(scale Q A^T) V_A        (agent broadcast)
+
+Cost O((T + S) n_agents H). The paper's agent bias and depth-wise
+convolution on V are left to the layer (not included here).
+
+Causal forms are not supported: agents pooled from all queries mix future
+positions into every output.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax.sequence import _common
+from attnjax.softmax import dot_product_attention
+
+SUPPORT = {
+    "noncausal_self": True, "causal_self": False,
+    "noncausal_cross": True, "causal_cross": False,
+}
+_CAUSAL_WHY = (
+    "agent_attention has no causal form: its agent tokens are pooled from "
+    "(and aggregate over) the "
+    "whole sequence, so every output depends on future positions.")
+
+
+def adaptive_pool_matrix(length: int, num_out: int) -> np.ndarray:
+  """[num_out, length] averaging matrix of adaptive average pooling.
+
+  Output i averages positions floor(i L / n) .. ceil((i + 1) L / n) - 1
+  (as torch.nn.AdaptiveAvgPool1d).
+  """
+  p = np.zeros((num_out, length), np.float32)
+  for i in range(num_out):
+    lo = (i * length) // num_out
+    hi = -(-((i + 1) * length) // num_out)
+    p[i, lo:hi] = 1.0 / (hi - lo)
+  return p
+
+
+def pool_agents(query, num_agents: int):
+  """Agent tokens [B, n_agents, N, H] pooled from query [B, T, N, H]."""
+  t = query.shape[1]
+  if num_agents > t:
+    raise ValueError(
+        f"`num_agents` ({num_agents}) must be <= q_len ({t}) to pool agents "
+        f"from `query` of shape {query.shape}.")
+  p = jnp.asarray(adaptive_pool_matrix(t, num_agents))
+  return jnp.einsum("at,btnh->banh", p, query.astype(jnp.float32)).astype(
+      query.dtype)
+
+
+def _check(query, key, value, num_agents, agents, mask, is_causal, bias,
+           dropout_rate):
+  if is_causal:
+    raise NotImplementedError(_CAUSAL_WHY)
+  _common.reject("bias", bias, "agent_attention", "the [T, S] scores are "
+                 "never formed.")
+  _common.reject("dropout_rate", dropout_rate, "agent_attention",
+                 "attention dropout is not implemented.")
+  query, key, value, dims, unbatched = _common.prepare_qkv(query, key, value)
+  b, t, n, s, k, h, hv = dims
+  kv_mask = _common.key_padding_mask(mask, b, n, t, s,
+                                     mechanism="agent_attention",
+                                     unbatched=unbatched)
+  if agents is None:
+    if num_agents is None:
+      raise ValueError("give `num_agents` (pooled from queries) or `agents`.")
+    _common.check_positive_int("num_agents", num_agents)
+    agents = pool_agents(query, num_agents)
+  else:
+    agents = jnp.asarray(agents)
+    if unbatched and agents.ndim == 3:
+      agents = agents[None]
+    if agents.ndim != 4 or agents.shape[0] not in (1, b) or agents.shape[2:] != (n, h):
+      raise ValueError(
+          f"`agents` must have shape [B|1, n_agents, {n}, {h}], got "
+          f"{agents.shape} (query {query.shape}).")
+    agents = jnp.broadcast_to(agents, (b,) + agents.shape[1:])
+  return query, key, value, dims, unbatched, kv_mask, agents
+
+
+def _softmax_rows(logits, ok=None):
+  if ok is not None:
+    logits = jnp.where(ok, logits, -jnp.inf)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  p = jnp.exp(logits - m)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  return p / jnp.where(l > 0, l, 1.0)
+
+
+def agent_attention(query, key, value, *, num_agents: Optional[int] = None,
+                    agents=None, is_causal: bool = False,
+                    scale: Optional[float] = None, mask=None, bias=None,
+                    dropout_rate: float = 0.0, dropout_rng=None):
+  """Agent attention.
+
+  Args:
+    query: [B, T, N, H] (or [T, N, H]); key: [B, S, K, H]; value [B, S, K, Hv].
+    num_agents: agents pooled from the queries (adaptive average pooling).
+    agents: explicit agent tokens [B|1, n_agents, N, H] instead (e.g. learned).
+    is_causal: must be False (NotImplementedError).
+    scale: default 1/sqrt(H), used in both softmaxes.
+    mask: key-padding mask broadcastable to [B, 1, 1, S]; with no valid key
+      the output is zero.
+
+  Returns:
+    [B, T, N, Hv] in query.dtype.
+  """
+  del dropout_rng
+  query, key, value, dims, unbatched, kv_mask, agents = _check(
+      query, key, value, num_agents, agents, mask, is_causal, bias,
+      dropout_rate)
+  b, t, n, s, k, h, hv = dims
+  g = n // k
+  scale = _common.default_scale(scale, h)
+  f32 = jnp.float32
+  a = agents.astype(f32).reshape(b, -1, k, g, h)
+  q = query.astype(f32).reshape(b, t, k, g, h)
+  agg = jnp.einsum("bakgh,bskh->bkgas", a, key.astype(f32)) * scale
+  ok = None if kv_mask is None else kv_mask[:, None, None, None, :]
+  va = jnp.einsum("bkgas,bskd->bkgad", _softmax_rows(agg, ok),
+                  value.astype(f32))
+  bc = jnp.einsum("btkgh,bakgh->bkgta", q, a) * scale
+  out = jnp.einsum("bkgta,bkgad->btkgd", _softmax_rows(bc), va)
+  out = out.reshape(b, t, n, hv).astype(query.dtype)
+  return out[0] if unbatched else out
+
+
+def agent_attention_reference(query, key, value, *,
+                              num_agents: Optional[int] = None, agents=None,
+                              is_causal: bool = False,
+                              scale: Optional[float] = None, mask=None):
+  """Two calls of the XLA softmax attention (agents as queries, then keys)."""
+  query, key, value, dims, unbatched, kv_mask, agents = _check(
+      query, key, value, num_agents, agents, mask, is_causal, None, 0.0)
+  b, t, n, s, k, h, hv = dims
+  f32 = jnp.float32
+  m = None if kv_mask is None else kv_mask[:, None, None, :]
+  va = dot_product_attention(agents.astype(f32), key.astype(f32),
+                             value.astype(f32), mask=m, scale=scale,
+                             implementation="xla")          # [b, a, n, hv]
+  out = dot_product_attention(query.astype(f32), agents.astype(f32), va,
+                              scale=scale, implementation="xla")
+  out = out.astype(query.dtype)
+  return out[0] if unbatched else out
