@@ -172,6 +172,25 @@ def shard_batch(batch, mesh: Mesh, *, data_axis: Optional[str] = "data",
   return jax.tree_util.tree_map(put, batch)
 
 
+def constrain_batch(batch, mesh: Mesh, *, data_axis: Optional[str] = "data",
+                    seq_axis: Optional[str] = None):
+  """Inside jit: `with_sharding_constraint` of a batch drawn on device.
+
+  For loops that sample their batch inside the jitted step (from
+  `fold_in(key, step)`): the constraint makes XLA shard the batch over
+  `data_axis` (and dim 1 over `seq_axis`) instead of replicating it.
+  """
+  def one(x):
+    spec = batch_spec(x.ndim, mesh, data_axis=data_axis, seq_axis=seq_axis)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return jax.tree_util.tree_map(one, batch)
+
+
+def replicate(tree, mesh: Mesh):
+  """`jax.device_put` of every array leaf, replicated over the whole mesh."""
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
 # ----------------------------------------------------------------------------
 # Parameters and optimizer state.
 # ----------------------------------------------------------------------------
@@ -245,6 +264,7 @@ def describe(tree) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["batch_spec", "describe", "make_mesh", "maybe_initialize_distributed",
-           "mesh_axis", "param_spec", "parse_mesh", "shard_batch", "shard_nnx",
-           "shard_tree", "tree_shardings"]
+__all__ = ["batch_spec", "constrain_batch", "describe", "make_mesh",
+           "maybe_initialize_distributed", "mesh_axis", "param_spec",
+           "parse_mesh", "replicate", "shard_batch", "shard_nnx", "shard_tree",
+           "tree_shardings"]

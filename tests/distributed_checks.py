@@ -265,6 +265,15 @@ def check_ckpt_save(workdir):
   kernel = model.blocks[0].attn.query.kernel.value
   if len(kernel.sharding.device_set) != n:
     raise AssertionError(f"params live on {kernel.sharding.device_set}")
+  from experiments import sharding
+  drawn = jax.jit(lambda key: sharding.constrain_batch(
+      jax.random.normal(key, (4, 16, 16)), mesh, seq_axis="seq"))(
+          jax.random.key(3))
+  if tuple(drawn.sharding.spec)[:2] != ("data", "seq"):
+    raise AssertionError(f"constrain_batch gave {drawn.sharding}")
+  table = sharding.replicate({"x": np.ones((3, 5))}, mesh)["x"]
+  if len(table.sharding.device_set) != n or not table.sharding.is_fully_replicated:
+    raise AssertionError(f"replicate gave {table.sharding}")
   ckpt = Checkpointer(workdir)
   ckpt.save(3, {"nnx": nnx_state(model, opt)})
   ckpt.close()
