@@ -701,7 +701,7 @@ def _figures(cfg, workdir, runs, trained, res):
       ax.bar(xs + k * width, vals, width, label=f"trained H={run.H}")
       k += 1
     if rm:
-      h = str(max(int(k_) for k_ in rm))
+      h = "2" if "2" in rm else str(max(int(k_) for k_ in rm))
       ax.bar(xs + k * width, [rm[h]["mse_reduced"].get(l, np.nan)
                               for l in lengths], width,
              label=f"reduced model (H={h})")
