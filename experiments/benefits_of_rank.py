@@ -70,11 +70,6 @@ from ml_collections import config_flags
 from attnjax.models.rank_models import RankAttentionNet, sphere_batch
 from experiments import common
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs",
-                           "benefits_of_rank.py:default"),
-    "Config file and preset.")
 
 
 class Stopped(Exception):
@@ -98,8 +93,9 @@ class Cell:
 
   make_model() -> nnx.Module; loss_fn(model, batch) -> scalar;
   batch_fn(key) -> batch (key = fold_in(data_key, step));
-  eval_fn(model) -> dict of scalars (deterministic). `info` is copied
-  into the cell's result.
+  eval_fn(model) -> dict of scalars (deterministic). Adam with cosine decay
+  from `lr` (after `warmup` linear warm-up steps). `info` is copied into
+  the cell's result.
   """
   name: str
   make_model: Callable[[], nnx.Module]
@@ -110,6 +106,7 @@ class Cell:
   lr: float
   seed: int
   b2: float = 0.999
+  warmup: int = 0
   info: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -166,7 +163,9 @@ def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = params.to_pure_dict()
     p_leaves, p_def = jax.tree_util.tree_flatten(params)
-    tx = optax.adam(optax.cosine_decay_schedule(c.lr, c.steps), b2=c.b2)
+    sched = (optax.warmup_cosine_decay_schedule(0.0, c.lr, c.warmup, c.steps)
+             if c.warmup else optax.cosine_decay_schedule(c.lr, c.steps))
+    tx = optax.adam(sched, b2=c.b2)
     opt = tx.init(params)
     o_leaves, o_def = jax.tree_util.tree_flatten(opt)
     ckpt = common.Checkpointer(workdir,
@@ -348,10 +347,10 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)   # orbax is chatty at INFO
-  if not _WORKDIR.value:
+  if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
-  cfg = _CONFIG.value
-  workdir = _WORKDIR.value
+  cfg = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
   try:
     res = run_study(cfg, workdir)
@@ -365,5 +364,16 @@ def main(argv):
   print(f"wrote {path} ({res['wall_time_s']:.0f}s)", flush=True)
 
 
+def define_flags():
+  """Flags of the binary (defined only when run as a script, so the module
+  can be imported next to other experiment modules)."""
+  flags.DEFINE_string("workdir", None, "Output directory.")
+  config_flags.DEFINE_config_file(
+      "config", os.path.join(os.path.dirname(__file__), "configs",
+                             "benefits_of_rank.py:default"),
+      "Config file and preset.")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
