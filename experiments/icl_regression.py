@@ -31,6 +31,21 @@ Re-running with the same DIR resumes every run from DIR/checkpoints/<run>;
 final numbers equal an uninterrupted run (per-step data from
 fold_in(key, step), full training state checkpointed).
 
+Devices (`--config.mesh`, helpers in experiments/sharding.py, see
+docs/distributed.md): the default "data:1" is the single-device run.
+"data:-1" (or "data:4", ...) is data parallel: each step's batch, sampled
+inside the jitted scan, is sharded over the `data` axis
+(`sharding.constrain_batch`) and XLA all-reduces the gradients; parameters
+and Adam state are replicated, or sharded over `--config.fsdp_axis=data`
+(only arrays of >= 2**14 elements, so at the paper's sizes they all stay
+replicated). batch_size must be divisible by the `data` axis size. Other mesh
+axes are not used by this model (the work is replicated over them). Numbers
+equal the single-device run up to float summation order (sharded
+reductions). Checkpoints restore into whatever mesh the resuming run uses,
+so a run started on N devices can be finished on M. Multi-host:
+`sharding.maybe_initialize_distributed()` picks up SLURM / Open MPI / TPU /
+JAX_COORDINATOR_ADDRESS environments.
+
 results.json keys (H are strings; 'L' keys are context lengths as strings):
   config                      the config used
   heads, linear_heads         trained head counts (linear_variants: which
@@ -119,7 +134,7 @@ from ml_collections import config_flags
 
 from attnjax.analysis import kq_ov
 from attnjax.models.icl import ICLAttention
-from experiments import common
+from experiments import common, sharding
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -246,12 +261,13 @@ class Stopped(Exception):
   """Raised when `stop_after_steps` simulates a kill."""
 
 
-def _make_chunk(cfg, task, runs, tx):
+def _make_chunk(cfg, task, runs, tx, mesh):
   """jit(params, opt, start, n) -> n Adam steps of every run on shared data.
 
   All models see the same batch at each step (drawn from
   fold_in(data_key, step)), so the H comparison is paired and the batch is
-  sampled once per step for all of them.
+  sampled once per step for all of them. The batch is sharded over the
+  mesh's `data` axis (a no-op constraint when that axis has size 1).
   """
   data_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
 
@@ -260,6 +276,7 @@ def _make_chunk(cfg, task, runs, tx):
       p, o = carry
       batch = task.sample(jax.random.fold_in(data_key, start + i),
                           cfg.batch_size, cfg.L)
+      batch = sharding.constrain_batch(batch, mesh)
       losses, new_p, new_o = {}, {}, {}
       for run in runs:
         loss, g = jax.value_and_grad(run.loss)(p[run.name], batch)
@@ -274,15 +291,30 @@ def _make_chunk(cfg, task, runs, tx):
   return jax.jit(chunk, static_argnums=(3,))
 
 
+def make_mesh(cfg):
+  """The training mesh from `cfg.mesh`; checks batch_size against `data`."""
+  mesh = sharding.make_mesh(cfg.mesh)
+  data = mesh.shape["data"] if "data" in mesh.axis_names else 1
+  if cfg.batch_size % data:
+    raise ValueError(f"config.batch_size ({cfg.batch_size}) must be divisible "
+                     f"by the 'data' axis size {data} of config.mesh "
+                     f"{cfg.mesh!r} (mesh {dict(mesh.shape)}).")
+  return mesh
+
+
 def train(cfg, task, runs, workdir: str) -> dict:
   """Trains all runs jointly with checkpoint/resume; returns their params."""
   if cfg.ckpt_every % cfg.log_every:
     raise ValueError(f"ckpt_every ({cfg.ckpt_every}) must be a multiple of "
                      f"log_every ({cfg.log_every}).")
+  mesh = make_mesh(cfg)
   tx = optax.adam(cfg.lr)
   params = {r.name: r.params0 for r in runs}
   init = {"params": params,
           "opt": {r.name: tx.init(r.params0) for r in runs}}
+  # On the mesh before building the restore target: orbax then reads the
+  # checkpoint straight into this mesh, whatever device count wrote it.
+  init = sharding.shard_tree(init, mesh, fsdp_axis=cfg.fsdp_axis or None)
   leaves0, treedef = jax.tree_util.tree_flatten(init)
   ckpt = common.Checkpointer(workdir)
   step, saved = ckpt.restore_or({"step": np.zeros((), np.int64),
@@ -293,7 +325,7 @@ def train(cfg, task, runs, workdir: str) -> dict:
   writer.resume_from(step if step > 0 else -1)
   if step == 0:
     _log(cfg, writer, runs, 0, params, None)
-  chunk = _make_chunk(cfg, task, runs, tx)
+  chunk = _make_chunk(cfg, task, runs, tx, mesh)
   prog = common.Progress(cfg.steps, start=step, every=cfg.log_every,
                          desc="train " + ",".join(r.name for r in runs))
   while step < cfg.steps:
@@ -414,6 +446,9 @@ def baselines_at(cfg, fit, ev, length: int) -> Dict[str, float]:
 
 def run_study(cfg, workdir: str) -> dict:
   t0 = time.time()
+  # Multi-host: before any jax computation (no-op on a single host).
+  if not jax.distributed.is_initialized():
+    sharding.maybe_initialize_distributed()
   task = Task(cfg)
   d, T = cfg.d, cfg.num_tasks
   heads, lin_heads = _ints(cfg.heads), _ints(cfg.linear_heads)

@@ -25,6 +25,17 @@ Run commands (from the repository root):
 Any field can be overridden, e.g. `--config.steps=4000 --config.heads=1,2`.
 Re-running a command with the same --workdir resumes from the last
 checkpoint and gives the same final numbers as an uninterrupted run.
+
+Devices: `--config.mesh` (default "data:1": one device, today's numbers)
+takes a mesh string of experiments/sharding.py, e.g. `--config.mesh=data:-1`
+for data parallel over every device (batch_size must be divisible by the
+`data` axis size); `--config.fsdp_axis=data` also shards parameters and Adam
+state (arrays of >= 2**14 elements only). A checkpoint written under one
+mesh resumes under another. Example on 4 forced CPU devices:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 \
+  python -m experiments.icl_regression --workdir=/tmp/icl_tiny4 \
+      --config=experiments/configs/icl_regression.py:tiny --config.mesh=data:4
 """
 
 import ml_collections
@@ -60,6 +71,10 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   c.log_every = 200           # steps per jitted scan chunk / metrics line
   c.ckpt_every = 2000         # multiple of log_every
   c.stop_after_steps = 0      # > 0: stop once a run reaches it (simulated kill)
+  # Devices (experiments/sharding.py mesh string): "data:1" = one device;
+  # "data:-1" = data parallel over all devices (batch split over `data`).
+  c.mesh = "data:1"
+  c.fsdp_axis = ""            # "data": shard params/Adam state over `data`
   # Evaluation.
   c.eval_samples = 8000       # prompts (fresh data; query noise included)
   c.eval_chunk = 2000

@@ -1,0 +1,148 @@
+"""icl_regression with --config.mesh: data parallel on 4 forced host devices.
+
+The 4-device runs are subprocesses whose environment alone sets
+XLA_FLAGS=--xla_force_host_platform_device_count=4 (jax reads it once, at
+backend initialization), so the forced devices never reach this process; the
+single-device runs happen here. Sharded reductions reorder float sums, so the
+4-device numbers match the 1-device ones within a tolerance, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import icl_regression as icl
+from experiments.configs.icl_regression import get_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# The tiny preset, with two models (H=2 softmax, H=1 linear) to keep the
+# scanned training step cheap to compile.
+OVERRIDES = {"heads": "2", "linear_heads": "1"}
+RTOL = 1e-4
+
+
+def _cfg(**kw):
+  c = get_config("tiny")
+  for k, v in {**OVERRIDES, **kw}.items():
+    setattr(c, k, v)
+  return c
+
+
+def _env(devices):
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(
+      flags + [f"--xla_force_host_platform_device_count={devices}"])
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(
+      [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+  return env
+
+
+def _binary(workdir, devices, **kw):
+  args = [f"--config.{k}={v}" for k, v in {**OVERRIDES, **kw}.items()]
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.icl_regression",
+       f"--workdir={workdir}",
+       "--config=experiments/configs/icl_regression.py:tiny"] + args,
+      env=_env(devices), cwd=ROOT, capture_output=True, text=True,
+      timeout=600)
+  if proc.returncode != 0:
+    pytest.fail(f"icl_regression {args} on {devices} devices failed:\n"
+                f"{proc.stdout}\n{proc.stderr[-6000:]}")
+  return proc.stdout
+
+
+def _numbers(res):
+  """The trained-model numbers: test MSEs and the heads' omega_h, mu_h."""
+  out = {}
+  for k in ("test_mse", "test_mse_linear"):
+    for h, v in res[k].items():
+      out[f"{k}/{h}"] = [v]
+  for h, r in res["reduced_model"].items():
+    out[f"omega/{h}"] = r["omega"]
+    out[f"mu/{h}"] = r["mu"]
+  return out
+
+
+def _assert_close(got, want):
+  assert set(got) == set(want), (sorted(got), sorted(want))
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=RTOL, atol=1e-6,
+                               err_msg=k)
+
+
+def test_data4_matches_one_device_and_resumes_on_one(tmp_path):
+  assert "xla_force_host_platform_device_count" not in os.environ.get(
+      "XLA_FLAGS", "")
+  # Uninterrupted single-device reference (default mesh "data:1").
+  ref = icl.run_study(_cfg(), str(tmp_path / "ref"))
+  assert ref["config"]["mesh"] == "data:1"
+  want = _numbers(ref)
+
+  # Full run on 4 devices, batch (32) sharded over data:4.
+  d4 = tmp_path / "d4"
+  out = _binary(d4, 4, mesh="data:4")
+  assert "test_mse" in out, out
+  with open(d4 / "results.json") as f:
+    res4 = json.load(f)
+  assert res4["config"]["mesh"] == "data:4"
+  _assert_close(_numbers(res4), want)
+  assert set(res4["test_mse"]) == {"2"} and set(res4["test_mse_linear"]) == {
+      "1"}
+
+  # Interrupted on 4 devices after the step-20 checkpoint, finished on 1.
+  part = tmp_path / "part"
+  out = _binary(part, 4, mesh="data:4", stop_after_steps=20)
+  assert "stopped at step 20" in out, out
+  assert not os.path.exists(part / "results.json")
+  res1 = icl.run_study(_cfg(), str(part))
+  _assert_close(_numbers(res1), want)
+  # The resumed run logged steps 30 and 40 itself, after the 4-device 0..20.
+  with open(part / "metrics.jsonl") as f:
+    steps = [json.loads(l)["step"] for l in f]
+  assert steps == [0, 10, 20, 30, 40], steps
+
+
+def test_batch_size_check_and_batch_is_sharded():
+  """ValueError for a batch not divisible by `data`; on data:4 the compiled
+  training chunk all-reduces gradients (the batch really is split)."""
+  code = """
+import jax, jax.numpy as jnp, optax
+from experiments import icl_regression as icl
+from experiments.configs.icl_regression import get_config
+c = get_config('tiny'); c.mesh = 'data:4'; c.batch_size = 30
+try:
+  icl.make_mesh(c)
+except ValueError as e:
+  print('ValueError:', e)
+c.batch_size = 32; c.heads = '1'; c.linear_heads = ''
+mesh = icl.make_mesh(c)
+print('mesh', dict(mesh.shape))
+task = icl.Task(c)
+runs = [icl.Run(c, task, 'softmax', 1)]
+tx = optax.adam(c.lr)
+init = icl.sharding.shard_tree(
+    {'p': {r.name: r.params0 for r in runs},
+     'o': {r.name: tx.init(r.params0) for r in runs}}, mesh)
+chunk = icl._make_chunk(c, task, runs, tx, mesh)
+hlo = chunk.lower(init['p'], init['o'], jnp.asarray(0), 2).compile().as_text()
+print('all-reduce' in hlo and 'all-reduce', flush=True)
+"""
+  proc = subprocess.run([sys.executable, "-c", code], env=_env(4), cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  err = [l for l in proc.stdout.splitlines() if l.startswith("ValueError")]
+  assert err and "config.mesh" in err[0] and "batch_size" in err[0], \
+      proc.stdout
+  lines = proc.stdout.splitlines()
+  assert "mesh {'data': 4}" in lines and "all-reduce" in lines, proc.stdout
