@@ -37,6 +37,7 @@ FEATURE_MAPS = {
 }
 
 DEFAULT_CHUNK_SIZE = 64
+_TOKENS_PER_STEP = 512
 
 SUPPORT = {
     "noncausal_self": True,
@@ -136,49 +137,69 @@ def linear_attention(query, key, value, *, feature_map: FeatureMap = "elu_plus_o
   scale = 1.0 if scale is None else float(scale)
   fq, fk = _features(query, key, feature_map, kv_mask)
   f = fq.shape[-1]
-  fq = fq.reshape(b, t, k, g, f)
-  v = value.astype(jnp.float32)
+  # Head-major layout (contiguous per head) and, when normalizing, a ones
+  # column on the values so numerator and denominator come from one product.
+  fq = fq.reshape(b, t, k, g, f).transpose(0, 2, 3, 1, 4)     # [b,k,g,t,f]
+  fk = fk.transpose(0, 2, 1, 3)                               # [b,k,s,f]
+  v = value.astype(jnp.float32).transpose(0, 2, 1, 3)         # [b,k,s,hv]
+  if normalize:
+    v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], -1)
   if not is_causal:
-    kv = jnp.einsum("bskf,bskd->bkfd", fk, v)
-    num = jnp.einsum("btkgf,bkfd->btkgd", fq, kv)
-    den = jnp.einsum("btkgf,bkf->btkg", fq, jnp.sum(fk, axis=1))
+    kv = jnp.einsum("bksf,bksd->bkfd", fk, v)
+    nd = jnp.einsum("bkgtf,bkfd->bkgtd", fq, kv)
   else:
-    num, den = _causal_chunked(fq, fk, v, chunk_size or DEFAULT_CHUNK_SIZE)
+    nd = _causal_chunked(fq, fk, v, chunk_size or DEFAULT_CHUNK_SIZE)
+  nd = nd.transpose(0, 3, 1, 2, 4)                            # [b,t,k,g,d]
+  if normalize:
+    num, den = nd[..., :-1], nd[..., -1]
+  else:
+    num, den = nd, None
   out = _finish(num, den, normalize, scale, query.dtype).reshape(b, t, n, hv)
   return out[0] if unbatched else out
 
 
 def _causal_chunked(fq, fk, v, chunk_size):
-  """Chunk-wise causal numerator [B,T,K,G,Hv] and denominator [B,T,K,G]."""
-  b, t, k, g, f = fq.shape
-  s, hv = fk.shape[1], v.shape[-1]
+  """Chunk-wise causal products [B,K,G,T,D] of fq [B,K,G,T,F], fk [B,K,S,F],
+  v [B,K,S,D] (D may include the ones column of the denominator).
+
+  A lax.scan walks over groups of chunks (about _TOKENS_PER_STEP tokens per
+  step, so a step's working set stays in cache) carrying the state
+  sum phi(K)^T V of all earlier chunks; inside a step the chunks are handled
+  in parallel with an exclusive prefix sum of their chunk states.
+  """
+  b, k, g, t, f = fq.shape
+  s, d = fk.shape[2], v.shape[-1]
   c = min(chunk_size, max(t, s))
-  length = _common.round_up(max(t, s), c)
-  nc = length // c
-  # Padded keys have zero features, so they contribute nothing; padded query
-  # rows are cropped. Keys past the last query are never seen.
-  fq = jnp.pad(fq, ((0, 0), (0, length - t), (0, 0), (0, 0), (0, 0)))
-  fk = jnp.pad(fk[:, :length], ((0, 0), (0, length - min(s, length)), (0, 0), (0, 0)))
-  v = jnp.pad(v[:, :length], ((0, 0), (0, length - min(s, length)), (0, 0), (0, 0)))
-  fq = fq.reshape(b, nc, c, k, g, f)
-  fk = fk.reshape(b, nc, c, k, f)
-  v = v.reshape(b, nc, c, k, hv)
-  # Intra-chunk: masked quadratic form.
-  scores = jnp.einsum("bcikgf,bcjkf->bckgij", fq, fk)
+  per_step = max(1, min(_TOKENS_PER_STEP // c, -(-max(t, s) // c)))
+  length = _common.round_up(max(t, s), c * per_step)
+  nsteps = length // (c * per_step)
+  # Padded keys have zero features and values, so they contribute nothing;
+  # padded query rows are cropped. Keys past the padded length are never seen.
+  fq = jnp.pad(fq, ((0, 0), (0, 0), (0, 0), (0, length - t), (0, 0)))
+  sk = min(s, length)
+  fk = jnp.pad(fk[:, :, :length], ((0, 0), (0, 0), (0, length - sk), (0, 0)))
+  v = jnp.pad(v[:, :, :length], ((0, 0), (0, 0), (0, length - sk), (0, 0)))
+  fq = jnp.moveaxis(fq.reshape(b, k, g, nsteps, per_step, c, f), 3, 0)
+  fk = jnp.moveaxis(fk.reshape(b, k, nsteps, per_step, c, f), 2, 0)
+  v = jnp.moveaxis(v.reshape(b, k, nsteps, per_step, c, d), 2, 0)
   tril = jnp.tril(jnp.ones((c, c), dtype=bool))
-  scores = jnp.where(tril, scores, 0.0)
-  num = jnp.einsum("bckgij,bcjkd->bcikgd", scores, v)
-  den = jnp.einsum("bckgij->bcikg", scores)
-  # Inter-chunk: exclusive prefix sums of the chunk states.
-  kv = jnp.einsum("bcjkf,bcjkd->bckfd", fk, v)
-  z = jnp.sum(fk, axis=2)                                # [b, nc, k, f]
-  kv_prev = jnp.cumsum(kv, axis=1) - kv
-  z_prev = jnp.cumsum(z, axis=1) - z
-  num = num + jnp.einsum("bcikgf,bckfd->bcikgd", fq, kv_prev)
-  den = den + jnp.einsum("bcikgf,bckf->bcikg", fq, z_prev)
-  num = num.reshape(b, length, k, g, hv)[:, :t]
-  den = den.reshape(b, length, k, g)[:, :t]
-  return num, den
+
+  def step(state, xs):
+    q_, k_, v_ = xs           # [b,k,g,P,c,f], [b,k,P,c,f], [b,k,P,c,d]
+    # Intra-chunk: masked quadratic form.
+    scores = jnp.einsum("bkgcif,bkcjf->bkgcij", q_, k_)
+    scores = jnp.where(tril, scores, 0.0)
+    out = jnp.einsum("bkgcij,bkcjd->bkgcid", scores, v_)
+    # Inter-chunk: carried state plus exclusive prefix sum of chunk states.
+    kv = jnp.einsum("bkcjf,bkcjd->bkcfd", k_, v_)
+    prev = state[:, :, None] + jnp.cumsum(kv, axis=2) - kv
+    out = out + jnp.einsum("bkgcif,bkcfd->bkgcid", q_, prev)
+    return state + jnp.sum(kv, axis=2), out
+
+  state0 = jnp.zeros((b, k, f, d), jnp.float32)
+  _, out = jax.lax.scan(step, state0, (fq, fk, v))   # [n,b,k,g,P,c,d]
+  out = jnp.moveaxis(out, 0, 3).reshape(b, k, g, length, d)
+  return out[:, :, :, :t]
 
 
 def linear_attention_reference(query, key, value, *,
