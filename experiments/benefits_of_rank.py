@@ -148,7 +148,8 @@ def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
       done_steps += common.Checkpointer(
           workdir, subdir=os.path.join("checkpoints", c.name)).latest_step() or 0
   total = sum(c.steps for c in cells)
-  progress = common.Progress(total, start=done_steps, every=chunk, desc=desc)
+  every = max(chunk, (total // 50) // chunk * chunk)   # ~50 progress lines
+  progress = common.Progress(total, start=done_steps, every=every, desc=desc)
   trained = 0
   results = {}
   offset = 0
