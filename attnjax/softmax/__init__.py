@@ -77,11 +77,11 @@ def _auto_order(call: AttentionCall):
   b, t, n, s, *_ = call.shape
   big = b * n * t * s * 4 > _XLA_LOGITS_LIMIT_BYTES
   fallback = ["chunked", "xla"] if big else ["xla", "chunked"]
-  platform = jax.default_backend()
-  if platform == "gpu":
-    return ["cudnn", "pallas"] + fallback
-  if platform == "tpu":
-    return ["pallas"] + fallback
+  # The Pallas and Triton kernels are chosen only when asked for by name:
+  # they are verified in interpret mode on CPU but have not yet been run on a
+  # GPU/TPU in CI, so the automatic path uses the backends that have been.
+  if jax.default_backend() == "gpu":
+    return ["cudnn"] + fallback
   return fallback
 
 
