@@ -47,178 +47,25 @@ Outputs in --workdir:
   cells/<cell>.json   finished cells (skipped on re-runs)
   checkpoints/<cell>/ orbax checkpoints of the cell being trained
 
-`train_cells` (the resumable sweep-of-training-runs driver) is reused by
-experiments/low_rank_bottleneck.py.
+Cells are trained by `experiments.sweep.train_cells` (the resumable
+sweep-of-training-runs driver shared with experiments/low_rank_bottleneck.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Dict, List
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
 from attnjax.models.rank_models import RankAttentionNet, sphere_batch
 from experiments import common
-
-
-
-class Stopped(Exception):
-  """Raised when `stop_after_steps` is reached (a simulated kill)."""
-
-
-def ints(s) -> List[int]:
-  if isinstance(s, (list, tuple)):
-    return [int(v) for v in s]
-  s = str(s).strip()
-  return [int(v) for v in s.split(",") if v.strip()] if s else []
-
-
-# ----------------------------------------------------------------------------
-# Resumable sweep of independent training runs ("cells").
-# ----------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Cell:
-  """One training run of a sweep.
-
-  make_model() -> nnx.Module; loss_fn(model, batch) -> scalar;
-  batch_fn(key) -> batch (key = fold_in(data_key, step));
-  eval_fn(model) -> dict of scalars (deterministic). Adam with cosine decay
-  from `lr` (after `warmup` linear warm-up steps). `info` is copied into
-  the cell's result.
-  """
-  name: str
-  make_model: Callable[[], nnx.Module]
-  loss_fn: Callable[[nnx.Module, Any], jax.Array]
-  batch_fn: Callable[[jax.Array], Any]
-  eval_fn: Callable[[nnx.Module], Dict[str, Any]]
-  steps: int
-  lr: float
-  seed: int
-  b2: float = 0.999
-  warmup: int = 0
-  info: Dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def _cell_file(workdir: str, name: str) -> str:
-  return os.path.join(workdir, "cells", name + ".json")
-
-
-def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
-                ckpt_every: int, stop_after_steps: int = 0,
-                desc: str = "train") -> Dict[str, Dict[str, Any]]:
-  """Trains `cells` in order; returns {cell name: result dict}.
-
-  Resume contract: a cell's whole training state (params and optimizer
-  state, as lists of arrays) is one pytree saved every `ckpt_every` steps
-  under checkpoints/<cell>; batches come from fold_in(data_key, step), so a
-  resumed cell reproduces an uninterrupted one exactly. A finished cell
-  writes cells/<cell>.json and is skipped by later runs. With
-  `stop_after_steps` > 0 the run raises `Stopped` once it has trained that
-  many steps (losing everything after the last checkpoint, like a kill).
-  """
-  if ckpt_every % chunk:
-    raise ValueError(f"`ckpt_every` ({ckpt_every}) must be a multiple of "
-                     f"`chunk` ({chunk}).")
-  for c in cells:
-    if c.steps % chunk:
-      raise ValueError(f"cell {c.name}: `steps` ({c.steps}) must be a "
-                       f"multiple of `chunk` ({chunk}).")
-  os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
-  metrics = common.MetricsWriter(workdir)
-
-  def ckpt_dir(c):
-    return os.path.join(workdir, "checkpoints", c.name)
-
-  done_steps = 0
-  for c in cells:
-    if os.path.exists(_cell_file(workdir, c.name)):
-      done_steps += c.steps
-    elif os.path.isdir(ckpt_dir(c)):
-      done_steps += common.Checkpointer(
-          workdir, subdir=os.path.join("checkpoints", c.name)).latest_step() or 0
-  total = sum(c.steps for c in cells)
-  every = max(chunk, (total // 50) // chunk * chunk)   # ~50 progress lines
-  progress = common.Progress(total, start=done_steps, every=every, desc=desc)
-  trained = 0
-  results = {}
-  offset = 0
-  for c in cells:
-    path = _cell_file(workdir, c.name)
-    if os.path.exists(path):
-      with open(path) as f:
-        results[c.name] = json.load(f)
-      offset += c.steps
-      continue
-    model = c.make_model()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = params.to_pure_dict()
-    p_leaves, p_def = jax.tree_util.tree_flatten(params)
-    sched = (optax.warmup_cosine_decay_schedule(0.0, c.lr, c.warmup, c.steps)
-             if c.warmup else optax.cosine_decay_schedule(c.lr, c.steps))
-    tx = optax.adam(sched, b2=c.b2)
-    opt = tx.init(params)
-    o_leaves, o_def = jax.tree_util.tree_flatten(opt)
-    ckpt = common.Checkpointer(workdir,
-                               subdir=os.path.join("checkpoints", c.name))
-    step, state = ckpt.restore_or({"params": p_leaves, "opt": o_leaves})
-    params = jax.tree_util.tree_unflatten(p_def, list(state["params"]))
-    opt = jax.tree_util.tree_unflatten(o_def, list(state["opt"]))
-    metrics.resume_from(offset + step)
-    data_key = jax.random.fold_in(jax.random.key(c.seed), 1)
-
-    def loss_of(p, batch, c=c, graphdef=graphdef, rest=rest):
-      return c.loss_fn(nnx.merge(graphdef, p, rest), batch)
-
-    @jax.jit
-    def run_chunk(p, o, start, c=c, tx=tx, data_key=data_key,
-                  loss_of=loss_of):
-      def body(i, carry):
-        p, o, acc = carry
-        batch = c.batch_fn(jax.random.fold_in(data_key, start + i))
-        loss, g = jax.value_and_grad(loss_of)(p, batch)
-        upd, o = tx.update(g, o, p)
-        return optax.apply_updates(p, upd), o, acc + loss
-      p, o, acc = jax.lax.fori_loop(0, chunk, body, (p, o, 0.0))
-      return p, o, acc / chunk
-
-    t0 = time.time()
-    while step < c.steps:
-      params, opt, loss = run_chunk(params, opt, step)
-      step += chunk
-      trained += chunk
-      loss = float(loss)
-      metrics.write(offset + step, cell=c.name, cell_step=step, loss=loss)
-      progress.update(offset + step, loss=loss)
-      if step % ckpt_every == 0 or step == c.steps:
-        ckpt.save(step, {"params": jax.tree_util.tree_leaves(params),
-                         "opt": jax.tree_util.tree_leaves(opt)})
-      if stop_after_steps and trained >= stop_after_steps:
-        ckpt.close()
-        raise Stopped(f"stopped after {trained} steps in this run "
-                      f"(cell {c.name} at step {step}); re-run to resume.")
-    ckpt.close()
-    res = {k: float(v) for k, v in
-           c.eval_fn(nnx.merge(graphdef, params, rest)).items()}
-    res.update(c.info)
-    res["train_loss_final"] = loss
-    res["train_time_s"] = time.time() - t0
-    common.write_results(os.path.dirname(path), res,
-                         name=os.path.basename(path))
-    results[c.name] = common.read_results(os.path.dirname(path),
-                                          os.path.basename(path))
-    offset += c.steps
-  return results
+from experiments.sweep import Cell, Stopped, count_params, ints, train_cells
 
 
 # ----------------------------------------------------------------------------
@@ -234,11 +81,6 @@ def construction_predict(x, beta: float):
   """The paper's one full-rank head: scores -beta <x_i, x_j>, values x_j."""
   scores = -beta * jnp.einsum("bid,bjd->bij", x, x)
   return jnp.einsum("bij,bjd->bid", jax.nn.softmax(scores, axis=-1), x)
-
-
-def count_params(model) -> int:
-  return int(sum(np.size(x) for x in
-                 jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))))
 
 
 def make_cells(cfg) -> List[Cell]:

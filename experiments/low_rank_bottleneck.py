@@ -53,9 +53,9 @@ Outputs in --workdir:
     config, wall_time_s
   fit_error.png      relative fit error vs head size d_p (log y), n marked
   recall_scaling.png test accuracy vs heads, standard vs fixed head size
-  metrics.jsonl, cells/<cell>.json, checkpoints/<cell>/  (as in
-                     experiments/benefits_of_rank.py, whose resumable
-                     `train_cells` driver this study reuses)
+  metrics.jsonl, cells/<cell>.json, checkpoints/<cell>/  (written by the
+                     resumable `train_cells` driver of experiments/sweep.py,
+                     shared with experiments/benefits_of_rank.py)
 """
 
 from __future__ import annotations
@@ -75,8 +75,7 @@ from attnjax.models.rank_models import (RecallTransformer,
                                         associative_recall_batch)
 from attnjax.softmax import attention_weights
 from experiments import common
-from experiments.benefits_of_rank import (Cell, Stopped, count_params, ints,
-                                          train_cells)
+from experiments.sweep import Cell, Stopped, count_params, ints, train_cells
 
 
 EXACT_TOL = 1e-5
