@@ -137,69 +137,80 @@ def linear_attention(query, key, value, *, feature_map: FeatureMap = "elu_plus_o
   scale = 1.0 if scale is None else float(scale)
   fq, fk = _features(query, key, feature_map, kv_mask)
   f = fq.shape[-1]
-  # Head-major layout (contiguous per head) and, when normalizing, a ones
-  # column on the values so numerator and denominator come from one product.
-  fq = fq.reshape(b, t, k, g, f).transpose(0, 2, 3, 1, 4)     # [b,k,g,t,f]
-  fk = fk.transpose(0, 2, 1, 3)                               # [b,k,s,f]
-  v = value.astype(jnp.float32).transpose(0, 2, 1, 3)         # [b,k,s,hv]
-  if normalize:
-    v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], -1)
+  v = value.astype(jnp.float32)
   if not is_causal:
-    kv = jnp.einsum("bksf,bksd->bkfd", fk, v)
-    nd = jnp.einsum("bkgtf,bkfd->bkgtd", fq, kv)
+    # Head-major layout (contiguous per head) and, when normalizing, a ones
+    # column on the values so numerator and denominator come from one product.
+    fqh = fq.reshape(b, t, k, g, f).transpose(0, 2, 3, 1, 4)  # [b,k,g,t,f]
+    fkh = fk.transpose(0, 2, 1, 3)                            # [b,k,s,f]
+    vh = v.transpose(0, 2, 1, 3)                              # [b,k,s,hv]
+    if normalize:
+      vh = jnp.concatenate([vh, jnp.ones(vh.shape[:-1] + (1,), vh.dtype)], -1)
+    kv = jnp.einsum("bksf,bksd->bkfd", fkh, vh)
+    nd = jnp.einsum("bkgtf,bkfd->btkgd", fqh, kv)
+    num, den = (nd[..., :-1], nd[..., -1]) if normalize else (nd, None)
   else:
-    nd = _causal_chunked(fq, fk, v, chunk_size or DEFAULT_CHUNK_SIZE)
-  nd = nd.transpose(0, 3, 1, 2, 4)                            # [b,t,k,g,d]
-  if normalize:
-    num, den = nd[..., :-1], nd[..., -1]
-  else:
-    num, den = nd, None
+    num, den = _causal_chunked(fq.reshape(b, t, k, g, f), fk, v,
+                               chunk_size or DEFAULT_CHUNK_SIZE, normalize)
   out = _finish(num, den, normalize, scale, query.dtype).reshape(b, t, n, hv)
   return out[0] if unbatched else out
 
 
-def _causal_chunked(fq, fk, v, chunk_size):
-  """Chunk-wise causal products [B,K,G,T,D] of fq [B,K,G,T,F], fk [B,K,S,F],
-  v [B,K,S,D] (D may include the ones column of the denominator).
+def _causal_chunked(fq, fk, v, chunk_size, normalize):
+  """Chunk-wise causal numerator [B,T,K,G,D] and denominator [B,T,K,G] (or
+  None) of fq [B,T,K,G,F], fk [B,S,K,F], v [B,S,K,D].
 
   A lax.scan walks over groups of chunks (about _TOKENS_PER_STEP tokens per
   step, so a step's working set stays in cache) carrying the state
-  sum phi(K)^T V of all earlier chunks; inside a step the chunks are handled
-  in parallel with an exclusive prefix sum of their chunk states.
+  sum phi(K)^T V (and sum phi(K)) of all earlier chunks; inside a step the
+  chunks are handled in parallel: intra-chunk masked quadratic form plus an
+  exclusive prefix sum of the chunk states.
   """
-  b, k, g, t, f = fq.shape
-  s, d = fk.shape[2], v.shape[-1]
+  b, t, k, g, f = fq.shape
+  s, d = fk.shape[1], v.shape[-1]
   c = min(chunk_size, max(t, s))
   per_step = max(1, min(_TOKENS_PER_STEP // c, -(-max(t, s) // c)))
   length = _common.round_up(max(t, s), c * per_step)
-  nsteps = length // (c * per_step)
+  n = length // (c * per_step)
   # Padded keys have zero features and values, so they contribute nothing;
   # padded query rows are cropped. Keys past the padded length are never seen.
-  fq = jnp.pad(fq, ((0, 0), (0, 0), (0, 0), (0, length - t), (0, 0)))
   sk = min(s, length)
-  fk = jnp.pad(fk[:, :, :length], ((0, 0), (0, 0), (0, length - sk), (0, 0)))
-  v = jnp.pad(v[:, :, :length], ((0, 0), (0, 0), (0, length - sk), (0, 0)))
-  fq = jnp.moveaxis(fq.reshape(b, k, g, nsteps, per_step, c, f), 3, 0)
-  fk = jnp.moveaxis(fk.reshape(b, k, nsteps, per_step, c, f), 2, 0)
-  v = jnp.moveaxis(v.reshape(b, k, nsteps, per_step, c, d), 2, 0)
+  fq = jnp.pad(fq, ((0, 0), (0, length - t), (0, 0), (0, 0), (0, 0)))
+  fk = jnp.pad(fk[:, :length], ((0, 0), (0, length - sk), (0, 0), (0, 0)))
+  v = jnp.pad(v[:, :length], ((0, 0), (0, length - sk), (0, 0), (0, 0)))
+  # Step-major: [n, b, P, c, ...] (one copy each).
+  fq = jnp.moveaxis(fq.reshape(b, n, per_step, c, k, g, f), 1, 0)
+  fk = jnp.moveaxis(fk.reshape(b, n, per_step, c, k, f), 1, 0)
+  v = jnp.moveaxis(v.reshape(b, n, per_step, c, k, d), 1, 0)
   tril = jnp.tril(jnp.ones((c, c), dtype=bool))
 
-  def step(state, xs):
-    q_, k_, v_ = xs           # [b,k,g,P,c,f], [b,k,P,c,f], [b,k,P,c,d]
-    # Intra-chunk: masked quadratic form.
-    scores = jnp.einsum("bkgcif,bkcjf->bkgcij", q_, k_)
+  def step(carry, xs):
+    kv_state, z_state = carry          # [b,k,f,d], [b,k,f]
+    q_, k_, v_ = xs                    # [b,P,c,k,g,f], [b,P,c,k,f], [b,P,c,k,d]
+    scores = jnp.einsum("bpikgf,bpjkf->bpkgij", q_, k_)
     scores = jnp.where(tril, scores, 0.0)
-    out = jnp.einsum("bkgcij,bkcjd->bkgcid", scores, v_)
-    # Inter-chunk: carried state plus exclusive prefix sum of chunk states.
-    kv = jnp.einsum("bkcjf,bkcjd->bkcfd", k_, v_)
-    prev = state[:, :, None] + jnp.cumsum(kv, axis=2) - kv
-    out = out + jnp.einsum("bkgcif,bkcfd->bkgcid", q_, prev)
-    return state + jnp.sum(kv, axis=2), out
+    num = jnp.einsum("bpkgij,bpjkd->bpikgd", scores, v_)
+    kv = jnp.einsum("bpjkf,bpjkd->bpkfd", k_, v_)
+    prev = kv_state[:, None] + jnp.cumsum(kv, axis=1) - kv
+    num = num + jnp.einsum("bpikgf,bpkfd->bpikgd", q_, prev)
+    if normalize:
+      den = jnp.sum(scores, axis=-1).transpose(0, 1, 4, 2, 3)   # [b,P,i,k,g]
+      z = jnp.sum(k_, axis=2)                                   # [b,P,k,f]
+      zprev = z_state[:, None] + jnp.cumsum(z, axis=1) - z
+      den = den + jnp.einsum("bpikgf,bpkf->bpikg", q_, zprev)
+      z_state = z_state + jnp.sum(z, axis=1)
+    else:
+      den = jnp.zeros((), jnp.float32)
+    return (kv_state + jnp.sum(kv, axis=1), z_state), (num, den)
 
-  state0 = jnp.zeros((b, k, f, d), jnp.float32)
-  _, out = jax.lax.scan(step, state0, (fq, fk, v))   # [n,b,k,g,P,c,d]
-  out = jnp.moveaxis(out, 0, 3).reshape(b, k, g, length, d)
-  return out[:, :, :, :t]
+  carry = (jnp.zeros((b, k, f, d), jnp.float32),
+           jnp.zeros((b, k, f), jnp.float32))
+  _, (num, den) = jax.lax.scan(step, carry, (fq, fk, v))
+  num = jnp.moveaxis(num, 0, 1).reshape(b, length, k, g, d)[:, :t]
+  if not normalize:
+    return num, None
+  den = jnp.moveaxis(den, 0, 1).reshape(b, length, k, g)[:, :t]
+  return num, den
 
 
 def linear_attention_reference(query, key, value, *,

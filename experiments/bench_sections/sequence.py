@@ -6,11 +6,14 @@ attnjax's 'xla' and 'chunked' softmax backends (same causality). Softmax is
 measured up to `_SOFTMAX_MAX_LEN` (its quadratic time dominates the run
 beyond that); triple-wise attention (cubic) only at short lengths.
 
+MoBA is measured up to S=4096 only (see _MAX_LEN).
+
 Rows: one per (mechanism, seq_len) with time_ms, mem_mb and
 ratio_vs_softmax; then one "summary" row per mechanism with
 `scaling_16k_over_1k` (time at the longest over time at S=1024, the
 linear-scaling check: <= 24 for a 16x longer sequence) and
-`crossover_seq_len` (the first measured length where it is faster than
+`cpu_scaling_16k_over_1k` (the same from process CPU time, robust to a
+shared machine) and `crossover_seq_len` (the first measured length where it is faster than
 softmax attention; None if never within the softmax range).
 
 Run: python -m experiments.bench_attention --workdir=runs/bench_sequence \
@@ -20,6 +23,7 @@ Run: python -m experiments.bench_attention --workdir=runs/bench_sequence \
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +34,10 @@ from attnjax import sequence as sq
 BATCH, HEADS, HEAD_DIM = 1, 4, 64
 _SOFTMAX_MAX_LEN = 8192
 _TRIPLEWISE_LENS = (128, 256)
+# MoBA gathers top_k * block_size keys per query token (O(T top_k block H)
+# memory traffic): linear, but with a large constant on CPU; capped to keep
+# the run short.
+_MAX_LEN = {"moba": 4096}
 
 
 def _mechanisms():
@@ -70,6 +78,22 @@ def _softmax_impls():
   }
 
 
+def _cpu_seconds(fn, *args, repeats=3):
+  """Median process CPU seconds per call (all threads; compile excluded).
+
+  On a shared machine wall time includes waiting for a core; CPU time does
+  not, so the scaling ratios are also reported from it.
+  """
+  jfn = jax.jit(fn)
+  jax.block_until_ready(jfn(*args))
+  ts = []
+  for _ in range(repeats):
+    t0 = time.process_time()
+    jax.block_until_ready(jfn(*args))
+    ts.append(time.process_time() - t0)
+  return sorted(ts)[len(ts) // 2]
+
+
 def run(ctx):
   quick = bool(ctx.quick)
   lens = (256, 1024) if quick else (1024, 2048, 4096, 8192, 16384)
@@ -85,7 +109,7 @@ def run(ctx):
             jax.random.normal(kk, shape, dtype),
             jax.random.normal(kv, shape, dtype))
 
-  def measure(name, impl, fn, s, extra):
+  def measure(name, impl, fn, s, extra, cpu=False):
     q, k, v = inputs(s)
     mem = ctx.peak_memory_bytes(fn, q, k, v)
     t = ctx.time_fn(fn, q, k, v, repeats=repeats if s <= 4096 else
@@ -93,6 +117,8 @@ def run(ctx):
     row = dict(section="sequence", name=name, impl=impl, batch=BATCH,
                heads=HEADS, head_dim=HEAD_DIM, seq_len=s, time_ms=1e3 * t,
                mem_mb=mem / 2**20, dtype=jnp.dtype(dtype).name, **extra)
+    if cpu:
+      row["cpu_ms"] = 1e3 * _cpu_seconds(fn, q, k, v)
     ctx.log(f"sequence {name} [{impl}] S={s}: {1e3 * t:.2f} ms, "
             f"{mem / 2**20:.1f} MiB")
     return row, t
@@ -115,9 +141,14 @@ def run(ctx):
     mech_lens = _TRIPLEWISE_LENS if name.startswith("triplewise") else lens
     if quick and name.startswith("triplewise"):
       mech_lens = (64, 128)
-    times = {}
+    cap = next((v for k_, v in _MAX_LEN.items() if name.startswith(k_)), None)
+    if cap is not None and not quick:
+      mech_lens = tuple(s for s in mech_lens if s <= cap)
+    times, cpu = {}, {}
     for s in mech_lens:
-      row, t = measure(name, "attnjax.sequence", fn, s, {"causal": causal})
+      row, t = measure(name, "attnjax.sequence", fn, s, {"causal": causal},
+                       cpu=True)
+      cpu[s] = row["cpu_ms"]
       base = softmax_best.get((causal, s))
       row["ratio_vs_softmax"] = None if base is None else t / base
       rows.append(row)
@@ -130,6 +161,7 @@ def run(ctx):
         section="sequence", name=name, impl="summary", seq_len=hi,
         time_ms=1e3 * times[hi], mem_mb=None, causal=causal,
         scaling_16k_over_1k=(times[hi] / times[lo]) if hi > lo else None,
+        cpu_scaling_16k_over_1k=(cpu[hi] / cpu[lo]) if hi > lo else None,
         scaling_lengths=f"{hi}/{lo}",
         crossover_seq_len=cross,
         note=("faster than softmax from S=%d" % cross) if cross else
