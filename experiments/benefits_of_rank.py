@@ -28,6 +28,20 @@ Run (see experiments/configs/benefits_of_rank.py for all presets):
 
   python -m experiments.benefits_of_rank --workdir=/tmp/rank_default
 
+Devices (`--config.mesh`, helpers in experiments/sharding.py, see
+docs/distributed.md): the default "data:1" is the single-device run.
+"data:-1" (or "data:4", ...) is data parallel: each step's batch, sampled
+inside the jitted loop, is sharded over the `data` axis
+(`sharding.constrain_batch`) and XLA all-reduces the gradients; parameters
+and Adam state are replicated, or sharded over `--config.fsdp_axis=data`
+(only arrays of >= 2**14 elements). config.batch_size must be divisible by
+the `data` axis size. Other mesh axes are not used (the work is replicated
+over them). Numbers equal the single-device run up to float summation order
+(sharded reductions). Checkpoints restore into whatever mesh the resuming
+run uses, so a cell started on N devices can be finished on M. Multi-host:
+`sharding.maybe_initialize_distributed()` picks up SLURM / Open MPI / TPU /
+JAX_COORDINATOR_ADDRESS environments.
+
 Outputs in --workdir:
   results.json keys:
     mse                   {"N=<n>": {"depth=<L>": {"rank=<r>": test MSE}}}
@@ -40,7 +54,7 @@ Outputs in --workdir:
     construction_mse      {"N=<n>": MSE of the explicit one-head
                           construction at beta = construction_beta}
     zero_predictor_mse    1.0 (MSE of predicting 0)
-    config, wall_time_s
+    config, wall_time_s   (config includes mesh and fsdp_axis)
   rank_vs_mse.png     test MSE vs rank, one panel per N, a line per depth
   metrics.jsonl       training loss per chunk of steps ("step" is global
                       across cells; "cell" names the cell)
@@ -64,7 +78,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from attnjax.models.rank_models import RankAttentionNet, sphere_batch
-from experiments import common
+from experiments import common, sharding, sweep
 from experiments.sweep import Cell, Stopped, count_params, ints, train_cells
 
 
@@ -117,18 +131,28 @@ def make_cells(cfg) -> List[Cell]:
   return cells
 
 
+def make_mesh(cfg):
+  """The training mesh from `cfg.mesh`; checks batch_size against `data`."""
+  return sweep.make_mesh(cfg.mesh, {"config.batch_size": cfg.batch_size})
+
+
 def run_study(cfg, workdir: str) -> Dict[str, Any]:
   t0 = time.time()
+  # Multi-host: before any jax computation (no-op on a single host).
+  if not jax.distributed.is_initialized():
+    sharding.maybe_initialize_distributed()
   d = int(cfg.dim)
   ranks, depths, ns = ints(cfg.ranks), ints(cfg.depths), ints(cfg.num_points)
   for r in ranks:
     if r < 1 or d % r:
       raise ValueError(f"every rank must divide dim={d}; got ranks={ranks}.")
+  mesh = make_mesh(cfg)
   cells = make_cells(cfg)
   res = train_cells(workdir, cells, chunk=int(cfg.chunk),
                     ckpt_every=int(cfg.ckpt_every),
                     stop_after_steps=int(cfg.stop_after_steps),
-                    desc="benefits_of_rank")
+                    desc="benefits_of_rank", mesh=mesh,
+                    fsdp_axis=cfg.fsdp_axis or None)
   table = [res[c.name] for c in cells]
   mse = {f"N={n}": {f"depth={L}": {f"rank={r}": res[f"N{n}_L{L}_r{r}"]["mse"]
                                    for r in ranks} for L in depths}

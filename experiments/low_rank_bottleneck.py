@@ -31,6 +31,21 @@ Run (see experiments/configs/low_rank_bottleneck.py for all presets):
 
   python -m experiments.low_rank_bottleneck --workdir=/tmp/lrb_default
 
+Devices (`--config.mesh`, helpers in experiments/sharding.py, see
+docs/distributed.md): the default "data:1" is the single-device run.
+"data:-1" (or "data:4", ...) is data parallel: each step's batch, sampled
+inside the jitted loop, is sharded over the `data` axis
+(`sharding.constrain_batch`) and XLA all-reduces the gradients; parameters
+and Adam state are replicated, or sharded over `--config.fsdp_axis=data`
+(only arrays of >= 2**14 elements). config.recall.batch_size must be
+divisible by the `data` axis size (the fit cells have no batch: their work
+is replicated). Other mesh axes are not used (the work is replicated over
+them). Numbers equal the single-device run up to float summation order
+(sharded reductions). Checkpoints restore into whatever mesh the resuming
+run uses, so a cell started on N devices can be finished on M. Multi-host:
+`sharding.maybe_initialize_distributed()` picks up SLURM / Open MPI / TPU /
+JAX_COORDINATOR_ADDRESS environments.
+
 Outputs in --workdir:
   results.json keys:
     fit.n, fit.head_sizes         sequence length and the d_p swept
@@ -50,7 +65,7 @@ Outputs in --workdir:
     recall.fixed_head_size        p
     recall.params                 {"standard"|"fixed": {"h=<h>": count}}
     recall.chance_accuracy        1 / num_values
-    config, wall_time_s
+    config, wall_time_s           (config includes mesh and fsdp_axis)
   fit_error.png      relative fit error vs head size d_p (log y), n marked
   recall_scaling.png test accuracy vs heads, standard vs fixed head size
   metrics.jsonl, cells/<cell>.json, checkpoints/<cell>/  (written by the
@@ -74,7 +89,7 @@ from ml_collections import config_flags
 from attnjax.models.rank_models import (RecallTransformer,
                                         associative_recall_batch)
 from attnjax.softmax import attention_weights
-from experiments import common
+from experiments import common, sharding, sweep
 from experiments.sweep import Cell, Stopped, count_params, ints, train_cells
 
 
@@ -219,14 +234,26 @@ def recall_cells(cfg) -> List[Cell]:
 # Driver.
 # ----------------------------------------------------------------------------
 
+def make_mesh(cfg):
+  """The training mesh from `cfg.mesh`; checks the recall batch size
+  against `data` (the fit cells have no batch)."""
+  return sweep.make_mesh(cfg.mesh, {
+      "config.recall.batch_size": cfg.recall.batch_size})
+
+
 def run_study(cfg, workdir: str) -> Dict[str, Any]:
   t0 = time.time()
+  # Multi-host: before any jax computation (no-op on a single host).
+  if not jax.distributed.is_initialized():
+    sharding.maybe_initialize_distributed()
   f, r = cfg.fit, cfg.recall
+  mesh = make_mesh(cfg)
   fcells, rcells = fit_cells(cfg), recall_cells(cfg)
   res = train_cells(workdir, fcells + rcells, chunk=int(cfg.chunk),
                     ckpt_every=int(cfg.ckpt_every),
                     stop_after_steps=int(cfg.stop_after_steps),
-                    desc="low_rank_bottleneck")
+                    desc="low_rank_bottleneck", mesh=mesh,
+                    fsdp_axis=cfg.fsdp_axis or None)
   n = int(f.n)
   hs_list = ints(f.head_sizes)
   fit = {"n": n, "d": int(f.d), "head_sizes": hs_list,

@@ -14,6 +14,15 @@ sampler, evaluation, steps, Adam settings) and hands the list to
 Per-step randomness: the batch of step s of a cell is
 `batch_fn(fold_in(fold_in(key(cell.seed), 1), s))`, so a resumed cell
 reproduces an uninterrupted one exactly.
+
+Devices: `train_cells(..., mesh=, fsdp_axis=)` places the training state on
+a `jax.sharding.Mesh` (experiments/sharding.py; replicated, or FSDP over
+`fsdp_axis`) before the restore target is built, so orbax restores a
+checkpoint written on any device count straight into this mesh; each
+step's batch, sampled inside the jitted loop, is sharded over the mesh's
+`data` axis (`sharding.constrain_batch`) and XLA all-reduces the gradients.
+`make_mesh` checks the batch sizes against the `data` axis. The default
+mesh "data:1" is the single-device run, bit for bit.
 """
 
 from __future__ import annotations
@@ -22,14 +31,14 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 import optax
 from flax import nnx
 
-from experiments import common
+from experiments import common, sharding
 
 
 class Stopped(Exception):
@@ -48,6 +57,23 @@ def count_params(model) -> int:
   """Number of trainable (nnx.Param) scalars of `model`."""
   return int(sum(np.size(x) for x in
                  jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))))
+
+
+def make_mesh(mesh_spec: str, batch_sizes: Mapping[str, int]):
+  """The training mesh from a `config.mesh` string (e.g. "data:4").
+
+  `batch_sizes` maps config field names (e.g. "config.batch_size") to the
+  training batch sizes that will be sharded over the mesh's `data` axis;
+  a ValueError names the field and config.mesh when one is not divisible.
+  """
+  mesh = sharding.make_mesh(mesh_spec)
+  data = mesh.shape["data"] if "data" in mesh.axis_names else 1
+  for name, size in batch_sizes.items():
+    if int(size) % data:
+      raise ValueError(f"{name} ({size}) must be divisible by the 'data' "
+                       f"axis size {data} of config.mesh {mesh_spec!r} "
+                       f"(mesh {dict(mesh.shape)}).")
+  return mesh
 
 
 @dataclasses.dataclass
@@ -77,9 +103,61 @@ def _cell_file(workdir: str, name: str) -> str:
   return os.path.join(workdir, "cells", name + ".json")
 
 
+@dataclasses.dataclass
+class BuiltCell:
+  """What `build_cell` returns: the model split for training, the initial
+  training state on the mesh, and the jitted chunk of `chunk` Adam steps."""
+  graphdef: Any
+  rest: Any                 # non-trainable model state, replicated
+  init: Dict[str, Any]      # {"params": pure dict, "opt": Adam state}
+  run_chunk: Callable       # jit(params, opt, start) -> params, opt, loss
+
+
+def build_cell(c: Cell, *, chunk: int, mesh: jax.sharding.Mesh,
+               fsdp_axis: Optional[str] = None) -> BuiltCell:
+  """Model, optimizer and jitted training chunk of one cell on `mesh`.
+
+  `run_chunk(p, o, start)` runs steps start .. start + chunk - 1 (batch of
+  step s from fold_in(data_key, s), sharded over the mesh's `data` axis)
+  and returns the new state and the mean loss.
+  """
+  model = c.make_model()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rest = sharding.replicate(rest, mesh)   # non-trainable state (constants)
+  params = params.to_pure_dict()
+  sched = (optax.warmup_cosine_decay_schedule(0.0, c.lr, c.warmup, c.steps)
+           if c.warmup else optax.cosine_decay_schedule(c.lr, c.steps))
+  tx = optax.adam(sched, b2=c.b2)
+  # On the mesh before building the restore target: orbax then reads the
+  # checkpoint straight into this mesh, whatever device count wrote it.
+  init = sharding.shard_tree({"params": params, "opt": tx.init(params)},
+                             mesh, fsdp_axis=fsdp_axis or None)
+  data_key = jax.random.fold_in(jax.random.key(c.seed), 1)
+
+  def loss_of(p, batch):
+    return c.loss_fn(nnx.merge(graphdef, p, rest), batch)
+
+  @jax.jit
+  def run_chunk(p, o, start):
+    def body(i, carry):
+      p, o, acc = carry
+      batch = c.batch_fn(jax.random.fold_in(data_key, start + i))
+      batch = sharding.constrain_batch(batch, mesh)
+      loss, g = jax.value_and_grad(loss_of)(p, batch)
+      upd, o = tx.update(g, o, p)
+      return optax.apply_updates(p, upd), o, acc + loss
+    p, o, acc = jax.lax.fori_loop(0, chunk, body, (p, o, 0.0))
+    return p, o, acc / chunk
+
+  return BuiltCell(graphdef=graphdef, rest=rest, init=init,
+                   run_chunk=run_chunk)
+
+
 def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
                 ckpt_every: int, stop_after_steps: int = 0,
-                desc: str = "train") -> Dict[str, Dict[str, Any]]:
+                desc: str = "train", mesh: Optional[jax.sharding.Mesh] = None,
+                fsdp_axis: Optional[str] = None
+                ) -> Dict[str, Dict[str, Any]]:
   """Trains `cells` in order; returns {cell name: result dict}.
 
   Resume contract: a cell's whole training state (params and optimizer
@@ -89,6 +167,11 @@ def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
   writes cells/<cell>.json and is skipped by later runs. With
   `stop_after_steps` > 0 the run raises `Stopped` once it has trained that
   many steps (losing everything after the last checkpoint, like a kill).
+
+  `mesh` (default: one device, "data:1"): the state is placed on it
+  (replicated, or sharded over `fsdp_axis`) and each batch is sharded over
+  its `data` axis; the batch sizes must be divisible by that axis (see
+  `make_mesh`).
   """
   if ckpt_every % chunk:
     raise ValueError(f"`ckpt_every` ({ckpt_every}) must be a multiple of "
@@ -97,6 +180,9 @@ def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
     if c.steps % chunk:
       raise ValueError(f"cell {c.name}: `steps` ({c.steps}) must be a "
                        f"multiple of `chunk` ({chunk}).")
+  if mesh is None:
+    mesh = sharding.make_mesh("data:1")
+  fsdp_axis = fsdp_axis or None
   os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
   metrics = common.MetricsWriter(workdir)
 
@@ -123,37 +209,16 @@ def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
         results[c.name] = json.load(f)
       offset += c.steps
       continue
-    model = c.make_model()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = params.to_pure_dict()
-    p_leaves, p_def = jax.tree_util.tree_flatten(params)
-    sched = (optax.warmup_cosine_decay_schedule(0.0, c.lr, c.warmup, c.steps)
-             if c.warmup else optax.cosine_decay_schedule(c.lr, c.steps))
-    tx = optax.adam(sched, b2=c.b2)
-    opt = tx.init(params)
-    o_leaves, o_def = jax.tree_util.tree_flatten(opt)
+    b = build_cell(c, chunk=chunk, mesh=mesh, fsdp_axis=fsdp_axis)
+    graphdef, rest, run_chunk = b.graphdef, b.rest, b.run_chunk
+    p_leaves, p_def = jax.tree_util.tree_flatten(b.init["params"])
+    o_leaves, o_def = jax.tree_util.tree_flatten(b.init["opt"])
     ckpt = common.Checkpointer(workdir,
                                subdir=os.path.join("checkpoints", c.name))
     step, state = ckpt.restore_or({"params": p_leaves, "opt": o_leaves})
     params = jax.tree_util.tree_unflatten(p_def, list(state["params"]))
     opt = jax.tree_util.tree_unflatten(o_def, list(state["opt"]))
     metrics.resume_from(offset + step)
-    data_key = jax.random.fold_in(jax.random.key(c.seed), 1)
-
-    def loss_of(p, batch, c=c, graphdef=graphdef, rest=rest):
-      return c.loss_fn(nnx.merge(graphdef, p, rest), batch)
-
-    @jax.jit
-    def run_chunk(p, o, start, c=c, tx=tx, data_key=data_key,
-                  loss_of=loss_of):
-      def body(i, carry):
-        p, o, acc = carry
-        batch = c.batch_fn(jax.random.fold_in(data_key, start + i))
-        loss, g = jax.value_and_grad(loss_of)(p, batch)
-        upd, o = tx.update(g, o, p)
-        return optax.apply_updates(p, upd), o, acc + loss
-      p, o, acc = jax.lax.fori_loop(0, chunk, body, (p, o, 0.0))
-      return p, o, acc / chunk
 
     t0 = time.time()
     while step < c.steps:
@@ -184,4 +249,5 @@ def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
   return results
 
 
-__all__ = ["Cell", "Stopped", "count_params", "ints", "train_cells"]
+__all__ = ["BuiltCell", "Cell", "Stopped", "build_cell", "count_params",
+           "ints", "make_mesh", "train_cells"]

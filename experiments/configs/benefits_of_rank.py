@@ -12,6 +12,9 @@ Run commands (from the repository root):
   # seconds-long smoke test (CI / unit tests)
   python -m experiments.benefits_of_rank --workdir=/tmp/rank_tiny \
       --config=experiments/configs/benefits_of_rank.py:tiny
+  # data parallel over every device (batch split over the `data` axis)
+  python -m experiments.benefits_of_rank --workdir=/tmp/rank_dp \
+      --config.mesh=data:-1
 
 Any field can be overridden, e.g. `--config.ranks=16,1 --config.steps=3000`.
 Re-running a command with the same --workdir resumes the interrupted cell
@@ -47,6 +50,12 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   c.ckpt_every = 500           # multiple of chunk
   c.stop_after_steps = 0       # > 0: stop once this run trained that many
                                # steps (simulated kill, used by tests)
+  # Devices (experiments/sharding.py): "data:1" = one device (default,
+  # bit-identical to the single-device run); "data:-1" / "data:4" = data
+  # parallel (the batch is split over `data`); fsdp_axis="data" also shards
+  # the large (>= 2**14 elements) parameters and Adam moments over it.
+  c.mesh = "data:1"
+  c.fsdp_axis = ""
   # Evaluation on a fixed held-out batch.
   c.eval_batch = 2048
   # The explicit one-head full-rank construction (QK^T = -beta I, VO = I).

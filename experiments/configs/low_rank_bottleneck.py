@@ -13,6 +13,9 @@ Run commands (from the repository root):
   # seconds-long smoke test (CI / unit tests)
   python -m experiments.low_rank_bottleneck --workdir=/tmp/lrb_tiny \
       --config=experiments/configs/low_rank_bottleneck.py:tiny
+  # data parallel over every device (batch split over the `data` axis)
+  python -m experiments.low_rank_bottleneck --workdir=/tmp/lrb_dp \
+      --config.mesh=data:-1
 
 Any field can be overridden, e.g. `--config.heads=1,8,32 --config.steps=4000`.
 Re-running a command with the same --workdir resumes the interrupted cell
@@ -35,6 +38,13 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   c.chunk = 100                # steps per jitted loop / metrics line
   c.ckpt_every = 500           # multiple of chunk
   c.stop_after_steps = 0       # > 0: simulated kill after that many steps
+
+  # Devices (experiments/sharding.py): "data:1" = one device (default,
+  # bit-identical to the single-device run); "data:-1" / "data:4" = data
+  # parallel (the batch is split over `data`); fsdp_axis="data" also shards
+  # the large (>= 2**14 elements) parameters and Adam moments over it.
+  c.mesh = "data:1"
+  c.fsdp_axis = ""
 
   # (a) Representation: fit softmax(X W_q W_k^T X^T) to given stochastic P.
   c.fit = ml_collections.ConfigDict()

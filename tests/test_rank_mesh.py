@@ -1,0 +1,103 @@
+"""benefits_of_rank with --config.mesh: data parallel on 4 forced host devices.
+
+The 4-device run is a subprocess whose environment alone sets
+XLA_FLAGS=--xla_force_host_platform_device_count=4 (jax reads it once, at
+backend initialization), so the forced devices never reach this process; the
+single-device run happens here. Sharded reductions reorder float sums, so the
+4-device numbers match the 1-device ones within a tolerance, not bit for bit.
+The sweep driver (experiments/sweep.py) is shared with low_rank_bottleneck,
+whose mesh wiring differs only in which batch size is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import benefits_of_rank as study
+from experiments.configs.benefits_of_rank import get_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RTOL = 1e-4
+
+
+def _env(devices):
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(
+      flags + [f"--xla_force_host_platform_device_count={devices}"])
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(
+      [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+  return env
+
+
+# Runs in the 4-device subprocess: the batch-size check, then the compiled
+# training chunk of one cell on data:4 (must all-reduce the gradients, i.e.
+# the batch really is split), then the binary itself on data:4.
+_CODE = """
+import sys
+import jax
+from absl import flags
+from experiments import benefits_of_rank as study, sweep
+from experiments.configs.benefits_of_rank import get_config
+print('devices', jax.device_count())
+c = get_config('tiny'); c.mesh = 'data:4'; c.batch_size = 18
+try:
+  study.make_mesh(c)
+except ValueError as e:
+  print('ValueError:', e)
+c = get_config('tiny'); c.mesh = 'data:4'
+mesh = study.make_mesh(c)
+print('mesh', dict(mesh.shape))
+b = sweep.build_cell(study.make_cells(c)[0], chunk=2, mesh=mesh)
+hlo = b.run_chunk.lower(b.init['params'], b.init['opt'], 0).compile().as_text()
+print('all-reduce' in hlo and 'all-reduce', flush=True)
+sys.argv = ['benefits_of_rank', '--workdir=' + sys.argv[1],
+            '--config=experiments/configs/benefits_of_rank.py:tiny',
+            '--config.mesh=data:4']
+study.define_flags()
+from absl import app
+app.run(study.main)
+"""
+
+
+def test_data4_matches_one_device_and_batch_is_sharded(tmp_path):
+  assert "xla_force_host_platform_device_count" not in os.environ.get(
+      "XLA_FLAGS", "")
+  # Single-device reference (default mesh "data:1").
+  ref = study.run_study(get_config("tiny"), str(tmp_path / "ref"))
+  assert ref["config"]["mesh"] == "data:1"
+
+  d4 = tmp_path / "d4"
+  proc = subprocess.run([sys.executable, "-c", _CODE, str(d4)], env=_env(4),
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  if proc.returncode != 0:
+    pytest.fail(f"4-device run failed:\n{proc.stdout}\n{proc.stderr[-6000:]}")
+  lines = proc.stdout.splitlines()
+  assert "devices 4" in lines, proc.stdout
+  err = [l for l in lines if l.startswith("ValueError")]
+  assert err and "config.mesh" in err[0] and "config.batch_size" in err[0], \
+      proc.stdout
+  assert "mesh {'data': 4}" in lines and "all-reduce" in lines, proc.stdout
+
+  with open(d4 / "results.json") as f:
+    res4 = json.load(f)
+  assert res4["config"]["mesh"] == "data:4"
+  assert [(r["N"], r["depth"], r["rank"]) for r in res4["table"]] == [
+      (r["N"], r["depth"], r["rank"]) for r in ref["table"]]
+  np.testing.assert_allclose([r["mse"] for r in res4["table"]],
+                             [r["mse"] for r in ref["table"]], rtol=RTOL)
+  # Training curves too (every chunk's mean loss).
+  def losses(d):
+    with open(os.path.join(d, "metrics.jsonl")) as f:
+      return [json.loads(l)["loss"] for l in f if l.strip()]
+  np.testing.assert_allclose(losses(d4), losses(tmp_path / "ref"), rtol=RTOL)
+  assert res4["construction_mse"] == ref["construction_mse"]
