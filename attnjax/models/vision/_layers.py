@@ -1,0 +1,190 @@
+"""Building blocks shared by the vision backbones (channels-last everywhere).
+
+Nothing here computes attention: the token mixers are the layers of
+`attnjax.nn`, `attnjax.spatial` and `attnjax.sequence`, wrapped in the pre-norm
+residual `Block`. `Block` can record an attention map of its mixer
+(`attention_maps.record_attention`), computed by `attention_maps.layer_map`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnjax.nn import MLP
+
+trunc02 = nnx.initializers.truncated_normal(0.02)
+
+
+def pair(x):
+  return (x, x) if isinstance(x, int) else tuple(x)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + mixer(norm1(x)); x + MLP(norm2(x)).
+
+  Works on tokens [B, T, C] or maps [B, H, W, C] (whatever `mixer` takes).
+  `mlp_ratio=0` drops the MLP. With `self.record = True` the block sows the
+  mixer's attention map as `nnx.Intermediate` "attention_map".
+  """
+
+  def __init__(self, dim: int, mixer: nnx.Module, *, mlp_ratio: float = 4.0,
+               activation: Callable = nnx.gelu, norm_eps: float = 1e-5,
+               pos_conv: int = 0, pos_conv_mlp: int = 0,
+               mlp: Optional[nnx.Module] = None, rngs: nnx.Rngs):
+    # pos_conv=k: x + dwconv_k(x) before the mixer (DaViT CPE, BiFormer);
+    # pos_conv_mlp=k: the same before the MLP (DaViT). Maps only.
+    self.cpe = (conv(dim, dim, pos_conv, groups=dim, rngs=rngs)
+                if pos_conv else None)
+    self.cpe_mlp = (conv(dim, dim, pos_conv_mlp, groups=dim, rngs=rngs)
+                    if pos_conv_mlp else None)
+    # mixer=None: an MLP-only block (LITv2's early stages).
+    self.norm1 = (nnx.LayerNorm(dim, epsilon=norm_eps, rngs=rngs)
+                  if mixer is not None else None)
+    self.attn = mixer
+    hidden = int(dim * mlp_ratio)
+    if hidden > 0 or mlp is not None:
+      self.norm2 = nnx.LayerNorm(dim, epsilon=norm_eps, rngs=rngs)
+      self.mlp = mlp if mlp is not None else MLP(
+          dim, hidden, activation=activation, rngs=rngs)
+    else:
+      self.norm2 = None
+      self.mlp = None
+    self.record = False
+
+  def mix(self, h):
+    return self.attn(h)
+
+  def __call__(self, x):
+    if self.cpe is not None:
+      x = x + self.cpe(x)
+    if self.attn is not None:
+      h = self.norm1(x)
+      if self.record:
+        from attnjax.models.vision.attention_maps import layer_map
+        self.sow(nnx.Intermediate, "attention_map", layer_map(self.attn, h))
+      x = x + self.mix(h)
+    if self.cpe_mlp is not None:
+      x = x + self.cpe_mlp(x)
+    if self.mlp is not None:
+      x = x + self.mlp(self.norm2(x))
+    return x
+
+
+class ConvMLP(nnx.Module):
+  """fc1 -> 3x3 depth-wise conv -> GELU -> fc2 on maps (LITv2's FFN)."""
+
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(dim, hidden, rngs=rngs)
+    self.dw = conv(hidden, hidden, 3, groups=hidden, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, dim, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(nnx.gelu(self.dw(self.fc1(x))))
+
+
+class ConvBN(nnx.Module):
+  """Conv (no bias) + BatchNorm, channels-last; `groups` for depth-wise."""
+
+  def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, *,
+               groups: int = 1, padding=None, bn_scale_init: float = 1.0,
+               use_bias: bool = False, rngs: nnx.Rngs):
+    pad = kernel // 2 if padding is None else padding
+    self.conv = nnx.Conv(cin, cout, (kernel, kernel), (stride, stride),
+                         padding=[(pad, pad), (pad, pad)],
+                         feature_group_count=groups, use_bias=use_bias,
+                         rngs=rngs)
+    self.bn = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs,
+                            scale_init=nnx.initializers.constant(bn_scale_init))
+
+  def __call__(self, x):
+    return self.bn(self.conv(x))
+
+
+def conv(cin, cout, kernel, stride=1, *, groups=1, use_bias=True, rngs):
+  """Conv with PyTorch-style symmetric padding kernel // 2."""
+  p = kernel // 2
+  return nnx.Conv(cin, cout, (kernel, kernel), (stride, stride),
+                  padding=[(p, p), (p, p)], feature_group_count=groups,
+                  use_bias=use_bias, rngs=rngs)
+
+
+class SqueezeExcite(nnx.Module):
+  """SE: global mean -> 1x1 reduce (bias) -> act -> 1x1 expand (bias) -> sigmoid gate."""
+
+  def __init__(self, dim: int, rd: int, *, activation=nnx.relu,
+               rngs: nnx.Rngs):
+    self.reduce = nnx.Linear(dim, rd, rngs=rngs)
+    self.expand = nnx.Linear(rd, dim, rngs=rngs)
+    self.activation = activation
+
+  def __call__(self, x):
+    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    return x * nnx.sigmoid(self.expand(self.activation(self.reduce(s))))
+
+
+def resize_pos_embed(pos, grid_from, grid_to, method="bicubic"):
+  """[..., gh*gw, C] grid position embedding resized to a new grid."""
+  if tuple(grid_from) == tuple(grid_to):
+    return pos
+  c = pos.shape[-1]
+  lead = pos.shape[:-2]
+  g = pos.reshape(*lead, *grid_from, c)
+  g = jax.image.resize(g.astype(jnp.float32), (*lead, *grid_to, c), method)
+  return g.reshape(*lead, grid_to[0] * grid_to[1], c).astype(pos.dtype)
+
+
+def pad_to_multiple(x, m: int):
+  """Zero-pads H and W of [B, H, W, C] at the end to multiples of m."""
+  h, w = x.shape[1:3]
+  ph, pw = (-h) % m, (-w) % m
+  if ph or pw:
+    x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+  return x
+
+
+class ClassifierHead(nnx.Module):
+  """Global average pool (maps) or pooled/cls token -> [norm] -> Linear."""
+
+  def __init__(self, dim: int, num_classes: int, *, norm: bool = False,
+               rngs: nnx.Rngs):
+    self.norm = nnx.LayerNorm(dim, rngs=rngs) if norm else None
+    self.fc = nnx.Linear(dim, num_classes, rngs=rngs) if num_classes > 0 else None
+
+  def __call__(self, x):
+    if x.ndim == 4:
+      x = jnp.mean(x, axis=(1, 2))
+    if self.norm is not None:
+      x = self.norm(x)
+    return x if self.fc is None else self.fc(x)
+
+
+class Backbone(nnx.Module):
+  """Common interface of every model in attnjax.models.vision.
+
+  Subclasses implement `features(x) -> list of [B, H_i, W_i, C_i]` (one per
+  stage, multi-scale for hierarchical models) and `forward_features(x)`
+  (the final representation fed to the head: a map [B, h, w, C] or pooled
+  [B, C]); `__call__(x)` returns logits [B, num_classes]. Inputs are
+  channels-last images [B, H, W, in_chans].
+  """
+
+  num_classes: int
+  stage_channels: Sequence[int]
+
+  def forward_head(self, feats):
+    return self.head(feats)
+
+  def __call__(self, x):
+    return self.forward_head(self.forward_features(x))
+
+  def blocks(self) -> List[Block]:
+    """All attention-carrying `Block`s in forward order."""
+    out = []
+    for _, m in nnx.iter_graph(self):
+      if isinstance(m, Block) and m.attn is not None:
+        out.append(m)
+    return out
