@@ -48,7 +48,7 @@ def register_backend(name: str, fn: Callable) -> None:
   _BACKENDS[name] = fn
 
 
-register_backend("xla", lambda call, need_lse: xla_attention(call))
+register_backend("xla", lambda call, need_lse: xla_attention(call, need_lse))
 register_backend("chunked", lambda call, need_lse: chunked_attention(call))
 register_backend("cudnn", lambda call, need_lse: cudnn_attention(
     call, need_lse=need_lse))
@@ -170,8 +170,8 @@ def chunked_dot_product_attention(query, key, value, bias=None, mask=None, *,
   """`implementation='chunked'` with explicit block sizes.
 
   Same arguments as `dot_product_attention`; `block_q` / `block_kv` set the
-  query and key/value block lengths (defaults 512 / 1024, capped at the
-  sequence lengths). Peak memory grows with block_q * block_kv, not T * S.
+  query and key/value block lengths (defaults per platform, see
+  `attnjax.softmax.chunked.default_blocks`; capped at the sequence lengths). Peak memory grows with block_q * block_kv, not T * S.
   """
   call, unbatched = prepare(query, key, value, bias, mask, **kwargs)
   out, lse = chunked_attention(call, block_q=block_q, block_kv=block_kv)
@@ -189,7 +189,7 @@ def attention_weights(query, key, bias=None, mask=None, **kwargs):
   """
   value = jnp.zeros(key.shape[:-1] + (1,), key.dtype)
   call, unbatched = prepare(query, key, value, bias, mask, **kwargs)
-  weights, _ = attention_probs(call)
+  weights, _ = attention_probs(call, need_lse=False)
   return weights[0] if unbatched else weights
 
 

@@ -13,6 +13,10 @@ attention costs about half of non-causal.
 
 Padding: T and S are padded up to multiples of the block sizes outside the
 custom_vjp (so autodiff handles the padding); padded keys are masked.
+
+Layout: inside the custom_vjp everything is head-major (q [B, K, G, T, H],
+k/v [B, K, S, H]), so every block product is a plain batched matmul with no
+per-block transposes; the wrapper transposes once on the way in and out.
 """
 
 from __future__ import annotations
@@ -29,8 +33,14 @@ from jax import lax
 from attnjax.softmax._common import (AttentionCall, KV_PAD_SEGMENT,
                                      Q_PAD_SEGMENT)
 
-DEFAULT_BLOCK_Q = 512
-DEFAULT_BLOCK_KV = 1024
+# Default (block_q, block_kv) per platform. On CPU, blocks whose logits fit
+# in cache win: 256 x 256 measured fastest at S=2048 (see docs/benchmarks).
+DEFAULT_BLOCKS = {"cpu": (256, 256)}
+DEFAULT_BLOCKS_OTHER = (512, 1024)
+
+
+def default_blocks():
+  return DEFAULT_BLOCKS.get(jax.default_backend(), DEFAULT_BLOCKS_OTHER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +91,7 @@ def _block_mask(cfg: _Config, i, j, mask, q_seg, kv_seg, s_pad):
 
 
 def _block_logits(cfg: _Config, qi, kj, bias, i, j):
-  s = jnp.einsum("bqkgh,bckh->bkgqc", qi, kj,
+  s = jnp.einsum("bkgqh,bkch->bkgqc", qi, kj,
                  preferred_element_type=jnp.float32) * cfg.scale
   if bias is not None:
     s = s + _slice_blocks(bias, i, j, cfg.block_q, cfg.block_kv).astype(
@@ -114,19 +124,19 @@ def _q_range(cfg: _Config, j, nq: int):
 
 
 def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg):
-  b, t_pad, nkv, g, h = q.shape
-  s_pad, hv = k.shape[1], v.shape[-1]
+  b, nkv, g, t_pad, h = q.shape
+  s_pad, hv = k.shape[2], v.shape[-1]
   bq, bk = cfg.block_q, cfg.block_kv
   nq = t_pad // bq
   nk_valid = -(-cfg.kv_len // bk)
 
   def q_block(i):
-    qi = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
+    qi = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=3)
 
     def body(j, carry):
       acc, m, l = carry
-      kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
-      vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+      kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
+      vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
       s = _block_logits(cfg, qi, kj, bias, i, j)
       msk = _block_mask(cfg, i, j, mask, q_seg, kv_seg, s_pad)
       if msk is not None:
@@ -136,7 +146,7 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg):
       p = jnp.exp(s - m_safe[..., None])
       alpha = jnp.exp(m - m_safe)
       l = alpha * l + jnp.sum(p, axis=-1)
-      pv = jnp.einsum("bkgqc,bckd->bkgqd", p.astype(v.dtype), vj,
+      pv = jnp.einsum("bkgqc,bkcd->bkgqd", p.astype(v.dtype), vj,
                       preferred_element_type=jnp.float32)
       acc = alpha[..., None] * acc + pv
       return acc, m_new, l
@@ -151,9 +161,9 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg):
     return out.astype(q.dtype), lse
 
   outs, lses = lax.map(q_block, jnp.arange(nq, dtype=jnp.int32))
-  # outs: [nq, B, K, G, bq, Hv] -> [B, T, K, G, Hv]; lses: [nq, B, K, G, bq]
-  out = jnp.transpose(outs, (1, 0, 4, 2, 3, 5)).reshape(b, t_pad, nkv, g, hv)
-  lse = jnp.transpose(lses, (1, 2, 3, 0, 4)).reshape(b, nkv, g, t_pad)
+  # outs: [nq, B, K, G, bq, Hv] -> [B, K, G, T, Hv]; lses: [nq, B, K, G, bq]
+  out = jnp.moveaxis(outs, 0, 3).reshape(b, nkv, g, t_pad, hv)
+  lse = jnp.moveaxis(lses, 0, 3).reshape(b, nkv, g, t_pad)
   return out, lse
 
 
@@ -177,46 +187,47 @@ def _reduce_to(x, shape):
 def _chunked_bwd(cfg, res, cts):
   q, k, v, bias, mask, q_seg, kv_seg, out, lse = res
   dout, dlse = cts
-  b, t_pad, nkv, g, h = q.shape
-  s_pad, hv = k.shape[1], v.shape[-1]
+  b, nkv, g, t_pad, h = q.shape
+  s_pad, hv = k.shape[2], v.shape[-1]
   bq, bk = cfg.block_q, cfg.block_kv
   nq, nk = t_pad // bq, s_pad // bk
 
   # D_i = rowsum(dO * O): [B, K, G, T].
-  delta = jnp.einsum("btkgd,btkgd->bkgt", dout.astype(jnp.float32),
+  delta = jnp.einsum("bkgtd,bkgtd->bkgt", dout.astype(jnp.float32),
                      out.astype(jnp.float32))
   lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
   dlse = jnp.zeros_like(lse) if dlse is None else dlse.astype(jnp.float32)
+  # ds = p * (dp - D + dlse): fold the two row terms into one.
+  row_term = delta - dlse
 
   def kv_block(carry, j):
     dq, dbias = carry
-    kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
-    vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+    kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
+    vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
 
     def body(i, c):
       dk, dv, dq, dbias = c
-      qi = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
-      doi = lax.dynamic_slice_in_dim(dout, i * bq, bq, axis=1)
+      qi = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=3)
+      doi = lax.dynamic_slice_in_dim(dout, i * bq, bq, axis=3)
       lse_i = lax.dynamic_slice_in_dim(lse_safe, i * bq, bq, axis=3)
-      d_i = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
-      dlse_i = lax.dynamic_slice_in_dim(dlse, i * bq, bq, axis=3)
+      r_i = lax.dynamic_slice_in_dim(row_term, i * bq, bq, axis=3)
       s = _block_logits(cfg, qi, kj, bias, i, j)
       msk = _block_mask(cfg, i, j, mask, q_seg, kv_seg, s_pad)
       if msk is not None:
         s = jnp.where(msk, s, -jnp.inf)
       p = jnp.exp(s - lse_i[..., None])
-      dv = dv + jnp.einsum("bkgqc,bqkgd->bckd", p.astype(dout.dtype), doi,
+      dv = dv + jnp.einsum("bkgqc,bkgqd->bkcd", p.astype(dout.dtype), doi,
                            preferred_element_type=jnp.float32)
-      dp = jnp.einsum("bqkgd,bckd->bkgqc", doi, vj,
+      dp = jnp.einsum("bkgqd,bkcd->bkgqc", doi, vj,
                       preferred_element_type=jnp.float32)
-      ds = p * (dp - d_i[..., None] + dlse_i[..., None])
-      dqi = jnp.einsum("bkgqc,bckh->bqkgh", ds.astype(k.dtype), kj,
-                       preferred_element_type=jnp.float32) * cfg.scale
+      ds = p * (dp - r_i[..., None])
+      dqi = jnp.einsum("bkgqc,bkch->bkgqh", ds.astype(k.dtype), kj,
+                       preferred_element_type=jnp.float32)
       dq = lax.dynamic_update_slice_in_dim(
-          dq, lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1) + dqi,
-          i * bq, axis=1)
-      dk = dk + jnp.einsum("bkgqc,bqkgh->bckh", ds.astype(q.dtype), qi,
-                           preferred_element_type=jnp.float32) * cfg.scale
+          dq, lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=3) + dqi,
+          i * bq, axis=3)
+      dk = dk + jnp.einsum("bkgqc,bkgqh->bkch", ds.astype(q.dtype), qi,
+                           preferred_element_type=jnp.float32)
       if dbias is not None:
         shape = bias.shape[:3] + (bq if bias.shape[3] != 1 else 1,
                                   bk if bias.shape[4] != 1 else 1)
@@ -227,8 +238,8 @@ def _chunked_bwd(cfg, res, cts):
         dbias = lax.dynamic_update_slice(dbias, cur + dsb, (0, 0, 0, ti, tj))
       return dk, dv, dq, dbias
 
-    init = (jnp.zeros((b, bk, nkv, h), jnp.float32),
-            jnp.zeros((b, bk, nkv, hv), jnp.float32), dq, dbias)
+    init = (jnp.zeros((b, nkv, bk, h), jnp.float32),
+            jnp.zeros((b, nkv, bk, hv), jnp.float32), dq, dbias)
     lo, hi = _q_range(cfg, j, nq)
     dk, dv, dq, dbias = lax.fori_loop(lo, hi, body, init)
     return (dq, dbias), (dk, dv)
@@ -237,8 +248,10 @@ def _chunked_bwd(cfg, res, cts):
   dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
   (dq, dbias), (dks, dvs) = lax.scan(kv_block, (dq0, dbias0),
                                      jnp.arange(nk, dtype=jnp.int32))
-  dk = jnp.transpose(dks, (1, 0, 2, 3, 4)).reshape(b, s_pad, nkv, h)
-  dv = jnp.transpose(dvs, (1, 0, 2, 3, 4)).reshape(b, s_pad, nkv, hv)
+  # dks: [nk, B, K, bk, H] -> [B, K, S, H]; scale applied once here.
+  dk = jnp.moveaxis(dks, 0, 2).reshape(b, nkv, s_pad, h) * cfg.scale
+  dv = jnp.moveaxis(dvs, 0, 2).reshape(b, nkv, s_pad, hv)
+  dq = dq * cfg.scale
   dbias = None if dbias is None else dbias.astype(bias.dtype)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias,
           None, None, None)
@@ -270,19 +283,21 @@ def chunked_attention(call: AttentionCall, *, block_q: Optional[int] = None,
         "implementation='xla' (dropout needs the full probability matrix).")
   b, t, n, s, nkv, h, hv = call.shape
   g = n // nkv
-  bq = min(block_q or DEFAULT_BLOCK_Q, _round_up(t, 8))
-  bk = min(block_kv or DEFAULT_BLOCK_KV, _round_up(s, 8))
+  dq_, dk_ = default_blocks()
+  bq = min(block_q or dq_, _round_up(t, 8))
+  bk = min(block_kv or dk_, _round_up(s, 8))
   if bq <= 0 or bk <= 0:
     raise ValueError(f"block sizes must be positive, got ({block_q}, {block_kv}).")
   t_pad, s_pad = _round_up(t, bq), _round_up(s, bk)
   left, right = call.effective_window() or (math.inf, math.inf)
   cfg = _Config(scale=call.scale, left=float(left), right=float(right),
                 block_q=bq, block_kv=bk, kv_len=s)
+  # Head-major layout for the core: q [B, K, G, T, H], k/v [B, K, S, H].
   q = jnp.pad(call.query, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
-  q = q.reshape(b, t_pad, nkv, g, h)
+  q = q.reshape(b, t_pad, nkv, g, h).transpose(0, 2, 3, 1, 4)
   kv_pad = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
-  k = jnp.pad(call.key, kv_pad)
-  v = jnp.pad(call.value, kv_pad)
+  k = jnp.pad(call.key, kv_pad).transpose(0, 2, 1, 3)
+  v = jnp.pad(call.value, kv_pad).transpose(0, 2, 1, 3)
   bias = _to5(call.bias, n, nkv, t, s, t_pad, s_pad, 0.0)
   mask = _to5(call.mask, n, nkv, t, s, t_pad, s_pad, False)
   q_seg = kv_seg = None
@@ -292,6 +307,6 @@ def chunked_attention(call: AttentionCall, *, block_q: Optional[int] = None,
     kv_seg = jnp.pad(call.kv_segment_ids, ((0, 0), (0, s_pad - s)),
                      constant_values=KV_PAD_SEGMENT)
   out, lse = _chunked(cfg, q, k, v, bias, mask, q_seg, kv_seg)
-  out = out.reshape(b, t_pad, n, hv)[:, :t]
+  out = out.transpose(0, 3, 1, 2, 4).reshape(b, t_pad, n, hv)[:, :t]
   lse = lse.reshape(b, n, t_pad)[:, :, :t]
   return out, lse
