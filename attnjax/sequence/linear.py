@@ -14,8 +14,10 @@ so non-causal cost is O(S F Hv + T F Hv): linear in sequence length.
 Causal (query i sees keys j <= i, top-left aligned as `jax.nn`): the sequence
 is cut into chunks of `chunk_size`; inside a chunk the masked quadratic form
 `(phi(Q_c) phi(K_c)^T * tril) V_c` is used, across chunks a recurrent state
-`S_c = sum_{chunks < c} phi(K)^T V` (an exclusive prefix sum over chunk
-states). Cost O(L (C + F) F Hv) with L the padded length: linear in L.
+`S_c = sum_{chunks < c} phi(K)^T V` (Lightning Attention-2). A loop walks
+over groups of chunks (~512 positions) carrying the state, and slices its
+inputs / writes its outputs in place, so each group's features and products
+stay in cache. Cost O(L (C + F) F Hv): linear in the padded length L.
 `linear_attention_reference` is the obviously-correct cumulative-sum form.
 """
 
@@ -133,84 +135,88 @@ def linear_attention(query, key, value, *, feature_map: FeatureMap = "elu_plus_o
   query, key, value, dims, unbatched, kv_mask = _validate(
       query, key, value, mask, chunk_size, is_causal, bias, dropout_rate)
   b, t, n, s, k, h, hv = dims
-  g = n // k
+  phi = resolve_feature_map(feature_map)
+  _features(query[:, :1], key[:, :1], phi, None)      # validates phi's shapes
   scale = 1.0 if scale is None else float(scale)
-  fq, fk = _features(query, key, feature_map, kv_mask)
-  f = fq.shape[-1]
-  v = value.astype(jnp.float32)
-  if not is_causal:
-    # Head-major layout (contiguous per head) and, when normalizing, a ones
-    # column on the values so numerator and denominator come from one product.
-    fqh = fq.reshape(b, t, k, g, f).transpose(0, 2, 3, 1, 4)  # [b,k,g,t,f]
-    fkh = fk.transpose(0, 2, 1, 3)                            # [b,k,s,f]
-    vh = v.transpose(0, 2, 1, 3)                              # [b,k,s,hv]
-    if normalize:
-      vh = jnp.concatenate([vh, jnp.ones(vh.shape[:-1] + (1,), vh.dtype)], -1)
-    kv = jnp.einsum("bksf,bksd->bkfd", fkh, vh)
-    nd = jnp.einsum("bkgtf,bkfd->btkgd", fqh, kv)
-    num, den = (nd[..., :-1], nd[..., -1]) if normalize else (nd, None)
+  c = chunk_size or DEFAULT_CHUNK_SIZE
+  # Work in groups of about _TOKENS_PER_STEP positions (whole chunks when
+  # causal), sliced from the inputs inside a loop, so that the feature maps
+  # and products of a group stay in cache: memory traffic is one read of the
+  # inputs and one write of the output, and time stays linear in length.
+  if is_causal:
+    c = min(c, max(t, s))
+    step = c * max(1, min(_TOKENS_PER_STEP // c, -(-max(t, s) // c)))
+    length = _common.round_up(max(t, s), step)
+    tq = tk = length
   else:
-    num, den = _causal_chunked(fq.reshape(b, t, k, g, f), fk, v,
-                               chunk_size or DEFAULT_CHUNK_SIZE, normalize)
-  out = _finish(num, den, normalize, scale, query.dtype).reshape(b, t, n, hv)
-  return out[0] if unbatched else out
+    step = min(_TOKENS_PER_STEP, max(t, s))
+    tq, tk = _common.round_up(t, step), _common.round_up(s, step)
+  valid = jnp.arange(tk) < s
+  valid = valid[None] if kv_mask is None else valid[None] & jnp.pad(
+      kv_mask[:, :tk], ((0, 0), (0, max(0, tk - s))))
+  valid = jnp.broadcast_to(valid, (b, tk))
+  qp = jnp.pad(query, ((0, 0), (0, tq - t), (0, 0), (0, 0)))
+  kp = jnp.pad(key[:, :tk], ((0, 0), (0, tk - min(s, tk)), (0, 0), (0, 0)))
+  vp = jnp.pad(value[:, :tk], ((0, 0), (0, tk - min(s, tk)), (0, 0), (0, 0)))
+  d = hv + 1 if normalize else hv
 
-
-def _causal_chunked(fq, fk, v, chunk_size, normalize):
-  """Chunk-wise causal numerator [B,T,K,G,D] and denominator [B,T,K,G] (or
-  None) of fq [B,T,K,G,F], fk [B,S,K,F], v [B,S,K,D].
-
-  A lax.scan walks over groups of chunks (about _TOKENS_PER_STEP tokens per
-  step, so a step's working set stays in cache) carrying the state
-  sum phi(K)^T V (and sum phi(K)) of all earlier chunks; inside a step the
-  chunks are handled in parallel: intra-chunk masked quadratic form plus an
-  exclusive prefix sum of the chunk states.
-  """
-  b, t, k, g, f = fq.shape
-  s, d = fk.shape[1], v.shape[-1]
-  c = min(chunk_size, max(t, s))
-  per_step = max(1, min(_TOKENS_PER_STEP // c, -(-max(t, s) // c)))
-  length = _common.round_up(max(t, s), c * per_step)
-  n = length // (c * per_step)
-  # Padded keys have zero features and values, so they contribute nothing;
-  # padded query rows are cropped. Keys past the padded length are never seen.
-  sk = min(s, length)
-  fq = jnp.pad(fq, ((0, 0), (0, length - t), (0, 0), (0, 0), (0, 0)))
-  fk = jnp.pad(fk[:, :length], ((0, 0), (0, length - sk), (0, 0), (0, 0)))
-  v = jnp.pad(v[:, :length], ((0, 0), (0, length - sk), (0, 0), (0, 0)))
-  # Step-major: [n, b, P, c, ...] (one copy each).
-  fq = jnp.moveaxis(fq.reshape(b, n, per_step, c, k, g, f), 1, 0)
-  fk = jnp.moveaxis(fk.reshape(b, n, per_step, c, k, f), 1, 0)
-  v = jnp.moveaxis(v.reshape(b, n, per_step, c, k, d), 1, 0)
-  tril = jnp.tril(jnp.ones((c, c), dtype=bool))
-
-  def step(carry, xs):
-    kv_state, z_state = carry          # [b,k,f,d], [b,k,f]
-    q_, k_, v_ = xs                    # [b,P,c,k,g,f], [b,P,c,k,f], [b,P,c,k,d]
-    scores = jnp.einsum("bpikgf,bpjkf->bpkgij", q_, k_)
-    scores = jnp.where(tril, scores, 0.0)
-    num = jnp.einsum("bpkgij,bpjkd->bpikgd", scores, v_)
-    kv = jnp.einsum("bpjkf,bpjkd->bpkfd", k_, v_)
-    prev = kv_state[:, None] + jnp.cumsum(kv, axis=1) - kv
-    num = num + jnp.einsum("bpikgf,bpkfd->bpikgd", q_, prev)
+  def keys_at(i):
+    kg = jax.lax.dynamic_slice_in_dim(kp, i * step, step, axis=1)
+    vg = jax.lax.dynamic_slice_in_dim(vp, i * step, step, axis=1)
+    ok = jax.lax.dynamic_slice_in_dim(valid, i * step, step, axis=1)
+    fk = jnp.where(ok[:, :, None, None], phi(kg.astype(jnp.float32)), 0.0)
+    vg = jnp.where(ok[:, :, None, None], vg.astype(jnp.float32), 0.0)
     if normalize:
-      den = jnp.sum(scores, axis=-1).transpose(0, 1, 4, 2, 3)   # [b,P,i,k,g]
-      z = jnp.sum(k_, axis=2)                                   # [b,P,k,f]
-      zprev = z_state[:, None] + jnp.cumsum(z, axis=1) - z
-      den = den + jnp.einsum("bpikgf,bpkf->bpikg", q_, zprev)
-      z_state = z_state + jnp.sum(z, axis=1)
-    else:
-      den = jnp.zeros((), jnp.float32)
-    return (kv_state + jnp.sum(kv, axis=1), z_state), (num, den)
+      vg = jnp.concatenate([vg, jnp.ones(vg.shape[:-1] + (1,), vg.dtype)], -1)
+    return fk, vg                                   # [b,L,k,f], [b,L,k,d]
 
-  carry = (jnp.zeros((b, k, f, d), jnp.float32),
-           jnp.zeros((b, k, f), jnp.float32))
-  _, (num, den) = jax.lax.scan(step, carry, (fq, fk, v))
-  num = jnp.moveaxis(num, 0, 1).reshape(b, length, k, g, d)[:, :t]
-  if not normalize:
-    return num, None
-  den = jnp.moveaxis(den, 0, 1).reshape(b, length, k, g)[:, :t]
-  return num, den
+  def queries_at(i):
+    qg = jax.lax.dynamic_slice_in_dim(qp, i * step, step, axis=1)
+    fq = phi(qg.astype(jnp.float32))
+    return fq.reshape(b, step, k, n // k, fq.shape[-1])
+
+  def finish(nd):                                   # [b,L,k,g,d]
+    num, den = (nd[..., :-1], nd[..., -1]) if normalize else (nd, None)
+    return _finish(num, den, normalize, scale, query.dtype).reshape(
+        b, step, n, hv)
+
+  f = _features(query[:, :1], key[:, :1], phi, None)[0].shape[-1]
+  out = jnp.zeros((b, tq, n, hv), query.dtype)
+  if not is_causal:
+    def acc_kv(i, kv):
+      fk, vg = keys_at(i)
+      return kv + jnp.einsum("blkf,blkd->bkfd", fk, vg)
+    kv = jax.lax.fori_loop(0, tk // step, acc_kv,
+                           jnp.zeros((b, k, f, d), jnp.float32))
+
+    def write(i, out):
+      nd = jnp.einsum("blkgf,bkfd->blkgd", queries_at(i), kv)
+      return jax.lax.dynamic_update_slice_in_dim(out, finish(nd), i * step, 1)
+    out = jax.lax.fori_loop(0, tq // step, write, out)
+  else:
+    tril = jnp.tril(jnp.ones((c, c), dtype=bool))
+    nch = step // c
+
+    def causal_step(i, carry):
+      out, state = carry
+      fq, (fk, vg) = queries_at(i), keys_at(i)
+      fq = fq.reshape(b, nch, c, k, n // k, f)
+      fk = fk.reshape(b, nch, c, k, f)
+      vg = vg.reshape(b, nch, c, k, d)
+      scores = jnp.einsum("bpikgf,bpjkf->bpkgij", fq, fk)
+      scores = jnp.where(tril, scores, 0.0)
+      nd = jnp.einsum("bpkgij,bpjkd->bpikgd", scores, vg)
+      kv = jnp.einsum("bpjkf,bpjkd->bpkfd", fk, vg)
+      prev = state[:, None] + jnp.cumsum(kv, axis=1) - kv
+      nd = nd + jnp.einsum("bpikgf,bpkfd->bpikgd", fq, prev)
+      nd = nd.reshape(b, step, k, n // k, d)
+      out = jax.lax.dynamic_update_slice_in_dim(out, finish(nd), i * step, 1)
+      return out, state + jnp.sum(kv, axis=1)
+
+    out, _ = jax.lax.fori_loop(0, length // step, causal_step,
+                               (out, jnp.zeros((b, k, f, d), jnp.float32)))
+  out = out[:, :t]
+  return out[0] if unbatched else out
 
 
 def linear_attention_reference(query, key, value, *,
