@@ -5,7 +5,8 @@ query [B, T, N, H], key/value [B, S, K, H]; spatial [B, *spatial, N, H]) with
 an NNX layer for each, and Pallas/Triton kernels behind `implementation=`.
 
 Families live in subpackages (`attnjax.sequence`, `attnjax.spatial`,
-`attnjax.distributed`); the most used names are re-exported here.
+`attnjax.distributed`, `attnjax.analysis`); their primitives and layers are
+re-exported here.
 """
 
 from attnjax import masks
@@ -15,18 +16,52 @@ from attnjax.softmax import (attention_weights, available_implementations,
                              dot_product_attention_with_lse, register_backend)
 from attnjax.nn import (MLP, MultiHeadAttention, TransformerBlock,
                         TransformerEncoder)
-from attnjax import sequence, spatial, distributed
-from attnjax.sequence import linear_attention
-from attnjax.spatial import neighborhood_attention
-from attnjax.distributed import ring_attention, ulysses_attention
+from attnjax import analysis, distributed, sequence, spatial
+from attnjax.sequence import (
+    AgentAttention, EfficientAttention, LinearAttention, MoBAAttention,
+    MoHAttention, PerformerAttention, RoutingAttention, SlidingWindowAttention,
+    TriplewiseAttention, agent_attention, block_sparse_attention,
+    efficient_attention, linear_attention, mixture_of_heads_attention,
+    moba_attention, moh_gates, orthogonal_random_features, performer_attention,
+    routing_attention, sliding_window_attention, triplewise_attention)
+from attnjax.spatial import (
+    GPSA, AxialAttention, BiLevelRoutingAttention, ChannelAttention,
+    CrossViTAttention, CrossViTFusion, CSWinAttention,
+    GlobalSubsampledAttention, GridAttention, HiLoAttention,
+    LocallyGroupedAttention, NeighborhoodAttention, WindowAttention,
+    axial_attention, bi_level_routing_attention, channel_attention,
+    cross_shaped_window_attention, gated_positional_attention, grid_attention,
+    neighborhood_attention, neighborhood_mask, resize_relative_position_bias,
+    window_attention)
+from attnjax.distributed import (ring_attention, sequence_parallel_attention_fn,
+                                 ulysses_attention)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # core
+    "masks", "attention_weights", "available_implementations",
+    "chunked_dot_product_attention", "dot_product_attention",
+    "dot_product_attention_with_lse", "register_backend",
     "MLP", "MultiHeadAttention", "TransformerBlock", "TransformerEncoder",
-    "attention_weights", "available_implementations",
-    "chunked_dot_product_attention", "distributed", "dot_product_attention",
-    "dot_product_attention_with_lse", "linear_attention", "masks",
-    "neighborhood_attention", "register_backend", "ring_attention",
-    "sequence", "spatial", "ulysses_attention",
+    "analysis", "distributed", "sequence", "spatial",
+    # sequence family
+    "AgentAttention", "EfficientAttention", "LinearAttention", "MoBAAttention",
+    "MoHAttention", "PerformerAttention", "RoutingAttention",
+    "SlidingWindowAttention", "TriplewiseAttention", "agent_attention",
+    "block_sparse_attention", "efficient_attention", "linear_attention",
+    "mixture_of_heads_attention", "moba_attention", "moh_gates",
+    "orthogonal_random_features", "performer_attention", "routing_attention",
+    "sliding_window_attention", "triplewise_attention",
+    # spatial family
+    "GPSA", "AxialAttention", "BiLevelRoutingAttention", "ChannelAttention",
+    "CrossViTAttention", "CrossViTFusion", "CSWinAttention",
+    "GlobalSubsampledAttention", "GridAttention", "HiLoAttention",
+    "LocallyGroupedAttention", "NeighborhoodAttention", "WindowAttention",
+    "axial_attention", "bi_level_routing_attention", "channel_attention",
+    "cross_shaped_window_attention", "gated_positional_attention",
+    "grid_attention", "neighborhood_attention", "neighborhood_mask",
+    "resize_relative_position_bias", "window_attention",
+    # distributed
+    "ring_attention", "sequence_parallel_attention_fn", "ulysses_attention",
 ]

@@ -129,3 +129,15 @@ def test_transformer_block_and_encoder():
   assert blk.mlp is None
   grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(blk)
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_sow_weights_refuses_non_softmax_attention_fn():
+  layer = attnjax.MultiHeadAttention(2, 8, attention_fn=attnjax.linear_attention,
+                                     rngs=nnx.Rngs(0))
+  x = jnp.ones((1, 4, 8))
+  assert layer(x).shape == (1, 4, 8)
+  with pytest.raises(NotImplementedError, match="sow_weights"):
+    layer(x, sow_weights=True)
+  chunked = functools.partial(attnjax.dot_product_attention, implementation="chunked")
+  layer2 = attnjax.MultiHeadAttention(2, 8, attention_fn=chunked, rngs=nnx.Rngs(0))
+  layer2(x, sow_weights=True)

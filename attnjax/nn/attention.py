@@ -18,6 +18,7 @@ transfer one-to-one, with two research-oriented differences:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -27,6 +28,13 @@ from flax import nnx
 from attnjax.softmax import attention_weights, dot_product_attention
 
 default_kernel_init = nnx.initializers.lecun_normal()
+
+
+def _is_softmax_attention(fn) -> bool:
+  """True for attnjax.dot_product_attention and functools.partials of it."""
+  while isinstance(fn, functools.partial):
+    fn = fn.func
+  return fn is dot_product_attention
 
 
 class MultiHeadAttention(nnx.Module):
@@ -157,6 +165,12 @@ class MultiHeadAttention(nnx.Module):
       kwargs["dropout_rate"] = self.dropout_rate
       kwargs["dropout_rng"] = stream.dropout()
     if sow_weights:
+      if not _is_softmax_attention(self.attention_fn):
+        raise NotImplementedError(
+            "sow_weights records softmax attention weights, but this layer's "
+            f"attention_fn ({self.attention_fn!r}) is not "
+            "attnjax.dot_product_attention; use the mechanism's own analysis "
+            "outputs instead.")
       w_kwargs = {k_: kwargs[k_] for k_ in ("mask", "bias", "is_causal")
                   if k_ in kwargs}
       self.sow(nnx.Intermediate, "attention_weights",
