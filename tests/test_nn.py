@@ -121,6 +121,10 @@ def test_transformer_block_and_encoder():
   x = jax.random.normal(jax.random.key(0), (2, 5, 16))
   y = enc(x, is_causal=True)
   assert y.shape == x.shape
+  enc(x, is_causal=True, sow_weights=True)
+  w = enc.blocks[1].attn.attention_weights[0]
+  assert w.shape == (2, 4, 5, 5)
+  np.testing.assert_allclose(np.triu(np.asarray(w)[0, 0], 1), 0.0)
   # Causality: changing a later token leaves earlier outputs unchanged.
   x2 = x.at[:, -1].set(0.0)
   np.testing.assert_allclose(enc(x2, is_causal=True)[:, :-1], y[:, :-1], atol=1e-5)

@@ -76,9 +76,10 @@ class TransformerBlock(nnx.Module):
       self.mlp = None
 
   def __call__(self, x, *, mask=None, bias=None, is_causal: bool = False,
+               sow_weights: bool = False,
                attention_kwargs: Optional[dict] = None):
     h = self.attn(self.norm1(x), mask=mask, bias=bias, is_causal=is_causal,
-                  attention_kwargs=attention_kwargs)
+                  sow_weights=sow_weights, attention_kwargs=attention_kwargs)
     x = x + self.drop(h)
     if self.mlp is not None:
       x = x + self.mlp(self.norm2(x))
@@ -106,8 +107,9 @@ class TransformerEncoder(nnx.Module):
                        if final_norm else None)
 
   def __call__(self, x, *, mask=None, bias=None, is_causal: bool = False,
+               sow_weights: bool = False,
                attention_kwargs: Optional[dict] = None):
     for blk in self.blocks:
       x = blk(x, mask=mask, bias=bias, is_causal=is_causal,
-              attention_kwargs=attention_kwargs)
+              sow_weights=sow_weights, attention_kwargs=attention_kwargs)
     return self.final_norm(x) if self.final_norm is not None else x
