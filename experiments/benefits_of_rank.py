@@ -75,7 +75,6 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
 from attnjax.models.rank_models import RankAttentionNet, sphere_batch
 from experiments import common, sharding, sweep
@@ -231,16 +230,6 @@ def main(argv):
   print(f"wrote {path} ({res['wall_time_s']:.0f}s)", flush=True)
 
 
-def define_flags():
-  """Flags of the binary (defined only when run as a script, so the module
-  can be imported next to other experiment modules)."""
-  flags.DEFINE_string("workdir", None, "Output directory.")
-  config_flags.DEFINE_config_file(
-      "config", os.path.join(os.path.dirname(__file__), "configs",
-                             "benefits_of_rank.py:default"),
-      "Config file and preset.")
-
-
 if __name__ == "__main__":
-  define_flags()
+  common.define_study_flags("benefits_of_rank.py")
   app.run(main)

@@ -224,3 +224,20 @@ def rng_key_data(key) -> np.ndarray:
 
 def rng_wrap(data) -> jax.Array:
   return jax.random.wrap_key_data(np.asarray(data))
+
+
+def define_study_flags(config_file: str, preset: str = "default") -> None:
+  """Defines a study binary's `--workdir` and `--config` (path:preset) flags.
+
+  Call it under `if __name__ == "__main__":` so that experiment modules can be
+  imported side by side (tests, colabs) without duplicate-flag errors; `main`
+  then reads `flags.FLAGS.workdir` and `flags.FLAGS.config`.
+  """
+  from absl import flags
+  from ml_collections import config_flags
+  flags.DEFINE_string("workdir", None, "Output directory.")
+  config_flags.DEFINE_config_file(
+      "config",
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                   f"{config_file}:{preset}"),
+      "Config file and preset (path:preset).")

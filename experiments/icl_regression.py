@@ -130,17 +130,11 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
 from attnjax.analysis import kq_ov
 from attnjax.models.icl import ICLAttention
 from experiments import common, sharding
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs",
-                           "icl_regression.py:default"),
-    "Config file and preset.")
 
 
 def _ints(s) -> List[int]:
@@ -765,10 +759,10 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)   # orbax is chatty at INFO
-  if not _WORKDIR.value:
+  if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
-  cfg = _CONFIG.value
-  workdir = _WORKDIR.value
+  cfg = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
   try:
     res = run_study(cfg, workdir)
@@ -783,4 +777,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  common.define_study_flags("icl_regression.py")
   app.run(main)

@@ -78,16 +78,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
 from attnjax.models.random_feature_attention import RandomFeatureAttention
 from experiments import common
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs",
-                           "random_feature_attention.py:default"),
-    "Config file (path:preset).")
 
 MODEL_KINDS = {
     "rfa_zero": ("rfa", "zero"),
@@ -405,14 +399,15 @@ def make_figures(cfg, workdir, results):
 
 def main(argv):
   del argv
-  if not _WORKDIR.value:
+  if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
-  cfg = _CONFIG.value
-  results, stats = run(cfg, _WORKDIR.value)
+  cfg = flags.FLAGS.config
+  results, stats = run(cfg, flags.FLAGS.workdir)
   logging.info("cells computed this run: %d / %d", stats["cells_computed"],
                stats["cells_total"])
   print(json.dumps(common.to_jsonable(results["headline"]), indent=1))
 
 
 if __name__ == "__main__":
+  common.define_study_flags("random_feature_attention.py")
   app.run(main)

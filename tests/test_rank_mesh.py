@@ -63,7 +63,8 @@ print('all-reduce' in hlo and 'all-reduce', flush=True)
 sys.argv = ['benefits_of_rank', '--workdir=' + sys.argv[1],
             '--config=experiments/configs/benefits_of_rank.py:tiny',
             '--config.mesh=data:4']
-study.define_flags()
+from experiments import common
+common.define_study_flags('benefits_of_rank.py')
 from absl import app
 app.run(study.main)
 """
