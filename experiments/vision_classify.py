@@ -146,14 +146,23 @@ def build(cfg):
   return model, opt, sched
 
 
+# Inference must leave the model state untouched: MoH layers sow their
+# load-balancing loss as nnx.Intermediate on every call, and a sown value left
+# behind by evaluation would become part of the training state (checkpointed,
+# fed to the next train step, and absent from a freshly built model, so a
+# resume in a new process could not restore it). Pop it inside the jit.
 @nnx.jit
 def _predict(model, x):
-  return jnp.argmax(model(x), -1)
+  out = jnp.argmax(model(x), -1)
+  nnx.pop(model, nnx.Intermediate)
+  return out
 
 
 @nnx.jit
 def _forward(model, x):
-  return model(x)
+  out = model(x)
+  nnx.pop(model, nnx.Intermediate)
+  return out
 
 
 def evaluate(model, x, y, batch):

@@ -70,3 +70,36 @@ def test_colab_runs():
                     timeout=900)
   text = output_text(nb)
   assert "test accuracy" in text and "row sums" in text
+
+
+def _run_subprocess(workdir, model, *extra):
+  import subprocess
+  import sys
+  args = [sys.executable, "-m", "experiments.vision_classify",
+          f"--workdir={workdir}",
+          f"--config={os.path.join(ROOT, 'experiments', 'configs', 'vision_classify.py')}:{model},smoke",
+          "--config.steps=8", "--config.eval_every=4", "--config.ckpt_every=4",
+          "--config.batch_size=8", *extra]
+  env = dict(os.environ, PYTHONHASHSEED="random")
+  r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_moh_vit_same_numbers_across_processes(tmp_path):
+  """Same seed, same numbers: a moh_vit run in this process, and one killed in
+  a separate process and resumed in a third, end identically (MoH sows its
+  load-balancing loss; evaluation used to leave it in the checkpointed
+  state, so a fresh process could not resume)."""
+  cfg = _cfg("moh_vit")
+  full = vc.train(cfg, str(tmp_path / "full"))
+  wd = tmp_path / "killed"
+  _run_subprocess(wd, "moh_vit", "--config.stop_after_steps=4")
+  assert not os.path.exists(wd / "results.json")
+  _run_subprocess(wd, "moh_vit")
+  other = json.load(open(wd / "results.json"))
+  for k in ("test_accuracy", "final_train_loss", "params"):
+    assert other[k] == full[k], k
+  recs = [json.loads(l) for l in open(wd / "metrics.jsonl")]
+  ref = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
+  assert [r["train_loss"] for r in recs] == [r["train_loss"] for r in ref]
