@@ -30,15 +30,10 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
 from attnjax.models import vision
 from experiments import common
 
-FLAGS = flags.DEFINE_string("workdir", None, "output directory", required=True)
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs",
-                           "vision_classify.py"), "training config")
 
 
 # ----------------------------------------------------------------------------
@@ -279,12 +274,15 @@ def plot(recs, workdir, title):
 
 def main(argv):
   del argv
-  cfg = _CONFIG.value
-  res = train(cfg, FLAGS.value)
+  if not flags.FLAGS.workdir:
+    raise app.UsageError("--workdir is required.")
+  cfg = flags.FLAGS.config
+  res = train(cfg, flags.FLAGS.workdir)
   if res is not None:
     print(f"{cfg.model}: test_accuracy={res['test_accuracy']:.4f} "
           f"params={res['params']} images/s={res['throughput_images_per_s']:.0f}")
 
 
 if __name__ == "__main__":
+  common.define_study_flags("vision_classify.py", preset="vit")
   app.run(main)

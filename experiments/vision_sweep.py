@@ -21,12 +21,14 @@ from experiments import common
 from experiments import vision_classify as vc
 from experiments.configs import vision_classify as vc_config
 
-# --workdir (and --config, unused here) come from experiments.vision_classify.
-_WORKDIR = vc.FLAGS
-_MODELS = flags.DEFINE_string("models", "", "comma-separated (default: all)")
-_STEPS = flags.DEFINE_integer("steps", 0, "override steps (0: config default)")
-_BATCH = flags.DEFINE_integer("batch_size", 0, "override batch size (0: default)")
-_SMOKE = flags.DEFINE_bool("smoke", False, "use the seconds-long smoke config")
+
+def define_flags():
+  """Flags (defined only when run as a script; see common.define_study_flags)."""
+  flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+  flags.DEFINE_string("models", "", "comma-separated (default: all)")
+  flags.DEFINE_integer("steps", 0, "override steps (0: config default)")
+  flags.DEFINE_integer("batch_size", 0, "override batch size (0: default)")
+  flags.DEFINE_bool("smoke", False, "use the seconds-long smoke config")
 
 
 def run_sweep(workdir, models, steps=0, smoke=False, batch_size=0):
@@ -63,12 +65,12 @@ def run_sweep(workdir, models, steps=0, smoke=False, batch_size=0):
 
 def main(argv):
   del argv
-  models = ([m for m in _MODELS.value.split(",") if m] or
-            vision.model_names())
-  _, table = run_sweep(_WORKDIR.value, models, _STEPS.value, _SMOKE.value,
-                       _BATCH.value)
+  f = flags.FLAGS
+  models = [m for m in f.models.split(",") if m] or vision.model_names()
+  _, table = run_sweep(f.workdir, models, f.steps, f.smoke, f.batch_size)
   print(table)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
