@@ -17,6 +17,27 @@ DIR/metrics.jsonl, DIR/curves.png (loss / accuracy), DIR/checkpoints/.
 Re-running with the same workdir resumes; per-step batches and
 augmentations come from jax.random.fold_in(key, step), so a killed and
 re-run job ends with the same numbers as an uninterrupted one.
+
+Devices (`--config.mesh`, helpers in experiments/sharding.py, see
+docs/distributed.md): the default "data:1" is the single-device run, bit for
+bit. "data:-1" (or "data:4", ...) is data parallel: each step's batch,
+sampled inside the jitted step, is sharded over the `data` axis
+(`sharding.constrain_batch`) and XLA all-reduces the gradients; the dataset
+arrays, parameters and AdamW state are replicated, or the parameters and
+their optimizer moments are sharded over `--config.fsdp_axis=data` (only
+arrays of >= 2**14 elements). batch_size must be divisible by the `data` axis
+size. Only the `data` axis is used: a ViT's patch tokens are not split over a
+sequence axis (every block attends over all of them), so other mesh axes just
+replicate the work. Numbers equal the single-device run up to float
+summation order (sharded reductions). Checkpoints restore into whatever mesh
+the resuming run uses, so a run started on N devices can be finished on M.
+Multi-host: `sharding.maybe_initialize_distributed()` picks up SLURM / Open
+MPI / TPU / JAX_COORDINATOR_ADDRESS environments. Example on 4 forced CPU
+devices:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 \
+  python -m experiments.vision_classify --workdir=/tmp/vc_d4 \
+      --config=experiments/configs/vision_classify.py:vit --config.mesh=data:4
 """
 
 from __future__ import annotations
@@ -32,7 +53,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from attnjax.models import vision
-from experiments import common
+from experiments import common, sharding
 
 
 
@@ -183,10 +204,52 @@ def throughput(model, x, batch, repeats=3):
   return repeats * xb.shape[0] / dt
 
 
+def make_mesh(cfg):
+  """The training mesh from `cfg.mesh`; checks batch_size against `data`."""
+  mesh = sharding.make_mesh(cfg.mesh)
+  data = mesh.shape["data"] if "data" in mesh.axis_names else 1
+  if cfg.batch_size % data:
+    raise ValueError(f"config.batch_size ({cfg.batch_size}) must be divisible "
+                     f"by the 'data' axis size {data} of config.mesh "
+                     f"{cfg.mesh!r} (mesh {dict(mesh.shape)}).")
+  return mesh
+
+
+def make_train_step(cfg, key, xtr, ytr, mesh):
+  """The jitted AdamW step `(model, opt, step) -> (loss, acc)`.
+
+  The batch of step s is drawn on device from fold_in(key, s) out of the
+  (replicated) training arrays `xtr`, `ytr` and sharded over the mesh's
+  `data` axis (a no-op constraint when that axis has size 1).
+  """
+  @nnx.jit
+  def train_step(model, opt, step):
+    k = jax.random.fold_in(key, step)
+    kb, ka = jax.random.split(k)
+    idx = jax.random.randint(kb, (cfg.batch_size,), 0, xtr.shape[0])
+    x, y = xtr[idx], ytr[idx]
+    x, y = sharding.constrain_batch((x, y), mesh)
+    if cfg.augment:
+      x = augment(ka, x)
+    (_, (loss, acc)), grads = nnx.value_and_grad(
+        loss_fn, has_aux=True)(model, x, y, cfg)
+    opt.update(model, grads)
+    return loss, acc
+
+  return train_step
+
+
 def train(cfg, workdir: str):
+  # Multi-host: before any jax computation (no-op on a single host).
+  if not jax.distributed.is_initialized():
+    sharding.maybe_initialize_distributed()
+  mesh = make_mesh(cfg)
   xtr, ytr, xte, yte = load_data(cfg)
   model, opt, sched = build(cfg)
   params = vision.count_params(model)
+  # On the mesh before building the restore target: orbax then reads the
+  # checkpoint straight into this mesh, whatever device count wrote it.
+  sharding.shard_nnx(model, opt, mesh=mesh, fsdp_axis=cfg.fsdp_axis or None)
   ckpt = common.Checkpointer(workdir)
   metrics = common.MetricsWriter(workdir)
   init = {"step": np.array(0, np.int32), "state": common.nnx_state(model, opt),
@@ -199,20 +262,8 @@ def train(cfg, workdir: str):
   metrics.resume_from(start if start else -1)
   model.train()
   key = jax.random.key(cfg.seed)
-  xtr_j, ytr_j = jnp.asarray(xtr), jnp.asarray(ytr)
-
-  @nnx.jit
-  def train_step(model, opt, step):
-    k = jax.random.fold_in(key, step)
-    kb, ka = jax.random.split(k)
-    idx = jax.random.randint(kb, (cfg.batch_size,), 0, xtr_j.shape[0])
-    x, y = xtr_j[idx], ytr_j[idx]
-    if cfg.augment:
-      x = augment(ka, x)
-    (_, (loss, acc)), grads = nnx.value_and_grad(
-        loss_fn, has_aux=True)(model, x, y, cfg)
-    opt.update(model, grads)
-    return loss, acc
+  xtr_j, ytr_j = sharding.replicate((xtr, ytr), mesh)
+  train_step = make_train_step(cfg, key, xtr_j, ytr_j, mesh)
 
   prog = common.Progress(cfg.steps, start=start, every=max(cfg.eval_every // 2, 1),
                          desc=f"{cfg.model}/{cfg.preset}")

@@ -18,6 +18,18 @@ Run commands (from the repository root):
   python -m experiments.vision_classify --workdir=/tmp/vc_smoke \
       --config=experiments/configs/vision_classify.py:vit,smoke
 
+Devices: `--config.mesh` (default "data:1": one device, today's numbers)
+takes a mesh string of experiments/sharding.py, e.g. `--config.mesh=data:-1`
+for data parallel over every device (batch_size must be divisible by the
+`data` axis size; only `data` is used, a ViT's tokens are not split over a
+sequence axis); `--config.fsdp_axis=data` also shards the parameters and
+AdamW state. A checkpoint written under one mesh resumes under another.
+Example on 4 forced CPU devices:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 \
+  python -m experiments.vision_classify --workdir=/tmp/vc_d4 \
+      --config=experiments/configs/vision_classify.py:vit --config.mesh=data:4
+
 Models: see `attnjax.models.vision.model_names()`. Any field can be
 overridden, e.g. `--config.model=nat --config.steps=300`. Re-running the same
 command with the same --workdir resumes from the last checkpoint and gives
@@ -56,6 +68,10 @@ def get_config(arg: str = "vit") -> ml_collections.ConfigDict:
   c.eval_every = 100
   c.ckpt_every = 100
   c.eval_batch = 512
+  # Devices (experiments/sharding.py mesh string): "data:1" = one device;
+  # "data:-1" = data parallel over all devices.
+  c.mesh = "data:1"
+  c.fsdp_axis = ""            # "data": shard params/AdamW state over `data`
   c.stop_after_steps = 0    # > 0: stop after this many steps in this run
                             # (simulated kill, used by the resume test)
   if smoke:
