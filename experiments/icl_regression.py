@@ -287,13 +287,8 @@ def _make_chunk(cfg, task, runs, tx, mesh):
 
 def make_mesh(cfg):
   """The training mesh from `cfg.mesh`; checks batch_size against `data`."""
-  mesh = sharding.make_mesh(cfg.mesh)
-  data = mesh.shape["data"] if "data" in mesh.axis_names else 1
-  if cfg.batch_size % data:
-    raise ValueError(f"config.batch_size ({cfg.batch_size}) must be divisible "
-                     f"by the 'data' axis size {data} of config.mesh "
-                     f"{cfg.mesh!r} (mesh {dict(mesh.shape)}).")
-  return mesh
+  return sharding.make_training_mesh(
+      cfg.mesh, {"config.batch_size": cfg.batch_size})
 
 
 def train(cfg, task, runs, workdir: str) -> dict:

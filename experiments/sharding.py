@@ -268,3 +268,20 @@ __all__ = ["batch_spec", "constrain_batch", "describe", "make_mesh",
            "maybe_initialize_distributed", "mesh_axis", "param_spec",
            "parse_mesh", "replicate", "shard_batch", "shard_nnx", "shard_tree",
            "tree_shardings"]
+
+
+def make_training_mesh(mesh_spec: str, batch_sizes):
+  """`make_mesh(mesh_spec)` for a training loop, checking batch sizes.
+
+  `batch_sizes` maps config field names (e.g. "config.batch_size") to the
+  training batch sizes that will be sharded over the mesh's `data` axis; a
+  ValueError names the field and config.mesh when one is not divisible.
+  """
+  mesh = make_mesh(mesh_spec)
+  data = mesh.shape["data"] if "data" in mesh.axis_names else 1
+  for name, size in batch_sizes.items():
+    if int(size) % data:
+      raise ValueError(f"{name} ({size}) must be divisible by the 'data' "
+                       f"axis size {data} of config.mesh {mesh_spec!r} "
+                       f"(mesh {dict(mesh.shape)}).")
+  return mesh

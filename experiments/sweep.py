@@ -62,18 +62,10 @@ def count_params(model) -> int:
 def make_mesh(mesh_spec: str, batch_sizes: Mapping[str, int]):
   """The training mesh from a `config.mesh` string (e.g. "data:4").
 
-  `batch_sizes` maps config field names (e.g. "config.batch_size") to the
-  training batch sizes that will be sharded over the mesh's `data` axis;
-  a ValueError names the field and config.mesh when one is not divisible.
+  See `sharding.make_training_mesh`: batch sizes are checked against the
+  mesh's `data` axis.
   """
-  mesh = sharding.make_mesh(mesh_spec)
-  data = mesh.shape["data"] if "data" in mesh.axis_names else 1
-  for name, size in batch_sizes.items():
-    if int(size) % data:
-      raise ValueError(f"{name} ({size}) must be divisible by the 'data' "
-                       f"axis size {data} of config.mesh {mesh_spec!r} "
-                       f"(mesh {dict(mesh.shape)}).")
-  return mesh
+  return sharding.make_training_mesh(mesh_spec, batch_sizes)
 
 
 @dataclasses.dataclass
