@@ -15,20 +15,15 @@ import sys
 import numpy as np
 import pytest
 
+from tests.multidevice import forced_devices_env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SCRIPT = os.path.join(HERE, "distributed_checks.py")
 
 
 def _run(args, devices, timeout=600):
-  env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(
-      flags + [f"--xla_force_host_platform_device_count={devices}"])
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(
-      [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+  env = forced_devices_env(devices)
   proc = subprocess.run([sys.executable, SCRIPT] + list(args), env=env,
                         cwd=ROOT, capture_output=True, text=True,
                         timeout=timeout)

@@ -17,6 +17,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.multidevice import forced_devices_env
+
 from experiments import icl_regression as icl
 from experiments.configs.icl_regression import get_config
 
@@ -36,16 +38,7 @@ def _cfg(**kw):
   return c
 
 
-def _env(devices):
-  env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(
-      flags + [f"--xla_force_host_platform_device_count={devices}"])
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(
-      [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-  return env
+_env = forced_devices_env
 
 
 def _binary(workdir, devices, **kw):

@@ -19,6 +19,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.multidevice import forced_devices_env
+
 from experiments import benefits_of_rank as study
 from experiments.configs.benefits_of_rank import get_config
 
@@ -27,16 +29,7 @@ ROOT = os.path.dirname(HERE)
 RTOL = 1e-4
 
 
-def _env(devices):
-  env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(
-      flags + [f"--xla_force_host_platform_device_count={devices}"])
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(
-      [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-  return env
+_env = forced_devices_env
 
 
 # Runs in the 4-device subprocess: the batch-size check, then the compiled
