@@ -67,13 +67,12 @@ sweep-of-training-runs driver shared with experiments/low_rank_bottleneck.py).
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Dict, List
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import app
 from flax import nnx
 
 from attnjax.models.rank_models import RankAttentionNet, sphere_batch
@@ -211,19 +210,9 @@ def make_figure(out, ranks, depths, ns, d, workdir):
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)   # orbax is chatty at INFO
-  if not flags.FLAGS.workdir:
-    raise app.UsageError("--workdir is required.")
-  cfg = flags.FLAGS.config
-  workdir = flags.FLAGS.workdir
-  os.makedirs(workdir, exist_ok=True)
-  try:
-    res = run_study(cfg, workdir)
-  except Stopped as e:
-    print(str(e), flush=True)
+  res, path = common.run_study_main(run_study, stopped=(Stopped,))
+  if res is None:
     return
-  path = common.write_results(workdir, res)
   for row in res["table"]:
     print(f"N={row['N']:<4d} depth={row['depth']} rank={row['rank']:<3d} "
           f"heads={row['heads']:<3d} mse={row['mse']:.4f}")

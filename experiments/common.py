@@ -241,3 +241,28 @@ def define_study_flags(config_file: str, preset: str = "default") -> None:
       os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                    f"{config_file}:{preset}"),
       "Config file and preset (path:preset).")
+
+
+def run_study_main(run_study, stopped=()):
+  """The body of a study binary's `main`, after `define_study_flags`.
+
+  Quietens absl INFO logging (orbax is chatty) unless --verbosity was given,
+  checks --workdir, runs `run_study(config, workdir)` and writes
+  results.json. An exception in `stopped` (a deliberate early stop, e.g.
+  `stop_after_steps`) is printed and gives (None, None).
+  Returns (results, path to results.json).
+  """
+  from absl import app, flags
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  if not flags.FLAGS.workdir:
+    raise app.UsageError("--workdir is required.")
+  workdir = flags.FLAGS.workdir
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    res = run_study(flags.FLAGS.config, workdir)
+  except tuple(stopped) as e:  # pylint: disable=catching-non-exception
+    logging.warning("%s", e)
+    print(str(e), flush=True)
+    return None, None
+  return res, write_results(workdir, res)

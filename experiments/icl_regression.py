@@ -120,7 +120,6 @@ over log_every steps), checkpointed together in checkpoints/.
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -128,7 +127,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import app
 from flax import nnx
 
 from attnjax.analysis import kq_ov
@@ -752,20 +751,9 @@ def _figures(cfg, workdir, runs, trained, res):
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)   # orbax is chatty at INFO
-  if not flags.FLAGS.workdir:
-    raise app.UsageError("--workdir is required.")
-  cfg = flags.FLAGS.config
-  workdir = flags.FLAGS.workdir
-  os.makedirs(workdir, exist_ok=True)
-  try:
-    res = run_study(cfg, workdir)
-  except Stopped as e:
-    logging.warning("%s", e)
-    print(str(e), flush=True)
+  res, path = common.run_study_main(run_study, stopped=(Stopped,))
+  if res is None:
     return
-  path = common.write_results(workdir, res)
   msg = " ".join(f"H={h}:{v:.4f}" for h, v in res["test_mse"].items())
   print(f"test_mse {msg}; wrote {path} ({res['wall_time_s']:.0f}s)",
         flush=True)

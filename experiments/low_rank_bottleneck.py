@@ -75,14 +75,13 @@ Outputs in --workdir:
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Dict, List
 
 import jax
 import jax.numpy as jnp
 import optax
-from absl import app, flags, logging
+from absl import app
 from flax import nnx
 
 from attnjax.models.rank_models import (RecallTransformer,
@@ -324,19 +323,9 @@ def make_figures(out, workdir):
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)   # orbax is chatty at INFO
-  if not flags.FLAGS.workdir:
-    raise app.UsageError("--workdir is required.")
-  cfg = flags.FLAGS.config
-  workdir = flags.FLAGS.workdir
-  os.makedirs(workdir, exist_ok=True)
-  try:
-    res = run_study(cfg, workdir)
-  except Stopped as e:
-    print(str(e), flush=True)
+  res, path = common.run_study_main(run_study, stopped=(Stopped,))
+  if res is None:
     return
-  path = common.write_results(workdir, res)
   fit, rec = res["fit"], res["recall"]
   for h in fit["head_sizes"]:
     print(f"fit n={fit['n']} d_p={h:<3d} rel_error="
