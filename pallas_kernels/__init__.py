@@ -6,6 +6,7 @@ Kernels never import attnjax; attnjax selects them with
 See docs/kernels.md.
 """
 
+from pallas_kernels import aot
 from pallas_kernels.block_sparse import (block_sparse_attention,
                                          block_sparse_attention_reference,
                                          causal_block_layout,
@@ -20,7 +21,7 @@ from pallas_kernels.triton_flash import (triton_available,
                                          triton_flash_attention)
 
 __all__ = [
-    "BlockSizes", "block_sparse_attention", "block_sparse_attention_reference",
+    "aot", "BlockSizes", "block_sparse_attention", "block_sparse_attention_reference",
     "causal_block_layout", "causal_linear_attention",
     "causal_linear_attention_reference", "flash_attention",
     "layout_from_mask", "local_block_layout", "mha_reference",

@@ -8,10 +8,27 @@ from typing import Optional
 import jax
 
 
+def target_platform() -> str:
+  """'cpu' | 'gpu' | 'tpu': the platform kernels are being built for.
+
+  That is the abstract device of an active `jax.sharding.use_abstract_mesh`
+  (how `pallas_kernels.aot` lowers for a TPU or GPU from a CPU-only machine),
+  else `jax.default_backend()`.
+  """
+  try:
+    from jax._src import mesh as mesh_lib
+    dev = mesh_lib.get_abstract_mesh().abstract_device
+  except (ImportError, AttributeError):
+    dev = None
+  if dev is not None:
+    return {"cuda": "gpu", "rocm": "gpu"}.get(dev.platform, dev.platform)
+  return jax.default_backend()
+
+
 def resolve_interpret(interpret: Optional[bool]) -> bool:
   """interpret=None -> True on CPU (no Pallas compiler there), else False."""
   if interpret is None:
-    return jax.default_backend() == "cpu"
+    return target_platform() == "cpu"
   return bool(interpret)
 
 

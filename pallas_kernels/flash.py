@@ -42,9 +42,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plt
 
 from pallas_kernels._util import (cdiv, check_float, check_rank, lcm,
-                                  next_pow2, resolve_interpret, round_up)
+                                  next_pow2, resolve_interpret, round_up,
+                                  target_platform)
 
 # Finite "minus infinity" for masked logits: keeps exp/max free of inf - inf.
 _NEG = -1e30
@@ -74,7 +77,7 @@ class BlockSizes:
   def get_default(cls, platform: Optional[str] = None,
                   head_dim: int = 128) -> "BlockSizes":
     """Per-platform defaults (starting points, tune with bench_kernels)."""
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     if platform == "tpu":
       return cls(block_q=512, block_kv=512, block_q_bwd=256, block_kv_bwd=256)
     if platform == "gpu":
@@ -96,6 +99,7 @@ class _Cfg:
   bq_bwd: int
   bk_bwd: int
   interpret: bool
+  platform: str        # target platform: 'cpu' | 'gpu' | 'tpu'
   heads_major: bool    # arrays are [B, N, L, H] (else [B, L, N, H])
   groups: int          # query heads per kv head
   # Fused neighborhood attention (see neighborhood.py): None, or
@@ -225,12 +229,18 @@ def _na_bounds(cfg, tile, inverse, na_n):
   return 0, nr * nc, lambda t: (r0 + t // nc_safe) * nt1 + c0_ + t % nc_safe
 
 
+def _table_head(cnt_ref):
+  """Row of the block-sparse tables for this program's head (0 if shared)."""
+  return pl.program_id(1) if cnt_ref.shape[0] != 1 else 0
+
+
 def _kv_loop_bounds(cfg, i, bq, bk, nk_valid, cnt_ref, idx_ref, na_n=None):
   """(lo, hi, j_of_t) for the key tiles query tile i visits."""
   if cfg.na is not None:
     return _na_bounds(cfg, i, False, na_n)
   if cnt_ref is not None:
-    return 0, cnt_ref[i], lambda t: idx_ref[i, t]
+    hs = _table_head(cnt_ref)
+    return 0, cnt_ref[hs, i], lambda t: idx_ref[hs, i, t]
   lo = 0
   hi = nk_valid
   if math.isfinite(cfg.left):
@@ -246,7 +256,8 @@ def _q_loop_bounds(cfg, j, bq, bk, nq, nk_valid, cnt_ref, idx_ref,
   if cfg.na is not None:
     return _na_bounds(cfg, j, True, na_n)
   if cnt_ref is not None:
-    return 0, cnt_ref[j], lambda t: idx_ref[j, t]
+    hs = _table_head(cnt_ref)
+    return 0, cnt_ref[hs, j], lambda t: idx_ref[hs, j, t]
   lo = 0
   hi = nq
   if math.isfinite(cfg.right):
@@ -342,7 +353,12 @@ def _dq_kernel(*refs, cfg, flags, s_pad):
   lo, hi, jfn = _kv_loop_bounds(cfg, i, bq, bk, nk_valid, r.get("kcnt"),
                                 r.get("kidx"), na_n)
   if dbias_ref is not None:
-    dbias_ref[...] = jnp.zeros(dbias_ref.shape, dbias_ref.dtype)
+    # Tiles the loop below skips must read zero. Zeroed tile by tile: the
+    # Triton lowering only takes power-of-two arrays, and s_pad need not be.
+    def zero(jj, c):
+      dbias_ref[:, pl.ds(jj * bk, bk)] = jnp.zeros((bq, bk), dbias_ref.dtype)
+      return c
+    lax.fori_loop(0, s_pad // bk, zero, 0)
 
   def body(t, dq):
     j = jfn(t)
@@ -483,15 +499,38 @@ def _inputs(cfg, q, k, v, extras, *, mode):
   tables = extras.get("kv_tables" if mode == "q" else "q_tables")
   if tables is not None:
     cnt, idx = tables     # [L, n_tiles], [L, n_tiles, n_other]
-    per_head = cnt.shape[0] != 1
     flags += ["kcnt", "kidx"] if mode == "q" else ["qcnt", "qidx"]
     arrays += [cnt, idx]
-    specs += [
-        pl.BlockSpec((None, cnt.shape[1]),
-                     lambda b, n, x: (n if per_head else 0, 0)),
-        pl.BlockSpec((None,) + idx.shape[1:],
-                     lambda b, n, x: (n if per_head else 0, 0, 0))]
+    # Whole tables, read as scalars in the loop bounds; on TPU they must
+    # live in SMEM (scalar memory), elsewhere the default memory is fine.
+    specs += [_scalar_table_spec(cfg)] * 2
   return tuple(flags), arrays, specs
+
+
+def _scalar_table_spec(cfg):
+  if cfg.platform == "tpu" and not cfg.interpret:
+    return pl.BlockSpec(memory_space=pltpu.SMEM)
+  return pl.BlockSpec(memory_space=None)
+
+
+def _compiler_params(cfg, bq, bk):
+  """Backend parameters (None in interpret mode / on CPU).
+
+  GPU: the Triton lowering of Pallas, chosen explicitly (JAX 0.10 would
+  otherwise pick Mosaic GPU, whose warpgroup model these portable kernels do
+  not target); 4 warps for tiles up to 64x64 elements, else 8.
+  TPU: every grid axis is independent (each program owns its output tile),
+  so all are 'parallel' (lets megacore chips split the grid).
+  """
+  if cfg.interpret:
+    return None
+  if cfg.platform == "gpu":
+    return plt.CompilerParams(num_warps=4 if bq * bk <= 64 * 64 else 8,
+                              num_stages=2)
+  if cfg.platform == "tpu":
+    return pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "parallel"))
+  return None
 
 
 def _stat_spec(cfg, rows, mode_q: bool, tp):
@@ -529,6 +568,7 @@ def _fwd_call(cfg, q, k, v, extras):
   out, lse = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(b, n, tp // cfg.bq),
       in_specs=specs, out_specs=out_specs, interpret=cfg.interpret,
+      compiler_params=_compiler_params(cfg, cfg.bq, cfg.bk),
       name="flash_fwd")(*arrays)
   return out, lse
 
@@ -565,7 +605,9 @@ def _bwd_call(cfg, q, k, v, extras, out, lse, dout, dlse):
   kernel = functools.partial(_dq_kernel, cfg=cfg, flags=flags, s_pad=sp)
   res = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(b, n, tp // bq), in_specs=specs,
-      out_specs=out_specs, interpret=cfg.interpret, name="flash_dq")(*arrays)
+      out_specs=out_specs, interpret=cfg.interpret,
+      compiler_params=_compiler_params(cfg, bq, cfg.bk_bwd),
+      name="flash_dq")(*arrays)
   dq = res[0]
   dbias_full = res[1] if has_bias else None
 
@@ -587,7 +629,9 @@ def _bwd_call(cfg, q, k, v, extras, out, lse, dout, dlse):
                              nq=tp // cfg.bq_bwd)
   dk, dv = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(b, n, sp // bk), in_specs=specs,
-      out_specs=out_specs, interpret=cfg.interpret, name="flash_dkv")(*arrays)
+      out_specs=out_specs, interpret=cfg.interpret,
+      compiler_params=_compiler_params(cfg, cfg.bq_bwd, bk),
+      name="flash_dkv")(*arrays)
   nkv = n // g
   if cfg.heads_major:
     dk = dk.reshape(b, nkv, g, sp, h).sum(2)
@@ -697,6 +741,11 @@ def check_inputs(query, key, value):
   return b, t, n, s, nkv, h, hv
 
 
+def _pad_head_dims(cfg) -> bool:
+  """Head dims are padded to powers of two for the GPU (Triton) lowering."""
+  return cfg.platform == "gpu" and not cfg.interpret
+
+
 def _flash_entry(query, key, value, *, bias, mask, is_causal, scale,
                  local_window_size, q_segment_ids, kv_segment_ids,
                  block_sizes, interpret, heads_major, tables=None,
@@ -711,7 +760,7 @@ def _flash_entry(query, key, value, *, bias, mask, is_causal, scale,
     right = min(right, 0.0)
   interpret = resolve_interpret(interpret)
   if heads_major is None:
-    heads_major = interpret or jax.default_backend() != "gpu"
+    heads_major = interpret or target_platform() != "gpu"
   if tile_sizes is not None:           # block-sparse: tiles fixed by layout
     bq = bq_b = tile_sizes[0]
     bk = bk_b = tile_sizes[1]
@@ -730,8 +779,8 @@ def _flash_entry(query, key, value, *, bias, mask, is_causal, scale,
   sp = round_up(s, lcm(bk, bk_b))
   cfg = _Cfg(scale=float(scale), left=float(left), right=float(right),
              kv_len=s, bq=bq, bk=bk, bq_bwd=bq_b, bk_bwd=bk_b,
-             interpret=interpret, heads_major=bool(heads_major),
-             groups=n // nkv)
+             interpret=interpret, platform=target_platform(),
+             heads_major=bool(heads_major), groups=n // nkv)
   target = (b, n, t, s)
 
   def pad_ts(x, fill):
@@ -770,8 +819,17 @@ def _flash_entry(query, key, value, *, bias, mask, is_causal, scale,
     kvseg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, sp - s)),
                     constant_values=_KV_PAD)[:, None, :]
   kv_tables, q_tables = (None, None) if tables is None else tables
-  return _padded_flash(cfg, t, tp, s, sp, query, key, value, bias, mask,
-                       qseg, kvseg, kv_tables, q_tables)
+  if _pad_head_dims(cfg):
+    # The Triton lowering needs power-of-two (>= 16) array dims: zero-pad
+    # the head dims (exact: padded q/k columns add 0 to the logits, padded v
+    # columns are sliced off).
+    hp, hvp = max(16, next_pow2(h)), max(16, next_pow2(hv))
+    pad_h = lambda x, to: jnp.pad(
+        x, ((0, 0),) * 3 + ((0, to - x.shape[-1]),))
+    query, key, value = pad_h(query, hp), pad_h(key, hp), pad_h(value, hvp)
+  out, lse = _padded_flash(cfg, t, tp, s, sp, query, key, value, bias, mask,
+                           qseg, kvseg, kv_tables, q_tables)
+  return out[..., :hv], lse
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))

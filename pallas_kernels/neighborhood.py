@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels._util import (cdiv, check_float, next_pow2,
-                                  resolve_interpret)
+                                  resolve_interpret, target_platform)
 from pallas_kernels.flash import _Cfg, _flash, mha_reference
 
 
@@ -154,12 +154,13 @@ def neighborhood_attention(query, key, value, kernel_size, *, dilation=1,
   h = query.shape[-1]
   interpret = resolve_interpret(interpret)
   if heads_major is None:
-    heads_major = interpret or jax.default_backend() != "gpu"
+    heads_major = interpret or target_platform() != "gpu"
   tsz = tile[0] * tile[1]
   cfg = _Cfg(scale=float(1.0 / math.sqrt(h) if scale is None else scale),
              left=math.inf, right=math.inf,
              kv_len=nt[0] * nt[1] * tsz, bq=tsz, bk=tsz, bq_bwd=tsz,
-             bk_bwd=tsz, interpret=interpret, heads_major=bool(heads_major),
+             bk_bwd=tsz, interpret=interpret, platform=target_platform(),
+             heads_major=bool(heads_major),
              groups=query.shape[-2] // key.shape[-2],
              na=(nt[1], tile[0], tile[1], ks, dl, spatial, ca))
   out = _na_run(cfg, spatial, dl, lg, tile, nt, query, key, value)

@@ -7,16 +7,10 @@ kernels run in Pallas interpret mode (correct but slow: for tests).
 
 from __future__ import annotations
 
-import jax
-
 from attnjax.softmax import register_backend
 from attnjax.softmax._common import AttentionCall
 
 from pallas_kernels.flash import flash_attention
-
-
-def _pow2(x: int) -> bool:
-  return x >= 16 and (x & (x - 1)) == 0
 
 
 def pallas_attention(call: AttentionCall, need_lse: bool):
@@ -26,11 +20,6 @@ def pallas_attention(call: AttentionCall, need_lse: bool):
     raise NotImplementedError(
         "implementation='pallas' does not support attention dropout; use "
         "implementation='xla'.")
-  h, hv = call.query.shape[-1], call.value.shape[-1]
-  if jax.default_backend() == "gpu" and not (_pow2(h) and _pow2(hv)):
-    raise NotImplementedError(
-        "implementation='pallas' on GPU needs power-of-two head dims >= 16, "
-        f"got head_dim={h}, value head_dim={hv}.")
   out, lse = flash_attention(
       call.query, call.key, call.value, is_causal=call.is_causal,
       scale=call.scale, bias=call.bias, mask=call.mask,
