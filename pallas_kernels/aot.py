@@ -71,3 +71,92 @@ def lower(fn: Callable, *args, target: str = "h100"):
 def kernel_calls(lowered) -> list[str]:
   """Names of the Pallas kernel custom calls in a lowered module, in order."""
   return _KERNEL_CALL.findall(lowered.as_text())
+
+
+# ----------------------------------------------------------------------------
+# GPU: compiling the lowered Triton modules to cubin (needs the `triton` pip
+# package, not a GPU)
+# ----------------------------------------------------------------------------
+
+# Shared memory per block (bytes) by compute capability.
+MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+_CAPABILITY = {"a100": 80, "h100": 90, "h200": 90}
+
+
+@contextlib.contextmanager
+def _capture_triton_modules(sink: list):
+  """Records (name, TTIR text, num_warps, num_stages) of every Pallas kernel
+  lowered to Triton inside the block. Uses a private JAX hook
+  (jax._src.pallas.triton); raises ImportError where it is missing."""
+  from jax._src.pallas.triton import pallas_call_registration as reg
+  orig_lower = reg.lowering.lower_jaxpr_to_triton_module
+  orig_rule = reg.pallas_call_lowering
+
+  def lower_module(*args, **kwargs):
+    res = orig_lower(*args, **kwargs)
+    sink.append({"ttir": res.module.operation.get_asm(
+        enable_debug_info=False)})
+    return res
+
+  def rule(ctx, *in_nodes, compiler_params, **params):
+    n = len(sink)
+    out = orig_rule(ctx, *in_nodes, compiler_params=compiler_params, **params)
+    for rec in sink[n:]:
+      rec["num_warps"] = compiler_params.num_warps or 4
+      rec["num_stages"] = compiler_params.num_stages or 3
+      rec["name"] = params.get("name") or "kernel"
+    return out
+
+  reg.lowering.lower_jaxpr_to_triton_module = lower_module
+  reg.pallas_call_lowering = rule
+  from jax._src.pallas import core as pallas_core
+  from jax._src.pallas.triton import core as triton_core
+  pallas_core.register_lowering_rule(triton_core.CompilerParams, rule, "gpu")
+  try:
+    yield sink
+  finally:
+    reg.lowering.lower_jaxpr_to_triton_module = orig_lower
+    reg.pallas_call_lowering = orig_rule
+    pallas_core.register_lowering_rule(triton_core.CompilerParams, orig_rule,
+                                       "gpu")
+
+
+def compile_triton(fn: Callable, *args, target: str = "h100") -> list[dict]:
+  """Lowers `fn` for a GPU target and compiles each Pallas kernel's Triton
+  module to cubin with the `triton` package (no GPU needed).
+
+  Returns one dict per kernel: name, num_warps, num_stages, shared (bytes of
+  shared memory per block), max_shared (the device's limit). Raises
+  ImportError without `triton`, and triton's error when a module does not
+  verify or compile (which is what XLA would hit on the device).
+  """
+  import os
+  import tempfile
+
+  import triton
+  from triton.backends.compiler import GPUTarget
+
+  if target not in _CAPABILITY:
+    raise ValueError(f"`target` must be one of {sorted(_CAPABILITY)}, got "
+                     f"{target!r}.")
+  cc = _CAPABILITY[target]
+  sink: list = []
+  # Lowerings of inner jits are cached; a cached kernel would not pass
+  # through the capture hook.
+  jax.clear_caches()
+  with _capture_triton_modules(sink):
+    lower(fn, *args, target=target)
+  results = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for i, rec in enumerate(sink):
+      path = os.path.join(tmp, f"k{i}.ttir")
+      with open(path, "w") as f:
+        f.write(rec["ttir"])
+      k = triton.compile(path, target=GPUTarget("cuda", cc, 32),
+                         options={"num_warps": rec["num_warps"],
+                                  "num_stages": rec["num_stages"]})
+      results.append({"name": rec["name"], "num_warps": rec["num_warps"],
+                      "num_stages": rec["num_stages"],
+                      "shared": int(k.metadata.shared),
+                      "max_shared": MAX_SHARED[cc]})
+  return results

@@ -169,6 +169,13 @@ def _scores(cfg, q, k, q_start, k_start, bias_t, mask_t, qseg_t, kvseg_t,
   return s, valid
 
 
+def _select_i32(pred, a, b):
+  """Scalar int32 select. (jnp.where with Python-int branches lowers to an
+  i1 select in the Pallas Triton lowering, which then fails verification
+  when used as a loop bound: found by compiling the lowered TTIR.)"""
+  return lax.select(pred, jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32))
+
+
 def _na_group_lengths(cfg):
   """In-group lengths (n0, n1) of this program's dilation group."""
   _, _, _, _, (d0, d1), (l0, l1), _ = cfg.na
@@ -222,7 +229,7 @@ def _na_bounds(cfg, tile, inverse, na_n):
     else:  # a query sees keys within distance ksz - 1 (and not ahead if causal)
       lo = first if causal else jnp.maximum(first - (ksz - 1), 0)
       hi = jnp.minimum(last + ksz - 1, n - 1)
-    cnt = jnp.where(first < n, hi // size - lo // size + 1, 0)
+    cnt = _select_i32(first < n, hi // size - lo // size + 1, 0)
     ranges.append((lo // size, cnt))
   (r0, nr), (c0_, nc) = ranges
   nc_safe = jnp.maximum(nc, 1)
@@ -264,7 +271,7 @@ def _q_loop_bounds(cfg, j, bq, bk, nq, nk_valid, cnt_ref, idx_ref,
     lo = jnp.maximum(0, (j * bk - int(cfg.right)) // bq)
   if math.isfinite(cfg.left):
     hi = jnp.minimum(nq, (j * bk + bk - 1 + int(cfg.left)) // bq + 1)
-  hi = jnp.where(j < nk_valid, hi, lo)   # all-padding key tile
+  hi = _select_i32(j < nk_valid, hi, lo)   # all-padding key tile
   return lo, hi, lambda t: t
 
 

@@ -131,3 +131,41 @@ def test_gpu_head_dim_padding_is_exact_in_interpret_mode(monkeypatch):
   for a, r in zip(g, gr):
     assert a.shape == r.shape
     np.testing.assert_allclose(a, r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gpu_kernels_compile_to_cubin_and_fit_shared_memory(case):
+  # The lowered Triton modules go through Triton's own verifier and
+  # compiler for sm_90 (what XLA does on an H100), with the default block
+  # sizes and warps; each must fit the per-block shared memory. This found
+  # an i1-typed loop bound that lowering alone let through.
+  pytest.importorskip("triton")
+  fn, args, n_fwd, n_bwd = CASES[case]
+  res = aot.compile_triton(_grad(fn) if n_bwd else fn, *args, target="h100")
+  assert len(res) == (n_bwd or n_fwd)
+  for r in res:
+    assert 0 < r["shared"] <= r["max_shared"], r
+
+
+def test_compile_triton_reports_verifier_errors():
+  # A module that does not verify must raise, not pass silently: the same
+  # jnp.where(int, int) loop bound that broke the dK/dV kernel.
+  pytest.importorskip("triton")
+  import functools
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plt
+
+  def kern(x_ref, o_ref):
+    hi = jnp.where(pl.program_id(0) < 3, 32, 0)
+    o_ref[...] = jax.lax.fori_loop(0, hi, lambda t, c: c + x_ref[...],
+                                   jnp.zeros((16,), jnp.float32))
+
+  def f(x):
+    return pl.pallas_call(
+        kern, out_shape=jax.ShapeDtypeStruct((64,), jnp.float32), grid=(4,),
+        in_specs=[pl.BlockSpec((16,), lambda i: (i,))],
+        out_specs=pl.BlockSpec((16,), lambda i: (i,)),
+        compiler_params=plt.CompilerParams(num_warps=4))(x)
+
+  with pytest.raises(Exception):
+    aot.compile_triton(f, S((64,), jnp.float32), target="h100")
