@@ -7,8 +7,8 @@ TPU: pallas.ops.tpu.flash_attention) where importable. bf16, head_dim 64/128,
 S 1k-16k by default. FLOPs: 4*B*N*T*S*H forward, 2.5x that for the backward
 (so fwd+bwd = 3.5x), halved for causal. The percent column is of the
 device's measured bf16 matmul peak (an 8192^2 matmul, 4096^2 with --quick).
-Also reports block-sparse (sliding-window layout) time against dense time x
-visited fraction.
+Also reports block-sparse (sliding-window layout) and fused 2D neighborhood
+time against dense time x visited fraction (issue target: within 1.5x).
 
 Run:  python -m experiments.bench_kernels --workdir=runs/bench_kernels
       python -m experiments.bench_kernels --workdir=/tmp/bk --quick   # CPU ok
@@ -29,6 +29,7 @@ from experiments.bench_utils import time_fn
 from experiments.common import write_results
 from pallas_kernels import block_sparse as bsa
 from pallas_kernels import flash as fa
+from pallas_kernels import neighborhood as nb
 from pallas_kernels import triton_flash
 
 FLAGS = flags.FLAGS
@@ -150,10 +151,31 @@ def main(argv):
     sparse_rows.append(dict(window=w, visited_fraction=frac, ms=t * 1e3,
                             dense_ms=t_dense * 1e3,
                             ratio_to_dense_x_fraction=t / (t_dense * frac)))
+  # Neighborhood: fused 2D kernel vs dense flash over the same tiles x the
+  # fraction of tile pairs that hold any neighbour (nb.visited_fraction).
+  na_rows = []
+  side = 32 if quick else 128
+  hb = max(1, tokens // (side * side))
+  qi, ki, vi = (jax.random.normal(kk, (hb, side, side, heads, h),
+                                  jnp.bfloat16)
+                for kk in jax.random.split(jax.random.key(2), 3))
+  flat = lambda x: x.reshape(hb, side * side, heads, h)
+  tsz = 128                      # pixels per tile (default 8 x 16 tile)
+  t_dense_na = time_fn(lambda q, k, v: fa.flash_attention(
+      q, k, v, block_sizes=fa.BlockSizes(tsz, tsz, tsz, tsz)),
+                       flat(qi), flat(ki), flat(vi), repeats=repeats)
+  for ksz in ([5] if quick else [7, 13, 31]):
+    frac = nb.visited_fraction((side, side), ksz)
+    t = time_fn(functools.partial(nb.neighborhood_attention,
+                                  kernel_size=(ksz, ksz)), qi, ki, vi,
+                repeats=repeats)
+    na_rows.append(dict(image=side, kernel_size=ksz, visited_fraction=frac,
+                        ms=t * 1e3, dense_ms=t_dense_na * 1e3,
+                        ratio_to_dense_x_fraction=t / (t_dense_na * frac)))
   results = dict(device=device, backend=jax.default_backend(),
                  jax_version=jax.__version__, matmul_peak_tflops=peak,
                  interpret_mode=jax.default_backend() == "cpu",
-                 rows=rows, block_sparse=sparse_rows)
+                 rows=rows, block_sparse=sparse_rows, neighborhood=na_rows)
   path = write_results(FLAGS.workdir, results)
   hdr = (f"{'impl':16s} {'H':>4s} {'S':>6s} {'causal':>6s} {'fwd TF/s':>9s} "
          f"{'%pk':>5s} {'bwd TF/s':>9s} {'%pk':>5s}")
@@ -175,6 +197,11 @@ def main(argv):
     print(f"block-sparse window={r['window']}: visited {r['visited_fraction']:.3f}"
           f", {r['ms']:.2f} ms vs dense {r['dense_ms']:.2f} ms -> "
           f"{r['ratio_to_dense_x_fraction']:.2f}x of dense x fraction")
+  for r in na_rows:
+    print(f"neighborhood {r['image']}x{r['image']} k={r['kernel_size']}: "
+          f"visited {r['visited_fraction']:.3f}, {r['ms']:.2f} ms vs dense "
+          f"{r['dense_ms']:.2f} ms -> {r['ratio_to_dense_x_fraction']:.2f}x "
+          "of dense x fraction")
   print(f"wrote {path}")
 
 

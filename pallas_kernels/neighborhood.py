@@ -189,6 +189,40 @@ def neighborhood_mask_np(spatial, kernel_size, dilation=1, is_causal=False):
   return m
 
 
+def visited_fraction(spatial, kernel_size, *, dilation=1, is_causal=False,
+                     tile_size=None) -> float:
+  """Fraction of (query tile, key tile) pairs that hold at least one
+  neighbour pair, out of all pairs of the kernel's tiles: the least work a
+  tiled kernel can do relative to dense attention over the same tiles.
+
+  Computed from the definition (`neighborhood_mask_np`) and the kernel's
+  tiling (dilation groups, then `tile_size` rectangles), not from the
+  kernel's loop bounds, so a benchmark can hold the kernel to it.
+  """
+  spatial = tuple(int(x) for x in spatial)
+  nd = len(spatial)
+  ks = _tuple("kernel_size", kernel_size, nd, 1)
+  dl = _tuple("dilation", dilation, nd, 1)
+  mask = neighborhood_mask_np(spatial, ks, dl, is_causal)
+  if nd == 1:
+    spatial, dl = (1,) + spatial, (1,) + dl
+  lg = tuple(cdiv(l, d) for l, d in zip(spatial, dl))
+  if tile_size is None:
+    tile = _default_tile(nd, lg)
+  else:
+    tile = _tuple("tile_size", tile_size, nd, 1)
+    tile = (1,) + tile if nd == 1 else tile
+  nt = tuple(cdiv(l, t) for l, t in zip(lg, tile))
+  r, c = np.divmod(np.arange(spatial[0] * spatial[1]), spatial[1])
+  group = (r % dl[0]) * dl[1] + c % dl[1]
+  tid = ((group * nt[0] + (r // dl[0]) // tile[0]) * nt[1]
+         + (c // dl[1]) // tile[1])
+  n_tiles = dl[0] * dl[1] * nt[0] * nt[1]
+  qi, kj = np.nonzero(mask)
+  pairs = np.unique(tid[qi].astype(np.int64) * n_tiles + tid[kj])
+  return float(pairs.size) / float(n_tiles * n_tiles)
+
+
 def neighborhood_attention_reference(query, key, value, kernel_size, *,
                                      dilation=1, is_causal=False, scale=None):
   """Dense plain-jnp attention with the definition's [S, S] mask."""

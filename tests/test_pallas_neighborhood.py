@@ -93,3 +93,19 @@ def test_mask_definition_and_value_errors():
     nb.neighborhood_attention(x[0], x[0], x[0], 3)
   with pytest.raises(ValueError, match="key"):
     nb.neighborhood_attention(x, x[:, :5], x, 3)
+
+
+def test_visited_fraction_hand_counts():
+  # 1D, 512 tokens in 4 tiles of 128, kernel 3: each tile pairs with itself
+  # and its neighbours (windows cross tile borders): 4 + 2*3 = 10 of 16.
+  assert nb.visited_fraction((512,), 3, tile_size=128) == 10 / 16
+  # Causal: only itself and the previous tile: 4 + 3 = 7 of 16.
+  assert nb.visited_fraction((512,), 3, tile_size=128, is_causal=True) == 7 / 16
+  # A kernel as large as the image: every pair of tiles.
+  assert nb.visited_fraction((16, 16), 16, tile_size=(8, 8)) == 1.0
+  # 2D, 32x32 in 4x4 tiles of 8x8, kernel 3: each tile pairs with its
+  # 3x3 tile neighbourhood clipped at the border: (4+2*3)^2 = 100 of 256.
+  assert nb.visited_fraction((32, 32), 3, tile_size=(8, 8)) == 100 / 256
+  # Dilation 2 on 32: two groups of 16, tiles of 8 -> 2 tiles per group,
+  # kernel 3 links both tiles of a group: 2 groups x 4 pairs of 4^2 = 16.
+  assert nb.visited_fraction((32,), 3, dilation=2, tile_size=8) == 8 / 16
