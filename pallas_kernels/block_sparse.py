@@ -25,8 +25,9 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels._util import cdiv
-from pallas_kernels.flash import _flash_entry, check_inputs, mha_reference
+from pallas_kernels._util import cdiv, resolve_interpret, target_platform
+from pallas_kernels.flash import (BlockSizes, _flash_entry, check_inputs,
+                                  mha_reference)
 
 
 def _tables(layout):
@@ -55,6 +56,19 @@ def _check_layout(block_layout, n, nq, nk, t, s, block_q, block_kv):
   return jnp.asarray(lay, bool)
 
 
+def _split_tiles(interpret) -> bool:
+  return target_platform() == "gpu" and not resolve_interpret(interpret)
+
+
+def _split_factor(tile: int, cap: int) -> int:
+  """Power of two r with tile % r == 0 and tile // r <= cap (or as close as
+  divisibility allows)."""
+  r = 1
+  while tile // r > cap and tile % (2 * r) == 0:
+    r *= 2
+  return r
+
+
 def block_sparse_attention(query, key, value, block_layout, *, block_q: int,
                            block_kv: int, is_causal: bool = False,
                            scale: Optional[float] = None,
@@ -69,7 +83,9 @@ def block_sparse_attention(query, key, value, block_layout, *, block_q: int,
     query, key, value: [B, T, N, H], [B, S, K, H], [B, S, K, Hv].
     block_layout: bool [nq, nk] or [N|1, nq, nk] with nq = ceil(T/block_q),
       nk = ceil(S/block_kv).
-    block_q, block_kv: tile sizes of the layout (also the kernel tiles).
+    block_q, block_kv: tile sizes of the layout (also the kernel tiles,
+      except on GPU, where tiles too large for shared memory at this head
+      dim and dtype are split into sub-tiles).
     Other arguments as `flash_attention`. Query rows whose tiles visit
     nothing (or whose keys are all masked) give zeros.
   """
@@ -79,12 +95,23 @@ def block_sparse_attention(query, key, value, block_layout, *, block_q: int,
       raise ValueError(f"`{nm}` must be a positive int, got {x!r}.")
   nq, nk = cdiv(t, block_q), cdiv(s, block_kv)
   layout = _check_layout(block_layout, n, nq, nk, t, s, block_q, block_kv)
+  bq, bk = block_q, block_kv
+  if _split_tiles(interpret):
+    # Layout tiles larger than what fits a GPU block's shared memory are
+    # split into sub-tiles (exact: a sub-tile is visited iff its parent is).
+    cap = BlockSizes.get_default("gpu", max(h, hv), query.dtype)
+    rq = _split_factor(bq, min(cap.block_q, cap.block_q_bwd))
+    rk = _split_factor(bk, min(cap.block_kv, cap.block_kv_bwd))
+    if rq > 1 or rk > 1:
+      bq, bk = bq // rq, bk // rk
+      layout = jnp.repeat(jnp.repeat(layout, rq, axis=1), rk, axis=2)
+      layout = layout[:, :cdiv(t, bq), :cdiv(s, bk)]
   out, lse = _flash_entry(
       query, key, value, bias=bias, mask=mask, is_causal=is_causal,
       scale=scale, local_window_size=local_window_size,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
       block_sizes=None, interpret=interpret, heads_major=heads_major,
-      tables=_tables(layout), tile_sizes=(block_q, block_kv))
+      tables=_tables(layout), tile_sizes=(bq, bk))
   return (out, lse) if return_lse else out
 
 

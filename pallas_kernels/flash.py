@@ -74,15 +74,26 @@ class BlockSizes:
         raise ValueError(f"BlockSizes.{f.name} must be a positive int, got {v!r}.")
 
   @classmethod
-  def get_default(cls, platform: Optional[str] = None,
-                  head_dim: int = 128) -> "BlockSizes":
-    """Per-platform defaults (starting points, tune with bench_kernels)."""
+  def get_default(cls, platform: Optional[str] = None, head_dim: int = 128,
+                  dtype=None) -> "BlockSizes":
+    """Per-platform defaults (starting points, tune with bench_kernels).
+
+    GPU sizes are chosen so that every kernel (fwd, dQ, dK/dV) fits the
+    shared memory of an A100 (163 KiB per block) as well as an H100, as
+    compiled by Triton for sm_80/sm_90 (experiments/kernel_aot_report.py);
+    4-byte dtypes get smaller tiles.
+    """
     platform = platform or target_platform()
+    wide = dtype is not None and jnp.dtype(dtype).itemsize >= 4
     if platform == "tpu":
       return cls(block_q=512, block_kv=512, block_q_bwd=256, block_kv_bwd=256)
     if platform == "gpu":
       if head_dim > 128:
+        if wide:
+          return cls(block_q=32, block_kv=32, block_q_bwd=16, block_kv_bwd=32)
         return cls(block_q=64, block_kv=32, block_q_bwd=32, block_kv_bwd=32)
+      if head_dim > 64 and wide:
+        return cls(block_q=64, block_kv=64, block_q_bwd=32, block_kv_bwd=64)
       return cls(block_q=128, block_kv=64, block_q_bwd=64, block_kv_bwd=64)
     # CPU interpret mode: big tiles mean few interpreted loop steps.
     return cls(block_q=128, block_kv=128, block_q_bwd=128, block_kv_bwd=128)
@@ -773,7 +784,8 @@ def _flash_entry(query, key, value, *, bias, mask, is_causal, scale,
     bk = bk_b = tile_sizes[1]
   else:
     if block_sizes is None:
-      block_sizes = BlockSizes.get_default(head_dim=max(h, hv))
+      block_sizes = BlockSizes.get_default(head_dim=max(h, hv),
+                                           dtype=query.dtype)
     if not isinstance(block_sizes, BlockSizes):
       raise ValueError(
           f"`block_sizes` must be a BlockSizes, got {type(block_sizes)}.")

@@ -77,10 +77,13 @@ def _check(query, key, value, kernel_size, dilation, is_causal):
   return nd, spatial, ks, dl, ca
 
 
-def _default_tile(nd, lg):
+def _default_tile(nd, lg, small=False):
+  """128-pixel tiles (64 when `small`: 4-byte dtypes on GPU, where the
+  128-pixel dK/dV kernel would exceed an A100's shared memory)."""
   if nd == 1:
-    return (1, min(128, max(8, next_pow2(lg[1]))))
-  return (min(8, next_pow2(lg[0])), min(16, max(8, next_pow2(lg[1]))))
+    return (1, min(64 if small else 128, max(8, next_pow2(lg[1]))))
+  return (min(8, next_pow2(lg[0])),
+          min(8 if small else 16, max(8, next_pow2(lg[1]))))
 
 
 def _to_tiles(x, d, lg, tile, nt):
@@ -145,14 +148,16 @@ def neighborhood_attention(query, key, value, kernel_size, *, dilation=1,
     query, key, value = query[:, None], key[:, None], value[:, None]
     spatial, ks, dl, ca = (1,) + spatial, (1,) + ks, (1,) + dl, (False,) + ca
   lg = tuple(cdiv(l, d) for l, d in zip(spatial, dl))
+  interpret = resolve_interpret(interpret)
   if tile_size is None:
-    tile = _default_tile(nd, lg)
+    small = (target_platform() == "gpu" and not interpret
+             and query.dtype.itemsize >= 4)
+    tile = _default_tile(nd, lg, small)
   else:
     tile = _tuple("tile_size", tile_size, nd, 1)
     tile = (1,) + tile if nd == 1 else tile
   nt = tuple(cdiv(l, t) for l, t in zip(lg, tile))
   h = query.shape[-1]
-  interpret = resolve_interpret(interpret)
   if heads_major is None:
     heads_major = interpret or target_platform() != "gpu"
   tsz = tile[0] * tile[1]
