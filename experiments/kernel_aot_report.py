@@ -9,11 +9,13 @@ machine (see pallas_kernels/aot.py). Timing still needs the device:
 experiments/bench_kernels.py.
 
 Run:  python -m experiments.kernel_aot_report --workdir=runs/kernel_aot
-Writes DIR/results.json and prints a table.
+Writes DIR/results.json and DIR/table.md (GPU cells: shared memory per
+block in KiB of each kernel, fwd / dQ / dK-dV) and prints a table.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -63,6 +65,28 @@ def configs(seq_len: int, head_dims, dtypes):
   return out
 
 
+def markdown_table(rows, targets) -> str:
+  """One line per (config, mode): GPU cells list shared KiB per kernel
+  (fwd/dq/dkv), TPU cells the number of Mosaic kernels lowered."""
+  cells = {}
+  for r in rows:
+    key = (r["config"], r["mode"])
+    if "error" in r:
+      cell = "error: " + r["error"].split(":")[0]
+    elif r["target"].startswith("tpu"):
+      cell = f"{len(r['kernels'])} lowered"
+    else:
+      cell = " / ".join(f"{k['shared'] / 1024:.0f}" for k in r["kernels"])
+      cell += "" if r["fits"] else " (exceeds)"
+    cells.setdefault(key, {})[r["target"]] = cell
+  lines = ["| config | mode | " + " | ".join(targets) + " |",
+           "|---|---|" + "---|" * len(targets)]
+  for (config, mode), c in cells.items():
+    lines.append(f"| {config} | {mode} | "
+                 + " | ".join(c.get(t, "") for t in targets) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv):
   del argv
   F = flags.FLAGS
@@ -99,6 +123,9 @@ def main(argv):
   except ImportError:
     pass
   path = write_results(F.workdir, results)
+  md = os.path.join(F.workdir, "table.md")
+  with open(md, "w") as f:
+    f.write(markdown_table(rows, list(F.gpu_targets) + list(F.tpu_targets)))
   print(f"\n{'config':36s} {'mode':8s} {'target':8s} kernels "
         "(name warps/stages shared KiB)")
   for r in rows:
