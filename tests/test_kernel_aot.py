@@ -169,3 +169,27 @@ def test_compile_triton_reports_verifier_errors():
 
   with pytest.raises(Exception):
     aot.compile_triton(f, S((64,), jnp.float32), target="h100")
+
+
+def test_kernel_aot_report_binary(tmp_path):
+  pytest.importorskip("triton")
+  import json
+  import subprocess
+  import sys
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.kernel_aot_report",
+       f"--workdir={tmp_path}", "--seq_len=512", "--head_dims=64",
+       "--dtypes=bfloat16", "--gpu_targets=h100", "--tpu_targets=tpu_v5e"],
+      capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  res = json.loads((tmp_path / "results.json").read_text())
+  assert res["rows"] and not [r for r in res["rows"] if "error" in r]
+  gpu = [r for r in res["rows"] if r["target"] == "h100"]
+  assert all(r["fits"] for r in gpu)
+  # flash fwd+bwd: forward, dQ and dK/dV kernels, each with shared memory.
+  fb = [r for r in gpu if r["config"].startswith("flash h64")
+        and r["mode"] == "fwd+bwd"][0]
+  assert [k["name"] for k in fb["kernels"]] == ["flash_fwd", "flash_dq",
+                                                "flash_dkv"]
+  assert all(k["shared"] > 0 for k in fb["kernels"])
+  assert "| flash h64 bfloat16 | fwd+bwd |" in (tmp_path / "table.md").read_text()
