@@ -226,6 +226,56 @@ def rng_wrap(data) -> jax.Array:
   return jax.random.wrap_key_data(np.asarray(data))
 
 
+# Config keys that may change between a run and its resumption without
+# changing its numbers: where to stop (simulated kills) and the device mesh
+# (checkpoints restore across meshes; see experiments/sharding.py).
+RESUME_SAFE_KEYS = ("stop_after_steps", "mesh")
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def guard_config(workdir: str, cfg, *, ignore=RESUME_SAFE_KEYS,
+                 name: str = "config.json") -> None:
+  """Records the run's config in `workdir`, or refuses a different one.
+
+  A workdir holds one run: resuming it under another config would silently
+  mix two experiments in one checkpoint and one metrics file. The first
+  call writes DIR/config.json; later calls compare against it and raise a
+  ValueError naming every differing key (old -> new), except keys in
+  `ignore` (they do not change the numbers).
+  """
+  cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  new = _flatten(to_jsonable(cfg_dict))
+  path = os.path.join(workdir, name)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = _flatten(json.load(f))
+    skip = lambda k: k in ignore or k.split(".")[-1] in ignore
+    diffs = [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+             for k in sorted(set(old) | set(new))
+             if not skip(k) and old.get(k) != new.get(k)]
+    if diffs:
+      raise ValueError(
+          f"--workdir {workdir} holds a run with a different config ("
+          + "; ".join(diffs) + "). Use a new --workdir, or delete this one, "
+          "to start another run.")
+    return
+  os.makedirs(workdir, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(new, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
 def define_study_flags(config_file: str, preset: str = "default") -> None:
   """Defines a study binary's `--workdir` and `--config` (path:preset) flags.
 
@@ -259,6 +309,7 @@ def run_study_main(run_study, stopped=()):
     raise app.UsageError("--workdir is required.")
   workdir = flags.FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
+  guard_config(workdir, flags.FLAGS.config)
   try:
     res = run_study(flags.FLAGS.config, workdir)
   except tuple(stopped) as e:  # pylint: disable=catching-non-exception

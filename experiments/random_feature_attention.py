@@ -402,6 +402,7 @@ def main(argv):
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
   cfg = flags.FLAGS.config
+  common.guard_config(flags.FLAGS.workdir, cfg)
   results, stats = run(cfg, flags.FLAGS.workdir)
   logging.info("cells computed this run: %d / %d", stats["cells_computed"],
                stats["cells_total"])

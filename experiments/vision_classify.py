@@ -323,6 +323,7 @@ def main(argv):
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
   cfg = flags.FLAGS.config
+  common.guard_config(flags.FLAGS.workdir, cfg)
   res = train(cfg, flags.FLAGS.workdir)
   if res is not None:
     print(f"{cfg.model}: test_accuracy={res['test_accuracy']:.4f} "

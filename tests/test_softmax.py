@@ -19,6 +19,7 @@ class TestXla(SoftmaxAttentionSuite):
 
 class TestChunkedSmallBlocks(SoftmaxAttentionSuite):
   """Blocks far smaller than the sequences: many blocks, ragged tails."""
+  supports_dropout = True
 
   def attention(self, q, k, v, bias=None, mask=None, **kw):
     return chunked_dot_product_attention(q, k, v, bias, mask, block_q=8,
@@ -107,6 +108,79 @@ def test_dropout_xla_statistics_and_determinism():
   assert abs(float(a.mean()) - 1.0) < 0.2
   with pytest.raises(ValueError, match="dropout_rng"):
     attnjax.dot_product_attention(q, q, v, dropout_rate=0.5)
+
+
+def _chunked_dropout_reference(q, k, v, bias, key, rate, bq, bk, is_causal):
+  """Dense softmax attention whose dropout mask is assembled from the
+  per-block draws the chunked backend documents (block_dropout_keep), with
+  plain autodiff through it."""
+  from attnjax.softmax.chunked import block_dropout_keep
+  b, t, n, _ = q.shape
+  s, nkv = k.shape[1], k.shape[2]
+  g = n // nkv
+  nq, nk = -(-t // bq), -(-s // bk)
+  kd = jax.random.key_data(key)
+  rows = [jnp.concatenate([block_dropout_keep(kd, rate, i, j,
+                                              (b, nkv, g, bq, bk))
+                           for j in range(nk)], axis=-1)
+          for i in range(nq)]
+  keep = jnp.concatenate(rows, axis=-2)[..., :t, :s].reshape(b, n, t, s)
+  kr = jnp.repeat(k, g, axis=2)
+  vr = jnp.repeat(v, g, axis=2)
+  logits = jnp.einsum("btnh,bsnh->bnts", q, kr,
+                      precision=jax.lax.Precision.HIGHEST) / np.sqrt(q.shape[-1])
+  logits = logits + bias
+  if is_causal:
+    logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, -jnp.inf)
+  w = jax.nn.softmax(logits, axis=-1)
+  w = jnp.where(keep, w / (1.0 - rate), 0.0)
+  return jnp.einsum("bnts,bsnh->btnh", w, vr,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_dropout_chunked_matches_dense_with_same_mask(is_causal):
+  rng = np.random.default_rng(7)
+  b, t, s, n, nkv, h = 2, 37, 37 if is_causal else 45, 4, 2, 8
+  q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((b, s, nkv, h)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((b, s, nkv, h)), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal((n, t, s)), jnp.float32)
+  dout = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+  key, rate = jax.random.key(11), 0.3
+  f = lambda q, k, v, bias: chunked_dot_product_attention(
+      q, k, v, bias, block_q=8, block_kv=16, is_causal=is_causal,
+      dropout_rate=rate, dropout_rng=key)
+  r = lambda q, k, v, bias: _chunked_dropout_reference(
+      q, k, v, bias, key, rate, 8, 16, is_causal)
+  out = jax.jit(f)(q, k, v, bias)
+  np.testing.assert_allclose(out, r(q, k, v, bias), atol=2e-5, rtol=2e-5)
+  # Dropout is really applied (not the undropped output) and repeatable.
+  plain = chunked_dot_product_attention(q, k, v, bias, block_q=8,
+                                        block_kv=16, is_causal=is_causal)
+  assert float(jnp.max(jnp.abs(out - plain))) > 0.1
+  np.testing.assert_array_equal(out, f(q, k, v, bias))
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * dout)
+  got = jax.grad(loss(f), (0, 1, 2, 3))(q, k, v, bias)
+  want = jax.grad(loss(r), (0, 1, 2, 3))(q, k, v, bias)
+  for a, w, nm in zip(got, want, ("dq", "dk", "dv", "dbias")):
+    np.testing.assert_allclose(a, w, atol=1e-4, rtol=1e-4, err_msg=nm)
+
+
+def test_dropout_chunked_statistics():
+  # value = 1: each output is (sum of kept weights) / (1 - rate), mean 1;
+  # the kept fraction over all weights is 1 - rate.
+  rng = np.random.default_rng(2)
+  q = jnp.asarray(rng.standard_normal((1, 64, 4, 8)), jnp.float32)
+  v = jnp.ones((1, 64, 4, 8), jnp.float32)
+  out = attnjax.dot_product_attention(
+      q, q, v, dropout_rate=0.25, dropout_rng=jax.random.key(0),
+      implementation="chunked")
+  assert abs(float(out.mean()) - 1.0) < 0.05
+  other = attnjax.dot_product_attention(
+      q, q, v, dropout_rate=0.25, dropout_rng=jax.random.key(1),
+      implementation="chunked")
+  assert not np.array_equal(np.asarray(out), np.asarray(other))
 
 
 def test_attention_weights_match_reference():

@@ -72,7 +72,7 @@ def test_colab_runs():
   assert "test accuracy" in text and "row sums" in text
 
 
-def _run_subprocess(workdir, model, *extra):
+def _run_subprocess(workdir, model, *extra, check=True):
   import subprocess
   import sys
   args = [sys.executable, "-m", "experiments.vision_classify",
@@ -83,7 +83,9 @@ def _run_subprocess(workdir, model, *extra):
   env = dict(os.environ, PYTHONHASHSEED="random")
   r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,
                      timeout=300)
-  assert r.returncode == 0, r.stderr[-3000:]
+  if check:
+    assert r.returncode == 0, r.stderr[-3000:]
+  return r
 
 
 def test_moh_vit_same_numbers_across_processes(tmp_path):
@@ -103,3 +105,12 @@ def test_moh_vit_same_numbers_across_processes(tmp_path):
   recs = [json.loads(l) for l in open(wd / "metrics.jsonl")]
   ref = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
   assert [r["train_loss"] for r in recs] == [r["train_loss"] for r in ref]
+
+
+def test_resuming_under_a_different_config_is_refused(tmp_path):
+  wd = tmp_path / "run"
+  _run_subprocess(wd, "vit", "--config.stop_after_steps=4")
+  r = _run_subprocess(wd, "vit", "--config.lr=0.123", check=False)
+  assert r.returncode != 0
+  assert "different config" in r.stderr and "lr: 0.002 -> 0.123" in r.stderr
+  assert not os.path.exists(wd / "results.json")

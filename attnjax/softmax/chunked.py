@@ -7,6 +7,12 @@ blocks with an inner loop over query blocks that recomputes each block's
 probabilities from the saved log-sum-exp (`p = exp(s - lse)`), so no
 [T, S] array is ever stored. Peak memory is O(B N (T + S) H + block_q block_kv).
 
+Attention dropout (`dropout_rate` > 0) is applied block by block: the keep
+mask of block (i, j) is drawn from fold_in(fold_in(key, i), j)
+(`block_dropout_keep`) in the forward and drawn again in the backward, so
+dropout costs no [T, S] memory either. (Its random stream differs from the
+'xla' backend's, which draws one [B, N, T, S] mask.)
+
 With `is_causal` or a local window, the loops visit only the blocks that
 intersect the band (the loop bounds are computed per block), so causal
 attention costs about half of non-causal.
@@ -51,6 +57,7 @@ class _Config:
   block_q: int
   block_kv: int
   kv_len: int      # true key length; keys at or past it are padding
+  dropout_rate: float = 0.0
 
 
 def _round_up(x: int, m: int) -> int:
@@ -99,6 +106,24 @@ def _block_logits(cfg: _Config, qi, kj, bias, i, j):
   return s
 
 
+def block_dropout_keep(key_data, rate: float, i, j, shape):
+  """Keep mask of block (query block i, key block j): bool `shape`
+  ([B, K, G, block_q, block_kv]) drawn as bernoulli(1 - rate) from
+  fold_in(fold_in(key, i), j). The forward and the backward regenerate the
+  same mask from the block indices, so no [T, S] mask is ever stored."""
+  key = jax.random.wrap_key_data(key_data)
+  key = jax.random.fold_in(jax.random.fold_in(key, i), j)
+  return jax.random.bernoulli(key, 1.0 - rate, shape)
+
+
+def _dropped(cfg: _Config, x, rng, i, j):
+  """x * keep / (1 - rate) for block (i, j) (x itself without dropout)."""
+  if cfg.dropout_rate == 0.0:
+    return x
+  keep = block_dropout_keep(rng, cfg.dropout_rate, i, j, x.shape)
+  return jnp.where(keep, x / (1.0 - cfg.dropout_rate), 0.0)
+
+
 def _kv_range(cfg: _Config, i, nk_valid: int):
   """Key blocks [lo, hi) that query block i can see."""
   bq, bk = cfg.block_q, cfg.block_kv
@@ -123,7 +148,7 @@ def _q_range(cfg: _Config, j, nq: int):
   return lo, hi
 
 
-def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg):
+def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng):
   b, nkv, g, t_pad, h = q.shape
   s_pad, hv = k.shape[2], v.shape[-1]
   bq, bk = cfg.block_q, cfg.block_kv
@@ -146,7 +171,10 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg):
       p = jnp.exp(s - m_safe[..., None])
       alpha = jnp.exp(m - m_safe)
       l = alpha * l + jnp.sum(p, axis=-1)
-      pv = jnp.einsum("bkgqc,bkcd->bkgqd", p.astype(v.dtype), vj,
+      # Dropout acts on the normalized weights: drop from the numerator,
+      # keep the normalizer (and the lse) of the undropped softmax.
+      pv = jnp.einsum("bkgqc,bkcd->bkgqd",
+                      _dropped(cfg, p, rng, i, j).astype(v.dtype), vj,
                       preferred_element_type=jnp.float32)
       acc = alpha[..., None] * acc + pv
       return acc, m_new, l
@@ -168,13 +196,13 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked(cfg, q, k, v, bias, mask, q_seg, kv_seg):
-  return _forward(cfg, q, k, v, bias, mask, q_seg, kv_seg)
+def _chunked(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng):
+  return _forward(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng)
 
 
-def _chunked_fwd(cfg, q, k, v, bias, mask, q_seg, kv_seg):
-  out, lse = _forward(cfg, q, k, v, bias, mask, q_seg, kv_seg)
-  return (out, lse), (q, k, v, bias, mask, q_seg, kv_seg, out, lse)
+def _chunked_fwd(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng):
+  out, lse = _forward(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng)
+  return (out, lse), (q, k, v, bias, mask, q_seg, kv_seg, rng, out, lse)
 
 
 def _reduce_to(x, shape):
@@ -185,7 +213,7 @@ def _reduce_to(x, shape):
 
 
 def _chunked_bwd(cfg, res, cts):
-  q, k, v, bias, mask, q_seg, kv_seg, out, lse = res
+  q, k, v, bias, mask, q_seg, kv_seg, rng, out, lse = res
   dout, dlse = cts
   b, nkv, g, t_pad, h = q.shape
   s_pad, hv = k.shape[2], v.shape[-1]
@@ -216,11 +244,15 @@ def _chunked_bwd(cfg, res, cts):
       if msk is not None:
         s = jnp.where(msk, s, -jnp.inf)
       p = jnp.exp(s - lse_i[..., None])
-      dv = dv + jnp.einsum("bkgqc,bkgqd->bkcd", p.astype(dout.dtype), doi,
-                           preferred_element_type=jnp.float32)
+      # With dropout, out = (P o M / (1 - r)) V: dV uses the dropped
+      # weights, dP = (dO V^T) o M / (1 - r), and rowsum(dP o P) is still
+      # rowsum(dO o out) = delta.
+      dv = dv + jnp.einsum("bkgqc,bkgqd->bkcd",
+                           _dropped(cfg, p, rng, i, j).astype(dout.dtype),
+                           doi, preferred_element_type=jnp.float32)
       dp = jnp.einsum("bkgqd,bkcd->bkgqc", doi, vj,
                       preferred_element_type=jnp.float32)
-      ds = p * (dp - r_i[..., None])
+      ds = p * (_dropped(cfg, dp, rng, i, j) - r_i[..., None])
       dqi = jnp.einsum("bkgqc,bkch->bkgqh", ds.astype(k.dtype), kj,
                        preferred_element_type=jnp.float32)
       dq = lax.dynamic_update_slice_in_dim(
@@ -254,7 +286,7 @@ def _chunked_bwd(cfg, res, cts):
   dq = dq * cfg.scale
   dbias = None if dbias is None else dbias.astype(bias.dtype)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias,
-          None, None, None)
+          None, None, None, None)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
@@ -277,10 +309,6 @@ def _to5(x, n, nkv, t, s, t_pad, s_pad, fill):
 def chunked_attention(call: AttentionCall, *, block_q: Optional[int] = None,
                       block_kv: Optional[int] = None):
   """Backend entry: returns (out [B, T, N, Hv], lse [B, N, T])."""
-  if call.dropout_rate > 0.0:
-    raise NotImplementedError(
-        "implementation='chunked' does not support attention dropout; use "
-        "implementation='xla' (dropout needs the full probability matrix).")
   b, t, n, s, nkv, h, hv = call.shape
   g = n // nkv
   dq_, dk_ = default_blocks()
@@ -291,7 +319,14 @@ def chunked_attention(call: AttentionCall, *, block_q: Optional[int] = None,
   t_pad, s_pad = _round_up(t, bq), _round_up(s, bk)
   left, right = call.effective_window() or (math.inf, math.inf)
   cfg = _Config(scale=call.scale, left=float(left), right=float(right),
-                block_q=bq, block_kv=bk, kv_len=s)
+                block_q=bq, block_kv=bk, kv_len=s,
+                dropout_rate=float(call.dropout_rate))
+  rng = None
+  if cfg.dropout_rate > 0.0:
+    rng = call.dropout_rng
+    if jnp.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key):
+      rng = jax.random.key_data(rng)
+    rng = jnp.asarray(rng, jnp.uint32)
   # Head-major layout for the core: q [B, K, G, T, H], k/v [B, K, S, H].
   q = jnp.pad(call.query, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
   q = q.reshape(b, t_pad, nkv, g, h).transpose(0, 2, 3, 1, 4)
@@ -306,7 +341,7 @@ def chunked_attention(call: AttentionCall, *, block_q: Optional[int] = None,
                     constant_values=Q_PAD_SEGMENT)
     kv_seg = jnp.pad(call.kv_segment_ids, ((0, 0), (0, s_pad - s)),
                      constant_values=KV_PAD_SEGMENT)
-  out, lse = _chunked(cfg, q, k, v, bias, mask, q_seg, kv_seg)
+  out, lse = _chunked(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng)
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, t_pad, n, hv)[:, :t]
   lse = lse.reshape(b, n, t_pad)[:, :, :t]
   return out, lse
