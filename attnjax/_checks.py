@@ -104,3 +104,21 @@ def normalize_window(local_window_size):
     raise ValueError(
         f"`local_window_size` must be non-negative, got {local_window_size!r}.")
   return int(left), int(right)
+
+
+def check_implementation(implementation, mechanism: str,
+                         allowed=("xla", "pallas")) -> str:
+  """None -> 'xla'; validates the name (ValueError naming the argument)."""
+  if implementation is None:
+    return "xla"
+  if implementation not in allowed:
+    raise ValueError(
+        f"`implementation` of {mechanism} must be one of {list(allowed)} or "
+        f"None, got {implementation!r}.")
+  return implementation
+
+
+def pallas_refuses(mechanism: str, why: str):
+  """NotImplementedError for an argument the Pallas kernel does not take."""
+  return NotImplementedError(
+      f"{mechanism}(implementation='pallas') {why}; use implementation='xla'.")

@@ -1,8 +1,8 @@
 """Block-sparse flash attention: the flash kernels driven by a tile layout.
 
-`block_layout[l, i, j]` (bool, [N|1, ceil(T/block_q), ceil(S/block_kv)])
-says whether query tile i may attend to key tile j (for head l, or all heads
-when the first dim is 1). The layout is compressed into per-tile index tables
+`block_layout[b, l, i, j]` (bool, [B|1, N|1, ceil(T/block_q),
+ceil(S/block_kv)]; leading dims may be omitted) says whether query tile i
+may attend to key tile j (for example b and head l; a dim of 1 is shared). The layout is compressed into per-tile index tables
 (which key tiles each query tile visits, and for the backward, which query
 tiles each key tile visits), so empty tiles are skipped: never loaded, never
 multiplied. Element-level masks (causal, window, segment ids, bool mask,
@@ -14,8 +14,7 @@ This is the engine for sliding-window, block-causal and MoBA-style
 (e.g. computed by a router), as the tables are built with jnp.
 
 Cost is proportional to the number of visited tiles. The tables are read
-inside the kernel as scalars; on TPU that wants SMEM (scalar prefetch), which
-these portable kernels do not request: see docs/kernels.md.
+inside the kernel as scalars (SMEM on TPU): see docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from pallas_kernels.flash import (BlockSizes, _flash_entry, check_inputs,
 
 
 def _tables(layout):
-  """bool [L, nq, nk] -> ((kv_cnt, kv_idx), (q_cnt, q_idx)) int32."""
+  """bool [Bl, Nl, nq, nk] -> ((kv_cnt, kv_idx), (q_cnt, q_idx)) int32."""
   layout = jnp.asarray(layout, bool)
 
   def compress(x):   # along the last axis: visited indices first, ascending
@@ -39,20 +38,22 @@ def _tables(layout):
     idx = jnp.argsort(jnp.logical_not(x), axis=-1, stable=True)
     return cnt, idx.astype(jnp.int32)
 
-  return compress(layout), compress(jnp.swapaxes(layout, 1, 2))
+  return compress(layout), compress(jnp.swapaxes(layout, -1, -2))
 
 
-def _check_layout(block_layout, n, nq, nk, t, s, block_q, block_kv):
+def _check_layout(block_layout, b, n, nq, nk, t, s, block_q, block_kv):
+  """-> bool [B|1, N|1, nq, nk]."""
   lay = block_layout
   if not hasattr(lay, "shape"):
     lay = np.asarray(lay)
-  if lay.ndim == 2:
-    lay = lay[None]
-  if lay.ndim != 3 or lay.shape[0] not in (1, n) or lay.shape[1:] != (nq, nk):
+  lay = lay.reshape((1,) * max(0, 4 - lay.ndim) + tuple(lay.shape))
+  if (lay.ndim != 4 or lay.shape[0] not in (1, b) or lay.shape[1] not in (1, n)
+      or lay.shape[2:] != (nq, nk)):
     raise ValueError(
-        f"`block_layout` must have shape (nq, nk) or (heads|1, nq, nk) = "
-        f"({n}|1, {nq}, {nk}) for q_len={t}, kv_len={s}, block_q={block_q}, "
-        f"block_kv={block_kv}; got {tuple(block_layout.shape)}.")
+        f"`block_layout` must have shape (nq, nk), (heads|1, nq, nk) or "
+        f"(batch|1, heads|1, nq, nk) = ({b}|1, {n}|1, {nq}, {nk}) for "
+        f"q_len={t}, kv_len={s}, block_q={block_q}, block_kv={block_kv}; got "
+        f"{tuple(block_layout.shape)}.")
   return jnp.asarray(lay, bool)
 
 
@@ -81,7 +82,8 @@ def block_sparse_attention(query, key, value, block_layout, *, block_q: int,
 
   Args:
     query, key, value: [B, T, N, H], [B, S, K, H], [B, S, K, Hv].
-    block_layout: bool [nq, nk] or [N|1, nq, nk] with nq = ceil(T/block_q),
+    block_layout: bool [nq, nk], [N|1, nq, nk] or [B|1, N|1, nq, nk] (e.g.
+      routed per example) with nq = ceil(T/block_q),
       nk = ceil(S/block_kv).
     block_q, block_kv: tile sizes of the layout (also the kernel tiles,
       except on GPU, where tiles too large for shared memory at this head
@@ -94,7 +96,7 @@ def block_sparse_attention(query, key, value, block_layout, *, block_q: int,
     if not isinstance(x, int) or x <= 0:
       raise ValueError(f"`{nm}` must be a positive int, got {x!r}.")
   nq, nk = cdiv(t, block_q), cdiv(s, block_kv)
-  layout = _check_layout(block_layout, n, nq, nk, t, s, block_q, block_kv)
+  layout = _check_layout(block_layout, b, n, nq, nk, t, s, block_q, block_kv)
   bq, bk = block_q, block_kv
   if _split_tiles(interpret):
     # Layout tiles larger than what fits a GPU block's shared memory are
@@ -104,8 +106,8 @@ def block_sparse_attention(query, key, value, block_layout, *, block_q: int,
     rk = _split_factor(bk, min(cap.block_kv, cap.block_kv_bwd))
     if rq > 1 or rk > 1:
       bq, bk = bq // rq, bk // rk
-      layout = jnp.repeat(jnp.repeat(layout, rq, axis=1), rk, axis=2)
-      layout = layout[:, :cdiv(t, bq), :cdiv(s, bk)]
+      layout = jnp.repeat(jnp.repeat(layout, rq, axis=2), rk, axis=3)
+      layout = layout[:, :, :cdiv(t, bq), :cdiv(s, bk)]
   out, lse = _flash_entry(
       query, key, value, bias=bias, mask=mask, is_causal=is_causal,
       scale=scale, local_window_size=local_window_size,
@@ -117,12 +119,13 @@ def block_sparse_attention(query, key, value, block_layout, *, block_q: int,
 
 def layout_to_mask(block_layout, block_q: int, block_kv: int, q_len: int,
                    kv_len: int):
-  """Expands a tile layout [nq, nk] or [L, nq, nk] to a bool mask [L|1, T, S]."""
+  """Expands a tile layout [..., nq, nk] to a bool mask [..., T, S] ([nq, nk]
+  gives [1, T, S])."""
   lay = jnp.asarray(block_layout, bool)
   if lay.ndim == 2:
     lay = lay[None]
-  m = jnp.repeat(jnp.repeat(lay, block_q, axis=1), block_kv, axis=2)
-  return m[:, :q_len, :kv_len]
+  m = jnp.repeat(jnp.repeat(lay, block_q, axis=-2), block_kv, axis=-1)
+  return m[..., :q_len, :kv_len]
 
 
 def block_sparse_attention_reference(query, key, value, block_layout, *,
@@ -131,7 +134,9 @@ def block_sparse_attention_reference(query, key, value, block_layout, *,
                                      **kwargs):
   """Dense plain-jnp attention with the layout expanded to an element mask."""
   t, s = query.shape[1], key.shape[1]
-  lay_mask = layout_to_mask(block_layout, block_q, block_kv, t, s)[None]
+  lay_mask = layout_to_mask(block_layout, block_q, block_kv, t, s)
+  if lay_mask.ndim == 3:           # [L, T, S] -> [1, L, T, S]
+    lay_mask = lay_mask[None]
   mask = lay_mask if mask is None else jnp.logical_and(mask, lay_mask)
   return mha_reference(query, key, value, bias=bias, mask=mask,
                        return_lse=return_lse, **kwargs)

@@ -248,8 +248,10 @@ def _na_bounds(cfg, tile, inverse, na_n):
 
 
 def _table_head(cnt_ref):
-  """Row of the block-sparse tables for this program's head (0 if shared)."""
-  return pl.program_id(1) if cnt_ref.shape[0] != 1 else 0
+  """(batch, head) row of the block-sparse tables [Bl, Nl, ...] for this
+  program (0 along an axis the layout shares)."""
+  return (pl.program_id(0) if cnt_ref.shape[0] != 1 else 0,
+          pl.program_id(1) if cnt_ref.shape[1] != 1 else 0)
 
 
 def _kv_loop_bounds(cfg, i, bq, bk, nk_valid, cnt_ref, idx_ref, na_n=None):
@@ -257,8 +259,8 @@ def _kv_loop_bounds(cfg, i, bq, bk, nk_valid, cnt_ref, idx_ref, na_n=None):
   if cfg.na is not None:
     return _na_bounds(cfg, i, False, na_n)
   if cnt_ref is not None:
-    hs = _table_head(cnt_ref)
-    return 0, cnt_ref[hs, i], lambda t: idx_ref[hs, i, t]
+    bs, hs = _table_head(cnt_ref)
+    return 0, cnt_ref[bs, hs, i], lambda t: idx_ref[bs, hs, i, t]
   lo = 0
   hi = nk_valid
   if math.isfinite(cfg.left):
@@ -274,8 +276,8 @@ def _q_loop_bounds(cfg, j, bq, bk, nq, nk_valid, cnt_ref, idx_ref,
   if cfg.na is not None:
     return _na_bounds(cfg, j, True, na_n)
   if cnt_ref is not None:
-    hs = _table_head(cnt_ref)
-    return 0, cnt_ref[hs, j], lambda t: idx_ref[hs, j, t]
+    bs, hs = _table_head(cnt_ref)
+    return 0, cnt_ref[bs, hs, j], lambda t: idx_ref[bs, hs, j, t]
   lo = 0
   hi = nq
   if math.isfinite(cfg.right):
@@ -516,7 +518,7 @@ def _inputs(cfg, q, k, v, extras, *, mode):
                 pl.BlockSpec((None, 1, cols), lambda b, n, x: (b, 0, x))]
   tables = extras.get("kv_tables" if mode == "q" else "q_tables")
   if tables is not None:
-    cnt, idx = tables     # [L, n_tiles], [L, n_tiles, n_other]
+    cnt, idx = tables     # [Bl, Nl, n_tiles], [Bl, Nl, n_tiles, n_other]
     flags += ["kcnt", "kidx"] if mode == "q" else ["qcnt", "qidx"]
     arrays += [cnt, idx]
     # Whole tables, read as scalars in the loop bounds; on TPU they must

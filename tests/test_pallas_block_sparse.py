@@ -122,3 +122,27 @@ def test_gpu_subtile_split_is_exact(monkeypatch):
   for a, b in zip(jax.grad(loss(f), (0, 1, 2))(q, k, v),
                   jax.grad(loss(r), (0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_batch_dependent_layout():
+  # Routed layouts differ per example and head: [B, N, nq, nk].
+  rng = np.random.default_rng(9)
+  b, t, n, h = 2, 72, 2, 16
+  q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+             for _ in range(3))
+  lay = jnp.asarray(rng.random((b, n, 3, 3)) < 0.5).at[..., 0].set(True)
+  lay = lay.at[1, 0].set(False)          # example 1, head 0 visits nothing
+  f = lambda q, k, v: bsa.block_sparse_attention(
+      q, k, v, lay, block_q=32, block_kv=32, interpret=True)
+  r = lambda q, k, v: bsa.block_sparse_attention_reference(
+      q, k, v, lay, block_q=32, block_kv=32)
+  out = f(q, k, v)
+  np.testing.assert_allclose(out, r(q, k, v), atol=2e-5, rtol=2e-5)
+  assert np.all(np.asarray(out[1, :, 0]) == 0)
+  loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
+  for a, w in zip(jax.grad(loss(f), (0, 1, 2))(q, k, v),
+                  jax.grad(loss(r), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, w, atol=1e-4, rtol=1e-4)
+  with pytest.raises(ValueError, match="block_layout"):
+    bsa.block_sparse_attention(q, k, v, jnp.ones((3, n, 3, 3), bool),
+                               block_q=32, block_kv=32)

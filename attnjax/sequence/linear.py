@@ -28,6 +28,7 @@ from typing import Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from attnjax._checks import check_implementation, pallas_refuses
 from attnjax.sequence import _common
 
 FeatureMap = Union[str, Callable[[jax.Array], jax.Array]]
@@ -103,11 +104,38 @@ def _validate(query, key, value, mask, chunk_size, is_causal, bias,
   return query, key, value, dims, unbatched, kv_mask
 
 
+def _pallas_causal(query, key, value, phi, kv_mask, is_causal, normalize,
+                   scale, chunk_size, dims):
+  """linear_attention through the Pallas causal chunked kernel."""
+  b, t, n, s, k, h, hv = dims
+  if not is_causal:
+    raise pallas_refuses("linear_attention", "is the causal kernel (the "
+                         "non-causal form is two matmuls)")
+  if t != s:
+    raise pallas_refuses("linear_attention",
+                         f"needs q_len == kv_len, got {t} and {s}")
+  from pallas_kernels import linear_attention as pallas_linear
+  # Features in float32, as the XLA path; padded keys get zero features.
+  fq = phi(query.astype(jnp.float32))
+  fk = phi(key.astype(jnp.float32))
+  if kv_mask is not None:
+    fk = jnp.where(kv_mask[:, :, None, None], fk, 0.0)
+  fk = jnp.repeat(fk, n // k, axis=2)
+  v = jnp.repeat(value, n // k, axis=2)
+  out = pallas_linear.causal_linear_attention(
+      fq, fk, v.astype(jnp.float32), feature_map="identity",
+      normalize=normalize, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
+  if not normalize:
+    out = out * scale
+  return out.astype(query.dtype)
+
+
 def linear_attention(query, key, value, *, feature_map: FeatureMap = "elu_plus_one",
                      is_causal: bool = False, normalize: bool = True,
                      scale: Optional[float] = None,
                      chunk_size: Optional[int] = None, mask=None, bias=None,
-                     dropout_rate: float = 0.0, dropout_rng=None):
+                     dropout_rate: float = 0.0, dropout_rng=None,
+                     implementation: Optional[str] = None):
   """Kernelized linear attention.
 
   Args:
@@ -127,17 +155,25 @@ def linear_attention(query, key, value, *, feature_map: FeatureMap = "elu_plus_o
       (True = attend). Query-dependent masks raise NotImplementedError.
     bias, dropout_rate: accepted for `MultiHeadAttention` compatibility;
       anything but None/0 raises NotImplementedError.
+    implementation: None / 'xla' (below) or 'pallas': the causal chunked
+      kernel `pallas_kernels.causal_linear_attention` (intra-chunk block
+      product + carried state; causal self-attention, T == S, only).
 
   Returns:
     [B, T, N, Hv] in query.dtype.
   """
   del dropout_rng
+  impl = check_implementation(implementation, "linear_attention")
   query, key, value, dims, unbatched, kv_mask = _validate(
       query, key, value, mask, chunk_size, is_causal, bias, dropout_rate)
   b, t, n, s, k, h, hv = dims
   phi = resolve_feature_map(feature_map)
   _features(query[:, :1], key[:, :1], phi, None)      # validates phi's shapes
   scale = 1.0 if scale is None else float(scale)
+  if impl == "pallas":
+    out = _pallas_causal(query, key, value, phi, kv_mask, is_causal,
+                         normalize, scale, chunk_size, dims)
+    return out[0] if unbatched else out
   c = chunk_size or DEFAULT_CHUNK_SIZE
   # Work in groups of about _TOKENS_PER_STEP positions (whole chunks when
   # causal), sliced from the inputs inside a loop, so that the feature maps

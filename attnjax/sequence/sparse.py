@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import masks as masks_lib
-from attnjax._checks import normalize_window
+from attnjax._checks import check_implementation, normalize_window
 from attnjax.sequence import _common
 from attnjax.sequence._gather import gathered_attention
 from attnjax.softmax import dot_product_attention
@@ -53,7 +53,8 @@ def sliding_window_attention(query, key, value, window_size, *,
                              scale: Optional[float] = None,
                              block_size: Optional[int] = None, mask=None,
                              bias=None, dropout_rate: float = 0.0,
-                             dropout_rng=None):
+                             dropout_rng=None,
+                             implementation: Optional[str] = None):
   """Local softmax attention over a band of keys, linear in sequence length.
 
   Args:
@@ -64,11 +65,15 @@ def sliding_window_attention(query, key, value, window_size, *,
     scale: default 1/sqrt(H).
     block_size: query/key block length (default min(64, left + right + 1)).
     mask: key-padding mask broadcastable to [B, 1, 1, S].
+    implementation: None / 'xla' (gathered key blocks, below) or 'pallas'
+      (`pallas_kernels.flash_attention` with the window: key tiles outside
+      the band are never visited; `block_size` is then its tile size).
 
   Returns:
     [B, T, N, Hv] in query.dtype; rows with no key in reach are zeros.
   """
   del dropout_rng
+  impl = check_implementation(implementation, "sliding_window_attention")
   query, key, value, dims, unbatched, kv_mask = _common_checks(
       query, key, value, mask, bias, dropout_rate, "sliding_window_attention")
   b, t, n, s, k, h, hv = dims
@@ -77,6 +82,17 @@ def sliding_window_attention(query, key, value, window_size, *,
   left, right = normalize_window(window_size)
   if is_causal:
     right = 0
+  if impl == "pallas":
+    from pallas_kernels import flash as pallas_flash
+    sizes = None
+    if block_size is not None:
+      bs = _common.check_positive_int("block_size", block_size)
+      sizes = pallas_flash.BlockSizes(bs, bs, bs, bs)
+    out = pallas_flash.flash_attention(
+        query, key, value, local_window_size=(left, right),
+        scale=_common.default_scale(scale, h), block_sizes=sizes,
+        mask=None if kv_mask is None else kv_mask[:, None, None, :])
+    return out[0] if unbatched else out
   bs = block_size or max(1, min(DEFAULT_BLOCK, left + right + 1))
   _common.check_positive_int("block_size", bs)
   nqb, nkb = -(-t // bs), -(-s // bs)
@@ -139,7 +155,8 @@ def block_sparse_attention(query, key, value, layout, block_size, *,
                            scale: Optional[float] = None,
                            max_blocks_per_row: Optional[int] = None, mask=None,
                            bias=None, dropout_rate: float = 0.0,
-                           dropout_rng=None):
+                           dropout_rng=None,
+                           implementation: Optional[str] = None):
   """Softmax attention restricted to the True blocks of `layout`.
 
   Args:
@@ -151,11 +168,15 @@ def block_sparse_attention(query, key, value, layout, block_size, *,
     max_blocks_per_row: static bound on True blocks per row; required when
       `layout` is traced (under jit), else the densest row of the layout.
     mask: key-padding mask broadcastable to [B, 1, 1, S].
+    implementation: None / 'xla' (gathered key blocks, below) or 'pallas'
+      (`pallas_kernels.block_sparse_attention`: the flash kernels loop over
+      each tile's True blocks only; `max_blocks_per_row` is not needed).
 
   Returns:
     [B, T, N, Hv] in query.dtype; rows with nothing to attend to are zeros.
   """
   del dropout_rng
+  impl = check_implementation(implementation, "block_sparse_attention")
   query, key, value, dims, unbatched, kv_mask = _common_checks(
       query, key, value, mask, bias, dropout_rate, "block_sparse_attention")
   b, t, n, s, k, h, hv = dims
@@ -163,6 +184,13 @@ def block_sparse_attention(query, key, value, layout, block_size, *,
   nqb, nkb = -(-t // bq), -(-s // bk)
   raw_layout = layout
   layout = _layout_4d(layout, b, n, nqb, nkb)
+  if impl == "pallas":
+    from pallas_kernels import block_sparse as pallas_bs
+    out = pallas_bs.block_sparse_attention(
+        query, key, value, layout, block_q=bq, block_kv=bk,
+        is_causal=is_causal, scale=_common.default_scale(scale, h),
+        mask=None if kv_mask is None else kv_mask[:, None, None, :])
+    return out[0] if unbatched else out
   if max_blocks_per_row is None:
     if isinstance(raw_layout, jax.core.Tracer):
       raise ValueError(

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnjax._checks import check_implementation, pallas_refuses
 from attnjax.spatial._common import (check_spatial_qkv, default_scale,
                                      dense_attention_reference,
                                      flatten_spatial, masked_softmax,
@@ -197,7 +198,8 @@ def _axis_layout(arr, a, nd, lead):
 
 def neighborhood_attention(query, key, value, kernel_size, *, dilation=1,
                            is_causal=False, scale: Optional[float] = None,
-                           rpb=None, tile_size=None):
+                           rpb=None, tile_size=None,
+                           implementation: Optional[str] = None):
   """Neighborhood attention with NATTEN semantics (see module docstring).
 
   Args:
@@ -209,7 +211,12 @@ def neighborhood_attention(query, key, value, kernel_size, *, dilation=1,
     scale: logit scale, default 1/sqrt(H).
     rpb: optional relative position bias [N, 2K_1 - 1, ...] (NATTEN layout).
     tile_size: query tile per axis for the blocked computation (int or tuple;
-      default max(kernel_size, 4)). Results do not depend on it.
+      default max(kernel_size, 4); with 'pallas', the kernel's tile in
+      pixels per axis, default 8 x 16). Results do not depend on it.
+    implementation: None / 'xla' (the tiled XLA computation below) or
+      'pallas' (the fused kernel `pallas_kernels.neighborhood_attention`,
+      which visits only the key tiles a query tile can reach; 1D and 2D,
+      no `rpb`; interpret mode on CPU).
 
   Returns:
     [B, *spatial, N, Hv] in query.dtype.
@@ -217,6 +224,19 @@ def neighborhood_attention(query, key, value, kernel_size, *, dilation=1,
   nd, n, _ = check_spatial_qkv(query, key, value)
   spatial = tuple(query.shape[1:1 + nd])
   ks, dl, ca = _normalize_args(spatial, kernel_size, dilation, is_causal)
+  if check_implementation(implementation,
+                          "neighborhood_attention") == "pallas":
+    if rpb is not None:
+      raise pallas_refuses("neighborhood_attention",
+                           "takes no relative position bias `rpb`")
+    if nd > 2:
+      raise pallas_refuses("neighborhood_attention",
+                           f"covers 1D and 2D, got {nd} spatial dims")
+    from pallas_kernels import neighborhood as pallas_na
+    tiles = None if tile_size is None else to_tuple("tile_size", tile_size, nd)
+    return pallas_na.neighborhood_attention(
+        query, key, value, ks, dilation=dl, is_causal=ca, scale=scale,
+        tile_size=tiles if nd == 2 or tiles is None else tiles[0])
   if tile_size is None:
     tiles = tuple(max(k, 4) for k in ks)
   else:
@@ -310,7 +330,8 @@ class NeighborhoodAttention(nnx.Module):
   3 dim, bias=qkv_bias), `rpb` [num_heads, 2K-1 per axis] when `use_rpb`
   (zero-initialized here; NAT uses trunc_normal(0.02)), `proj`
   Linear(dim, dim). Input [B, *spatial, dim] with `len(kernel_size)` spatial
-  dims (an int kernel_size means 2D).
+  dims (an int kernel_size means 2D). `implementation='pallas'` runs the
+  fused kernel (1D/2D, needs use_rpb=False).
 
   Inputs smaller than kernel_size * dilation on an axis: NAT zero-pads the
   map (and attends to the padding); here the dilation is reduced to
@@ -322,6 +343,7 @@ class NeighborhoodAttention(nnx.Module):
   def __init__(self, dim: int, num_heads: int, kernel_size=7, *, dilation=1,
                is_causal=False, qkv_bias: bool = True, use_rpb: bool = True,
                qk_scale: Optional[float] = None, spatial_dims: Optional[int] = None,
+               implementation: Optional[str] = None,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if dim % num_heads:
       raise ValueError(
@@ -329,6 +351,7 @@ class NeighborhoodAttention(nnx.Module):
     if spatial_dims is None:
       spatial_dims = 2 if isinstance(kernel_size, int) else len(kernel_size)
     self.spatial_dims = spatial_dims
+    self.implementation = implementation
     self.kernel_size = to_tuple("kernel_size", kernel_size, spatial_dims)
     self.dilation = to_tuple("dilation", dilation, spatial_dims)
     self.is_causal = to_bool_tuple("is_causal", is_causal, spatial_dims)
@@ -369,5 +392,5 @@ class NeighborhoodAttention(nnx.Module):
       rpb = rpb[(slice(None),) + sl]
     out = neighborhood_attention(q, k, v, tuple(ks), dilation=tuple(dl),
                                  is_causal=self.is_causal, scale=self.scale,
-                                 rpb=rpb)
+                                 rpb=rpb, implementation=self.implementation)
     return self.proj(out.reshape(x.shape))
