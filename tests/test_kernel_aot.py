@@ -62,6 +62,11 @@ CASES = {
                               (4, 1, 1)),
             block_q=128, block_kv=128, is_causal=True),
         _qkv((1, 1000, 4, 64)), 1, 3),
+    "block_sparse_per_example": (
+        lambda q, k, v: bsp.block_sparse_attention(
+            q, k, v, jnp.ones((2, 4, 8, 8), bool).at[1, :, :, 3].set(False),
+            block_q=128, block_kv=128),
+        _qkv((2, 1000, 4, 64)), 1, 3),
     "neighborhood_1d": (lambda q, k, v: nb.neighborhood_attention(q, k, v, 7),
                         _qkv((1, 1000, 4, 64)), 1, 3),
     "neighborhood_2d_dilated": (
