@@ -110,21 +110,14 @@ def test_dropout_xla_statistics_and_determinism():
     attnjax.dot_product_attention(q, q, v, dropout_rate=0.5)
 
 
-def _chunked_dropout_reference(q, k, v, bias, key, rate, bq, bk, is_causal):
-  """Dense softmax attention whose dropout mask is assembled from the
-  per-block draws the chunked backend documents (block_dropout_keep), with
-  plain autodiff through it."""
-  from attnjax.softmax.chunked import block_dropout_keep
+def _chunked_dropout_reference(q, k, v, bias, key, rate, is_causal):
+  """Dense softmax attention with the full keep mask of the chunked backend
+  (`dropout_keep_mask`), plain autodiff through it."""
+  from attnjax.softmax.chunked import dropout_keep_mask
   b, t, n, _ = q.shape
   s, nkv = k.shape[1], k.shape[2]
   g = n // nkv
-  nq, nk = -(-t // bq), -(-s // bk)
-  kd = jax.random.key_data(key)
-  rows = [jnp.concatenate([block_dropout_keep(kd, rate, i, j,
-                                              (b, nkv, g, bq, bk))
-                           for j in range(nk)], axis=-1)
-          for i in range(nq)]
-  keep = jnp.concatenate(rows, axis=-2)[..., :t, :s].reshape(b, n, t, s)
+  keep = dropout_keep_mask(key, rate, b, n, t, s)
   kr = jnp.repeat(k, g, axis=2)
   vr = jnp.repeat(v, g, axis=2)
   logits = jnp.einsum("btnh,bsnh->bnts", q, kr,
@@ -152,7 +145,7 @@ def test_dropout_chunked_matches_dense_with_same_mask(is_causal):
       q, k, v, bias, block_q=8, block_kv=16, is_causal=is_causal,
       dropout_rate=rate, dropout_rng=key)
   r = lambda q, k, v, bias: _chunked_dropout_reference(
-      q, k, v, bias, key, rate, 8, 16, is_causal)
+      q, k, v, bias, key, rate, is_causal)
   out = jax.jit(f)(q, k, v, bias)
   np.testing.assert_allclose(out, r(q, k, v, bias), atol=2e-5, rtol=2e-5)
   # Dropout is really applied (not the undropped output) and repeatable.
@@ -160,11 +153,34 @@ def test_dropout_chunked_matches_dense_with_same_mask(is_causal):
                                         block_kv=16, is_causal=is_causal)
   assert float(jnp.max(jnp.abs(out - plain))) > 0.1
   np.testing.assert_array_equal(out, f(q, k, v, bias))
+  # The mask is a function of positions: other block sizes, same numbers.
+  other = chunked_dot_product_attention(
+      q, k, v, bias, block_q=16, block_kv=8, is_causal=is_causal,
+      dropout_rate=rate, dropout_rng=key)
+  np.testing.assert_allclose(other, out, atol=2e-6, rtol=2e-6)
   loss = lambda fn: lambda *a: jnp.sum(fn(*a) * dout)
   got = jax.grad(loss(f), (0, 1, 2, 3))(q, k, v, bias)
   want = jax.grad(loss(r), (0, 1, 2, 3))(q, k, v, bias)
   for a, w, nm in zip(got, want, ("dq", "dk", "dv", "dbias")):
     np.testing.assert_allclose(a, w, atol=1e-4, rtol=1e-4, err_msg=nm)
+
+
+def test_dropout_keep_mask_statistics():
+  # Keep rate, and no structure along rows, columns, heads or keys: the
+  # agreement of neighbouring decisions must be that of independent coins,
+  # p^2 + (1 - p)^2, for rates 0.1 and 0.5.
+  from attnjax.softmax.chunked import dropout_keep_mask
+  for rate in (0.1, 0.5):
+    m = np.asarray(dropout_keep_mask(jax.random.key(0), rate, 2, 4, 256, 256))
+    p = 1.0 - rate
+    assert abs(m.mean() - p) < 0.004
+    agree = p * p + (1 - p) ** 2
+    for a, b in ((m[..., 1:], m[..., :-1]), (m[..., 1:, :], m[..., :-1, :]),
+                 (m[:, 1:], m[:, :-1]), (m[1:], m[:-1]),
+                 (m[..., 1:, 1:], m[..., :-1, :-1])):
+      assert abs((a == b).mean() - agree) < 0.006
+    m2 = np.asarray(dropout_keep_mask(jax.random.key(1), rate, 2, 4, 256, 256))
+    assert abs((m == m2).mean() - agree) < 0.006
 
 
 def test_dropout_chunked_statistics():

@@ -7,11 +7,12 @@ blocks with an inner loop over query blocks that recomputes each block's
 probabilities from the saved log-sum-exp (`p = exp(s - lse)`), so no
 [T, S] array is ever stored. Peak memory is O(B N (T + S) H + block_q block_kv).
 
-Attention dropout (`dropout_rate` > 0) is applied block by block: the keep
-mask of block (i, j) is drawn from fold_in(fold_in(key, i), j)
-(`block_dropout_keep`) in the forward and drawn again in the backward, so
-dropout costs no [T, S] memory either. (Its random stream differs from the
-'xla' backend's, which draws one [B, N, T, S] mask.)
+Attention dropout (`dropout_rate` > 0) is applied block by block: each keep
+decision is a counter-based hash of (key, example, head, query position, key
+position) (`dropout_keep`), recomputed in the backward, so dropout costs no
+[T, S] memory, compiles in about the time of the plain kernel, and gives the
+same result for any block sizes. (Its random stream differs from the 'xla'
+backend's jax.random mask; `dropout_keep_mask` builds the full mask.)
 
 With `is_causal` or a local window, the loops visit only the blocks that
 intersect the band (the loop bounds are computed per block), so causal
@@ -106,21 +107,62 @@ def _block_logits(cfg: _Config, qi, kj, bias, i, j):
   return s
 
 
-def block_dropout_keep(key_data, rate: float, i, j, shape):
-  """Keep mask of block (query block i, key block j): bool `shape`
-  ([B, K, G, block_q, block_kv]) drawn as bernoulli(1 - rate) from
-  fold_in(fold_in(key, i), j). The forward and the backward regenerate the
-  same mask from the block indices, so no [T, S] mask is ever stored."""
-  key = jax.random.wrap_key_data(key_data)
-  key = jax.random.fold_in(jax.random.fold_in(key, i), j)
-  return jax.random.bernoulli(key, 1.0 - rate, shape)
+def _mix32(x):
+  """murmur3's 32-bit finalizer: a bijection of uint32 with full avalanche."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def _seed_words(key_data):
+  """Two uint32 seed words from any jax.random key's data."""
+  words = jnp.asarray(key_data, jnp.uint32).reshape(-1)
+  s0 = _mix32(words[0] ^ jnp.uint32(0x9E3779B9))
+  s1 = _mix32(s0 ^ words[-1])
+  for w in range(1, words.shape[0] - 1):
+    s1 = _mix32(s1 ^ words[w])
+  return s0, s1
+
+
+def dropout_keep(key_data, rate: float, batch, head, row, col):
+  """Keep decisions (bool, broadcast of the index arrays) of attention
+  dropout at example `batch`, query head `head`, query position `row`, key
+  position `col`: a counter-based hash of (key, indices) compared with
+  (1 - rate) * 2**32. A pure function of global positions, so the forward
+  and the backward regenerate the same mask block by block, and the result
+  does not depend on the block sizes. (Not the stream of jax.random: the
+  'xla' backend's masks differ.)"""
+  s0, s1 = _seed_words(key_data)
+  u = lambda a: jnp.asarray(a).astype(jnp.uint32)
+  x = _mix32(s0 ^ _mix32(u(batch) * jnp.uint32(0x27D4EB2F) ^ u(head)))
+  x = _mix32(x ^ u(row) * jnp.uint32(0x165667B1))
+  x = _mix32(x ^ s1 ^ u(col) * jnp.uint32(0x61C88647))
+  threshold = min(int(round((1.0 - rate) * 2.0 ** 32)), 2 ** 32 - 1)
+  return x < jnp.uint32(threshold)
+
+
+def dropout_keep_mask(key, rate: float, batch: int, heads: int, q_len: int,
+                      kv_len: int):
+  """The full [B, N, T, S] keep mask the 'chunked' backend applies (for
+  analysis and tests; the backend itself never builds it)."""
+  kd = jax.random.key_data(key) if jnp.issubdtype(
+      getattr(key, "dtype", None), jax.dtypes.prng_key) else key
+  ar = lambda n, ax: jnp.arange(n).reshape((-1,) + (1,) * (3 - ax))
+  return dropout_keep(kd, rate, ar(batch, 0), ar(heads, 1), ar(q_len, 2),
+                      ar(kv_len, 3))
 
 
 def _dropped(cfg: _Config, x, rng, i, j):
-  """x * keep / (1 - rate) for block (i, j) (x itself without dropout)."""
+  """x * keep / (1 - rate) for block (i, j) of x [B, K, G, bq, bk]."""
   if cfg.dropout_rate == 0.0:
     return x
-  keep = block_dropout_keep(rng, cfg.dropout_rate, i, j, x.shape)
+  b, nkv, g, bq, bk = x.shape
+  ar = lambda n, ax: jnp.arange(n).reshape((-1,) + (1,) * (4 - ax))
+  head = ar(nkv, 1) * g + ar(g, 2)          # query head of (kv head, group)
+  keep = dropout_keep(rng, cfg.dropout_rate, ar(b, 0), head,
+                      i * bq + ar(bq, 3), j * bk + ar(bk, 4))
   return jnp.where(keep, x / (1.0 - cfg.dropout_rate), 0.0)
 
 
