@@ -197,6 +197,37 @@ def check_attention():
   expect_value_error("err zigzag", lambda: ring_attention(
       q[:, :12], k[:, :12], v[:, :12], mesh=mesh, axis_name="seq",
       is_causal=True), "2 * 4")
+  # Packed sequences: segment ids, causal (every layout) and not, P=4; the
+  # last ids of the keys mark padding no query uses.
+  mesh4 = Mesh(np.array(jax.devices()[:4]), ("seq",))
+  qseg = jnp.asarray(np.repeat([[0] * 5 + [1] * 11 + [2] * 16],
+                               2, axis=0).astype(np.int32))
+  qseg = qseg.at[1].set(jnp.asarray([0] * 12 + [1] * 20, jnp.int32))
+  kvseg = qseg.at[:, -3:].set(9)
+  ref_seg = lambda c: (lambda q, k, v: attnjax.dot_product_attention(
+      q, k, v, is_causal=c, q_segment_ids=qseg, kv_segment_ids=kvseg,
+      implementation="xla"))
+  want_seg = _value_and_grads({"causal": ref_seg(True),
+                               "full": ref_seg(False)}, q, k, v, do)
+  fns = {f"ring segments causal {lay}": (
+      lambda q, k, v, lay=lay: ring_attention(
+          q, k, v, mesh=mesh4, axis_name="seq", is_causal=True, layout=lay,
+          q_segment_ids=qseg, kv_segment_ids=kvseg))
+         for lay in ("zigzag", "striped", "contiguous")}
+  fns["ring segments full"] = lambda q, k, v: ring_attention(
+      q, k, v, mesh=mesh4, axis_name="seq", q_segment_ids=qseg,
+      kv_segment_ids=kvseg)
+  got = _value_and_grads(fns, q, k, v, do)
+  for name, res in got.items():
+    _compare(f"{name} P=4", res, want_seg["causal" if "causal" in name
+                                          else "full"], 2e-5)
+  expect_value_error("err segments", lambda: ring_attention(
+      q, k, v, mesh=mesh4, axis_name="seq", q_segment_ids=qseg),
+                     "segment_ids")
+  expect_value_error("err segment shape", lambda: ring_attention(
+      q, k, v, mesh=mesh4, axis_name="seq", q_segment_ids=qseg[:, :8],
+      kv_segment_ids=kvseg), "q_segment_ids")
+
   expect_value_error("err causal cross", lambda: ring_attention(
       q, k2, v2, mesh=mesh, axis_name="seq", is_causal=True), "equal")
   expect_value_error("err layout", lambda: ring_attention(

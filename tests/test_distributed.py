@@ -43,6 +43,8 @@ def test_attention_matches_single_device():
       assert f"OK {name} P={p}" in out, out
   assert "OK ring causal striped P=4" in out
   assert "OK ring causal contiguous P=4" in out
+  for name in ("causal zigzag", "causal striped", "causal contiguous", "full"):
+    assert f"OK ring segments {name} P=4" in out, out
 
 
 def test_checkpoint_save_8_restore_2(tmp_path):

@@ -28,8 +28,9 @@ def sequence_parallel_attention_fn(mesh, axis_name: str, *,
 
   kind='ring' (options: layout, permuted) or 'ulysses' (options:
   implementation, local_window_size). Accepts the keywords `is_causal` and
-  `scale`; a call with a mask, bias or attention dropout raises
-  NotImplementedError (sequence-parallel attention does not take them).
+  `scale` (and, for 'ring', `q_segment_ids` / `kv_segment_ids`); a call
+  with a mask, bias or attention dropout raises NotImplementedError
+  (sequence-parallel attention does not take them).
   """
   if kind not in ("ring", "ulysses"):
     raise ValueError(f"`kind` must be 'ring' or 'ulysses', got {kind!r}.")
@@ -39,6 +40,11 @@ def sequence_parallel_attention_fn(mesh, axis_name: str, *,
                    scale: Optional[float] = None, mask=None, bias=None,
                    dropout_rate: float = 0.0, dropout_rng=None, **unused):
     del dropout_rng
+    extra = {}
+    if kind == "ring":   # packed sequences: segment ids ride the ring
+      for name in ("q_segment_ids", "kv_segment_ids"):
+        if unused.get(name) is not None:
+          extra[name] = unused.pop(name)
     if mask is not None or bias is not None or dropout_rate > 0.0 or unused:
       given = [n for n, x in (("mask", mask), ("bias", bias)) if x is not None]
       given += ["dropout_rate"] * (dropout_rate > 0.0) + sorted(unused)
@@ -46,7 +52,7 @@ def sequence_parallel_attention_fn(mesh, axis_name: str, *,
           f"{kind} sequence-parallel attention does not support {given}.")
     return op(query, key, value, mesh=mesh, axis_name=axis_name,
               is_causal=is_causal, scale=scale, batch_axis=batch_axis,
-              **options)
+              **options, **extra)
 
   return attention_fn
 

@@ -237,9 +237,19 @@ def _tril(t, s, strict=False):
   return jnp.tril(jnp.ones((t, s), jnp.bool_), k=-1 if strict else 0)
 
 
-def _sub_fwd(q, k, v, scale, qsl, ksl, mask):
+def _with_segments(mask, segs, qsl, ksl):
+  """Plan mask [t, s] (or None) & segment equality [b, 1, 1, t, s]."""
+  if segs is None:
+    return mask
+  qs, ks = segs
+  eq = (qs[:, qsl][:, None, None, :, None] == ks[:, ksl][:, None, None, None, :])
+  return eq if mask is None else eq & mask
+
+
+def _sub_fwd(q, k, v, scale, qsl, ksl, mask, segs=None):
   b, t, n, _ = q.shape
   hv = v.shape[-1]
+  mask = _with_segments(mask, segs, qsl, ksl)
   o, l = _block_fwd(q[:, qsl], k[:, ksl], v[:, ksl], scale, mask)
   if qsl != slice(None):
     full_o = jnp.zeros((b, t, n, hv), _F32)
@@ -249,7 +259,8 @@ def _sub_fwd(q, k, v, scale, qsl, ksl, mask):
   return o, l
 
 
-def _sub_bwd(q, k, v, scale, qsl, ksl, mask, do, lse, delta):
+def _sub_bwd(q, k, v, scale, qsl, ksl, mask, do, lse, delta, segs=None):
+  mask = _with_segments(mask, segs, qsl, ksl)
   dq, dk, dv = _block_bwd(q[:, qsl], k[:, ksl], v[:, ksl], scale, mask,
                           do[:, qsl], lse[:, :, qsl], delta[:, :, qsl])
   if qsl != slice(None):
@@ -295,22 +306,23 @@ def _offdiag_branches(cfg, i, j, t):
   return j < i, lower, upper
 
 
-def _run_plan_fwd(cfg, plan, q, k, v):
+def _run_plan_fwd(cfg, plan, q, k, v, segs=None):
   b, t, n, _ = q.shape
   o = jnp.zeros((b, t, n, v.shape[-1]), _F32)
   l = jnp.full((b, n, t), -jnp.inf, _F32)
   for qsl, ksl, mask in plan:
-    o2, l2 = _sub_fwd(q, k, v, cfg.scale, qsl, ksl, mask)
+    o2, l2 = _sub_fwd(q, k, v, cfg.scale, qsl, ksl, mask, segs)
     o, l = (o2, l2) if len(plan) == 1 else _merge(o, l, o2, l2)
   return o, l
 
 
-def _run_plan_bwd(cfg, plan, q, k, v, do, lse, delta):
+def _run_plan_bwd(cfg, plan, q, k, v, do, lse, delta, segs=None):
   dq = jnp.zeros(q.shape, _F32)
   dk = jnp.zeros(k.shape, _F32)
   dv = jnp.zeros(v.shape, _F32)
   for qsl, ksl, mask in plan:
-    a, b_, c = _sub_bwd(q, k, v, cfg.scale, qsl, ksl, mask, do, lse, delta)
+    a, b_, c = _sub_bwd(q, k, v, cfg.scale, qsl, ksl, mask, do, lse, delta,
+                        segs)
     dq, dk, dv = dq + a, dk + b_, dv + c
   return dq, dk, dv
 
@@ -332,19 +344,23 @@ def _perm(size):
   return [(d, (d + 1) % size) for d in range(size)]
 
 
-def _ring_forward(cfg: _Config, q, k, v):
+def _segs(qseg, kvseg):
+  return None if qseg is None else (qseg, kvseg)
+
+
+def _ring_forward(cfg: _Config, q, k, v, qseg=None, kvseg=None):
   p = cfg.size
   t = q.shape[1]
-  o, lse = _run_plan_fwd(cfg, _diag_plan(cfg, t), q, k, v)
+  o, lse = _run_plan_fwd(cfg, _diag_plan(cfg, t), q, k, v, _segs(qseg, kvseg))
   if p == 1:
     return o, lse
   i = lax.axis_index(cfg.axis_name)
 
   def compute(s, kv, o, lse):
     j = (i - s) % p
-    ks, vs = kv
-    o2, l2 = _step(cfg, i, j,
-                   lambda plan: _run_plan_fwd(cfg, plan, q, ks, vs), t)
+    ks, vs, kvs = kv
+    o2, l2 = _step(cfg, i, j, lambda plan: _run_plan_fwd(
+        cfg, plan, q, ks, vs, _segs(qseg, kvs)), t)
     return _merge(o, lse, o2, l2)
 
   def body(s, carry):
@@ -353,46 +369,49 @@ def _ring_forward(cfg: _Config, q, k, v):
     o, lse = compute(s, cur, o, lse)
     return nxt, o, lse
 
-  cur = lax.ppermute((k, v), cfg.axis_name, _perm(p))
+  # Key segment ids travel with their key/value block.
+  cur = lax.ppermute((k, v, kvseg), cfg.axis_name, _perm(p))
   cur, o, lse = lax.fori_loop(1, p - 1, body, (cur, o, lse))
   return compute(p - 1, cur, o, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(cfg: _Config, q, k, v):
-  o, _ = _ring_forward(cfg, q, k, v)
+def _ring(cfg: _Config, q, k, v, qseg, kvseg):
+  o, _ = _ring_forward(cfg, q, k, v, qseg, kvseg)
   return o.astype(q.dtype)
 
 
-def _ring_fwd(cfg, q, k, v):
-  o, lse = _ring_forward(cfg, q, k, v)
+def _ring_fwd(cfg, q, k, v, qseg, kvseg):
+  o, lse = _ring_forward(cfg, q, k, v, qseg, kvseg)
   o = o.astype(q.dtype)
-  return o, (q, k, v, o, lse)
+  return o, (q, k, v, qseg, kvseg, o, lse)
 
 
 def _ring_bwd(cfg, res, g):
-  q, k, v, o, lse = res
+  q, k, v, qseg, kvseg, o, lse = res
   p = cfg.size
   t = q.shape[1]
   do = g.astype(_F32)
   delta = jnp.swapaxes(jnp.sum(do * o.astype(_F32), axis=-1), 1, 2)  # [b,n,t]
-  dq, dk, dv = _run_plan_bwd(cfg, _diag_plan(cfg, t), q, k, v, do, lse, delta)
+  dq, dk, dv = _run_plan_bwd(cfg, _diag_plan(cfg, t), q, k, v, do, lse, delta,
+                             _segs(qseg, kvseg))
   if p > 1:
     i = lax.axis_index(cfg.axis_name)
 
     def body(s, carry):
       dq, blk = carry
-      ks, vs, dks, dvs = lax.ppermute(blk, cfg.axis_name, _perm(p))
+      ks, vs, kvs, dks, dvs = lax.ppermute(blk, cfg.axis_name, _perm(p))
       j = (i - s) % p
-      a, b_, c = _step(
-          cfg, i, j,
-          lambda plan: _run_plan_bwd(cfg, plan, q, ks, vs, do, lse, delta), t)
-      return dq + a, (ks, vs, dks + b_, dvs + c)
+      a, b_, c = _step(cfg, i, j, lambda plan: _run_plan_bwd(
+          cfg, plan, q, ks, vs, do, lse, delta, _segs(qseg, kvs)), t)
+      return dq + a, (ks, vs, kvs, dks + b_, dvs + c)
 
-    dq, (_, _, dk, dv) = lax.fori_loop(1, p, body, (dq, (k, v, dk, dv)))
+    dq, (_, _, _, dk, dv) = lax.fori_loop(1, p, body,
+                                          (dq, (k, v, kvseg, dk, dv)))
     # Block j's accumulators now sit on device j - 1: one more hop home.
     dk, dv = lax.ppermute((dk, dv), cfg.axis_name, _perm(p))
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None,
+          None)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -406,7 +425,8 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 def ring_attention(query, key, value, *, mesh, axis_name: str,
                    is_causal: bool = False, scale: Optional[float] = None,
                    layout: str = "zigzag", permuted: bool = False,
-                   batch_axis: Optional[str] = None):
+                   batch_axis: Optional[str] = None, q_segment_ids=None,
+                   kv_segment_ids=None):
   """Exact softmax attention with the sequence sharded over `axis_name`.
 
   Args:
@@ -423,6 +443,10 @@ def ring_attention(query, key, value, *, mesh, axis_name: str,
       output is returned in that order; otherwise natural order in and out.
     batch_axis: optional mesh axis to shard the batch over as well (data
       parallel x context parallel).
+    q_segment_ids, kv_segment_ids: optional int [B, T] / [B, S]: query i
+      attends key j only when their ids are equal (packed sequences; key
+      padding via an id no query uses). The key ids travel around the ring
+      with their key/value block. Rows with no key to attend give zeros.
 
   Returns:
     [B, T, N, Hv] in query.dtype, sharded like
@@ -449,6 +473,20 @@ def ring_attention(query, key, value, *, mesh, axis_name: str,
           f"causal zigzag ring_attention needs the sequence length {t} to be "
           f"divisible by 2 * {size} (mesh axis {axis_name!r}); use "
           "layout='striped' or pad the sequence.")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError(
+        "give both `q_segment_ids` and `kv_segment_ids`, or neither.")
+  if q_segment_ids is not None:
+    q_segment_ids = jnp.asarray(q_segment_ids)
+    kv_segment_ids = jnp.asarray(kv_segment_ids)
+    for nm, x, want in (("q_segment_ids", q_segment_ids, (b, t)),
+                        ("kv_segment_ids", kv_segment_ids, (b, s))):
+      if tuple(x.shape) != want or not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(
+            f"`{nm}` must be an int array of shape {want}, got "
+            f"{tuple(x.shape)} ({x.dtype}).")
+    q_segment_ids = q_segment_ids.astype(jnp.int32)
+    kv_segment_ids = kv_segment_ids.astype(jnp.int32)
   if scale is None:
     scale = 1.0 / float(np.sqrt(h))
   cfg = _Config(axis_name=axis_name, size=size, scale=float(scale),
@@ -456,14 +494,29 @@ def ring_attention(query, key, value, *, mesh, axis_name: str,
   reorder = eff_layout != "contiguous" and not permuted
   spec = PartitionSpec(batch_axis, axis_name, None, None)
   gathered = PartitionSpec(batch_axis, None, None, None)
+  seg_spec = PartitionSpec(batch_axis, axis_name)
+  seg_gathered = PartitionSpec(batch_axis, None)
   if reorder:
     query, key, value = (
         to_ring_layout(place(x, mesh, gathered), size, eff_layout)
         for x in (query, key, value))
+    if q_segment_ids is not None:
+      q_segment_ids, kv_segment_ids = (
+          to_ring_layout(place(x, mesh, seg_gathered), size, eff_layout)
+          for x in (q_segment_ids, kv_segment_ids))
   query, key, value = (place(x, mesh, spec) for x in (query, key, value))
-  fn = shard_map(functools.partial(_ring, cfg), mesh=mesh,
-                 in_specs=(spec, spec, spec), out_specs=spec)
-  out = fn(query, key, value)
+  if q_segment_ids is None:
+    fn = shard_map(
+        lambda q, k, v: _ring(cfg, q, k, v, None, None), mesh=mesh,
+        in_specs=(spec, spec, spec), out_specs=spec)
+    out = fn(query, key, value)
+  else:
+    q_segment_ids, kv_segment_ids = (place(x, mesh, seg_spec) for x in
+                                     (q_segment_ids, kv_segment_ids))
+    fn = shard_map(functools.partial(_ring, cfg), mesh=mesh,
+                   in_specs=(spec, spec, spec, seg_spec, seg_spec),
+                   out_specs=spec)
+    out = fn(query, key, value, q_segment_ids, kv_segment_ids)
   if reorder:
     out = place(from_ring_layout(place(out, mesh, gathered), size, eff_layout),
                 mesh, spec)
