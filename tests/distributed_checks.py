@@ -217,6 +217,9 @@ def check_attention():
   fns["ring segments full"] = lambda q, k, v: ring_attention(
       q, k, v, mesh=mesh4, axis_name="seq", q_segment_ids=qseg,
       kv_segment_ids=kvseg)
+  fns["ulysses segments causal"] = lambda q, k, v: ulysses_attention(
+      q, k, v, mesh=mesh4, axis_name="seq", is_causal=True,
+      q_segment_ids=qseg, kv_segment_ids=kvseg)
   got = _value_and_grads(fns, q, k, v, do)
   for name, res in got.items():
     _compare(f"{name} P=4", res, want_seg["causal" if "causal" in name

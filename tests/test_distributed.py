@@ -45,6 +45,7 @@ def test_attention_matches_single_device():
   assert "OK ring causal contiguous P=4" in out
   for name in ("causal zigzag", "causal striped", "causal contiguous", "full"):
     assert f"OK ring segments {name} P=4" in out, out
+  assert "OK ulysses segments causal P=4" in out
 
 
 def test_checkpoint_save_8_restore_2(tmp_path):

@@ -28,7 +28,7 @@ def sequence_parallel_attention_fn(mesh, axis_name: str, *,
 
   kind='ring' (options: layout, permuted) or 'ulysses' (options:
   implementation, local_window_size). Accepts the keywords `is_causal` and
-  `scale` (and, for 'ring', `q_segment_ids` / `kv_segment_ids`); a call
+  `scale` (and `q_segment_ids` / `kv_segment_ids`); a call
   with a mask, bias or attention dropout raises NotImplementedError
   (sequence-parallel attention does not take them).
   """
@@ -41,10 +41,9 @@ def sequence_parallel_attention_fn(mesh, axis_name: str, *,
                    dropout_rate: float = 0.0, dropout_rng=None, **unused):
     del dropout_rng
     extra = {}
-    if kind == "ring":   # packed sequences: segment ids ride the ring
-      for name in ("q_segment_ids", "kv_segment_ids"):
-        if unused.get(name) is not None:
-          extra[name] = unused.pop(name)
+    for name in ("q_segment_ids", "kv_segment_ids"):   # packed sequences
+      if unused.get(name) is not None:
+        extra[name] = unused.pop(name)
     if mask is not None or bias is not None or dropout_rate > 0.0 or unused:
       given = [n for n, x in (("mask", mask), ("bias", bias)) if x is not None]
       given += ["dropout_rate"] * (dropout_rate > 0.0) + sorted(unused)

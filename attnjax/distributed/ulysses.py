@@ -41,12 +41,15 @@ def _kv_repeat(n: int, k: int, p: int) -> int:
   raise ValueError(f"no kv-head repeat makes {k} kv heads divisible by {p}.")
 
 
-def _local(query, key, value, *, axis_name, attention_kwargs):
+def _local(query, key, value, qseg=None, kvseg=None, *, axis_name,
+           attention_kwargs):
   # [b, T/P, N, H] -> [b, T, N/P, H]
   a2a = functools.partial(lax.all_to_all, axis_name=axis_name, split_axis=2,
                           concat_axis=1, tiled=True)
   q, k, v = a2a(query), a2a(key), a2a(value)
-  out = dot_product_attention(q, k, v, **attention_kwargs)
+  # Segment ids arrive whole ([b, T], replicated over the sequence axis).
+  out = dot_product_attention(q, k, v, q_segment_ids=qseg,
+                              kv_segment_ids=kvseg, **attention_kwargs)
   # [b, T, N/P, Hv] -> [b, T/P, N, Hv]
   return lax.all_to_all(out, axis_name, split_axis=1, concat_axis=2,
                         tiled=True)
@@ -56,7 +59,8 @@ def ulysses_attention(query, key, value, *, mesh, axis_name: str,
                       is_causal: bool = False, scale: Optional[float] = None,
                       local_window_size=None,
                       implementation: Optional[str] = None,
-                      batch_axis: Optional[str] = None):
+                      batch_axis: Optional[str] = None, q_segment_ids=None,
+                      kv_segment_ids=None):
   """Exact attention with the sequence sharded over `axis_name` (all-to-all).
 
   Args:
@@ -67,6 +71,9 @@ def ulysses_attention(query, key, value, *, mesh, axis_name: str,
     is_causal, scale, local_window_size, implementation: passed to
       `attnjax.dot_product_attention` on the gathered sequences.
     batch_axis: optional mesh axis to shard the batch over as well.
+    q_segment_ids, kv_segment_ids: optional int [B, T] / [B, S] (packed
+      sequences); replicated over `axis_name` (they are small), so each
+      device applies them to its whole gathered sequences.
 
   Returns:
     [B, T, N, Hv] in query.dtype, sharded like
@@ -95,10 +102,27 @@ def ulysses_attention(query, key, value, *, mesh, axis_name: str,
   if scale is None:
     kwargs["scale"] = 1.0 / math.sqrt(h)
   spec = PartitionSpec(batch_axis, axis_name, None, None)
-  fn = shard_map(functools.partial(_local, axis_name=axis_name,
-                                   attention_kwargs=kwargs),
-                 mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
-  return fn(*(place(x, mesh, spec) for x in (query, key, value)))
+  local = functools.partial(_local, axis_name=axis_name,
+                            attention_kwargs=kwargs)
+  qkv = tuple(place(x, mesh, spec) for x in (query, key, value))
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError(
+        "give both `q_segment_ids` and `kv_segment_ids`, or neither.")
+  if q_segment_ids is None:
+    fn = shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+    return fn(*qkv)
+  segs = []
+  for nm, x, want in (("q_segment_ids", q_segment_ids, (b, t)),
+                      ("kv_segment_ids", kv_segment_ids, (b, s))):
+    x = jnp.asarray(x)
+    if tuple(x.shape) != want or not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"`{nm}` must be an int array of shape {want}, got "
+                       f"{tuple(x.shape)} ({x.dtype}).")
+    segs.append(x.astype(jnp.int32))
+  seg_spec = PartitionSpec(batch_axis, None)
+  fn = shard_map(local, mesh=mesh, in_specs=(spec,) * 3 + (seg_spec,) * 2,
+                 out_specs=spec)
+  return fn(*qkv, *(place(x, mesh, seg_spec) for x in segs))
 
 
 __all__ = ["ulysses_attention"]
