@@ -5,9 +5,10 @@ query tiles) and dK/dV (grid over key tiles, one program per *query* head;
 the GQA group sum is done outside), joined by `jax.custom_vjp`. Layout
 inside: heads-major contiguous [B, N, L, H]. Scope: [B, T, N, H] inputs (GQA
 via N % K == 0), power-of-two head dim in {16, ..., 256}, value head dim
-equal, causal (top-left aligned) or not, any T/S (masked tails), one dtype
-among float16/bfloat16/float32. No bias, mask, window or segment ids (use
-the Pallas kernels in flash.py for those).
+equal, causal (top-left aligned) or not, local windows (left, right) with
+out-of-band tiles skipped, any T/S (masked tails), one dtype among
+float16/bfloat16/float32. No bias, mask or segment ids (use the Pallas
+kernels in flash.py for those).
 
 Dependencies, all guarded so attnjax imports without any of them:
 * `triton` alone defines the kernels and is enough for the two CPU checks
@@ -122,9 +123,10 @@ def why_unavailable() -> Optional[str]:
 if triton is not None:
 
   @triton.jit
-  def _fwd_kernel(q_ptr, k_ptr, v_ptr, T, S, scale, o_ptr, lse_ptr,
-                  N: tl.constexpr, G: tl.constexpr, H: tl.constexpr,
-                  BQ: tl.constexpr, BK: tl.constexpr, CAUSAL: tl.constexpr):
+  def _fwd_kernel(q_ptr, k_ptr, v_ptr, T, S, scale, LEFT, RIGHT, o_ptr,
+                  lse_ptr, N: tl.constexpr, G: tl.constexpr, H: tl.constexpr,
+                  BQ: tl.constexpr, BK: tl.constexpr, CAUSAL: tl.constexpr,
+                  WINDOW: tl.constexpr):
     i = tl.program_id(0)
     bn = tl.program_id(1).to(tl.int64)  # b * N + n; 64-bit base offsets
     bkv = (bn // N) * (N // G) + (bn % N) // G
@@ -140,10 +142,14 @@ if triton is not None:
     m = tl.full((BQ,), -1e30, tl.float32)
     l = tl.zeros((BQ,), tl.float32)
     acc = tl.zeros((BQ, H), tl.float32)
+    lo = 0
     hi = S
     if CAUSAL:
       hi = tl.minimum(S, (i + 1) * BQ)
-    for start in range(0, hi, BK):
+    if WINDOW:  # keys i - LEFT .. i + RIGHT: only the tiles of the band
+      lo = tl.maximum(i * BQ - LEFT, 0) // BK * BK
+      hi = tl.minimum(hi, (i + 1) * BQ + RIGHT)
+    for start in range(lo, hi, BK):
       kk = start + offs_k
       kmask = kk[:, None] < S
       k = tl.load(k_base + kk[:, None] * H + offs_h[None, :], mask=kmask,
@@ -154,6 +160,9 @@ if triton is not None:
       valid = kk[None, :] < S
       if CAUSAL:
         valid = valid & (kk[None, :] <= offs_q[:, None])
+      if WINDOW:
+        valid = valid & (kk[None, :] >= offs_q[:, None] - LEFT)
+        valid = valid & (kk[None, :] <= offs_q[:, None] + RIGHT)
       s = tl.where(valid, s, -1e30)
       m_new = tl.maximum(m, tl.max(s, 1))
       p = tl.where(valid, tl.exp(s - m_new[:, None]), 0.0)
@@ -171,9 +180,9 @@ if triton is not None:
 
   @triton.jit
   def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, T, S,
-                 scale, dq_ptr, N: tl.constexpr, G: tl.constexpr,
+                 scale, LEFT, RIGHT, dq_ptr, N: tl.constexpr, G: tl.constexpr,
                  H: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                 CAUSAL: tl.constexpr):
+                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     i = tl.program_id(0)
     bn = tl.program_id(1).to(tl.int64)
     bkv = (bn // N) * (N // G) + (bn % N) // G
@@ -190,10 +199,14 @@ if triton is not None:
     lse = tl.where(lse == float("-inf"), 0.0, lse)
     delta = tl.load(delta_ptr + bn * T + offs_q, mask=offs_q < T, other=0.0)
     dq = tl.zeros((BQ, H), tl.float32)
+    lo = 0
     hi = S
     if CAUSAL:
       hi = tl.minimum(S, (i + 1) * BQ)
-    for start in range(0, hi, BK):
+    if WINDOW:  # keys i - LEFT .. i + RIGHT: only the tiles of the band
+      lo = tl.maximum(i * BQ - LEFT, 0) // BK * BK
+      hi = tl.minimum(hi, (i + 1) * BQ + RIGHT)
+    for start in range(lo, hi, BK):
       kk = start + offs_k
       kmask = kk[:, None] < S
       k = tl.load(k_base + kk[:, None] * H + offs_h[None, :], mask=kmask,
@@ -204,6 +217,9 @@ if triton is not None:
       valid = kk[None, :] < S
       if CAUSAL:
         valid = valid & (kk[None, :] <= offs_q[:, None])
+      if WINDOW:
+        valid = valid & (kk[None, :] >= offs_q[:, None] - LEFT)
+        valid = valid & (kk[None, :] <= offs_q[:, None] + RIGHT)
       p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
       dp = tl.dot(do, tl.trans(v))
       ds = p * (dp - delta[:, None])
@@ -213,9 +229,10 @@ if triton is not None:
 
   @triton.jit
   def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, T, S,
-                  scale, dk_ptr, dv_ptr, N: tl.constexpr, G: tl.constexpr,
-                  H: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                  CAUSAL: tl.constexpr):
+                  scale, LEFT, RIGHT, dk_ptr, dv_ptr, N: tl.constexpr,
+                  G: tl.constexpr, H: tl.constexpr, BQ: tl.constexpr,
+                  BK: tl.constexpr, CAUSAL: tl.constexpr,
+                  WINDOW: tl.constexpr):
     # One program per (key tile, query head); dK/dV per query head (float32),
     # summed over the GQA group outside.
     j = tl.program_id(0)
@@ -231,9 +248,13 @@ if triton is not None:
     dk = tl.zeros((BK, H), tl.float32)
     dv = tl.zeros((BK, H), tl.float32)
     lo = 0
+    hi = T
     if CAUSAL:  # queries before this key tile's first key never see it
       lo = (j * BK) // BQ * BQ
-    for start in range(lo, T, BQ):
+    if WINDOW:  # queries j*BK - RIGHT .. (j+1)*BK - 1 + LEFT see this tile
+      lo = tl.maximum(lo, tl.maximum(j * BK - RIGHT, 0) // BQ * BQ)
+      hi = tl.minimum(T, (j + 1) * BK + LEFT)
+    for start in range(lo, hi, BQ):
       qq = start + offs_q
       qmask = qq[:, None] < T
       row = bn * T * H + qq[:, None] * H + offs_h[None, :]
@@ -246,6 +267,9 @@ if triton is not None:
       valid = (offs_k[None, :] < S) & (qq[:, None] < T)
       if CAUSAL:
         valid = valid & (offs_k[None, :] <= qq[:, None])
+      if WINDOW:
+        valid = valid & (offs_k[None, :] >= qq[:, None] - LEFT)
+        valid = valid & (offs_k[None, :] <= qq[:, None] + RIGHT)
       p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
       dv += tl.dot(tl.trans(p.to(do.dtype)), do)
       dp = tl.dot(do, tl.trans(v))
@@ -352,7 +376,8 @@ class _Launch(NamedTuple):
   kernel: Any              # the @triton.jit function
   grid: tuple[int, ...]
   in_types: tuple          # ShapeDtypeStructs of the input arrays, in order
-  scalars: tuple           # runtime scalars following the inputs (T, S, scale)
+  scalars: tuple           # runtime scalars after the inputs:
+                           # (T, S, scale, LEFT, RIGHT)
   out_types: tuple         # ShapeDtypeStructs of the outputs, in order
   meta: tuple              # constexprs as sorted (name, value) pairs
   num_warps: int
@@ -365,6 +390,7 @@ class _Static(NamedTuple):
   causal: bool
   config: TritonFlashConfig
   interpret: bool
+  window: Optional[tuple] = None    # (left, right) or None
 
 
 def _sds(x):
@@ -379,9 +405,11 @@ def _launch(name, st: _Static, kcfg: KernelConfig, q, k, inputs, outs, grid):
   b, n, t, h = q.shape
   nkv, s = k.shape[1], k.shape[2]
   meta = dict(N=n, G=n // nkv, H=h, BQ=kcfg.block_q, BK=kcfg.block_kv,
-              CAUSAL=st.causal)
+              CAUSAL=st.causal, WINDOW=st.window is not None)
+  left, right = st.window or (0, 0)
   return _Launch(name, _KERNELS[name], grid, tuple(_sds(x) for x in inputs),
-                 (int(t), int(s), float(st.scale)), tuple(outs),
+                 (int(t), int(s), float(st.scale), int(left), int(right)),
+                 tuple(outs),
                  tuple(sorted(meta.items())), kcfg.num_warps, kcfg.num_stages)
 
 
@@ -681,6 +709,18 @@ def _check_inputs(query, key, value):
         f"{value.dtype}.")
 
 
+def _window(local_window_size):
+  """None, int w or (left, right) -> None or (left, right) of ints >= 0."""
+  if local_window_size is None:
+    return None
+  w = local_window_size
+  w = (w, w) if isinstance(w, int) else tuple(w)
+  if len(w) != 2 or any(not isinstance(x, int) or x < 0 for x in w):
+    raise ValueError("`local_window_size` must be an int >= 0 or a (left, "
+                     f"right) pair of ints >= 0, got {local_window_size!r}.")
+  return (int(min(w[0], 2 ** 30)), int(min(w[1], 2 ** 30)))
+
+
 def _resolve_config(h, dtype, config, block_q, block_kv, num_warps,
                     num_stages) -> TritonFlashConfig:
   cfg = default_config(h, dtype) if config is None else config
@@ -697,7 +737,8 @@ def triton_flash_attention(query, key, value, *, is_causal: bool = False,
                            block_kv: Optional[int] = None,
                            num_warps: Optional[int] = None,
                            num_stages: Optional[int] = None,
-                           return_lse: bool = False, interpret: bool = False):
+                           return_lse: bool = False, interpret: bool = False,
+                           local_window_size=None):
   """Flash attention via jax_triton.triton_call (GPU only), differentiable.
 
   query [B, T, N, H], key/value [B, S, K, H], N % K == 0, H a power of two
@@ -707,6 +748,9 @@ def triton_flash_attention(query, key, value, *, is_causal: bool = False,
   config: per-kernel tiles/warps/stages (default `default_config(H, dtype)`);
   block_q / block_kv / num_warps / num_stages, when given, override that
   field of all three kernels (for quick benchmark sweeps).
+  local_window_size: int w or (left, right): query i sees keys
+  i - left .. i + right (with is_causal also j <= i); tiles outside the band
+  are skipped in all three kernels.
   interpret=True runs the same launches in Triton's CPU interpreter through
   `jax.pure_callback` instead of jax_triton (needs only `triton`; very slow;
   for testing). Not vmappable on a GPU (jax_triton has no batching rule).
@@ -727,7 +771,8 @@ def triton_flash_attention(query, key, value, *, is_causal: bool = False,
   cfg = _resolve_config(h, query.dtype, config, block_q, block_kv, num_warps,
                         num_stages)
   scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
-  st = _Static(scale, bool(is_causal), cfg, bool(interpret))
+  st = _Static(scale, bool(is_causal), cfg, bool(interpret),
+               _window(local_window_size))
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
   out, lse = _tri(st, q, k, v)
   out = jnp.swapaxes(out, 1, 2)
@@ -794,7 +839,8 @@ def _compile_source(launch: _Launch):
 def compile_for_cuda(query_shape, key_shape, dtype, *, is_causal: bool,
                      capability: int = 90,
                      config: Optional[TritonFlashConfig] = None,
-                     scale: Optional[float] = None) -> dict[str, Any]:
+                     scale: Optional[float] = None,
+                     local_window_size=None) -> dict[str, Any]:
   """Compiles the three kernels for `sm_<capability>` without a GPU.
 
   query_shape [B, T, N, H], key_shape [B, S, K, H]. Uses the launches
@@ -816,7 +862,8 @@ def compile_for_cuda(query_shape, key_shape, dtype, *, is_causal: bool,
                 jax.ShapeDtypeStruct(tuple(key_shape), q.dtype))
   cfg = _resolve_config(h, q.dtype, config, None, None, None, None)
   scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
-  st = _Static(scale, bool(is_causal), cfg, False)
+  st = _Static(scale, bool(is_causal), cfg, False,
+               _window(local_window_size))
   vec = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
   launches = [_fwd_launch(st, q, k, k), _dq_launch(st, q, k, k, q, vec, vec),
               _dkv_launch(st, q, k, k, q, vec, vec)]

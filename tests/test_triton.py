@@ -138,6 +138,20 @@ def test_interpreter_head_dims_and_shapes(triton_pkg, h, t, s, n, kh,
   _assert_matches(got, _reference(*args, is_causal), jnp.float32)
 
 
+@pytest.mark.parametrize(
+    "t,s,window,is_causal",
+    [(150, 150, (40, 7), False),     # asymmetric band, ragged tails
+     (150, 150, (33, 0), True),      # causal sliding window (Mistral-style)
+     (60, 130, (20, 50), False)])    # T != S
+def test_interpreter_local_window(triton_pkg, t, s, window, is_causal):
+  rng = np.random.default_rng(4)
+  args = _case(rng, 1, t, s, 4, 2, 16, jnp.float32)
+  got = _interpreted(*args, is_causal, block_q=32, block_kv=16,
+                     local_window_size=window)
+  _assert_matches(got, _reference(*args, is_causal, local_window_size=window),
+                  jnp.float32)
+
+
 def test_interpreter_default_config(triton_pkg):
   # The launch a GPU would get by default (head dim 64: 128-row tiles, ...).
   rng = np.random.default_rng(2)
@@ -261,12 +275,12 @@ def test_kernel_parameter_order_matches_jax_triton_binding(triton_pkg):
     params = list(inspect.signature(launch.kernel.fn).parameters)
     nin, nout = len(launch.in_types), len(launch.out_types)
     meta = dict(launch.meta)
-    assert params[nin:nin + 3] == ["T", "S", "scale"]
-    assert launch.scalars == (20, 30, 0.5)
+    assert params[nin:nin + 5] == ["T", "S", "scale", "LEFT", "RIGHT"]
+    assert launch.scalars == (20, 30, 0.5, 0, 0)
     assert all(p.endswith("_ptr") for p in params[:nin])
-    assert all(p.endswith("_ptr") for p in params[nin + 3:nin + 3 + nout])
-    assert params[nin + 3 + nout:] == sorted(meta, key=params.index)
-    assert len(params) == nin + 3 + nout + len(meta)
+    assert all(p.endswith("_ptr") for p in params[nin + 5:nin + 5 + nout])
+    assert params[nin + 5 + nout:] == sorted(meta, key=params.index)
+    assert len(params) == nin + 5 + nout + len(meta)
 
 
 def test_config_and_input_errors(triton_pkg):
@@ -291,9 +305,10 @@ def test_config_and_input_errors(triton_pkg):
 _SHARED_LIMIT = {90: 232448, 80: 166912}   # bytes per block: H100/H200, A100
 
 
-def _compile_and_check(capability, h, dtype, is_causal):
+def _compile_and_check(capability, h, dtype, is_causal, window=None):
   kernels = tf.compile_for_cuda((2, 1000, 8, h), (2, 1000, 4, h), dtype,
-                                is_causal=is_causal, capability=capability)
+                                is_causal=is_causal, capability=capability,
+                                local_window_size=window)
   assert set(kernels) == {"fwd", "dq", "dkv"}
   for name, kern in kernels.items():
     shared = kern.metadata.shared
@@ -310,6 +325,7 @@ def test_compiles_for_cuda_and_fits_shared_memory(triton_pkg, capability, h):
   # float16 (same tiles, same shared memory) in the slow test below.
   for is_causal in (False, True):
     _compile_and_check(capability, h, jnp.bfloat16, is_causal)
+  _compile_and_check(capability, h, jnp.bfloat16, True, window=(256, 0))
 
 
 @pytest.mark.slow

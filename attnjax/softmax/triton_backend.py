@@ -1,7 +1,7 @@
 """`implementation='triton'`: Triton flash attention through jax-triton.
 
-Importing registers the backend. Serves GPU calls without bias, mask,
-window, segment ids/lengths or dropout and with a power-of-two head dim
+Importing registers the backend. Serves GPU calls (causal or not, local
+windows) without bias, mask, segment ids/lengths or dropout and with a power-of-two head dim
 (value head dim equal); anything else raises NotImplementedError saying why,
 so `implementation=None` falls through to another backend.
 """
@@ -23,8 +23,6 @@ def triton_attention(call: AttentionCall, need_lse: bool):
       why = "no attention dropout"
     elif call.bias is not None or call.mask is not None:
       why = "no bias or mask (use implementation='pallas')"
-    elif call.window is not None:
-      why = "no local window (use implementation='pallas')"
     elif call.q_segment_ids is not None:
       why = "no segment ids or sequence lengths (use implementation='pallas')"
     elif h != hv:
@@ -35,7 +33,7 @@ def triton_attention(call: AttentionCall, need_lse: bool):
   try:
     return triton_flash.triton_flash_attention(
         call.query, call.key, call.value, is_causal=call.is_causal,
-        scale=call.scale, return_lse=True)
+        scale=call.scale, local_window_size=call.window, return_lse=True)
   except NotImplementedError as e:
     raise NotImplementedError(
         f"implementation='triton' cannot serve this call: {e}") from e
