@@ -123,6 +123,31 @@ def why_unavailable() -> Optional[str]:
 if triton is not None:
 
   @triton.jit
+  def _key_range(i, S, LEFT, RIGHT, BQ: tl.constexpr, BK: tl.constexpr,
+                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[lo, hi) of the keys query tile i can see, lo a multiple of BK."""
+    lo = 0
+    hi = S
+    if CAUSAL:
+      hi = tl.minimum(S, (i + 1) * BQ)
+    if WINDOW:  # keys i - LEFT .. i + RIGHT: only the tiles of the band
+      lo = tl.maximum(i * BQ - LEFT, 0) // BK * BK
+      hi = tl.minimum(hi, (i + 1) * BQ + RIGHT)
+    return lo, hi
+
+  @triton.jit
+  def _visible(qpos, kpos, T, S, LEFT, RIGHT, CAUSAL: tl.constexpr,
+               WINDOW: tl.constexpr):
+    """[BQ, BK] mask: query qpos[:, None] may attend key kpos[None, :]."""
+    valid = (kpos[None, :] < S) & (qpos[:, None] < T)
+    if CAUSAL:
+      valid = valid & (kpos[None, :] <= qpos[:, None])
+    if WINDOW:
+      valid = valid & (kpos[None, :] >= qpos[:, None] - LEFT)
+      valid = valid & (kpos[None, :] <= qpos[:, None] + RIGHT)
+    return valid
+
+  @triton.jit
   def _fwd_kernel(q_ptr, k_ptr, v_ptr, T, S, scale, LEFT, RIGHT, o_ptr,
                   lse_ptr, N: tl.constexpr, G: tl.constexpr, H: tl.constexpr,
                   BQ: tl.constexpr, BK: tl.constexpr, CAUSAL: tl.constexpr,
@@ -142,13 +167,7 @@ if triton is not None:
     m = tl.full((BQ,), -1e30, tl.float32)
     l = tl.zeros((BQ,), tl.float32)
     acc = tl.zeros((BQ, H), tl.float32)
-    lo = 0
-    hi = S
-    if CAUSAL:
-      hi = tl.minimum(S, (i + 1) * BQ)
-    if WINDOW:  # keys i - LEFT .. i + RIGHT: only the tiles of the band
-      lo = tl.maximum(i * BQ - LEFT, 0) // BK * BK
-      hi = tl.minimum(hi, (i + 1) * BQ + RIGHT)
+    lo, hi = _key_range(i, S, LEFT, RIGHT, BQ, BK, CAUSAL, WINDOW)
     for start in range(lo, hi, BK):
       kk = start + offs_k
       kmask = kk[:, None] < S
@@ -157,12 +176,7 @@ if triton is not None:
       v = tl.load(v_base + kk[:, None] * H + offs_h[None, :], mask=kmask,
                   other=0.0)
       s = tl.dot(q, tl.trans(k)) * scale
-      valid = kk[None, :] < S
-      if CAUSAL:
-        valid = valid & (kk[None, :] <= offs_q[:, None])
-      if WINDOW:
-        valid = valid & (kk[None, :] >= offs_q[:, None] - LEFT)
-        valid = valid & (kk[None, :] <= offs_q[:, None] + RIGHT)
+      valid = _visible(offs_q, kk, T, S, LEFT, RIGHT, CAUSAL, WINDOW)
       s = tl.where(valid, s, -1e30)
       m_new = tl.maximum(m, tl.max(s, 1))
       p = tl.where(valid, tl.exp(s - m_new[:, None]), 0.0)
@@ -199,13 +213,7 @@ if triton is not None:
     lse = tl.where(lse == float("-inf"), 0.0, lse)
     delta = tl.load(delta_ptr + bn * T + offs_q, mask=offs_q < T, other=0.0)
     dq = tl.zeros((BQ, H), tl.float32)
-    lo = 0
-    hi = S
-    if CAUSAL:
-      hi = tl.minimum(S, (i + 1) * BQ)
-    if WINDOW:  # keys i - LEFT .. i + RIGHT: only the tiles of the band
-      lo = tl.maximum(i * BQ - LEFT, 0) // BK * BK
-      hi = tl.minimum(hi, (i + 1) * BQ + RIGHT)
+    lo, hi = _key_range(i, S, LEFT, RIGHT, BQ, BK, CAUSAL, WINDOW)
     for start in range(lo, hi, BK):
       kk = start + offs_k
       kmask = kk[:, None] < S
@@ -214,12 +222,7 @@ if triton is not None:
       v = tl.load(v_base + kk[:, None] * H + offs_h[None, :], mask=kmask,
                   other=0.0)
       s = tl.dot(q, tl.trans(k)) * scale
-      valid = kk[None, :] < S
-      if CAUSAL:
-        valid = valid & (kk[None, :] <= offs_q[:, None])
-      if WINDOW:
-        valid = valid & (kk[None, :] >= offs_q[:, None] - LEFT)
-        valid = valid & (kk[None, :] <= offs_q[:, None] + RIGHT)
+      valid = _visible(offs_q, kk, T, S, LEFT, RIGHT, CAUSAL, WINDOW)
       p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
       dp = tl.dot(do, tl.trans(v))
       ds = p * (dp - delta[:, None])
@@ -264,12 +267,7 @@ if triton is not None:
       lse = tl.where(lse == float("-inf"), 0.0, lse)
       delta = tl.load(delta_ptr + bn * T + qq, mask=qq < T, other=0.0)
       s = tl.dot(q, tl.trans(k)) * scale
-      valid = (offs_k[None, :] < S) & (qq[:, None] < T)
-      if CAUSAL:
-        valid = valid & (offs_k[None, :] <= qq[:, None])
-      if WINDOW:
-        valid = valid & (offs_k[None, :] >= qq[:, None] - LEFT)
-        valid = valid & (offs_k[None, :] <= qq[:, None] + RIGHT)
+      valid = _visible(qq, offs_k, T, S, LEFT, RIGHT, CAUSAL, WINDOW)
       p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
       dv += tl.dot(tl.trans(p.to(do.dtype)), do)
       dp = tl.dot(do, tl.trans(v))
