@@ -64,7 +64,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from attnjax._checks import check_qkv
+from attnjax._checks import check_qkv, check_segment_ids
 from attnjax.distributed._compat import (axis_size, check_batch_axis, place,
                                         shard_map)
 
@@ -473,20 +473,8 @@ def ring_attention(query, key, value, *, mesh, axis_name: str,
           f"causal zigzag ring_attention needs the sequence length {t} to be "
           f"divisible by 2 * {size} (mesh axis {axis_name!r}); use "
           "layout='striped' or pad the sequence.")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError(
-        "give both `q_segment_ids` and `kv_segment_ids`, or neither.")
-  if q_segment_ids is not None:
-    q_segment_ids = jnp.asarray(q_segment_ids)
-    kv_segment_ids = jnp.asarray(kv_segment_ids)
-    for nm, x, want in (("q_segment_ids", q_segment_ids, (b, t)),
-                        ("kv_segment_ids", kv_segment_ids, (b, s))):
-      if tuple(x.shape) != want or not jnp.issubdtype(x.dtype, jnp.integer):
-        raise ValueError(
-            f"`{nm}` must be an int array of shape {want}, got "
-            f"{tuple(x.shape)} ({x.dtype}).")
-    q_segment_ids = q_segment_ids.astype(jnp.int32)
-    kv_segment_ids = kv_segment_ids.astype(jnp.int32)
+  q_segment_ids, kv_segment_ids = check_segment_ids(
+      q_segment_ids, kv_segment_ids, b, t, s)
   if scale is None:
     scale = 1.0 / float(np.sqrt(h))
   cfg = _Config(axis_name=axis_name, size=size, scale=float(scale),
@@ -496,27 +484,19 @@ def ring_attention(query, key, value, *, mesh, axis_name: str,
   gathered = PartitionSpec(batch_axis, None, None, None)
   seg_spec = PartitionSpec(batch_axis, axis_name)
   seg_gathered = PartitionSpec(batch_axis, None)
+  segs = () if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
   if reorder:
     query, key, value = (
         to_ring_layout(place(x, mesh, gathered), size, eff_layout)
         for x in (query, key, value))
-    if q_segment_ids is not None:
-      q_segment_ids, kv_segment_ids = (
-          to_ring_layout(place(x, mesh, seg_gathered), size, eff_layout)
-          for x in (q_segment_ids, kv_segment_ids))
+    segs = tuple(to_ring_layout(place(x, mesh, seg_gathered), size,
+                                eff_layout) for x in segs)
   query, key, value = (place(x, mesh, spec) for x in (query, key, value))
-  if q_segment_ids is None:
-    fn = shard_map(
-        lambda q, k, v: _ring(cfg, q, k, v, None, None), mesh=mesh,
-        in_specs=(spec, spec, spec), out_specs=spec)
-    out = fn(query, key, value)
-  else:
-    q_segment_ids, kv_segment_ids = (place(x, mesh, seg_spec) for x in
-                                     (q_segment_ids, kv_segment_ids))
-    fn = shard_map(functools.partial(_ring, cfg), mesh=mesh,
-                   in_specs=(spec, spec, spec, seg_spec, seg_spec),
-                   out_specs=spec)
-    out = fn(query, key, value, q_segment_ids, kv_segment_ids)
+  segs = tuple(place(x, mesh, seg_spec) for x in segs)
+  fn = shard_map(lambda q, k, v, qs=None, ks=None: _ring(cfg, q, k, v, qs, ks),
+                 mesh=mesh, in_specs=(spec,) * 3 + (seg_spec,) * len(segs),
+                 out_specs=spec)
+  out = fn(query, key, value, *segs)
   if reorder:
     out = place(from_ring_layout(place(out, mesh, gathered), size, eff_layout),
                 mesh, spec)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from attnjax._checks import check_qkv
+from attnjax._checks import check_qkv, check_segment_ids
 from attnjax.distributed._compat import (axis_size, check_batch_axis, place,
                                         shard_map)
 from attnjax.softmax import dot_product_attention
@@ -104,25 +104,14 @@ def ulysses_attention(query, key, value, *, mesh, axis_name: str,
   spec = PartitionSpec(batch_axis, axis_name, None, None)
   local = functools.partial(_local, axis_name=axis_name,
                             attention_kwargs=kwargs)
-  qkv = tuple(place(x, mesh, spec) for x in (query, key, value))
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError(
-        "give both `q_segment_ids` and `kv_segment_ids`, or neither.")
-  if q_segment_ids is None:
-    fn = shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
-    return fn(*qkv)
-  segs = []
-  for nm, x, want in (("q_segment_ids", q_segment_ids, (b, t)),
-                      ("kv_segment_ids", kv_segment_ids, (b, s))):
-    x = jnp.asarray(x)
-    if tuple(x.shape) != want or not jnp.issubdtype(x.dtype, jnp.integer):
-      raise ValueError(f"`{nm}` must be an int array of shape {want}, got "
-                       f"{tuple(x.shape)} ({x.dtype}).")
-    segs.append(x.astype(jnp.int32))
+  qseg, kvseg = check_segment_ids(q_segment_ids, kv_segment_ids, b, t, s)
+  segs = () if qseg is None else (qseg, kvseg)
   seg_spec = PartitionSpec(batch_axis, None)
-  fn = shard_map(local, mesh=mesh, in_specs=(spec,) * 3 + (seg_spec,) * 2,
+  fn = shard_map(local, mesh=mesh,
+                 in_specs=(spec,) * 3 + (seg_spec,) * len(segs),
                  out_specs=spec)
-  return fn(*qkv, *(place(x, mesh, seg_spec) for x in segs))
+  return fn(*(place(x, mesh, spec) for x in (query, key, value)),
+            *(place(x, mesh, seg_spec) for x in segs))
 
 
 __all__ = ["ulysses_attention"]

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import masks as masks_lib
-from attnjax._checks import (check_broadcastable, check_qkv, normalize_window)
+from attnjax._checks import (check_broadcastable, check_ids, check_qkv,
+                             normalize_window)
 
 # Segment id given to padded / beyond-length positions: never equal between a
 # query and a key, so those pairs are masked.
@@ -116,11 +117,7 @@ def prepare(query, key, value, bias=None, mask=None, *, scale=None,
     ids = jnp.asarray(ids)
     if unbatched and ids.ndim == 1:
       ids = ids[None]
-    if ids.shape != (b, length) or not jnp.issubdtype(ids.dtype, jnp.integer):
-      raise ValueError(
-          f"`{name}` must be an int array of shape {(b, length)}, got "
-          f"{ids.shape} ({ids.dtype}).")
-    return ids.astype(jnp.int32)
+    return check_ids(name, ids, b, length)
 
   def _check_lengths(name, lengths):
     lengths = jnp.asarray(lengths)
