@@ -154,15 +154,22 @@ def dropout_keep_mask(key, rate: float, batch: int, heads: int, q_len: int,
                       ar(kv_len, 3))
 
 
-def _dropped(cfg: _Config, x, rng, i, j):
-  """x * keep / (1 - rate) for block (i, j) of x [B, K, G, bq, bk]."""
+def _block_keep(cfg: _Config, rng, i, j, shape):
+  """Keep mask of block (i, j), shape [B, K, G, bq, bk]; None without
+  dropout."""
   if cfg.dropout_rate == 0.0:
-    return x
-  b, nkv, g, bq, bk = x.shape
+    return None
+  b, nkv, g, bq, bk = shape
   ar = lambda n, ax: jnp.arange(n).reshape((-1,) + (1,) * (4 - ax))
   head = ar(nkv, 1) * g + ar(g, 2)          # query head of (kv head, group)
-  keep = dropout_keep(rng, cfg.dropout_rate, ar(b, 0), head,
+  return dropout_keep(rng, cfg.dropout_rate, ar(b, 0), head,
                       i * bq + ar(bq, 3), j * bk + ar(bk, 4))
+
+
+def _dropped(cfg: _Config, x, keep):
+  """x * keep / (1 - rate) (x itself when keep is None)."""
+  if keep is None:
+    return x
   return jnp.where(keep, x / (1.0 - cfg.dropout_rate), 0.0)
 
 
@@ -215,8 +222,9 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng):
       l = alpha * l + jnp.sum(p, axis=-1)
       # Dropout acts on the normalized weights: drop from the numerator,
       # keep the normalizer (and the lse) of the undropped softmax.
+      keep = _block_keep(cfg, rng, i, j, p.shape)
       pv = jnp.einsum("bkgqc,bkcd->bkgqd",
-                      _dropped(cfg, p, rng, i, j).astype(v.dtype), vj,
+                      _dropped(cfg, p, keep).astype(v.dtype), vj,
                       preferred_element_type=jnp.float32)
       acc = alpha[..., None] * acc + pv
       return acc, m_new, l
@@ -289,12 +297,13 @@ def _chunked_bwd(cfg, res, cts):
       # With dropout, out = (P o M / (1 - r)) V: dV uses the dropped
       # weights, dP = (dO V^T) o M / (1 - r), and rowsum(dP o P) is still
       # rowsum(dO o out) = delta.
+      keep = _block_keep(cfg, rng, i, j, p.shape)   # once for dV and dP
       dv = dv + jnp.einsum("bkgqc,bkgqd->bkcd",
-                           _dropped(cfg, p, rng, i, j).astype(dout.dtype),
+                           _dropped(cfg, p, keep).astype(dout.dtype),
                            doi, preferred_element_type=jnp.float32)
       dp = jnp.einsum("bkgqd,bkcd->bkgqc", doi, vj,
                       preferred_element_type=jnp.float32)
-      ds = p * (_dropped(cfg, dp, rng, i, j) - r_i[..., None])
+      ds = p * (_dropped(cfg, dp, keep) - r_i[..., None])
       dqi = jnp.einsum("bkgqc,bkch->bkgqh", ds.astype(k.dtype), kj,
                        preferred_element_type=jnp.float32)
       dq = lax.dynamic_update_slice_in_dim(
