@@ -6,6 +6,8 @@ import math
 from typing import Optional
 
 import jax
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plt
 
 
 def target_platform() -> str:
@@ -58,3 +60,24 @@ def check_rank(name: str, x, rank: int, what: str) -> None:
 def check_float(name: str, x) -> None:
   if not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
     raise ValueError(f"`{name}` must be floating point, got dtype {x.dtype}.")
+
+
+def compiler_params(platform: str, interpret: bool, *, grid_rank: int,
+                    num_warps: int = 4, num_stages: int = 2):
+  """Backend parameters for a portable pallas_call (None in interpret mode
+  and on CPU).
+
+  GPU: the Pallas Triton lowering, chosen explicitly (JAX 0.10 would
+  otherwise pick Mosaic GPU, whose warpgroup model these kernels do not
+  target, and which e.g. stages a whole-sequence block in shared memory).
+  TPU: every grid axis 'parallel' (each program owns its output tile; lets
+  megacore chips split the grid).
+  """
+  if interpret:
+    return None
+  if platform == "gpu":
+    return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  if platform == "tpu":
+    return pltpu.CompilerParams(
+        dimension_semantics=("parallel",) * grid_rank)
+  return None

@@ -43,10 +43,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._util import (cdiv, check_float, check_rank, lcm,
-                                  next_pow2, resolve_interpret, round_up,
+from pallas_kernels._util import (cdiv, check_float, check_rank,
+                                  compiler_params, lcm, next_pow2,
+                                  resolve_interpret, round_up,
                                   target_platform)
 
 # Finite "minus infinity" for masked logits: keeps exp/max free of inf - inf.
@@ -534,23 +534,10 @@ def _scalar_table_spec(cfg):
 
 
 def _compiler_params(cfg, bq, bk):
-  """Backend parameters (None in interpret mode / on CPU).
-
-  GPU: the Triton lowering of Pallas, chosen explicitly (JAX 0.10 would
-  otherwise pick Mosaic GPU, whose warpgroup model these portable kernels do
-  not target); 4 warps for tiles up to 64x64 elements, else 8.
-  TPU: every grid axis is independent (each program owns its output tile),
-  so all are 'parallel' (lets megacore chips split the grid).
-  """
-  if cfg.interpret:
-    return None
-  if cfg.platform == "gpu":
-    return plt.CompilerParams(num_warps=4 if bq * bk <= 64 * 64 else 8,
-                              num_stages=2)
-  if cfg.platform == "tpu":
-    return pltpu.CompilerParams(
-        dimension_semantics=("parallel", "parallel", "parallel"))
-  return None
+  """`_util.compiler_params` for the (b, n, tile) grid; on GPU 4 warps for
+  tiles up to 64x64 elements, else 8."""
+  return compiler_params(cfg.platform, cfg.interpret, grid_rank=3,
+                         num_warps=4 if bq * bk <= 64 * 64 else 8)
 
 
 def _stat_spec(cfg, rows, mode_q: bool, tp):

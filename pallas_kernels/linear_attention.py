@@ -24,11 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._util import (check_float, check_rank, resolve_interpret,
-                                  round_up, target_platform)
+from pallas_kernels._util import (check_float, check_rank, compiler_params,
+                                  resolve_interpret, round_up, target_platform)
 
 _FEATURE_MAPS = {
     "elu_plus_one": lambda x: jax.nn.elu(x) + 1.0,
@@ -71,18 +69,6 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *, chunk, normalize, eps):
                  jnp.zeros((1, dk), jnp.float32)))
 
 
-def _compiler_params(interpret):
-  """GPU: the Pallas Triton lowering, explicitly (JAX 0.10 would otherwise
-  pick Mosaic GPU, which would stage the whole sequence in shared memory).
-  TPU: (batch, head) programs are independent."""
-  platform = target_platform()
-  if interpret or platform not in ("gpu", "tpu"):
-    return None
-  if platform == "gpu":
-    return plt.CompilerParams(num_warps=4, num_stages=2)
-  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
-
-
 def _pallas_forward(q, k, v, chunk, normalize, eps, interpret):
   """q, k [B, N, Tp, Dk], v [B, N, Tp, Dv] (padded) -> [B, N, Tp, Dv]."""
   b, n, tp, dk = q.shape
@@ -93,7 +79,8 @@ def _pallas_forward(q, k, v, chunk, normalize, eps, interpret):
       out_shape=jax.ShapeDtypeStruct((b, n, tp, dv), v.dtype),
       grid=(b, n), in_specs=[spec(dk), spec(dk), spec(dv)],
       out_specs=spec(dv), interpret=interpret,
-      compiler_params=_compiler_params(interpret),
+      compiler_params=compiler_params(target_platform(), interpret,
+                                      grid_rank=2),
       name="causal_linear_attention")(q, k, v)
 
 
