@@ -136,6 +136,12 @@ if triton is not None:
     return lo, hi
 
   @triton.jit
+  def _load_rows(base, pos, offs_h, L, H: tl.constexpr):
+    """Rows `pos` ([n]) of a [L, H] matrix at `base`; rows >= L read 0."""
+    return tl.load(base + pos[:, None] * H + offs_h[None, :],
+                   mask=pos[:, None] < L, other=0.0)
+
+  @triton.jit
   def _visible(qpos, kpos, T, S, LEFT, RIGHT, CAUSAL: tl.constexpr,
                WINDOW: tl.constexpr):
     """[BQ, BK] mask: query qpos[:, None] may attend key kpos[None, :]."""
@@ -170,11 +176,8 @@ if triton is not None:
     lo, hi = _key_range(i, S, LEFT, RIGHT, BQ, BK, CAUSAL, WINDOW)
     for start in range(lo, hi, BK):
       kk = start + offs_k
-      kmask = kk[:, None] < S
-      k = tl.load(k_base + kk[:, None] * H + offs_h[None, :], mask=kmask,
-                  other=0.0)
-      v = tl.load(v_base + kk[:, None] * H + offs_h[None, :], mask=kmask,
-                  other=0.0)
+      k = _load_rows(k_base, kk, offs_h, S, H)
+      v = _load_rows(v_base, kk, offs_h, S, H)
       s = tl.dot(q, tl.trans(k)) * scale
       valid = _visible(offs_q, kk, T, S, LEFT, RIGHT, CAUSAL, WINDOW)
       s = tl.where(valid, s, -1e30)
@@ -216,11 +219,8 @@ if triton is not None:
     lo, hi = _key_range(i, S, LEFT, RIGHT, BQ, BK, CAUSAL, WINDOW)
     for start in range(lo, hi, BK):
       kk = start + offs_k
-      kmask = kk[:, None] < S
-      k = tl.load(k_base + kk[:, None] * H + offs_h[None, :], mask=kmask,
-                  other=0.0)
-      v = tl.load(v_base + kk[:, None] * H + offs_h[None, :], mask=kmask,
-                  other=0.0)
+      k = _load_rows(k_base, kk, offs_h, S, H)
+      v = _load_rows(v_base, kk, offs_h, S, H)
       s = tl.dot(q, tl.trans(k)) * scale
       valid = _visible(offs_q, kk, T, S, LEFT, RIGHT, CAUSAL, WINDOW)
       p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
