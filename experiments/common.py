@@ -210,9 +210,25 @@ def save_figure(fig, workdir: str, name: str) -> str:
   return path
 
 
+def _in_ipython() -> bool:
+  """True inside IPython/Jupyter (a kernel or the IPython shell)."""
+  ipy = sys.modules.get("IPython")
+  try:
+    return ipy is not None and ipy.get_ipython() is not None
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
 def setup_matplotlib():
+  """pyplot for writing figures; never changes a notebook's backend.
+
+  A binary (no IPython, no MPLBACKEND) renders with the headless Agg
+  backend. Inside a Jupyter kernel the backend is left alone: forcing Agg
+  there switches off inline display, and the notebooks showed no figures.
+  """
   import matplotlib
-  matplotlib.use("Agg")
+  if not _in_ipython() and not os.environ.get("MPLBACKEND"):
+    matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   return plt
 
