@@ -16,12 +16,17 @@ step, so the curves have no duplicates after a resume.
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import importlib.util
+import io
 import json
 import math
 import os
 import sys
 import time
-from typing import Any, Dict, Optional
+import tokenize
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -45,14 +50,69 @@ def to_jsonable(x: Any):
   return x
 
 
+# --- Multi-process hooks (experiments/sharding.py, docs/distributed.md) ---
+# In a jax.distributed run every process executes the binary; only process 0
+# writes results, metrics, figures and config records (orbax checkpoints are
+# written collectively by all). Single process: always the writer.
+
+
+def is_main_process() -> bool:
+  """True unless this is a process other than 0 of a jax.distributed run."""
+  return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+def _sync_processes(name: str) -> None:
+  """Barrier so that files process 0 just wrote are visible to all."""
+  if jax.distributed.is_initialized() and jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+class PhaseStop(Exception):
+  """A stop injected at a phase boundary (`phase`): a deterministic kill."""
+
+
+STOP_ENV = "ATTNJAX_STOP_AT"
+_PHASE_COUNTS: Dict[str, int] = {}
+
+
+def phase(name: str) -> None:
+  """Marks a phase boundary; raises PhaseStop where $ATTNJAX_STOP_AT says.
+
+  ATTNJAX_STOP_AT=NAME[:K] stops the K-th time (default 1) boundary NAME is
+  reached in this process. Boundaries marked by this module and
+  experiments/sweep.py: "checkpoint" (after a checkpoint is written),
+  "eval" (a cell/run evaluated, its result not yet written), "cell" (after
+  a sweep cell's result file), "figure" (after one figure file, the others
+  not yet written). The resume tests kill every binary at each of them.
+  """
+  spec = os.environ.get(STOP_ENV, "")
+  if not spec:
+    return
+  want, _, k = spec.partition(":")
+  if want != name:
+    return
+  _PHASE_COUNTS[name] = _PHASE_COUNTS.get(name, 0) + 1
+  if _PHASE_COUNTS[name] == int(k or 1):
+    _PHASE_COUNTS.clear()
+    raise PhaseStop(f"stopped at phase {name!r} (#{int(k or 1)}) by "
+                    f"{STOP_ENV}={spec}; re-run to resume.")
+
+
+def reset_phases() -> None:
+  _PHASE_COUNTS.clear()
+
+
 def write_results(workdir: str, results: Dict[str, Any],
                   name: str = "results.json") -> str:
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, name)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(to_jsonable(results), f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  if is_main_process():
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(to_jsonable(results), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  _sync_processes("write_results:" + path)
   return path
 
 
@@ -73,6 +133,8 @@ class MetricsWriter:
     self.path = os.path.join(workdir, name)
 
   def resume_from(self, step: Optional[int]) -> None:
+    if not is_main_process():
+      return
     if not os.path.exists(self.path):
       return
     keep = []
@@ -88,6 +150,8 @@ class MetricsWriter:
       f.write("".join(l + "\n" for l in keep))
 
   def write(self, step: int, **scalars) -> None:
+    if not is_main_process():
+      return
     rec = {"step": int(step)}
     rec.update(to_jsonable(scalars))
     with open(self.path, "a") as f:
@@ -124,7 +188,7 @@ class Progress:
     msg = (f"[{self.desc}] {step}/{self.total} ({pct:5.1f}%) "
            f"{rate:.1f} it/s ETA {_fmt_time(eta)} {extra}")
     logging.info(msg)
-    if self.stream is not None:
+    if self.stream is not None and is_main_process():
       print(msg, file=self.stream, flush=True)
 
 
@@ -163,6 +227,7 @@ class Checkpointer:
     self.manager.save(int(step), args=self._ocp.args.StandardSave(state))
     if wait:
       self.manager.wait_until_finished()
+      phase("checkpoint")
 
   def restore_or(self, init_state: Any):
     """Returns (step, state): the latest checkpoint, or (0, init_state)."""
@@ -204,9 +269,13 @@ def nnx_load(modules, pure_states) -> None:
 def save_figure(fig, workdir: str, name: str) -> str:
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, name if name.endswith(".png") else name + ".png")
-  fig.savefig(path, dpi=110, bbox_inches="tight")
+  if is_main_process():
+    tmp = path[:-4] + ".tmp.png"
+  fig.savefig(tmp, dpi=110, bbox_inches="tight")
+  os.replace(tmp, path)             # a kill never leaves half a PNG
   import matplotlib.pyplot as plt
   plt.close(fig)
+  phase("figure")
   return path
 
 
@@ -259,8 +328,260 @@ def _flatten(d, prefix=""):
   return out
 
 
+# --- configs: presets, validation, field docs, comma-separated overrides ----
+
+def parse_preset(arg: Optional[str], presets: Sequence[str], *,
+                 modifiers: Sequence[str] = (),
+                 default: Optional[str] = None) -> Tuple[str, Tuple[str, ...]]:
+  """'vit,smoke' -> ('vit', ('smoke',)); refuses names it does not know.
+
+  The part before the first comma must be one of `presets` (empty: `default`,
+  else the first preset); the rest must be `modifiers`. An unknown name
+  raises a ValueError listing the allowed values (a typo such as
+  `:vit,smoek` must not silently run the full default).
+  """
+  parts = [p.strip() for p in (arg or "").split(",")]
+  base = parts[0] or default or presets[0]
+  if base not in presets:
+    raise ValueError(f"unknown preset {base!r}: choose one of "
+                     f"{', '.join(presets)}"
+                     + (f" (optionally followed by ,{'/,'.join(modifiers)})"
+                        if modifiers else "") + ".")
+  mods = tuple(p for p in parts[1:] if p)
+  bad = [m for m in mods if m not in modifiers]
+  if bad:
+    raise ValueError(
+        f"unknown preset modifier(s) {', '.join(map(repr, bad))} in "
+        f"{arg!r}: allowed after the preset: "
+        f"{', '.join(modifiers) if modifiers else 'none'}.")
+  return base, mods
+
+
+# Generic constraints, by field name (the last dotted component), applied to
+# every study config that has such a field. A config module may add or
+# override them with CONSTRAINTS = {name: kind} and restrict a field (or
+# every element of a list-valued field) to names with CHOICES = {name:
+# (allowed, ...)}. Kinds: "int>0", "int>=0", ">0", ">=0", "[0,1]", "(0,1)",
+# "ints>0" (a list of positive ints: "16,4,1" or a tuple), "ints>0*" (the
+# same, or empty).
+GENERIC_CONSTRAINTS = {
+    **{k: "int>0" for k in (
+        "steps", "batch_size", "chunk", "ckpt_every", "eval_every",
+        "eval_batch", "eval_chunk", "eval_samples", "log_every", "dim", "d",
+        "n", "L", "num_keys", "num_values", "num_heads", "num_pairs",
+        "num_layers", "num_repeats", "num_val", "num_test", "num_tasks",
+        "feature_batch", "width", "trials", "fixed_head_size", "image_size",
+        "in_chans", "num_classes", "kernel_grid")},
+    **{k: "int>=0" for k in ("stop_after_steps", "seed", "warmup",
+                             "warmup_steps", "mlp_dim")},
+    **{k: ">0" for k in ("lr", "qk_std")},
+    **{k: ">=0" for k in ("label_noise", "weight_decay", "label_smoothing",
+                          "sigma2", "grad_clip", "moh_balance_weight")},
+    "test_fraction": "(0,1)", "min_lr_ratio": "[0,1]",
+    **{k: "ints>0" for k in (
+        "ranks", "depths", "num_points", "heads", "head_sizes",
+        "sample_sizes", "eval_lengths", "estimator_lengths",
+        "reduced_lengths")},
+    "linear_heads": "ints>0*",
+}
+
+_KIND_TEXT = {"int>0": "an integer > 0", "int>=0": "an integer >= 0",
+              ">0": "a number > 0", ">=0": "a number >= 0",
+              "[0,1]": "a number in [0, 1]", "(0,1)": "a number in (0, 1)",
+              "ints>0": "one or more integers > 0, comma-separated",
+              "ints>0*": "integers > 0, comma-separated (may be empty)"}
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+  return (isinstance(v, (int, float, np.integer, np.floating))
+          and not isinstance(v, bool) and math.isfinite(float(v)))
+
+
+def _check_kind(kind: str, v) -> bool:
+  if kind in ("ints>0", "ints>0*"):
+    if kind == "ints>0*" and (v == "" or v == () or v == []):
+      return True
+    items = (v.split(",") if isinstance(v, str)
+             else list(v) if isinstance(v, (list, tuple)) else [v])
+    try:
+      vals = [int(str(x).strip()) if isinstance(x, str) else x for x in items]
+    except ValueError:
+      return False
+    return bool(vals) and all(_is_int(x) and x > 0 for x in vals)
+  if kind == "int>0":
+    return _is_int(v) and v > 0
+  if kind == "int>=0":
+    return _is_int(v) and v >= 0
+  if not _is_num(v):
+    return False
+  return {">0": v > 0, ">=0": v >= 0, "[0,1]": 0 <= v <= 1,
+          "(0,1)": 0 < v < 1}[kind]
+
+
+def validate_config(cfg, *, constraints=None, choices=None) -> None:
+  """Raises one ValueError naming every impossible field value.
+
+  `constraints` / `choices` extend GENERIC_CONSTRAINTS (see above); by
+  default they are the CONSTRAINTS / CHOICES of the config module that
+  `define_study_flags` loaded, if it defines them.
+  """
+  mod = _STUDY_CONFIG.get("module")
+  rules = dict(GENERIC_CONSTRAINTS)
+  rules.update(getattr(mod, "CONSTRAINTS", {}) if constraints is None
+               else constraints)
+  choices = getattr(mod, "CHOICES", {}) if choices is None else choices
+  flat = _flatten(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+  errors = []
+  for key, v in sorted(flat.items()):
+    leaf = key.split(".")[-1]
+    kind = rules.get(key, rules.get(leaf))
+    if kind is not None and not _check_kind(kind, v):
+      errors.append(f"config.{key} = {v!r}: must be {_KIND_TEXT[kind]}")
+    allowed = choices.get(key, choices.get(leaf))
+    if allowed is not None:
+      items = ([x.strip() for x in v.split(",")] if isinstance(v, str)
+               and isinstance(allowed[0], str) and "," in v
+               else list(v) if isinstance(v, (list, tuple)) else [v])
+      bad = [x for x in items if x not in allowed]
+      if bad or not items:
+        errors.append(f"config.{key} = {v!r}: "
+                      f"{', '.join(map(repr, bad)) or 'empty'} not allowed; "
+                      f"choose from {', '.join(map(str, allowed))}")
+  if errors:
+    raise ValueError("invalid config: " + "; ".join(errors) + ".")
+
+
+def _load_config_module(path: str):
+  spec = importlib.util.spec_from_file_location(
+      "_attnjax_study_config_" + os.path.basename(path)[:-3], path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def field_docs(config_path: str) -> Dict[str, str]:
+  """{"field" or "sub.field": one line of meaning} from a config's comments.
+
+  The meaning of `c.x = value  # text` is its trailing comment (with the
+  comment-only lines that continue it); a field without one takes the
+  comment block just above it. Written once, next to the field.
+  """
+  with open(config_path) as f:
+    src = f.read()
+  lines = src.splitlines()
+  comments = {}
+  for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+    if tok.type == tokenize.COMMENT:
+      comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip())
+  docs = {}
+  tree = ast.parse(src)
+  for node in ast.walk(tree):
+    if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
+      continue
+    t, parts = node.targets[0], []
+    while isinstance(t, ast.Attribute):
+      parts.append(t.attr)
+      t = t.value
+    if not (isinstance(t, ast.Name) and t.id == "c" and parts):
+      continue
+    key = ".".join(reversed(parts))
+    if key in docs:
+      continue
+    end = node.end_lineno
+    text = []
+    if end in comments and lines[end - 1][:comments[end][0]].strip():
+      col = comments[end][0]
+      text.append(comments[end][1])
+      ln = end + 1
+      while ln in comments and not lines[ln - 1][:comments[ln][0]].strip() \
+          and comments[ln][0] >= col - 2:
+        text.append(comments[ln][1])
+        ln += 1
+    else:
+      ln = node.lineno - 1
+      while (ln in comments and comments[ln][0] == node.col_offset
+             and not lines[ln - 1][:comments[ln][0]].strip()):
+        text.insert(0, comments[ln][1])
+        ln -= 1
+    doc = " ".join(" ".join(x for x in text if x).split())
+    if len(doc) > 110:                # one line: the first sentence, or cut
+      stop = doc.find(". ", 0, 110)
+      doc = doc[:stop + 1] if stop > 20 else doc[:107].rstrip() + "..."
+    if doc:
+      docs[key] = doc
+  return docs
+
+
+def describe_config(config_path: str) -> str:
+  """Presets and every field (default, meaning, per-preset values) of a
+  study config file, for `--helpfull`."""
+  mod = _load_config_module(config_path)
+  presets = list(getattr(mod, "PRESETS", ()))
+  mods = list(getattr(mod, "PRESET_MODIFIERS", ()))
+  default = mod.get_config()
+  flat = _flatten(to_jsonable(default.to_dict()))
+  per_preset = {}
+  for p in presets:
+    try:
+      per_preset[p] = _flatten(to_jsonable(mod.get_config(p).to_dict()))
+    except Exception:  # pylint: disable=broad-except
+      continue
+  docs = field_docs(config_path)
+  out = [f"Presets (--config={os.path.relpath(config_path)}:PRESET): "
+         + (", ".join(presets) if presets else "(none listed)")
+         + (f"; modifiers: ,{', ,'.join(mods)}" if mods else "")]
+  out.append("Fields (--config.FIELD=VALUE; lists comma-separated), "
+             "default = the default preset:")
+  for key in sorted(flat):
+    others = {p: v[key] for p, v in per_preset.items()
+              if key in v and v[key] != flat[key]}
+    line = f"  {key} = {flat[key]!r}: {docs.get(key, '')}".rstrip(": ")
+    if others and key != "preset":
+      line += " [" + ", ".join(f"{p}: {v!r}" for p, v in others.items()) + "]"
+    out.append(line)
+  return "\n".join(out)
+
+
+def _comma_tuple_parser():
+  """ml_collections' tuple parser, also taking `a,b` (`--config.targets=he1,he2`)."""
+  from ml_collections.config_flags import tuple_parser
+
+  class CommaTupleParser(tuple_parser.TupleParser):
+
+    def parse(self, argument):
+      if isinstance(argument, str):
+        try:
+          value = ast.literal_eval(argument)
+        except (ValueError, SyntaxError):
+          value = None
+        if isinstance(value, (tuple, list)):
+          return tuple(value)
+        if value is not None:
+          return (value,)
+        items = []
+        for x in argument.split(","):
+          x = x.strip()
+          if not x:
+            continue
+          try:
+            items.append(ast.literal_eval(x))
+          except (ValueError, SyntaxError):
+            items.append(x)
+        return tuple(items)
+      return super().parse(argument)
+
+  return CommaTupleParser()
+
+
+_STUDY_CONFIG: Dict[str, Any] = {}
+
+
 def guard_config(workdir: str, cfg, *, ignore=RESUME_SAFE_KEYS,
-                 name: str = "config.json") -> None:
+                 name: str = "config.json") -> bool:
   """Records the run's config in `workdir`, or refuses a different one.
 
   A workdir holds one run: resuming it under another config would silently
@@ -268,7 +589,13 @@ def guard_config(workdir: str, cfg, *, ignore=RESUME_SAFE_KEYS,
   call writes DIR/config.json; later calls compare against it and raise a
   ValueError naming every differing key (old -> new), except keys in
   `ignore` (they do not change the numbers).
+
+  The config is validated first (`validate_config`): a refused config
+  never writes the record. Returns True when this call wrote it (a new
+  run): `recorded_run` removes such a record again if the run fails before
+  it wrote anything, so the corrected command can use the same workdir.
   """
+  validate_config(cfg)
   cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
   new = _flatten(to_jsonable(cfg_dict))
   path = os.path.join(workdir, name)
@@ -284,12 +611,40 @@ def guard_config(workdir: str, cfg, *, ignore=RESUME_SAFE_KEYS,
           f"--workdir {workdir} holds a run with a different config ("
           + "; ".join(diffs) + "). Use a new --workdir, or delete this one, "
           "to start another run.")
-    return
+    return False
   os.makedirs(workdir, exist_ok=True)
+  if not is_main_process():
+    return False
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(new, f, indent=1, sort_keys=True)
   os.replace(tmp, path)
+  return True
+
+
+def _holds_work(workdir: str, record: str) -> bool:
+  for root, _, files in os.walk(workdir):
+    for f in files:
+      if os.path.join(root, f) != record and not f.endswith(".tmp"):
+        return True
+  return False
+
+
+@contextlib.contextmanager
+def recorded_run(workdir: str, cfg, **kw):
+  """`guard_config`, undone if the run fails before writing anything.
+
+  >>> with common.recorded_run(workdir, cfg):
+  ...   results = run(cfg, workdir)
+  """
+  created = guard_config(workdir, cfg, **kw)
+  record = os.path.join(workdir, kw.get("name", "config.json"))
+  try:
+    yield
+  except BaseException:
+    if created and not _holds_work(workdir, record):
+      os.remove(record)
+    raise
 
 
 def define_study_flags(config_file: str, preset: str = "default") -> None:
@@ -301,12 +656,15 @@ def define_study_flags(config_file: str, preset: str = "default") -> None:
   """
   from absl import flags
   from ml_collections import config_flags
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                      config_file)
+  _STUDY_CONFIG["path"] = path
+  _STUDY_CONFIG["module"] = _load_config_module(path)
+  config_flags.register_flag_parser_for_type(tuple, _comma_tuple_parser())
   flags.DEFINE_string("workdir", None, "Output directory.")
   config_flags.DEFINE_config_file(
-      "config",
-      os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                   f"{config_file}:{preset}"),
-      "Config file and preset (path:preset).")
+      "config", f"{path}:{preset}",
+      "Config file and preset (path:preset).\n" + describe_config(path))
 
 
 def run_study_main(run_study, stopped=()):
@@ -324,10 +682,13 @@ def run_study_main(run_study, stopped=()):
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
   workdir = flags.FLAGS.workdir
-  os.makedirs(workdir, exist_ok=True)
-  guard_config(workdir, flags.FLAGS.config)
+  # Multi-process (JAX_COORDINATOR_ADDRESS, SLURM, TPU pod, ...): join the
+  # run before any JAX work; a no-op on one process.
+  from experiments import sharding
+  sharding.maybe_initialize_distributed()
   try:
-    res = run_study(flags.FLAGS.config, workdir)
+    with recorded_run(workdir, flags.FLAGS.config):
+      res = run_study(flags.FLAGS.config, workdir)
   except tuple(stopped) as e:  # pylint: disable=catching-non-exception
     logging.warning("%s", e)
     print(str(e), flush=True)

@@ -91,6 +91,17 @@ class Cell:
   info: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def _final_loss(metrics, cell: str, step: int) -> float:
+  """The loss logged for `cell` at its final step (metrics.jsonl)."""
+  for rec in reversed(metrics.read()):
+    if rec.get("cell") == cell and rec.get("cell_step") == step:
+      return float(rec["loss"])
+  raise RuntimeError(
+      f"cell {cell}: its final checkpoint (step {step}) exists but "
+      f"{metrics.path} has no loss for that step; delete "
+      f"checkpoints/{cell} to retrain the cell.")
+
+
 def _cell_file(workdir: str, name: str) -> str:
   return os.path.join(workdir, "cells", name + ".json")
 
@@ -213,6 +224,7 @@ def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
     metrics.resume_from(offset + step)
 
     t0 = time.time()
+    loss = None
     while step < c.steps:
       params, opt, loss = run_chunk(params, opt, step)
       step += chunk
@@ -228,8 +240,13 @@ def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
         raise Stopped(f"stopped after {trained} steps in this run "
                       f"(cell {c.name} at step {step}); re-run to resume.")
     ckpt.close()
+    if loss is None:
+      # Killed after the cell's final checkpoint, before its result file:
+      # nothing left to train; the last chunk's loss is in metrics.jsonl.
+      loss = _final_loss(metrics, c.name, step)
     res = {k: float(v) for k, v in
            c.eval_fn(nnx.merge(graphdef, params, rest)).items()}
+    common.phase("eval")
     res.update(c.info)
     res["train_loss_final"] = loss
     res["train_time_s"] = time.time() - t0
@@ -237,6 +254,7 @@ def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
                          name=os.path.basename(path))
     results[c.name] = common.read_results(os.path.dirname(path),
                                           os.path.basename(path))
+    common.phase("cell")
     offset += c.steps
   return results
 

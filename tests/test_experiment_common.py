@@ -45,3 +45,176 @@ def test_refuses_a_different_config_naming_the_keys(tmp_path):
     common.guard_config(str(tmp_path), c)
   # The record is not overwritten by a refused config.
   assert json.loads((tmp_path / "config.json").read_text())["lr"] == 1e-3
+
+
+# --- config mechanism: presets, validation, docs, comma overrides ----------
+
+import glob
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(
+    ROOT, "experiments", "configs", "*.py")) if not p.endswith("__init__.py"))
+
+
+def test_parse_preset_refuses_unknown_names_listing_the_allowed_ones():
+  assert common.parse_preset("vit,smoke", ("vit", "swin"),
+                             modifiers=("smoke",)) == ("vit", ("smoke",))
+  assert common.parse_preset("", ("default", "tiny")) == ("default", ())
+  with pytest.raises(ValueError, match=r"'smoek'.*allowed after the preset: "
+                                       r"smoke"):
+    common.parse_preset("vit,smoek", ("vit", "swin"), modifiers=("smoke",))
+  with pytest.raises(ValueError, match=r"unknown preset 'vti': choose one of "
+                                       r"vit, swin"):
+    common.parse_preset("vti", ("vit", "swin"))
+  with pytest.raises(ValueError, match="allowed after the preset: none"):
+    common.parse_preset("tiny,fast", ("default", "tiny"))
+
+
+def test_vision_config_refuses_a_misspelt_modifier():
+  from experiments.configs import vision_classify as vcfg
+  assert vcfg.get_config("vit,smoke").steps == 20
+  with pytest.raises(ValueError, match="smoek"):
+    vcfg.get_config("vit,smoek")
+  with pytest.raises(ValueError, match="choose one of .*swin"):
+    vcfg.get_config("vitt")
+
+
+def _presets(mod):
+  return list(getattr(mod, "PRESETS", ())) or ["default"]
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_every_preset_of_every_study_config_is_valid_and_listed(path):
+  mod = common._load_config_module(path)
+  assert getattr(mod, "PRESETS", None), f"{path}: no PRESETS tuple"
+  for p in _presets(mod):
+    common.validate_config(mod.get_config(p),
+                           constraints=getattr(mod, "CONSTRAINTS", {}),
+                           choices=getattr(mod, "CHOICES", {}))
+  text = common.describe_config(path)
+  flat = common._flatten(common.to_jsonable(mod.get_config().to_dict()))
+  for key, v in flat.items():
+    assert f"  {key} = {v!r}" in text, key
+  for p in _presets(mod):
+    assert p in text.splitlines()[0]
+
+
+def test_impossible_values_are_refused_naming_field_and_allowed_values():
+  c = _cfg(steps=-10, batch_size=0, heads="2,0", lr=0.0, seed=1)
+  c.model.heads = 0
+  with pytest.raises(ValueError) as e:
+    common.validate_config(c, constraints={}, choices={"mesh": ("data:1",)})
+  msg = str(e.value)
+  for part in ("config.steps = -10: must be an integer > 0",
+               "config.batch_size = 0: must be an integer > 0",
+               "config.heads = '2,0': must be one or more integers > 0",
+               "config.lr = 0.0: must be a number > 0",
+               "config.model.heads = 0: must be one or more integers > 0"):
+    assert part in msg, (part, msg)
+  assert "seed" not in msg and "width" not in msg
+  c = _cfg(mesh="data:2")
+  with pytest.raises(ValueError, match="'data:2' not allowed; choose from "
+                                       "data:1"):
+    common.validate_config(c, constraints={}, choices={"mesh": ("data:1",)})
+  common.validate_config(_cfg(), constraints={}, choices={})
+  # Per-config constraints override the generic ones.
+  common.validate_config(_cfg(steps=0), constraints={"steps": "int>=0"},
+                         choices={})
+
+
+def test_guard_config_validates_before_recording(tmp_path):
+  bad = _cfg(steps=-10)
+  with pytest.raises(ValueError, match="config.steps = -10"):
+    common.guard_config(str(tmp_path), bad)
+  assert not (tmp_path / "config.json").exists()
+  # The corrected command then owns the workdir.
+  assert common.guard_config(str(tmp_path), _cfg(steps=10)) is True
+  assert common.guard_config(str(tmp_path), _cfg(steps=10)) is False
+
+
+def test_recorded_run_records_only_a_run_that_started(tmp_path):
+  wd = str(tmp_path / "a")
+  with pytest.raises(RuntimeError):
+    with common.recorded_run(wd, _cfg(steps=5)):
+      raise RuntimeError("failed before writing anything (e.g. a bad mesh)")
+  assert not os.path.exists(os.path.join(wd, "config.json"))
+  common.guard_config(wd, _cfg(steps=7))            # another config is fine
+  wd = str(tmp_path / "b")
+  with pytest.raises(RuntimeError):
+    with common.recorded_run(wd, _cfg(steps=5)):
+      common.MetricsWriter(wd).write(1, loss=1.0)
+      raise RuntimeError("killed after some work")
+  assert os.path.exists(os.path.join(wd, "config.json"))  # resumable record
+  with pytest.raises(ValueError, match="steps: 5 -> 7"):
+    common.guard_config(wd, _cfg(steps=7))
+
+
+def test_field_docs_come_from_the_comments_next_to_the_fields(tmp_path):
+  p = tmp_path / "cfg.py"
+  p.write_text(
+      "import ml_collections\n"
+      "PRESETS = ('default', 'big')\n"
+      "def get_config(preset='default'):\n"
+      "  c = ml_collections.ConfigDict()\n"
+      "  c.steps = 10        # training steps\n"
+      "                      # (continued)\n"
+      "  # Devices: a mesh string.\n"
+      "  c.mesh = 'data:1'\n"
+      "  c.sub = ml_collections.ConfigDict()\n"
+      "  c.sub.lr = 0.1      # sub learning rate\n"
+      "  c.undocumented = 3\n"
+      "  if preset == 'big':\n"
+      "    c.steps = 99      # not the doc\n"
+      "  return c\n")
+  assert common.field_docs(str(p)) == {
+      "steps": "training steps (continued)", "mesh": "Devices: a mesh string.",
+      "sub.lr": "sub learning rate"}
+  text = common.describe_config(str(p))
+  assert "default, big" in text.splitlines()[0]
+  assert "  steps = 10: training steps (continued) [big: 99]" in text
+  assert "  sub.lr = 0.1: sub learning rate" in text
+  assert "  undocumented = 3" in text
+
+
+def _parse_config_flags(config_file, preset, override):
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.register_flag_parser_for_type(tuple,
+                                             common._comma_tuple_parser())
+  fv = flags.FlagValues()
+  argv = ["prog", f"--config={config_file}:{preset}", override]
+  config_flags.DEFINE_config_file("config", f"{config_file}:{preset}",
+                                  flag_values=fv, sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def _list_fields(cfg):
+  flat = common._flatten(cfg.to_dict())
+  return {k: v for k, v in flat.items()
+          if isinstance(v, (tuple, list)) or (
+              isinstance(v, str) and "," in v)}
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_comma_separated_overrides_work_for_every_list_field(path):
+  mod = common._load_config_module(path)
+  fields = _list_fields(mod.get_config(_presets(mod)[0]))
+  for key, v in fields.items():
+    items = (list(v) if isinstance(v, (tuple, list)) else v.split(","))[:2]
+    arg = ",".join(str(x) for x in items)
+    got = _parse_config_flags(path, _presets(mod)[0], f"--config.{key}={arg}")
+    for part in key.split("."):
+      got = got[part]
+    want = tuple(items) if isinstance(v, (tuple, list)) else arg
+    assert got == want, (key, got, want)
+
+
+def test_comma_tuple_parser_keeps_python_literals():
+  parse = common._comma_tuple_parser().parse
+  assert parse("he1,he2") == ("he1", "he2")
+  assert parse("32,64") == (32, 64)
+  assert parse("('a', 'b')") == ("a", "b")
+  assert parse("he3") == ("he3",)
+  assert parse("1e-3,1.0") == (1e-3, 1.0)

@@ -14,8 +14,20 @@ Presets:
 
 import ml_collections
 
+PRESETS = ("default", "paper", "tiny")
+# Allowed names (experiments.common.validate_config checks them).
+CHOICES = {
+    "targets": ("key_linear", "he1", "he2", "he3", "he4", "bilinear_sq"),
+    "models": ("rfa_zero", "rfa_identity", "rf_mlp"),
+    "nonlinearity": ("relu", "softmax"),
+}
+
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
+  preset = preset or "default"
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}: choose one of "
+                     f"{', '.join(PRESETS)}.")
   c = ml_collections.ConfigDict()
   c.preset = preset
   c.seed = 0

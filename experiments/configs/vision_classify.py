@@ -38,10 +38,17 @@ the same final numbers as an uninterrupted run.
 
 import ml_collections
 
+from attnjax.models.vision import model_names
+
+PRESETS = tuple(model_names())      # the config argument is the model name
+PRESET_MODIFIERS = ("smoke",)       # ",smoke": seconds-long run (tests)
+
 
 def get_config(arg: str = "vit") -> ml_collections.ConfigDict:
-  parts = (arg or "vit").split(",")
-  model, smoke = parts[0] or "vit", "smoke" in parts[1:]
+  from experiments.common import parse_preset
+  model, mods = parse_preset(arg, PRESETS, modifiers=PRESET_MODIFIERS,
+                             default="vit")
+  smoke = "smoke" in mods
   c = ml_collections.ConfigDict()
   c.model = model
   c.preset = "tiny"
