@@ -687,6 +687,10 @@ def run_study_main(run_study, stopped=()):
   from experiments import sharding
   sharding.maybe_initialize_distributed()
   try:
+    validate_config(flags.FLAGS.config)
+  except ValueError as e:             # a clean message, no traceback
+    raise app.UsageError(str(e)) from None
+  try:
     with recorded_run(workdir, flags.FLAGS.config):
       res = run_study(flags.FLAGS.config, workdir)
   except tuple(stopped) as e:  # pylint: disable=catching-non-exception

@@ -218,3 +218,67 @@ def test_comma_tuple_parser_keeps_python_literals():
   assert parse("('a', 'b')") == ("a", "b")
   assert parse("he3") == ("he3",)
   assert parse("1e-3,1.0") == (1e-3, 1.0)
+
+
+# --- kills at every phase boundary of a sweep (experiments/sweep.py) --------
+
+def _cells():
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from experiments import sweep
+  w_true = jnp.array([[1.5], [-2.0]])
+
+  def batch_fn(key):
+    x = jax.random.normal(key, (8, 2))
+    return x, x @ w_true
+
+  def loss_fn(model, batch):
+    x, y = batch
+    return jnp.mean((model(x) - y) ** 2)
+
+  xe = jax.random.normal(jax.random.key(99), (64, 2))
+
+  def eval_fn(model):
+    return {"mse": jnp.mean((model(xe) - xe @ w_true) ** 2)}
+
+  return [sweep.Cell(name=f"c{i}", seed=i, steps=20, lr=0.05,
+                     make_model=lambda i=i: nnx.Linear(2, 1,
+                                                       rngs=nnx.Rngs(i)),
+                     loss_fn=loss_fn, batch_fn=batch_fn, eval_fn=eval_fn,
+                     info={"i": i})
+          for i in range(2)]
+
+
+def _train(wd, **kw):
+  from experiments import sweep
+  res = sweep.train_cells(str(wd), _cells(), chunk=5, ckpt_every=10, **kw)
+  return {c: {k: v for k, v in r.items() if k != "train_time_s"}
+          for c, r in res.items()}
+
+
+def test_sweep_resumes_identically_after_a_kill_at_every_phase_boundary(
+    tmp_path, monkeypatch):
+  from experiments import sweep
+  want = _train(tmp_path / "ref")
+  # checkpoint:2 / :4 are each cell's final checkpoint (the cell killed
+  # before its result file: UnboundLocalError 'loss' on re-run, before).
+  stops = ["checkpoint:2", "checkpoint:3", "eval:1", "cell:1"]
+  for spec in stops:
+    wd = tmp_path / spec.replace(":", "_")
+    monkeypatch.setenv(common.STOP_ENV, spec)
+    common.reset_phases()
+    with pytest.raises(common.PhaseStop, match=spec.split(":")[0]):
+      _train(wd)
+    monkeypatch.delenv(common.STOP_ENV)
+    assert _train(wd) == want, spec
+  # A finished workdir re-runs to the same numbers without training.
+  assert _train(wd) == want
+  # The repro: stop_after_steps equal to a cell's length stops right
+  # after its final checkpoint; running the same command again finishes.
+  wd = tmp_path / "stop_after"
+  with pytest.raises(sweep.Stopped):
+    _train(wd, stop_after_steps=20)
+  with pytest.raises(sweep.Stopped):
+    _train(wd, stop_after_steps=20)   # trains cell c1 (c0 only evaluated)
+  assert _train(wd, stop_after_steps=20) == want
