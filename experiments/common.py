@@ -192,6 +192,25 @@ class Progress:
       print(msg, file=self.stream, flush=True)
 
 
+def ordered_timings(measure, *, retries: int = 3):
+  """Times a (part, whole) pair whose whole must take longer than its part.
+
+  `measure()` -> (t_part, t_whole), e.g. (forward, forward + backward). A
+  whole measured no slower than its part is impossible: it means the
+  difference is below the timing noise. Re-measures up to `retries` times
+  while that happens and returns (t_part, t_whole, below_noise), keeping the
+  last measurement; below_noise=True marks a pair whose ordering never
+  became possible, to be reported as "below the noise floor", not as a
+  result.
+  """
+  t_part, t_whole = measure()
+  for _ in range(retries):
+    if t_whole > t_part:
+      break
+    t_part, t_whole = measure()
+  return t_part, t_whole, not t_whole > t_part
+
+
 def _fmt_time(sec: float) -> str:
   if not math.isfinite(sec):
     return "?"

@@ -282,3 +282,41 @@ def test_sweep_resumes_identically_after_a_kill_at_every_phase_boundary(
   with pytest.raises(sweep.Stopped):
     _train(wd, stop_after_steps=20)   # trains cell c1 (c0 only evaluated)
   assert _train(wd, stop_after_steps=20) == want
+
+
+# --- benchmarks: impossible orderings and argument errors -------------------
+
+def test_ordered_timings_retimes_then_flags_an_impossible_ordering():
+  seq = iter([(2.0, 1.0), (2.0, 1.5), (1.0, 3.0)])
+  assert common.ordered_timings(lambda: next(seq)) == (1.0, 3.0, False)
+  calls = []
+
+  def never():
+    calls.append(1)
+    return 2.0, 2.0               # fwd+bwd never slower than fwd
+  assert common.ordered_timings(never, retries=3) == (2.0, 2.0, True)
+  assert len(calls) == 4
+  assert common.ordered_timings(lambda: (1.0, 2.0)) == (1.0, 2.0, False)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--methods=dense,nosuch"],
+     "--methods: unknown 'nosuch'; choose from dense,ring,ring_zigzag,"
+     "ring_striped,ring_contiguous,ulysses,ulysses_causal."),
+    (["--devices=3"],
+     "--devices: 3 cannot shard the sequence (--seq_len=2048 must be "
+     "divisible by each device count); with 8 devices choose from 1,2,4,8."),
+    (["--modes=fwd,back"], "--modes: unknown 'back'; choose from fwd,fwd_bwd."),
+])
+def test_bench_distributed_argument_errors_list_the_choices(tmp_path, args,
+                                                            message):
+  import subprocess
+  import sys
+  r = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_distributed",
+       f"--workdir={tmp_path}", *args], cwd=ROOT, capture_output=True,
+      text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode != 0
+  assert message in r.stderr + r.stdout, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
+  assert not (tmp_path / "results.json").exists()
