@@ -6,9 +6,12 @@ reading a traceback knows which array to fix.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_rank(name: str, x, ranks: Sequence[int]) -> None:
@@ -35,6 +38,23 @@ def check_broadcastable(name: str, x, target: Sequence[int], *,
     if s != 1 and s != t:
       raise ValueError(
           f"`{name}` with shape {shape} is not broadcastable to {what}={target}.")
+
+
+def as_array(name: str, x):
+  """jax/NumPy arrays pass through; Python lists/tuples/scalars are converted
+  with jnp.asarray; anything else raises TypeError naming `name`."""
+  if isinstance(x, (jax.Array, np.ndarray)) or hasattr(x, "__jax_array__"):
+    return x
+  if isinstance(x, (list, tuple, int, float, np.generic)) and not isinstance(
+      x, (bool, np.bool_)):
+    try:
+      return jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+      raise TypeError(
+          f"`{name}` must be an array (or a nested list of numbers), could "
+          f"not convert it: {e}") from None
+  raise TypeError(
+      f"`{name}` must be an array, got {type(x).__name__}.")
 
 
 def check_qkv(query, key, value, *, allow_unbatched: bool = True,
@@ -87,23 +107,89 @@ def check_qkv(query, key, value, *, allow_unbatched: bool = True,
   return b, t, n, s, kh, h, hv
 
 
-def normalize_window(local_window_size):
-  """int w -> (w, w); (left, right) kept; None -> None. Validates values."""
+def is_int(x) -> bool:
+  """True for Python/NumPy/JAX integer scalars (not bools, not floats)."""
+  if isinstance(x, (bool, np.bool_)):
+    return False
+  if isinstance(x, (int, np.integer)):
+    return True
+  shape = getattr(x, "shape", None)
+  dtype = getattr(x, "dtype", None)
+  return (shape == () and dtype is not None
+          and jnp.issubdtype(dtype, jnp.integer)
+          and not isinstance(x, jax.core.Tracer))
+
+
+def check_int(name: str, x, *, min_value=None, allow_none: bool = False):
+  """An integer scalar (Python, NumPy or concrete JAX) -> Python int.
+
+  Floats (even 2.0), bools and strings raise TypeError naming `name`; values
+  below `min_value` raise ValueError.
+  """
+  if x is None and allow_none:
+    return None
+  if not is_int(x):
+    raise TypeError(
+        f"`{name}` must be an integer, got {x!r} ({type(x).__name__}).")
+  v = int(x)
+  if min_value is not None and v < min_value:
+    raise ValueError(f"`{name}` must be >= {min_value}, got {v}.")
+  return v
+
+
+def check_rate(name: str, x) -> float:
+  """A probability in [0, 1) (dropout rates) -> float; else ValueError."""
+  try:
+    v = float(x)
+  except (TypeError, ValueError):
+    raise TypeError(f"`{name}` must be a number in [0, 1), got {x!r}.") from None
+  if not 0.0 <= v < 1.0:   # also refuses nan
+    raise ValueError(f"`{name}` must be in [0, 1), got {x!r}.")
+  return v
+
+
+def check_scale(name: str, scale):
+  """None or a finite real number -> float (or None); else ValueError."""
+  if scale is None:
+    return None
+  if isinstance(scale, jax.core.Tracer):
+    raise TypeError(
+        f"`{name}` must be a concrete Python/NumPy number, not a traced value.")
+  try:
+    v = float(scale)
+  except (TypeError, ValueError):
+    raise TypeError(f"`{name}` must be a real number, got {scale!r}.") from None
+  if not math.isfinite(v):
+    raise ValueError(f"`{name}` must be finite, got {scale!r}.")
+  return v
+
+
+def normalize_window(local_window_size, name: str = "local_window_size"):
+  """int w -> (w, w); (left, right) kept; None -> None. Validates values.
+
+  Integers may be Python, NumPy or concrete JAX scalars; floats (scalar or in
+  the pair) and bools are refused rather than truncated.
+  """
   if local_window_size is None:
     return None
-  if isinstance(local_window_size, int):
+  if is_int(local_window_size):
     left = right = local_window_size
   else:
     try:
       left, right = local_window_size
     except (TypeError, ValueError):
       raise ValueError(
-          "`local_window_size` must be an int or a (left, right) pair, got "
+          f"`{name}` must be an int or a (left, right) pair of ints, got "
           f"{local_window_size!r}.") from None
+    if not (is_int(left) and is_int(right)):
+      raise ValueError(
+          f"`{name}` must be an int or a (left, right) pair of ints, got "
+          f"{local_window_size!r}.")
+  left, right = int(left), int(right)
   if left < 0 or right < 0:
     raise ValueError(
-        f"`local_window_size` must be non-negative, got {local_window_size!r}.")
-  return int(left), int(right)
+        f"`{name}` must be non-negative, got {local_window_size!r}.")
+  return left, right
 
 
 def check_implementation(implementation, mechanism: str,

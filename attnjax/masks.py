@@ -11,16 +11,19 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-from attnjax._checks import normalize_window
+from attnjax._checks import check_int, normalize_window
 
 Window = Union[int, Tuple[int, int]]
 
 
 def _positions(q_len: int, kv_len: int, offset: int):
-  if q_len < 0 or kv_len < 0:
-    raise ValueError(f"`q_len`/`kv_len` must be >= 0, got {q_len}, {kv_len}.")
+  q_len = check_int("q_len", q_len, min_value=0)
+  kv_len = check_int("kv_len", kv_len, min_value=0)
+  offset = check_int("offset", offset)
   qi = jnp.arange(q_len, dtype=jnp.int32)[:, None] + offset
   kj = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
   return qi, kj
@@ -47,6 +50,22 @@ def local_window_mask(q_len: int, kv_len: Optional[int], window: Window, *,
   return (kj >= qi - left) & (kj <= qi + right)
 
 
+def _check_lengths(name, x):
+  """None, or an integer array of shape [batch]; concrete values must be
+  >= 0. Fractional (float) lengths raise instead of being truncated."""
+  if x is None:
+    return None
+  x = jnp.asarray(x)
+  if x.ndim != 1:
+    raise ValueError(f"`{name}` must have shape [batch], got {x.shape}.")
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(
+        f"`{name}` must be an integer array, got dtype {x.dtype}.")
+  if not isinstance(x, jax.core.Tracer) and x.size and int(jnp.min(x)) < 0:
+    raise ValueError(f"`{name}` must be >= 0, got {np.asarray(x)}.")
+  return x
+
+
 def padding_mask(q_len: int, kv_len: int, *,
                  q_lengths=None, kv_lengths=None) -> jnp.ndarray:
   """[B, 1, T, S] mask of valid (non-padded) query/key positions.
@@ -56,9 +75,10 @@ def padding_mask(q_len: int, kv_len: int, *,
   """
   if q_lengths is None and kv_lengths is None:
     raise ValueError("padding_mask needs `q_lengths` and/or `kv_lengths`.")
-  for name, x in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)):
-    if x is not None and jnp.ndim(x) != 1:
-      raise ValueError(f"`{name}` must have shape [batch], got {jnp.shape(x)}.")
+  q_len = check_int("q_len", q_len, min_value=0)
+  kv_len = check_int("kv_len", kv_len, min_value=0)
+  q_lengths = _check_lengths("q_lengths", q_lengths)
+  kv_lengths = _check_lengths("kv_lengths", kv_lengths)
   m = jnp.ones((1, 1, q_len, kv_len), dtype=bool)
   if q_lengths is not None:
     q_valid = jnp.arange(q_len)[None, :] < jnp.asarray(q_lengths)[:, None]
@@ -100,8 +120,10 @@ def block_mask(layout, block_q: int, block_k: int, q_len: Optional[int] = None,
   if layout.ndim < 2:
     raise ValueError(
         f"`layout` must have shape [..., nq_blocks, nk_blocks], got {layout.shape}.")
-  if block_q <= 0 or block_k <= 0:
-    raise ValueError(f"block sizes must be positive, got ({block_q}, {block_k}).")
+  block_q = check_int("block_q", block_q, min_value=1)
+  block_k = check_int("block_k", block_k, min_value=1)
+  q_len = check_int("q_len", q_len, min_value=0, allow_none=True)
+  kv_len = check_int("kv_len", kv_len, min_value=0, allow_none=True)
   nqb, nkb = layout.shape[-2:]
   q_len = nqb * block_q if q_len is None else q_len
   kv_len = nkb * block_k if kv_len is None else kv_len
@@ -114,26 +136,28 @@ def block_mask(layout, block_q: int, block_k: int, q_len: Optional[int] = None,
   return m[..., :q_len, :kv_len]
 
 
-def and_masks(*masks) -> Optional[jnp.ndarray]:
-  """Logical AND of masks (None entries are ignored), with broadcasting."""
+def _combine(op, masks):
+  masks = [jnp.asarray(m, dtype=bool) for m in masks if m is not None]
+  if not masks:
+    return None
+  # Left-pad ranks explicitly (numpy broadcasting, right-aligned), so this
+  # also works under jax_numpy_rank_promotion='raise'.
+  rank = max(m.ndim for m in masks)
   out = None
   for m in masks:
-    if m is None:
-      continue
-    m = jnp.asarray(m, dtype=bool)
-    out = m if out is None else (out & m)
+    m = m.reshape((1,) * (rank - m.ndim) + m.shape)
+    out = m if out is None else op(out, m)
   return out
+
+
+def and_masks(*masks) -> Optional[jnp.ndarray]:
+  """Logical AND of masks (None entries are ignored), with broadcasting."""
+  return _combine(jnp.logical_and, masks)
 
 
 def or_masks(*masks) -> Optional[jnp.ndarray]:
   """Logical OR of masks (None entries are ignored), with broadcasting."""
-  out = None
-  for m in masks:
-    if m is None:
-      continue
-    m = jnp.asarray(m, dtype=bool)
-    out = m if out is None else (out | m)
-  return out
+  return _combine(jnp.logical_or, masks)
 
 
 def as_4d(mask) -> Optional[jnp.ndarray]:

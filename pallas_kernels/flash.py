@@ -40,6 +40,7 @@ from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -348,7 +349,10 @@ def _fwd_kernel(*refs, cfg, flags, s_pad):
   has = l > 0.0
   l_safe = jnp.where(has, l, 1.0)
   o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(has, m + jnp.log(l_safe), -jnp.inf)
+  # Empty rows: the finite sentinel _NEG (no inf inside the kernels, so
+  # jax.debug_infs holds); _flash_entry turns it into -inf for callers that
+  # ask for the lse.
+  lse_ref[...] = jnp.where(has, m + jnp.log(l_safe), _NEG)
 
 
 def _dq_kernel(*refs, cfg, flags, s_pad):
@@ -364,7 +368,7 @@ def _dq_kernel(*refs, cfg, flags, s_pad):
   q = r["q"][...]
   do = do_ref[...]
   lse = lse_ref[...]
-  lse = jnp.where(lse == -jnp.inf, 0.0, lse)
+  lse = jnp.where(lse == _NEG, 0.0, lse)
   delta = delta_ref[...]
   qseg_t = None if qseg_ref is None else qseg_ref[...]
   nk_valid = cdiv(cfg.kv_len, bk)
@@ -429,7 +433,7 @@ def _dkv_kernel(*refs, cfg, flags, s_pad, nq):
     q = r["q"][sl, :]
     do = do_ref[sl, :]
     lse = lse_ref[sl, :]
-    lse = jnp.where(lse == -jnp.inf, 0.0, lse)
+    lse = jnp.where(lse == _NEG, 0.0, lse)
     delta = delta_ref[sl, :]
     s, valid = _scores(
         cfg, q, k, start, j * bk,
@@ -691,18 +695,60 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # Public entry points
 # ----------------------------------------------------------------------------
 
+def _is_int(x) -> bool:
+  """Python / NumPy / concrete JAX integer scalar (not bool, not float)."""
+  if isinstance(x, (bool, np.bool_)):
+    return False
+  if isinstance(x, (int, np.integer)):
+    return True
+  return (getattr(x, "shape", None) == () and not isinstance(x, jax.core.Tracer)
+          and jnp.issubdtype(getattr(x, "dtype", jnp.float32), jnp.integer))
+
+
 def _normalize_window(local_window_size):
   if local_window_size is None:
     return None
-  if isinstance(local_window_size, int):
+  if _is_int(local_window_size):
     w = (local_window_size, local_window_size)
   else:
-    w = tuple(local_window_size)
-  if len(w) != 2 or any((not isinstance(x, int)) or x < 0 for x in w):
+    try:
+      w = tuple(local_window_size)
+    except TypeError:
+      w = ()
+  if len(w) != 2 or any((not _is_int(x)) or int(x) < 0 for x in w):
     raise ValueError(
         "`local_window_size` must be an int >= 0 or a (left, right) pair of "
         f"ints >= 0, got {local_window_size!r}.")
-  return w
+  return int(w[0]), int(w[1])
+
+
+def _kv_live(mask, q_segment_ids, kv_segment_ids, right, t, s, n, nkv):
+  """Bool [B|1, S, K|1, 1]: False at key slots no query can attend (a mask
+  column False for every query of the kv head's group, a kv segment id no
+  query carries, keys right of every query's causal/window reach); None if
+  none is ruled out. Those slots of k and v are zeroed before the kernels,
+  so whatever they hold (NaN, Inf) reaches no output and no gradient."""
+  parts = []
+  if mask is not None and mask.shape[3] != 1:
+    mb, mn = mask.shape[0], mask.shape[1]
+    col = jnp.any(mask, axis=2)
+    if mn != 1 and n != nkv:
+      col = jnp.any(col.reshape(mb, nkv, n // nkv, s), axis=2)
+    parts.append(jnp.swapaxes(col, 1, 2)[..., None])
+  if q_segment_ids is not None:
+    def one(q, kv):
+      qs = jnp.sort(q)
+      idx = jnp.clip(jnp.searchsorted(qs, kv), 0, qs.shape[0] - 1)
+      return qs[idx] == kv
+    live = jax.vmap(one)(q_segment_ids, kv_segment_ids)
+    parts.append(live[:, :, None, None])
+  if math.isfinite(right) and t - 1 + right < s - 1:
+    j = jnp.arange(s, dtype=jnp.int32)
+    parts.append((j <= t - 1 + int(right)).reshape(1, s, 1, 1))
+  out = None
+  for p in parts:
+    out = p if out is None else jnp.logical_and(out, p)
+  return out
 
 
 def _as4d(name, x, target):
@@ -756,15 +802,30 @@ def _pad_head_dims(cfg) -> bool:
 def _flash_entry(query, key, value, *, bias, mask, is_causal, scale,
                  local_window_size, q_segment_ids, kv_segment_ids,
                  block_sizes, interpret, heads_major, tables=None,
-                 tile_sizes=None):
-  """Shared by flash_attention and block_sparse_attention."""
+                 tile_sizes=None, need_lse=True):
+  """Shared by flash_attention and block_sparse_attention.
+
+  Returns (out, lse); lse is -inf on rows with nothing to attend to, or None
+  when not `need_lse` (then no inf is produced anywhere).
+  """
   b, t, n, s, nkv, h, hv = check_inputs(query, key, value)
+  if scale is not None:
+    if isinstance(scale, jax.core.Tracer) or not math.isfinite(float(scale)):
+      raise ValueError(f"`scale` must be a finite number, got {scale!r}.")
   if scale is None:
-    scale = 1.0 / math.sqrt(h)
+    scale = 1.0 / math.sqrt(h) if h else 1.0
   window = _normalize_window(local_window_size)
+  if window is not None:
+    # Reaches past t + s are unbounded in effect: cap them (int32-safe).
+    window = (min(window[0], t + s), min(window[1], t + s))
   left, right = (math.inf, math.inf) if window is None else map(float, window)
   if is_causal:
     right = min(right, 0.0)
+  if 0 in (b, t, n, s, h, hv):
+    # Empty batch / sequences / heads: the result is fully determined.
+    out = jnp.zeros((b, t, n, hv), query.dtype)
+    lse = jnp.full((b, n, t), -jnp.inf, jnp.float32) if need_lse else None
+    return out, lse
   interpret = resolve_interpret(interpret)
   if heads_major is None:
     heads_major = interpret or target_platform() != "gpu"
@@ -826,6 +887,13 @@ def _flash_entry(query, key, value, *, bias, mask, is_causal, scale,
                    constant_values=_Q_PAD)[:, :, None]
     kvseg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, sp - s)),
                     constant_values=_KV_PAD)[:, None, :]
+  live = _kv_live(
+      None if mask is None else mask[:, :, :t, :s] != 0,
+      None if qseg is None else qseg[:, :t, 0],
+      None if kvseg is None else kvseg[:, 0, :s], right, t, s, n, nkv)
+  if live is not None:
+    key = jnp.where(live, key, jnp.zeros((), key.dtype))
+    value = jnp.where(live, value, jnp.zeros((), value.dtype))
   kv_tables, q_tables = (None, None) if tables is None else tables
   if _pad_head_dims(cfg):
     # The Triton lowering needs power-of-two (>= 16) array dims: zero-pad
@@ -837,6 +905,7 @@ def _flash_entry(query, key, value, *, bias, mask, is_causal, scale,
     query, key, value = pad_h(query, hp), pad_h(key, hp), pad_h(value, hvp)
   out, lse = _padded_flash(cfg, t, tp, s, sp, query, key, value, bias, mask,
                            qseg, kvseg, kv_tables, q_tables)
+  lse = jnp.where(lse == _NEG, -jnp.inf, lse) if need_lse else None
   return out[..., :hv], lse
 
 
@@ -891,7 +960,8 @@ def flash_attention(query, key, value, *, is_causal: bool = False,
       query, key, value, bias=bias, mask=mask, is_causal=is_causal,
       scale=scale, local_window_size=local_window_size,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-      block_sizes=block_sizes, interpret=interpret, heads_major=heads_major)
+      block_sizes=block_sizes, interpret=interpret, heads_major=heads_major,
+      need_lse=bool(return_lse))
   return (out, lse) if return_lse else out
 
 

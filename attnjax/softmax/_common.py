@@ -16,13 +16,17 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import masks as masks_lib
-from attnjax._checks import (check_broadcastable, check_ids, check_qkv,
+from attnjax._checks import (as_array, check_broadcastable, check_ids,
+                             check_qkv, check_rate, check_scale,
                              normalize_window)
 
 # Segment id given to padded / beyond-length positions: never equal between a
 # query and a key, so those pairs are masked.
 Q_PAD_SEGMENT = -(2**31)
 KV_PAD_SEGMENT = -(2**31) + 1
+# Finite stand-in for -inf on masked logits (so jax.debug_infs holds); masked
+# probabilities are then zeroed with jnp.where, never by this value alone.
+MASK_VALUE = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +86,15 @@ def prepare(query, key, value, bias=None, mask=None, *, scale=None,
             is_causal=False, local_window_size=None, query_seq_lengths=None,
             key_value_seq_lengths=None, q_segment_ids=None,
             kv_segment_ids=None, dropout_rate=0.0, dropout_rng=None):
-  """Validates inputs; returns (AttentionCall, unbatched: bool)."""
+  """Validates inputs; returns (AttentionCall, unbatched: bool).
+
+  Key/value slots that no query can attend to (see `kv_live`) are zeroed
+  with jnp.where, so whatever they hold (NaN, Inf, garbage from a padded
+  cache) never reaches an output or a gradient, in every backend.
+  """
+  query = as_array("query", query)
+  key = as_array("key", key)
+  value = as_array("value", value)
   b, t, n, s, k, h, hv = check_qkv(query, key, value)
   unbatched = query.ndim == 3
   if unbatched:
@@ -106,10 +118,14 @@ def prepare(query, key, value, bias=None, mask=None, *, scale=None,
     check_broadcastable("mask", mask, target)
     mask = masks_lib.as_4d(mask)
   window = normalize_window(local_window_size)
+  if window is not None:
+    # A reach beyond t + s is unbounded in effect; capping it keeps every
+    # position computation inside int32 (a window of 2**31 means "all").
+    window = (min(window[0], t + s), min(window[1], t + s))
+  scale = check_scale("scale", scale)
   if scale is None:
-    scale = 1.0 / math.sqrt(h)
-  if not (0.0 <= float(dropout_rate) < 1.0):
-    raise ValueError(f"`dropout_rate` must be in [0, 1), got {dropout_rate}.")
+    scale = 1.0 / math.sqrt(h) if h else 1.0
+  dropout_rate = check_rate("dropout_rate", dropout_rate)
   if dropout_rate > 0.0 and dropout_rng is None:
     raise ValueError("`dropout_rng` is required when `dropout_rate` > 0.")
 
@@ -159,6 +175,11 @@ def prepare(query, key, value, bias=None, mask=None, *, scale=None,
     if key_value_seq_lengths is not None:
       valid = jnp.arange(s)[None, :] < key_value_seq_lengths[:, None]
       kv_segment_ids = jnp.where(valid, kv_segment_ids, KV_PAD_SEGMENT)
+  live = kv_live(mask, q_segment_ids, kv_segment_ids, query_seq_lengths,
+                 is_causal, window, b, t, n, s, k)
+  if live is not None:
+    key = jnp.where(live, key, jnp.zeros((), key.dtype))
+    value = jnp.where(live, value, jnp.zeros((), value.dtype))
   call = AttentionCall(
       query=query, key=key, value=value, bias=bias, mask=mask,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
@@ -168,6 +189,67 @@ def prepare(query, key, value, bias=None, mask=None, *, scale=None,
       key_value_seq_lengths=key_value_seq_lengths,
       raw_segment_ids=raw_segments)
   return call, unbatched
+
+
+def empty_result(call: AttentionCall, need_lse: bool = True):
+  """(out, lse) of a call with a zero-size dim: zeros [B, T, N, Hv] in the
+  query dtype, lse [B, N, T] -inf (nothing to attend to), or None."""
+  b, t, n, s, k, h, hv = call.shape
+  out = jnp.zeros((b, t, n, hv), call.query.dtype)
+  lse = jnp.full((b, n, t), -jnp.inf, jnp.float32) if need_lse else None
+  return out, lse
+
+
+def _segment_live(q_seg, kv_seg):
+  """[B, S] bool: kv_seg[b, j] occurs among q_seg[b, :] (sort + search,
+  O((T + S) log T), no [T, S] array)."""
+  def one(q, kv):
+    qs = jnp.sort(q)
+    idx = jnp.clip(jnp.searchsorted(qs, kv), 0, qs.shape[0] - 1)
+    return qs[idx] == kv
+  return jax.vmap(one)(q_seg, kv_seg)
+
+
+def kv_live(mask, q_segment_ids, kv_segment_ids, query_seq_lengths,
+            is_causal, window, b, t, n, s, k):
+  """Bool [B|1, S, K|1, 1]: False where no query can attend the key slot.
+
+  The AND of what each masking component alone rules out for every query:
+  a boolean-mask column that is False for all queries (of all heads sharing
+  the kv head), a kv segment id no query carries (this covers the padding
+  past `key_value_seq_lengths`), keys to the right of every query's causal /
+  window reach (using `query_seq_lengths` when given). None when nothing can
+  be ruled out. Slots that some query sees are not covered (their value
+  legitimately reaches that query; a matmul cannot keep a NaN there out of
+  the other queries' rows).
+  """
+  parts = []
+  if t == 0:
+    return None
+  if mask is not None and mask.shape[3] != 1:
+    mb, mn = mask.shape[0], mask.shape[1]
+    col = jnp.any(mask, axis=2)                      # [Bm, Nm, S]
+    if mn != 1 and n != k:
+      col = jnp.any(col.reshape(mb, k, n // k, s), axis=2)   # [Bm, K, S]
+    parts.append(jnp.swapaxes(col, 1, 2)[..., None])  # [Bm, S, Km, 1]
+  if q_segment_ids is not None:
+    parts.append(_segment_live(q_segment_ids, kv_segment_ids)[:, :, None, None])
+  right = math.inf if window is None else window[1]
+  if is_causal:
+    right = min(right, 0)
+  if math.isfinite(right):
+    j = jnp.arange(s, dtype=jnp.int32)
+    if query_seq_lengths is not None:
+      last = jnp.clip(query_seq_lengths, 0, t) - 1      # last valid query
+      parts.append((j[None, :] <= last[:, None] + int(right))[:, :, None, None])
+    elif t - 1 + right < s - 1:
+      parts.append((j <= t - 1 + int(right)).reshape(1, s, 1, 1))
+  if not parts:
+    return None
+  out = parts[0]
+  for p in parts[1:]:
+    out = jnp.logical_and(out, p)
+  return out
 
 
 def masked_softmax_stats(logits, mask):

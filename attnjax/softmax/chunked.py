@@ -35,10 +35,12 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from attnjax.softmax._common import (AttentionCall, KV_PAD_SEGMENT,
-                                     Q_PAD_SEGMENT)
+                                     MASK_VALUE, Q_PAD_SEGMENT,
+                                     empty_result)
 
 # Default (block_q, block_kv) per platform. On CPU, blocks whose logits fit
 # in cache win: 256 x 256 measured fastest at S=2048 (see docs/benchmarks).
@@ -214,10 +216,12 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng):
       s = _block_logits(cfg, qi, kj, bias, i, j)
       msk = _block_mask(cfg, i, j, mask, q_seg, kv_seg, s_pad)
       if msk is not None:
-        s = jnp.where(msk, s, -jnp.inf)
+        s = jnp.where(msk, s, MASK_VALUE)
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
       m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
       p = jnp.exp(s - m_safe[..., None])
+      if msk is not None:
+        p = jnp.where(msk, p, 0.0)
       alpha = jnp.exp(m - m_safe)
       l = alpha * l + jnp.sum(p, axis=-1)
       # Dropout acts on the normalized weights: drop from the numerator,
@@ -235,7 +239,9 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng):
     lo, hi = _kv_range(cfg, i, nk_valid)
     acc, m, l = lax.fori_loop(lo, hi, body, init)
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+    # Rows with nothing to attend to: the finite sentinel MASK_VALUE (the
+    # entry point turns it into -inf only when the lse is asked for).
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), MASK_VALUE)
     return out.astype(q.dtype), lse
 
   outs, lses = lax.map(q_block, jnp.arange(nq, dtype=jnp.int32))
@@ -273,7 +279,7 @@ def _chunked_bwd(cfg, res, cts):
   # D_i = rowsum(dO * O): [B, K, G, T].
   delta = jnp.einsum("bkgtd,bkgtd->bkgt", dout.astype(jnp.float32),
                      out.astype(jnp.float32))
-  lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  lse_safe = jnp.where(lse == MASK_VALUE, 0.0, lse)
   dlse = jnp.zeros_like(lse) if dlse is None else dlse.astype(jnp.float32)
   # ds = p * (dp - D + dlse): fold the two row terms into one.
   row_term = delta - dlse
@@ -292,8 +298,10 @@ def _chunked_bwd(cfg, res, cts):
       s = _block_logits(cfg, qi, kj, bias, i, j)
       msk = _block_mask(cfg, i, j, mask, q_seg, kv_seg, s_pad)
       if msk is not None:
-        s = jnp.where(msk, s, -jnp.inf)
+        s = jnp.where(msk, s, MASK_VALUE)
       p = jnp.exp(s - lse_i[..., None])
+      if msk is not None:
+        p = jnp.where(msk, p, 0.0)
       # With dropout, out = (P o M / (1 - r)) V: dV uses the dropped
       # weights, dP = (dO V^T) o M / (1 - r), and rowsum(dP o P) is still
       # rowsum(dO o out) = delta.
@@ -358,15 +366,23 @@ def _to5(x, n, nkv, t, s, t_pad, s_pad, fill):
 
 
 def chunked_attention(call: AttentionCall, *, block_q: Optional[int] = None,
-                      block_kv: Optional[int] = None):
-  """Backend entry: returns (out [B, T, N, Hv], lse [B, N, T])."""
+                      block_kv: Optional[int] = None, need_lse: bool = True):
+  """Backend entry: returns (out [B, T, N, Hv], lse [B, N, T] or None).
+
+  lse is -inf on rows with nothing to attend to; with need_lse=False it is
+  not returned (and no inf is ever produced, so jax.debug_infs holds).
+  """
   b, t, n, s, nkv, h, hv = call.shape
   g = n // nkv
+  for name, blk in (("block_q", block_q), ("block_kv", block_kv)):
+    if blk is not None and (isinstance(blk, bool) or not isinstance(
+        blk, (int, np.integer)) or blk <= 0):
+      raise ValueError(f"`{name}` must be a positive int, got {blk!r}.")
+  if 0 in (b, t, n, s, h, hv):
+    return empty_result(call, need_lse)
   dq_, dk_ = default_blocks()
-  bq = min(block_q or dq_, _round_up(t, 8))
-  bk = min(block_kv or dk_, _round_up(s, 8))
-  if bq <= 0 or bk <= 0:
-    raise ValueError(f"block sizes must be positive, got ({block_q}, {block_kv}).")
+  bq = min(int(block_q or dq_), _round_up(t, 8))
+  bk = min(int(block_kv or dk_), _round_up(s, 8))
   t_pad, s_pad = _round_up(t, bq), _round_up(s, bk)
   left, right = call.effective_window() or (math.inf, math.inf)
   cfg = _Config(scale=call.scale, left=float(left), right=float(right),
@@ -394,5 +410,7 @@ def chunked_attention(call: AttentionCall, *, block_q: Optional[int] = None,
                      constant_values=KV_PAD_SEGMENT)
   out, lse = _chunked(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng)
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, t_pad, n, hv)[:, :t]
+  if not need_lse:
+    return out, None
   lse = lse.reshape(b, n, t_pad)[:, :, :t]
-  return out, lse
+  return out, jnp.where(lse == MASK_VALUE, -jnp.inf, lse)

@@ -15,11 +15,17 @@ from pallas_kernels.flash import flash_attention
 
 def pallas_attention(call: AttentionCall, need_lse: bool):
   """Backend entry: (out [B, T, N, Hv], lse [B, N, T] float32)."""
-  del need_lse  # the kernel always produces the log-sum-exp.
   if call.dropout_rate > 0.0:
     raise NotImplementedError(
         "implementation='pallas' does not support attention dropout; use "
         "implementation='xla'.")
+  if not need_lse:
+    out = flash_attention(
+        call.query, call.key, call.value, is_causal=call.is_causal,
+        scale=call.scale, bias=call.bias, mask=call.mask,
+        local_window_size=call.window, q_segment_ids=call.q_segment_ids,
+        kv_segment_ids=call.kv_segment_ids)
+    return out, None
   out, lse = flash_attention(
       call.query, call.key, call.value, is_causal=call.is_causal,
       scale=call.scale, bias=call.bias, mask=call.mask,

@@ -2,8 +2,9 @@
 
 Obviously-correct reference for every other backend, and the fastest choice
 for short sequences on CPU. Differentiated by JAX's autodiff; the softmax is
-`jax.nn.softmax` (whose custom JVP keeps the backward to one pass), with
-fully masked rows handled by softmaxing zeros and multiplying by 0.
+a max-shifted exp whose masked entries are zeroed with jnp.where (never by
+multiplying), normalized where the row sum is positive, so fully masked rows
+and all -inf bias rows give zeros.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attnjax.softmax._common import AttentionCall
+from attnjax.softmax._common import MASK_VALUE, AttentionCall
 
 
 def _grouped_logits(call: AttentionCall):
@@ -33,23 +34,27 @@ def _grouped_logits(call: AttentionCall):
 
 
 def attention_probs(call: AttentionCall, need_lse: bool = True):
-  """Returns (weights [B, N, T, S] float32, lse [B, N, T] or None)."""
+  """Returns (weights [B, N, T, S] float32, lse [B, N, T] or None).
+
+  Masked logits get a finite large negative (not -inf, so jax.debug_infs
+  holds) and masked weights are zeroed with jnp.where; rows whose logits are
+  all -inf (an all -inf bias row) or all masked give zero weights.
+  """
   logits = _grouped_logits(call)
   mask = call.dense_mask()
-  row_ok = None
   if mask is not None:
-    logits = jnp.where(mask, logits, -jnp.inf)
-    row_ok = jnp.any(mask, axis=-1, keepdims=True)
-    # Rows with nothing to attend to: softmax of zeros (finite), then x 0.
-    logits = jnp.where(row_ok, logits, 0.0)
-  weights = jax.nn.softmax(logits, axis=-1)
+    logits = jnp.where(mask, logits, MASK_VALUE)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  p = jnp.exp(logits - m)
+  if mask is not None:
+    p = jnp.where(mask, p, 0.0)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  has = l > 0.0
+  weights = p / jnp.where(has, l, 1.0)
   lse = None
   if need_lse:
-    lse = jax.nn.logsumexp(logits, axis=-1)
-  if row_ok is not None:
-    weights = weights * row_ok
-    if need_lse:
-      lse = jnp.where(row_ok[..., 0], lse, -jnp.inf)
+    lse = jnp.where(has, m + jnp.log(jnp.where(has, l, 1.0)), -jnp.inf)[..., 0]
   return weights, lse
 
 
