@@ -164,30 +164,86 @@ class MetricsWriter:
       return [json.loads(l) for l in f if l.strip()]
 
 
+def setup_logging() -> None:
+  """The one logging set-up of every binary.
+
+  Progress, resume and completion messages go to stdout (`Progress`,
+  `say`, `log_resume`, `finished_run`); absl INFO logging (orbax writes
+  100s of lines per run) is off unless --verbosity was given.
+  """
+  from absl import flags
+  try:
+    present = flags.FLAGS["verbosity"].present
+  except (KeyError, flags.UnparsedFlagAccessError):
+    present = False
+  if not present:
+    logging.set_verbosity(logging.WARNING)
+    import logging as std_logging
+    for name in ("absl", "orbax", "orbax.checkpoint"):
+      std_logging.getLogger(name).setLevel(std_logging.WARNING)
+
+
+def say(msg: str) -> None:
+  """A user-facing status line: stdout (process 0), flushed."""
+  logging.info("%s", msg)
+  if is_main_process():
+    print(msg, flush=True)
+
+
+def log_resume(step: int, total: int, what: str = "step") -> None:
+  """'resumed from step N of T' when a run restarts from a checkpoint."""
+  if step:
+    say(f"resumed from {what} {step} of {total}")
+
+
+def finished_run(workdir: str, name: str = "results.json"):
+  """The results of a completed run in `workdir` (saying so), else None."""
+  path = os.path.join(workdir, name)
+  if not os.path.exists(path):
+    return None
+  say(f"{workdir} holds a completed run ({name}): nothing to do. Delete "
+      f"{path} to recompute its evaluation and figures from the "
+      "checkpoints, or use a new --workdir.")
+  return read_results(workdir, name)
+
+
 class Progress:
-  """Periodic progress lines with rate and ETA (absl logging + stderr)."""
+  """Periodic progress lines with rate and a truthful ETA (stdout).
+
+  The rate is measured from the first update on, so compilation (before
+  the first update) does not inflate the ETA. For phases whose steps cost
+  different amounts (cells of different sizes), count work units (e.g.
+  steps x batch x cost) rather than steps, and name them with `unit`.
+  """
 
   def __init__(self, total: int, *, start: int = 0, every: int = 100,
-               desc: str = "train", stream=sys.stderr):
+               desc: str = "train", stream=sys.stdout, unit: str = "it"):
     self.total, self.start, self.every, self.desc = total, start, every, desc
     self.t0 = time.time()
     self.stream = stream
+    self.unit = unit
     self._last = start
+    self._first = None              # (time, step) of the first update
 
   def update(self, step: int, **scalars) -> None:
-    """Call with the number of completed steps."""
+    """Call with the number of completed steps (or work units)."""
+    now = time.time()
+    if self._first is None:
+      self._first = (now, step)
     if step - self._last < self.every and step != self.total:
       return
     self._last = step
-    done = step - self.start
-    dt = max(time.time() - self.t0, 1e-9)
-    rate = done / dt
+    t_first, s_first = self._first
+    if step > s_first and now > t_first:
+      rate = (step - s_first) / (now - t_first)
+    else:
+      rate = (step - self.start) / max(now - self.t0, 1e-9)
     eta = (self.total - step) / rate if rate > 0 else float("inf")
     extra = " ".join(f"{k}={float(v):.4g}" for k, v in scalars.items())
     pct = 100.0 * step / max(self.total, 1)
     msg = (f"[{self.desc}] {step}/{self.total} ({pct:5.1f}%) "
-           f"{rate:.1f} it/s ETA {_fmt_time(eta)} {extra}")
-    logging.info(msg)
+           f"{rate:.3g} {self.unit}/s ETA {_fmt_time(eta)} {extra}").rstrip()
+    logging.info("%s", msg)
     if self.stream is not None and is_main_process():
       print(msg, file=self.stream, flush=True)
 
@@ -689,15 +745,14 @@ def define_study_flags(config_file: str, preset: str = "default") -> None:
 def run_study_main(run_study, stopped=()):
   """The body of a study binary's `main`, after `define_study_flags`.
 
-  Quietens absl INFO logging (orbax is chatty) unless --verbosity was given,
-  checks --workdir, runs `run_study(config, workdir)` and writes
-  results.json. An exception in `stopped` (a deliberate early stop, e.g.
+  One logging set-up (`setup_logging`); checks --workdir and the config;
+  says so and returns the stored results when the workdir holds a completed
+  run; else runs `run_study(config, workdir)` and writes results.json. An exception in `stopped` (a deliberate early stop, e.g.
   `stop_after_steps`) is printed and gives (None, None).
   Returns (results, path to results.json).
   """
   from absl import app, flags
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  setup_logging()
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
   workdir = flags.FLAGS.workdir
@@ -709,6 +764,14 @@ def run_study_main(run_study, stopped=()):
     validate_config(flags.FLAGS.config)
   except ValueError as e:             # a clean message, no traceback
     raise app.UsageError(str(e)) from None
+  if os.path.exists(os.path.join(workdir, "config.json")):
+    try:
+      guard_config(workdir, flags.FLAGS.config)   # the same run, or refused
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    done = finished_run(workdir)
+    if done is not None:
+      return done, os.path.join(workdir, "results.json")
   try:
     with recorded_run(workdir, flags.FLAGS.config):
       res = run_study(flags.FLAGS.config, workdir)

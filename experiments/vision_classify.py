@@ -252,7 +252,7 @@ def train(cfg, workdir: str):
   start, state = ckpt.restore_or(init)
   if start:
     common.nnx_load([model, opt], state["state"])
-    logging.info("resumed from step %d", start)
+    common.log_resume(start, cfg.steps)
   elapsed0 = float(state["elapsed"])
   metrics.resume_from(start if start else -1)
   model.train()
@@ -323,8 +323,13 @@ def main(argv):
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
   cfg = flags.FLAGS.config
-  common.guard_config(flags.FLAGS.workdir, cfg)
-  res = train(cfg, flags.FLAGS.workdir)
+  common.setup_logging()
+  try:
+    common.validate_config(cfg)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  with common.recorded_run(flags.FLAGS.workdir, cfg):
+    res = train(cfg, flags.FLAGS.workdir)
   if res is not None:
     print(f"{cfg.model}: test_accuracy={res['test_accuracy']:.4f} "
           f"params={res['params']} images/s={res['throughput_images_per_s']:.0f}")

@@ -320,3 +320,34 @@ def test_bench_distributed_argument_errors_list_the_choices(tmp_path, args,
   assert message in r.stderr + r.stdout, r.stderr[-2000:]
   assert "Traceback" not in r.stderr
   assert not (tmp_path / "results.json").exists()
+
+
+# --- logging: progress, resume and completion messages ----------------------
+
+def test_progress_eta_leaves_out_the_time_before_the_first_update(
+    monkeypatch):
+  import io
+  clock = [100.0]
+  monkeypatch.setattr(common.time, "time", lambda: clock[0])
+  out = io.StringIO()
+  p = common.Progress(100, every=10, desc="train", stream=out)
+  clock[0] += 50.0                 # compilation before the first chunk
+  p.update(10)
+  clock[0] += 10.0                 # then 10 steps per 10 s
+  p.update(20)
+  lines = out.getvalue().splitlines()
+  assert lines[0].startswith("[train] 10/100 ( 10.0%) 0.2 it/s ETA 7:30")
+  # 1 it/s from the steps after the first update: 80 steps left -> 1:20.
+  assert lines[1] == "[train] 20/100 ( 20.0%) 1 it/s ETA 1:20"
+
+
+def test_resume_and_completed_run_messages(tmp_path, capsys):
+  common.log_resume(0, 100)
+  common.log_resume(40, 100)
+  assert common.finished_run(str(tmp_path)) is None
+  common.write_results(str(tmp_path), {"a": 1})
+  assert common.finished_run(str(tmp_path)) == {"a": 1}
+  out = capsys.readouterr().out.splitlines()
+  assert out[0] == "resumed from step 40 of 100"
+  assert "holds a completed run (results.json): nothing to do" in out[1]
+  assert len(out) == 2
