@@ -93,6 +93,14 @@ def make_mesh(spec: MeshSpec = None,
   n = math.prod(axes.values())
   if n < len(devices):
     logging.info("mesh %s uses %d of %d devices", axes, n, len(devices))
+  procs = {d.process_index for d in devices}
+  left_out = procs - {d.process_index for d in devices[:n]}
+  if left_out:
+    raise ValueError(
+        f"`mesh` {spec!r} ({axes}) uses {n} of the {len(devices)} devices of "
+        f"this {len(procs)}-process run and none of processes "
+        f"{sorted(left_out)}: every process must hold part of the mesh. "
+        "Use e.g. 'data:-1' (all devices).")
   arr = np.array(devices[:n], dtype=object).reshape(tuple(axes.values()))
   return Mesh(arr, tuple(axes.keys()))
 
@@ -104,29 +112,101 @@ def mesh_axis(mesh: Mesh, name: Optional[str]) -> Optional[str]:
   return name if mesh.shape[name] > 1 else None
 
 
+# Environment of a multi-process run. JAX itself reads JAX_COORDINATOR_ADDRESS
+# (and detects SLURM, Open MPI, Kubernetes and Cloud TPU clusters); the
+# process count and index have no JAX variable, so the launcher
+# (experiments/launch.py) and users on a plain cluster set these two.
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+# Bounded waits (seconds): connecting to the coordinator, and how long a
+# process may miss heartbeats before the others declare it dead and exit.
+ENV_INIT_TIMEOUT = "ATTNJAX_DIST_INIT_TIMEOUT_S"
+ENV_HEARTBEAT_TIMEOUT = "ATTNJAX_DIST_HEARTBEAT_TIMEOUT_S"
+_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
+                "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _env_int(name: str) -> Optional[int]:
+  import os
+  v = os.environ.get(name, "").strip()
+  if not v:
+    return None
+  try:
+    return int(v)
+  except ValueError:
+    raise ValueError(f"environment variable {name}={v!r} is not an "
+                     "integer.") from None
+
+
 def maybe_initialize_distributed(coordinator_address: str = "",
                                  num_processes: Optional[int] = None,
-                                 process_id: Optional[int] = None) -> bool:
+                                 process_id: Optional[int] = None, *,
+                                 initialization_timeout: Optional[int] = None,
+                                 heartbeat_timeout: Optional[int] = None
+                                 ) -> bool:
   """`jax.distributed.initialize` when running multi-process; else a no-op.
 
-  Initializes when a coordinator address is given (host:port, with
-  num_processes/process_id) or when the environment announces a cluster
-  (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, TPU pods: auto-detected by JAX).
-  Returns True if it initialized.
+  Initializes when a coordinator address is given (host:port) or the
+  environment announces a cluster: JAX_COORDINATOR_ADDRESS (with
+  JAX_NUM_PROCESSES / JAX_PROCESS_ID, as set by `python -m
+  experiments.launch`), or SLURM, Open MPI, Kubernetes and TPU pod variables,
+  which JAX's own cluster detection reads. Idempotent: returns False when
+  jax.distributed is already initialized or nothing asks for it, True when
+  this call initialized it. Must run before any JAX computation.
+
+  Timeouts (seconds; defaults from ATTNJAX_DIST_INIT_TIMEOUT_S and
+  ATTNJAX_DIST_HEARTBEAT_TIMEOUT_S, else JAX's 300 / 100): a process that
+  cannot reach the coordinator fails after `initialization_timeout`; when a
+  peer dies, the survivors are terminated by JAX's coordination service
+  within about `heartbeat_timeout` instead of waiting in a collective
+  forever.
   """
   import os
-  cluster_env = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                 "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
-  if not coordinator_address and not any(v in os.environ for v in cluster_env):
+  if jax.distributed.is_initialized():
     return False
+  coordinator_address = (coordinator_address or
+                         os.environ.get("JAX_COORDINATOR_ADDRESS", ""))
+  if num_processes is None:
+    num_processes = _env_int(ENV_NUM_PROCESSES)
+  if process_id is None:
+    process_id = _env_int(ENV_PROCESS_ID)
+  if not coordinator_address and not any(v in os.environ
+                                         for v in _CLUSTER_ENV):
+    return False
+  if num_processes == 1 and coordinator_address:
+    return False    # a one-process "cluster": nothing to coordinate
   kwargs = {}
   if coordinator_address:
-    kwargs = dict(coordinator_address=coordinator_address,
-                  num_processes=num_processes, process_id=process_id)
+    kwargs["coordinator_address"] = coordinator_address
+  if num_processes is not None:
+    kwargs["num_processes"] = num_processes
+  if process_id is not None:
+    kwargs["process_id"] = process_id
+  init_t = (initialization_timeout if initialization_timeout is not None
+            else _env_int(ENV_INIT_TIMEOUT))
+  beat_t = (heartbeat_timeout if heartbeat_timeout is not None
+            else _env_int(ENV_HEARTBEAT_TIMEOUT))
+  if init_t is not None:
+    kwargs["initialization_timeout"] = int(init_t)
+  if beat_t is not None:
+    kwargs["heartbeat_timeout_seconds"] = int(beat_t)
   jax.distributed.initialize(**kwargs)
   logging.info("jax.distributed: process %d of %d, %d global devices",
                jax.process_index(), jax.process_count(), jax.device_count())
   return True
+
+
+def is_main_process() -> bool:
+  """True on process 0 (the one that writes results, figures and logs)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches `barrier(name)`; no-op on one."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 # ----------------------------------------------------------------------------
@@ -142,34 +222,83 @@ def batch_spec(ndim: int, mesh: Mesh, *, data_axis: Optional[str] = "data",
   return PartitionSpec(*([data_axis, seq_axis][:max(ndim, 0)]))
 
 
+def process_slice(global_shape: Sequence[int], mesh: Mesh, *,
+                  data_axis: Optional[str] = "data",
+                  seq_axis: Optional[str] = None) -> tuple:
+  """The part of a global batch that this process loads (per-process data).
+
+  Returns a tuple of slices, one per dim of `global_shape`: the block of the
+  global batch held by this process's devices under `batch_spec`. A data
+  pipeline reads only `global_batch[process_slice(...)]` and hands it to
+  `shard_batch` (single process: the whole batch).
+  """
+  spec = batch_spec(len(global_shape), mesh, data_axis=data_axis,
+                    seq_axis=seq_axis)
+  idx = NamedSharding(mesh, spec).addressable_devices_indices_map(
+      tuple(global_shape))
+  out = []
+  for d, n in enumerate(global_shape):
+    sl = [ix[d] for ix in idx.values()]
+    lo = min(s.start or 0 for s in sl)
+    hi = max(n if s.stop is None else s.stop for s in sl)
+    out.append(slice(lo, hi))
+  return tuple(out)
+
+
 def shard_batch(batch, mesh: Mesh, *, data_axis: Optional[str] = "data",
                 seq_axis: Optional[str] = None):
   """Places a pytree of host arrays as global arrays sharded over the mesh.
 
   Leading (batch) dims go over `data_axis`, dim 1 over `seq_axis`; scalars
   are replicated. Single process: `batch` is the global batch. Multi-process:
-  each process passes its own slice (global batch / process_count), assembled
-  with `jax.make_array_from_process_local_data`.
+  each process passes its own part, `global_batch[process_slice(...)]`
+  (with the batch over processes: global batch / process count rows),
+  assembled with `jax.make_array_from_process_local_data`.
   """
   multi = jax.process_count() > 1
+  local = mesh.local_mesh if multi else mesh
 
   def put(x):
     x = np.asarray(x)
     spec = batch_spec(x.ndim, mesh, data_axis=data_axis, seq_axis=seq_axis)
     for dim, axis in enumerate(spec):
       if axis is not None:
-        size = mesh.shape[axis] // (jax.process_count() if multi and dim == 0
-                                    else 1)
+        size = local.shape[axis]
         if x.shape[dim] % max(size, 1):
           raise ValueError(
               f"batch array of shape {x.shape}: dim {dim} is not divisible "
-              f"by mesh axis {axis!r} of size {mesh.shape[axis]}.")
+              f"by mesh axis {axis!r} of size {size} "
+              f"({'on this process' if multi else 'mesh'} "
+              f"{dict(local.shape)}).")
     sharding = NamedSharding(mesh, spec)
     if multi:
       return jax.make_array_from_process_local_data(sharding, x)
     return jax.device_put(x, sharding)
 
   return jax.tree_util.tree_map(put, batch)
+
+
+def global_batch(batch, mesh: Mesh, *, data_axis: Optional[str] = "data",
+                 seq_axis: Optional[str] = None):
+  """Like `shard_batch`, from the *global* batch present in every process.
+
+  Each process keeps only its `process_slice`; the result is the same
+  global array on one process or many (for tests and small in-memory
+  datasets).
+  """
+  def one(x):
+    x = np.asarray(x)
+    sl = process_slice(x.shape, mesh, data_axis=data_axis, seq_axis=seq_axis)
+    return shard_batch(x[sl], mesh, data_axis=data_axis, seq_axis=seq_axis)
+  return jax.tree_util.tree_map(one, batch)
+
+
+def fetch(tree):
+  """Global arrays -> NumPy on every process (all-gathers what is remote)."""
+  if jax.process_count() == 1:
+    return jax.tree_util.tree_map(np.asarray, tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def constrain_batch(batch, mesh: Mesh, *, data_axis: Optional[str] = "data",
@@ -264,10 +393,11 @@ def describe(tree) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["batch_spec", "constrain_batch", "describe", "make_mesh",
-           "maybe_initialize_distributed", "mesh_axis", "param_spec",
-           "parse_mesh", "replicate", "shard_batch", "shard_nnx", "shard_tree",
-           "tree_shardings"]
+__all__ = ["barrier", "batch_spec", "constrain_batch", "describe", "fetch",
+           "global_batch", "is_main_process", "make_mesh",
+           "make_training_mesh", "maybe_initialize_distributed", "mesh_axis",
+           "param_spec", "parse_mesh", "process_slice", "replicate",
+           "shard_batch", "shard_nnx", "shard_tree", "tree_shardings"]
 
 
 def make_training_mesh(mesh_spec: str, batch_sizes):

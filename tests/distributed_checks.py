@@ -7,6 +7,8 @@ the forced host devices never leak into other tests. Usage:
   python tests/distributed_checks.py attention          # needs 8 devices
   python tests/distributed_checks.py ckpt_save DIR      # any N >= 2
   python tests/distributed_checks.py ckpt_restore DIR   # any M >= 1
+  python -m experiments.launch --num_processes=2 --devices_per_process=2 -- \
+      python tests/distributed_checks.py mp DIR        # 2 real processes
 
 Each group raises (non-zero exit) on the first failed check and prints one
 `OK <name>` line per passed check.
@@ -242,11 +244,63 @@ def check_attention():
       q, k, v, mesh=mesh, axis_name="seq", batch_axis="seq"), "batch_axis")
 
 
+def check_ring_window():
+  """Ring attention with local windows (4 devices, shards of 8): values and
+  gradients vs single-device attention, causal sliding and asymmetric
+  two-sided windows reaching 0, 1, 2 and all shards; with segment ids and
+  NaN/Inf in padded key/value slots; argument errors."""
+  devices = jax.devices()
+  assert len(devices) >= 4, devices
+  mesh = Mesh(np.array(devices[:4]), ("seq",))
+  q, k, v, do = _inputs()
+  cases = [(True, 5), (True, 12), (True, (7, 3)), (False, (3, 9)),
+           (False, (20, 0)), (False, 2), (True, 40)]
+  fns, refs = {}, {}
+  for causal, w in cases:
+    name = f"ring window {w} causal={causal}"
+    fns[name] = (lambda q, k, v, c=causal, w=w: ring_attention(
+        q, k, v, mesh=mesh, axis_name="seq", is_causal=c,
+        local_window_size=w, block_q=4, block_kv=8))
+    refs[name] = (lambda q, k, v, c=causal, w=w: attnjax.dot_product_attention(
+        q, k, v, is_causal=c, local_window_size=w, implementation="xla"))
+  got = _value_and_grads(fns, q, k, v, do)
+  want = _value_and_grads(refs, q, k, v, do)
+  for name in fns:
+    _compare(name + " P=4", got[name], want[name], 2e-5)
+  # Packed sequences with garbage in the padded kv slots.
+  qseg = np.repeat([[0] * 5 + [1] * 11 + [2] * 16], 2, axis=0).astype(np.int32)
+  kvseg = qseg.copy()
+  kvseg[:, -3:] = 9
+  kb = np.asarray(k).copy()
+  vb = np.asarray(v).copy()
+  kb[:, -3:], vb[:, -3:] = np.nan, np.inf
+  seg = dict(q_segment_ids=qseg, kv_segment_ids=kvseg)
+  got = _value_and_grads({"r": lambda q, k, v: ring_attention(
+      q, k, v, mesh=mesh, axis_name="seq", is_causal=True,
+      local_window_size=9, **seg)}, q, kb, vb, do)["r"]
+  want = _value_and_grads({"r": lambda q, k, v: attnjax.dot_product_attention(
+      q, k, v, is_causal=True, local_window_size=9, implementation="xla",
+      **seg)}, q, k, v, do)["r"]
+  _compare("ring window segments nan-padded kv P=4", got, want, 2e-5)
+  expect_value_error("err window cross", lambda: ring_attention(
+      q, k[:, :16], v[:, :16], mesh=mesh, axis_name="seq",
+      local_window_size=3), "equal")
+  expect_value_error("err window permuted zigzag", lambda: ring_attention(
+      q, k, v, mesh=mesh, axis_name="seq", is_causal=True, permuted=True,
+      local_window_size=3), "contiguous")
+  expect_value_error("err window negative", lambda: ring_attention(
+      q, k, v, mesh=mesh, axis_name="seq", local_window_size=-1),
+                     "local_window_size")
+  expect_value_error("err block_q", lambda: ring_attention(
+      q, k, v, mesh=mesh, axis_name="seq", block_q=0), "block_q")
+
+
 # ----------------------------------------------------------------------------
 # Sharded training: save on N devices, restore on M devices.
 # ----------------------------------------------------------------------------
 
-MESH_BY_COUNT = {8: "data:2,seq:4", 2: "data:1,seq:2", 1: "data:1,seq:1"}
+MESH_BY_COUNT = {8: "data:2,seq:4", 4: "data:2,seq:2", 2: "data:1,seq:2",
+                 1: "data:1,seq:1"}
 
 
 def _train_setup(mesh_spec):
@@ -278,16 +332,19 @@ def _train_setup(mesh_spec):
     kx, ky = jax.random.split(jax.random.fold_in(jax.random.key(7), i))
     x = np.asarray(jax.random.normal(kx, (4, 16, 16)))
     y = np.asarray(jax.random.normal(ky, (4, 16, 16)))
-    return sharding.shard_batch((x, y), mesh, seq_axis="seq")
+    return sharding.global_batch((x, y), mesh, seq_axis="seq")
 
   return mesh, model, opt, step, batch
 
 
 def _flat_params(model):
   from flax import nnx
+  from experiments import sharding
   leaves = jax.tree_util.tree_leaves_with_path(
       nnx.state(model, nnx.Param).to_pure_dict())
-  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+  values = sharding.fetch([x for _, x in leaves])
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for (p, _), x in zip(leaves, values)}
 
 
 def check_ckpt_save(workdir):
@@ -311,10 +368,21 @@ def check_ckpt_save(workdir):
   ckpt = Checkpointer(workdir)
   ckpt.save(3, {"nnx": nnx_state(model, opt)})
   ckpt.close()
-  np.savez(os.path.join(workdir, "params_at_save.npz"), **_flat_params(model))
+  main = jax.process_index() == 0
+  at_save = _flat_params(model)
   step(model, opt, *batch(3))
-  np.savez(os.path.join(workdir, "params_next.npz"), **_flat_params(model))
-  ok(f"ckpt_save on {n} devices (loss {float(loss):.4f})")
+  nxt = _flat_params(model)
+  if main:
+    np.savez(os.path.join(workdir, "params_at_save.npz"), **at_save)
+    np.savez(os.path.join(workdir, "params_next.npz"), **nxt)
+  where = f"{n} devices"
+  if jax.process_count() > 1:
+    local = len(kernel.addressable_shards)
+    if local >= n:
+      raise AssertionError(f"kernel not sharded across processes: {local} "
+                           f"local shards of {n}")
+    where += f" of {jax.process_count()} processes"
+  ok(f"ckpt_save on {where} (loss {float(np.asarray(sharding.fetch(loss))):.4f})")
 
 
 def check_ckpt_restore(workdir):
@@ -345,6 +413,83 @@ def check_ckpt_restore(workdir):
   ok(f"ckpt_restore on {m} devices: next step matches the saving run")
 
 
+# ----------------------------------------------------------------------------
+# Real processes (run under `python -m experiments.launch`, 2 x 2 devices).
+# ----------------------------------------------------------------------------
+
+
+def check_mp_attention():
+  """Ring and Ulysses over a mesh axis spanning processes vs one device."""
+  from experiments import sharding
+  sharding.maybe_initialize_distributed()
+  nproc, ndev = jax.process_count(), jax.device_count()
+  if nproc < 2:
+    raise AssertionError(f"expected >= 2 processes, got {nproc}")
+  q, k, v, do = (np.asarray(x) for x in _inputs())
+  qseg = np.repeat([[0] * 5 + [1] * 11 + [2] * 16], 2, axis=0).astype(np.int32)
+  qseg[1] = [0] * 12 + [1] * 20
+  kvseg = qseg.copy()
+  kvseg[:, -3:] = 9          # key padding: no query uses id 9
+  # Garbage in the padded key/value slots must not reach any output/gradient.
+  k_bad, v_bad = k.copy(), v.copy()
+  k_bad[:, -3:] = np.nan
+  v_bad[:, -3:] = np.inf
+  # The reference: single-device attention on this process's first device.
+  local = jax.local_devices()[0]
+  with jax.default_device(local):
+    want = _reference(q, k, v, do)
+    ref_seg = lambda c: (lambda q, k, v: attnjax.dot_product_attention(
+        q, k, v, is_causal=c, q_segment_ids=qseg, kv_segment_ids=kvseg,
+        implementation="xla"))
+    want_seg = _value_and_grads({"causal": ref_seg(True)}, q, k, v, do)
+    want = {k_: jax.tree_util.tree_map(np.asarray, v_)
+            for k_, v_ in want.items()}
+    want_seg = {k_: jax.tree_util.tree_map(np.asarray, v_)
+                for k_, v_ in want_seg.items()}
+
+  for spec in ("seq:%d" % ndev, "seq:2,data:%d" % (ndev // 2)):
+    mesh = sharding.make_mesh(spec)
+    # The seq axis must cross processes: its first row of devices.
+    row = np.moveaxis(mesh.devices, mesh.axis_names.index("seq"), -1)
+    row = row.reshape(-1, mesh.shape["seq"])[0]
+    if len({d.process_index for d in row}) < 2:
+      raise AssertionError(f"mesh {spec}: seq axis within one process")
+    bax = "data" if "data" in mesh.axis_names else None
+    g = lambda x, seq=True: sharding.global_batch(
+        x, mesh, data_axis=bax, seq_axis="seq" if seq else None)
+    gq, gk, gv, gdo = g(q), g(k), g(v), g(do)
+    gkb, gvb = g(k_bad), g(v_bad)
+    gqs, gks = g(qseg, seq=False), g(kvseg, seq=False)
+    ring = lambda causal, lay="zigzag", **kw: (
+        lambda q, k, v: ring_attention(q, k, v, mesh=mesh, axis_name="seq",
+                                       is_causal=causal, layout=lay,
+                                       batch_axis=bax, **kw))
+    uly = lambda causal, **kw: (
+        lambda q, k, v: ulysses_attention(q, k, v, mesh=mesh, axis_name="seq",
+                                          is_causal=causal, batch_axis=bax,
+                                          **kw))
+    fns = {"ring causal zigzag": ring(True), "ulysses causal": uly(True)}
+    if bax is None:   # the whole matrix once; the 2-D mesh spot-checks
+      fns.update({"ring full": ring(False),
+                  "ring causal striped": ring(True, "striped"),
+                  "ulysses full": uly(False)})
+    got = sharding.fetch(_value_and_grads(fns, gq, gk, gv, gdo))
+    for name, res in got.items():
+      _compare(f"mp {name} [{spec}]", res,
+               want["causal" if "causal" in name else "full"], 2e-5)
+    # Packed sequences whose padded key/value slots hold NaN / Inf: equal to
+    # the clean reference (where the padded slots' gradients are exactly 0).
+    seg = dict(q_segment_ids=gqs, kv_segment_ids=gks)
+    fns = {"ring segments causal": ring(True, **seg),
+           "ulysses segments causal": uly(True, **seg)}
+    got = sharding.fetch(_value_and_grads(fns, gq, gkb, gvb, gdo))
+    for name, res in got.items():
+      _compare(f"mp {name} nan-padded kv [{spec}]", res, want_seg["causal"],
+               2e-5)
+  ok(f"mp attention on {nproc} processes x {jax.local_device_count()} "
+     "devices")
+
+
 if __name__ == "__main__":
   group = sys.argv[1]
   if group == "attention":
@@ -353,5 +498,12 @@ if __name__ == "__main__":
     check_ckpt_save(sys.argv[2])
   elif group == "ckpt_restore":
     check_ckpt_restore(sys.argv[2])
+  elif group == "ring_window":
+    check_ring_window()
+  elif group == "mp_attention":
+    check_mp_attention()
+  elif group == "mp":     # attention, then a collective FSDP checkpoint
+    check_mp_attention()
+    check_ckpt_save(sys.argv[2])
   else:
     raise SystemExit(f"unknown group {group!r}")

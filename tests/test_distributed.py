@@ -48,6 +48,45 @@ def test_attention_matches_single_device():
   assert "OK ulysses segments causal P=4" in out
 
 
+def test_ring_local_windows_match_single_device():
+  """Ring attention with local windows (causal sliding, asymmetric, two-sided,
+  reaching 0..all shards; segment ids with NaN/Inf padding) vs
+  dot_product_attention, values and gradients, P = 4."""
+  out = _run(["ring_window"], devices=4)
+  for w, c in (("5", True), ("12", True), ("(7, 3)", True), ("(3, 9)", False),
+               ("(20, 0)", False), ("2", False), ("40", True)):
+    assert f"OK ring window {w} causal={c} P=4" in out, out
+  assert "OK ring window segments nan-padded kv P=4" in out, out
+  for e in ("cross", "permuted zigzag", "negative"):
+    assert f"OK err window {e}" in out, out
+  assert "OK err block_q" in out, out
+
+
+def test_ring_layout_argument_errors():
+  """Issue 15: axis out of range and num_shards=0 raise ValueError (axis=7
+  used to wrap around to a valid axis)."""
+  import jax.numpy as jnp
+  from attnjax.distributed import (from_ring_layout, ring_permutation,
+                                   to_ring_layout)
+  x = jnp.zeros((2, 8, 3))
+  for fn in (to_ring_layout, from_ring_layout):
+    for axis in (7, -4, 1.0):
+      with pytest.raises(ValueError, match="axis"):
+        fn(x, 2, "zigzag", axis=axis)
+    np.testing.assert_array_equal(fn(x, 2, "zigzag", axis=-2),
+                                  fn(x, 2, "zigzag", axis=1))
+    with pytest.raises(ValueError, match="num_shards"):
+      fn(x, 0, "zigzag")
+  for bad in (0, -2, 2.0, True):
+    with pytest.raises(ValueError, match="num_shards"):
+      ring_permutation(8, bad, "zigzag")
+  with pytest.raises(ValueError, match="seq_len"):
+    ring_permutation(-8, 2, "contiguous")
+  np.testing.assert_array_equal(ring_permutation(np.int64(8), np.int64(2),
+                                                 "striped"),
+                                [0, 2, 4, 6, 1, 3, 5, 7])
+
+
 def test_checkpoint_save_8_restore_2(tmp_path):
   """Sharded training saved on 8 devices restores on 2 with equal params."""
   _run(["ckpt_save", str(tmp_path)], devices=8)

@@ -26,9 +26,9 @@ def sequence_parallel_attention_fn(mesh, axis_name: str, *,
                                    **options):
   """An `attention_fn(query, key, value, **kwargs)` for MultiHeadAttention.
 
-  kind='ring' (options: layout, permuted) or 'ulysses' (options:
-  implementation, local_window_size). Accepts the keywords `is_causal` and
-  `scale` (and `q_segment_ids` / `kv_segment_ids`); a call
+  kind='ring' (options: layout, permuted, block_q, block_kv) or 'ulysses'
+  (options: implementation). Accepts the keywords `is_causal`, `scale`,
+  `local_window_size`, `q_segment_ids` / `kv_segment_ids`; a call
   with a mask, bias or attention dropout raises NotImplementedError
   (sequence-parallel attention does not take them).
   """
@@ -41,7 +41,8 @@ def sequence_parallel_attention_fn(mesh, axis_name: str, *,
                    dropout_rate: float = 0.0, dropout_rng=None, **unused):
     del dropout_rng
     extra = {}
-    for name in ("q_segment_ids", "kv_segment_ids"):   # packed sequences
+    for name in ("q_segment_ids", "kv_segment_ids",     # packed sequences
+                 "local_window_size"):
       if unused.get(name) is not None:
         extra[name] = unused.pop(name)
     if mask is not None or bias is not None or dropout_rate > 0.0 or unused:

@@ -4,8 +4,10 @@ The sequence is split into P = mesh.shape[axis_name] shards. Each device keeps
 its query shard and the key/value shards travel around the ring
 (device d -> d + 1) with `jax.lax.ppermute`. After step s device d holds the
 key/value shard of device (d - s) mod P, computes the attention of its queries
-against it (a dense float32 block), and folds the partial result into a
-running (output, log-sum-exp) pair with the online-softmax rule
+against it with attnjax's memory-efficient 'chunked' backend
+(`chunked_dot_product_attention(..., return_lse=True)`: an online softmax over
+block_q x block_kv tiles, never a [T/P, S/P] array), and folds the partial
+result into a running (output, log-sum-exp) pair with the online-softmax rule
 
     lse = log(exp(lse_a) + exp(lse_b))
     out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b,
@@ -29,9 +31,10 @@ this (both need T == S):
   does the same work on every step: (2C x C) instead of (2C x 2C).
 * 'striped' (Brandon et al. 2023, "Striped Attention"): device d holds
   positions d, d+P, d+2P, ...; every block is causal, inclusive of the
-  diagonal when the source is earlier and strict when it is later. Balanced,
-  but with dense blocks each step still costs a full (T/P)^2 block (the mask
-  only saves work in a block-sparse kernel).
+  diagonal when the source is earlier and strict when it is later (a causal
+  block of queries 1.. against keys ..-1). Balanced; the chunked backend
+  skips the tiles above the diagonal, so each step costs about half a
+  (T/P)^2 block.
 * 'contiguous': no permutation; the skipped steps make it unbalanced.
 
 The permutation is applied to the global arrays (and undone on the output)
@@ -46,9 +49,14 @@ block and probabilities as residuals, i.e. the whole sequence's keys/values
 and a (T/P x T) probability slab per device, which undoes the memory scaling
 that is the point of context parallelism. The custom backward saves only the
 local q, k, v, output and log-sum-exp, then sends (k, v, dk, dv) around the
-ring once more, recomputing each block's probabilities from the saved lse
-(FlashAttention-2's backward formulas per block); dq stays local and dk/dv
-travel with their block and take one extra hop home at the end.
+ring once more. Per block it recomputes the block's (out_b, lse_b) and feeds
+the chunked backend's own backward the cotangents that make it produce the
+block's share of the global gradient (do_b = w_b do, dlse_b = w_b (rowsum(do
+o_b) - rowsum(do o)), w_b = exp(lse_b - lse): FlashAttention-2's backward
+with the global lse); dq stays local and dk/dv travel with their block and
+take one extra hop home at the end. The recomputed block forward costs about
+2/7 of the backward's matmul FLOPs more than a backward that could be handed
+the global residuals directly.
 Communication: P-1 sends of (k, v) forward, P sends of (k, v, dk, dv) back.
 """
 
@@ -56,7 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -64,9 +72,10 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from attnjax._checks import check_qkv, check_segment_ids
+from attnjax._checks import check_qkv, check_segment_ids, normalize_window
 from attnjax.distributed._compat import (axis_size, check_batch_axis, place,
                                         shard_map)
+from attnjax.softmax import chunked_dot_product_attention
 
 LAYOUTS = ("zigzag", "striped", "contiguous")
 _F32 = jnp.float32
@@ -89,21 +98,43 @@ def ring_permutation(seq_len: int, num_shards: int, layout: str) -> np.ndarray:
   num_shards. Use it to permute position ids or labels alongside tokens.
   """
   _check_layout(layout)
-  p = int(num_shards)
-  pos = np.arange(seq_len)
+  p = _check_count("num_shards", num_shards)
+  n = _check_count("seq_len", seq_len, allow_zero=True)
+  pos = np.arange(n)
   if layout == "contiguous":
     return pos
   if layout == "striped":
-    if seq_len % p:
+    if n % p:
       raise ValueError(f"striped layout needs seq_len % num_shards == 0, got "
                        f"seq_len={seq_len}, num_shards={p}.")
-    return pos.reshape(seq_len // p, p).T.reshape(-1)
-  if seq_len % (2 * p):
+    return pos.reshape(n // p, p).T.reshape(-1)
+  if n % (2 * p):
     raise ValueError(f"zigzag layout needs seq_len % (2 * num_shards) == 0, "
                      f"got seq_len={seq_len}, num_shards={p}.")
-  chunks = pos.reshape(2 * p, seq_len // (2 * p))
+  chunks = pos.reshape(2 * p, n // (2 * p))
   order = np.stack([np.arange(p), 2 * p - 1 - np.arange(p)], axis=1).reshape(-1)
   return chunks[order].reshape(-1)
+
+
+def _check_count(name, value, allow_zero=False) -> int:
+  """A positive (or non-negative) Python/NumPy integer, else ValueError."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (int, np.integer)):
+    raise ValueError(f"`{name}` must be an integer, got {value!r}.")
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ValueError(f"`{name}` must be {'>= 0' if allow_zero else '>= 1'}, "
+                     f"got {int(value)}.")
+  return int(value)
+
+
+def _check_axis(x, axis) -> int:
+  """`axis` of `x` in [-ndim, ndim) (no wrap-around), as a non-negative int."""
+  nd = np.ndim(x)
+  if isinstance(axis, (bool, np.bool_)) or not isinstance(
+      axis, (int, np.integer)) or not -nd <= axis < nd:
+    raise ValueError(f"`axis` must be an integer in [{-nd}, {nd}) for an "
+                     f"array of shape {tuple(np.shape(x))}, got {axis!r}.")
+  return int(axis) % nd
 
 
 def _split(x, axis, a, b):
@@ -123,9 +154,9 @@ def to_ring_layout(x, num_shards: int, layout: str, axis: int = 1):
   flips and stacks (no gather/scatter), which XLA's sharding propagation and
   JAX's explicit-sharding rules handle without ambiguity.
   """
-  axis = axis % x.ndim
+  axis = _check_axis(x, axis)
   n = x.shape[axis]
-  p = int(num_shards)
+  p = _check_count("num_shards", num_shards)
   ring_permutation(n, p, layout)  # validates
   if layout == "contiguous":
     return x
@@ -141,9 +172,9 @@ def to_ring_layout(x, num_shards: int, layout: str, axis: int = 1):
 
 def from_ring_layout(x, num_shards: int, layout: str, axis: int = 1):
   """Inverse of `to_ring_layout`."""
-  axis = axis % x.ndim
+  axis = _check_axis(x, axis)
   n = x.shape[axis]
-  p = int(num_shards)
+  p = _check_count("num_shards", num_shards)
   ring_permutation(n, p, layout)
   if layout == "contiguous":
     return x
@@ -158,60 +189,79 @@ def from_ring_layout(x, num_shards: int, layout: str, axis: int = 1):
 
 
 # ----------------------------------------------------------------------------
-# Dense float32 blocks (forward and FlashAttention-2 style backward).
+# Blocks: attnjax's memory-efficient 'chunked' backend (online softmax over
+# block_q x block_kv tiles, returning the log-sum-exp), forward and backward.
 # ----------------------------------------------------------------------------
 
 
-def _logits(q, k, scale):
-  """[b, t, n, h] x [b, s, kh, h] -> float32 [b, kh, g, t, s] (GQA grouped)."""
-  b, t, n, h = q.shape
-  kh = k.shape[2]
-  qg = q.reshape(b, t, kh, n // kh, h)
-  s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=_F32)
-  return s.astype(_F32) * scale
+_INF = float("inf")
+FULL, CAUSAL, STRICT = (-_INF, _INF), (0.0, _INF), (1.0, _INF)
 
 
-def _block_fwd(q, k, v, scale, mask):
-  """Returns (out [b, t, n, hv] f32, lse [b, n, t] f32), -inf lse if empty."""
+def _empty(q, v):
   b, t, n, _ = q.shape
-  kh, hv = k.shape[2], v.shape[-1]
-  s = _logits(q, k, scale)
-  if mask is not None:
-    s = jnp.where(mask, s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(s - m)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v,
-                 preferred_element_type=_F32).astype(_F32)
-  inv = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)  # [b,k,g,t,1]
-  o = o * jnp.moveaxis(inv[..., 0], -1, 1)[..., None]
-  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
-  return o.reshape(b, t, n, hv), lse[..., 0].reshape(b, n, t)
+  return (jnp.zeros((b, t, n, v.shape[-1]), _F32),
+          jnp.full((b, n, t), -jnp.inf, _F32))
 
 
-def _block_bwd(q, k, v, scale, mask, do, lse, delta):
-  """Gradients of one block given the *global* lse and delta = rowsum(dO*O).
+def _block(cfg, band, q, k, v, qs=None, ks=None):
+  """Attention of a query block against a kv block under a diagonal band.
 
-  do: [b, t, n, hv] f32; lse, delta: [b, n, t] f32.
-  Returns f32 (dq [b, t, n, h], dk [b, s, kh, h], dv [b, s, kh, hv]).
+  Query i sees key j when lo <= i - j <= hi (local indices; band = (lo, hi),
+  static, +-inf for open ends): (-inf, inf) is a full block, (0, inf)
+  causal, (1, inf) strictly causal, finite ends come from local windows.
+  Every case is one call of attnjax's memory-efficient 'chunked' backend
+  (online softmax over block_q x block_kv tiles; it skips tiles outside the
+  band and never builds a [t, s] mask): a band that excludes the diagonal
+  is shifted onto it by dropping the leading keys (hi < 0) or queries
+  (lo > 0), whose rows are then empty. Returns (out [b, t, n, hv] f32,
+  lse [b, n, t] f32; -inf and zeros on rows that see nothing). Segment ids
+  pass through; the backend zeroes key/value slots no query of the block
+  can attend (so NaN/Inf there reach nothing).
   """
-  b, t, n, h = q.shape
-  kh, hv = k.shape[2], v.shape[-1]
-  g = n // kh
-  s = _logits(q, k, scale)
-  lse_g = lse.reshape(b, kh, g, t)[..., None]
-  p = jnp.exp(s - jnp.where(jnp.isfinite(lse_g), lse_g, 0.0))
-  if mask is not None:
-    p = jnp.where(mask, p, 0.0)
-  dog = do.reshape(b, t, kh, g, hv)
-  dv = jnp.einsum("bkgts,btkgd->bskd", p, dog)
-  dp = jnp.einsum("btkgd,bskd->bkgts", dog, v.astype(_F32))
-  ds = p * (dp - delta.reshape(b, kh, g, t)[..., None])
-  dq = jnp.einsum("bkgts,bskh->btkgh", ds, k.astype(_F32)) * scale
-  qg = q.reshape(b, t, kh, g, h).astype(_F32)
-  dk = jnp.einsum("bkgts,btkgh->bskh", ds, qg) * scale
-  return dq.reshape(b, t, n, h), dk, dv
+  t, s = q.shape[1], k.shape[1]
+  lo, hi = max(band[0], -(s - 1)), min(band[1], t - 1)
+  if lo > hi:
+    return _empty(q, v)
+  if hi < 0:                                  # keys j >= i + m only
+    m = int(-hi)
+    return _block(cfg, (lo + m, 0.0), q, k[:, m:], v[:, m:], qs,
+                  None if ks is None else ks[:, m:])
+  if lo > 0:                                  # queries i >= m see keys
+    m = int(lo)
+    o, l = _block(cfg, (0.0, hi - m), q[:, m:], k, v,
+                  None if qs is None else qs[:, m:], ks)
+    o0, l0 = _empty(q[:, :m], v)
+    return jnp.concatenate([o0, o], axis=1), jnp.concatenate([l0, l], axis=2)
+  window = None
+  if lo > -(s - 1) or hi < t - 1:           # (left, right) = (hi, -lo)
+    window = (int(hi), int(-lo))
+  seg = {} if qs is None else dict(q_segment_ids=qs, kv_segment_ids=ks)
+  o, l = chunked_dot_product_attention(
+      q, k, v, scale=cfg.scale, local_window_size=window,
+      block_q=cfg.block_q, block_kv=cfg.block_kv, return_lse=True, **seg)
+  return o.astype(_F32), l
+
+
+def _block_bwd(cfg, band, q, k, v, qs, ks, do, lse, delta):
+  """Gradients of one block's share of the *global* attention.
+
+  The global output is o = sum_b w_b o_b with w_b = exp(lse_b - lse), so the
+  block's outputs get the cotangents do_b = w_b do and
+  dlse_b = w_b (rowsum(do * o_b) - delta), delta = rowsum(do * o); the
+  backend's own custom_vjp (which recomputes the block's tiles from the
+  saved lse) turns them into the block's (dq, dk, dv). The block's forward
+  is recomputed here (the ring keeps no per-block residuals: O(T/P) memory).
+  do: [b, t, n, hv] f32; lse, delta: [b, n, t] f32.
+  """
+  (o_b, l_b), vjp = jax.vjp(
+      lambda q, k, v: _block(cfg, band, q, k, v, qs, ks), q, k, v)
+  ok = jnp.isfinite(l_b) & jnp.isfinite(lse)
+  w = jnp.where(ok, jnp.exp(jnp.where(ok, l_b - lse, 0.0)), 0.0)  # [b,n,t]
+  w_t = jnp.swapaxes(w, 1, 2)[..., None]                           # [b,t,n,1]
+  rows = jnp.swapaxes(jnp.sum(do * o_b, axis=-1), 1, 2)            # [b,n,t]
+  dq, dk, dv = vjp((w_t * do, w * (rows - delta)))
+  return dq.astype(_F32), dk.astype(_F32), dv.astype(_F32)
 
 
 def _merge(o1, l1, o2, l2):
@@ -228,29 +278,21 @@ def _merge(o1, l1, o2, l2):
 
 
 # ----------------------------------------------------------------------------
-# Per-step plans. A "sub-block" is (query slice, kv slice, mask kind) over the
+# Per-step plans. A "sub-block" is (query slice, kv slice, kind) over the
 # local shards; results are padded back to the full local shapes.
 # ----------------------------------------------------------------------------
 
 
-def _tril(t, s, strict=False):
-  return jnp.tril(jnp.ones((t, s), jnp.bool_), k=-1 if strict else 0)
+def _sl(x, sl):
+  return None if x is None else x[:, sl]
 
 
-def _with_segments(mask, segs, qsl, ksl):
-  """Plan mask [t, s] (or None) & segment equality [b, 1, 1, t, s]."""
-  if segs is None:
-    return mask
-  qs, ks = segs
-  eq = (qs[:, qsl][:, None, None, :, None] == ks[:, ksl][:, None, None, None, :])
-  return eq if mask is None else eq & mask
-
-
-def _sub_fwd(q, k, v, scale, qsl, ksl, mask, segs=None):
+def _sub_fwd(cfg, q, k, v, qsl, ksl, kind, segs=None):
   b, t, n, _ = q.shape
   hv = v.shape[-1]
-  mask = _with_segments(mask, segs, qsl, ksl)
-  o, l = _block_fwd(q[:, qsl], k[:, ksl], v[:, ksl], scale, mask)
+  qs, ks = (None, None) if segs is None else segs
+  o, l = _block(cfg, kind, q[:, qsl], k[:, ksl], v[:, ksl], _sl(qs, qsl),
+                _sl(ks, ksl))
   if qsl != slice(None):
     full_o = jnp.zeros((b, t, n, hv), _F32)
     full_l = jnp.full((b, n, t), -jnp.inf, _F32)
@@ -259,10 +301,11 @@ def _sub_fwd(q, k, v, scale, qsl, ksl, mask, segs=None):
   return o, l
 
 
-def _sub_bwd(q, k, v, scale, qsl, ksl, mask, do, lse, delta, segs=None):
-  mask = _with_segments(mask, segs, qsl, ksl)
-  dq, dk, dv = _block_bwd(q[:, qsl], k[:, ksl], v[:, ksl], scale, mask,
-                          do[:, qsl], lse[:, :, qsl], delta[:, :, qsl])
+def _sub_bwd(cfg, q, k, v, qsl, ksl, kind, do, lse, delta, segs=None):
+  qs, ks = (None, None) if segs is None else segs
+  dq, dk, dv = _block_bwd(cfg, kind, q[:, qsl], k[:, ksl], v[:, ksl],
+                          _sl(qs, qsl), _sl(ks, ksl), do[:, qsl],
+                          lse[:, :, qsl], delta[:, :, qsl])
   if qsl != slice(None):
     dq = jnp.zeros(q.shape, _F32).at[:, qsl].set(dq)
   if ksl != slice(None):
@@ -278,14 +321,50 @@ class _Config:
   scale: float
   is_causal: bool
   layout: str
+  block_q: Optional[int] = None
+  block_kv: Optional[int] = None
+  # Local window as a band on global positions: (lo, hi) = (-right, left),
+  # query p sees key p' when lo <= p - p' <= hi. Contiguous layout only.
+  window: Optional[Tuple[float, float]] = None
 
 
 _ALL = slice(None)
 
 
+def _global_band(cfg):
+  lo, hi = FULL if cfg.window is None else cfg.window
+  if cfg.is_causal:
+    lo = max(lo, 0.0)
+  return lo, hi
+
+
 def _diag_plan(cfg, t):
   """Step 0 (own shard): causal within the shard for every causal layout."""
-  return [(_ALL, _ALL, _tril(t, t) if cfg.is_causal else None)]
+  if cfg.window is not None:
+    return [(_ALL, _ALL, _global_band(cfg))]
+  return [(_ALL, _ALL, CAUSAL if cfg.is_causal else FULL)]
+
+
+def _window_plans(cfg, s, t):
+  """Static plans of step s with a window (contiguous shards of length t).
+
+  Device i then holds the kv shard of j = i - s (offset s*t behind) when
+  i >= s, else of j = i - s + P (wrapped round: (s - P)*t). Returns
+  (plan if i >= s, plan if i < s); [] where the band misses the block.
+  """
+  lo, hi = _global_band(cfg)
+  plans = []
+  for delta in (s * t, (s - cfg.size) * t):
+    band = (lo - delta, hi - delta)
+    hit = max(band[0], -(t - 1)) <= min(band[1], t - 1)
+    plans.append([(_ALL, _ALL, band)] if hit else [])
+  return plans
+
+
+def _window_steps(cfg, t):
+  """Ring steps s >= 1 whose block meets the window on some device."""
+  return [s for s in range(1, cfg.size)
+          if any(_window_plans(cfg, s, t))]
 
 
 def _offdiag_branches(cfg, i, j, t):
@@ -294,15 +373,15 @@ def _offdiag_branches(cfg, i, j, t):
   A plan is a list of sub-blocks; an empty list means the step is skipped.
   """
   if not cfg.is_causal:
-    return None, [(_ALL, _ALL, None)], None
+    return None, [(_ALL, _ALL, FULL)], None
   if cfg.layout == "contiguous":
-    return j < i, [(_ALL, _ALL, None)], []
+    return j < i, [(_ALL, _ALL, FULL)], []
   if cfg.layout == "striped":
-    mask = jnp.where(j < i, _tril(t, t), _tril(t, t, strict=True))
-    return None, [(_ALL, _ALL, mask)], None
+    # Earlier source: diagonal included; later source: strictly below it.
+    return j < i, [(_ALL, _ALL, CAUSAL)], [(_ALL, _ALL, STRICT)]
   c = t // 2  # zigzag: local = [chunk i | chunk 2P-1-i]
-  lower = [(_ALL, slice(0, c), None)]     # j < i: all queries, first kv chunk
-  upper = [(slice(c, None), _ALL, None)]  # j > i: second query chunk, all kv
+  lower = [(_ALL, slice(0, c), FULL)]     # j < i: all queries, first kv chunk
+  upper = [(slice(c, None), _ALL, FULL)]  # j > i: second query chunk, all kv
   return j < i, lower, upper
 
 
@@ -310,8 +389,8 @@ def _run_plan_fwd(cfg, plan, q, k, v, segs=None):
   b, t, n, _ = q.shape
   o = jnp.zeros((b, t, n, v.shape[-1]), _F32)
   l = jnp.full((b, n, t), -jnp.inf, _F32)
-  for qsl, ksl, mask in plan:
-    o2, l2 = _sub_fwd(q, k, v, cfg.scale, qsl, ksl, mask, segs)
+  for qsl, ksl, kind in plan:
+    o2, l2 = _sub_fwd(cfg, q, k, v, qsl, ksl, kind, segs)
     o, l = (o2, l2) if len(plan) == 1 else _merge(o, l, o2, l2)
   return o, l
 
@@ -320,16 +399,20 @@ def _run_plan_bwd(cfg, plan, q, k, v, do, lse, delta, segs=None):
   dq = jnp.zeros(q.shape, _F32)
   dk = jnp.zeros(k.shape, _F32)
   dv = jnp.zeros(v.shape, _F32)
-  for qsl, ksl, mask in plan:
-    a, b_, c = _sub_bwd(q, k, v, cfg.scale, qsl, ksl, mask, do, lse, delta,
-                        segs)
+  for qsl, ksl, kind in plan:
+    a, b_, c = _sub_bwd(cfg, q, k, v, qsl, ksl, kind, do, lse, delta, segs)
     dq, dk, dv = dq + a, dk + b_, dv + c
   return dq, dk, dv
 
 
-def _step(cfg, i, j, run, t):
-  """Runs `run(plan)` for the step of device i against the shard of device j."""
-  pred, plan_t, plan_f = _offdiag_branches(cfg, i, j, t)
+def _step(cfg, i, j, run, t, s=None):
+  """Runs `run(plan)` for the step of device i against the shard of device j
+  (step `s`, static, with a window)."""
+  if cfg.window is not None:
+    pred = i >= s
+    plan_t, plan_f = _window_plans(cfg, s, t)
+  else:
+    pred, plan_t, plan_f = _offdiag_branches(cfg, i, j, t)
   if pred is None:
     return run(plan_t)
   return lax.cond(pred, lambda: run(plan_t), lambda: run(plan_f))
@@ -355,6 +438,18 @@ def _ring_forward(cfg: _Config, q, k, v, qseg=None, kvseg=None):
   if p == 1:
     return o, lse
   i = lax.axis_index(cfg.axis_name)
+  if cfg.window is not None:
+    # Static steps, only as far round the ring as the window reaches.
+    steps = _window_steps(cfg, t)
+    cur = (k, v, kvseg)
+    for s in range(1, max(steps, default=0) + 1):
+      cur = lax.ppermute(cur, cfg.axis_name, _perm(p))
+      if s in steps:
+        ks, vs, kvs = cur
+        o2, l2 = _step(cfg, i, None, lambda plan: _run_plan_fwd(
+            cfg, plan, q, ks, vs, _segs(qseg, kvs)), t, s)
+        o, lse = _merge(o, lse, o2, l2)
+    return o, lse
 
   def compute(s, kv, o, lse):
     j = (i - s) % p
@@ -395,7 +490,24 @@ def _ring_bwd(cfg, res, g):
   delta = jnp.swapaxes(jnp.sum(do * o.astype(_F32), axis=-1), 1, 2)  # [b,n,t]
   dq, dk, dv = _run_plan_bwd(cfg, _diag_plan(cfg, t), q, k, v, do, lse, delta,
                              _segs(qseg, kvseg))
-  if p > 1:
+  if p > 1 and cfg.window is not None:
+    i = lax.axis_index(cfg.axis_name)
+    steps = _window_steps(cfg, t)
+    blk = (k, v, kvseg, dk, dv)
+    last = max(steps, default=0)
+    for s in range(1, last + 1):
+      ks, vs, kvs, dks, dvs = lax.ppermute(blk, cfg.axis_name, _perm(p))
+      if s in steps:
+        a, b_, c = _step(cfg, i, None, lambda plan: _run_plan_bwd(
+            cfg, plan, q, ks, vs, do, lse, delta, _segs(qseg, kvs)), t, s)
+        dq, dks, dvs = dq + a, dks + b_, dvs + c
+      blk = (ks, vs, kvs, dks, dvs)
+    dk, dv = blk[3], blk[4]
+    if last:
+      # Block j's accumulators sit on device j + last: send them home.
+      home = [(d, (d + p - last) % p) for d in range(p)]
+      dk, dv = lax.ppermute((dk, dv), cfg.axis_name, home)
+  elif p > 1:
     i = lax.axis_index(cfg.axis_name)
 
     def body(s, carry):
@@ -426,7 +538,9 @@ def ring_attention(query, key, value, *, mesh, axis_name: str,
                    is_causal: bool = False, scale: Optional[float] = None,
                    layout: str = "zigzag", permuted: bool = False,
                    batch_axis: Optional[str] = None, q_segment_ids=None,
-                   kv_segment_ids=None):
+                   kv_segment_ids=None, local_window_size=None,
+                   block_q: Optional[int] = None,
+                   block_kv: Optional[int] = None):
   """Exact softmax attention with the sequence sharded over `axis_name`.
 
   Args:
@@ -446,7 +560,19 @@ def ring_attention(query, key, value, *, mesh, axis_name: str,
     q_segment_ids, kv_segment_ids: optional int [B, T] / [B, S]: query i
       attends key j only when their ids are equal (packed sequences; key
       padding via an id no query uses). The key ids travel around the ring
-      with their key/value block. Rows with no key to attend give zeros.
+      with their key/value block. Rows with no key to attend give zeros;
+      whatever a key/value slot that no query of a block can attend holds
+      (NaN, Inf) never reaches an output or gradient.
+    local_window_size: optional int w or (left, right): query p attends key
+      p' with p - left <= p' <= p + right (and p' <= p when causal); needs
+      T == S. The shards stay contiguous (`layout` must be 'contiguous' when
+      `permuted`), each step's block gets its band of the window, steps
+      whose block lies outside it on every device are skipped, and the ring
+      goes only as far round as the window reaches (a causal window of
+      length w costs about ceil(w / (T/P)) + 1 blocks and hops per device,
+      not P).
+    block_q, block_kv: tile sizes of the per-step block computation (the
+      'chunked' backend's online softmax; default: its platform defaults).
 
   Returns:
     [B, T, N, Hv] in query.dtype, sharded like
@@ -462,8 +588,18 @@ def ring_attention(query, key, value, *, mesh, axis_name: str,
         f"query length {t} and key length {s} must be divisible by the size "
         f"{size} of mesh axis {axis_name!r}; got query={tuple(query.shape)}, "
         f"key={tuple(key.shape)}.")
-  eff_layout = layout if is_causal else "contiguous"
-  if is_causal:
+  window = normalize_window(local_window_size)
+  if window is not None:
+    if t != s:
+      raise ValueError(
+          "ring_attention with `local_window_size` needs equal query and key "
+          f"lengths, got query={tuple(query.shape)}, key={tuple(key.shape)}.")
+    if permuted and is_causal and layout != "contiguous":
+      raise ValueError(
+          "ring_attention with `local_window_size` keeps contiguous shards; "
+          f"got permuted=True with layout={layout!r} (use 'contiguous').")
+  eff_layout = layout if is_causal and window is None else "contiguous"
+  if is_causal and window is None:
     if t != s:
       raise ValueError(
           "causal ring_attention needs equal query and key lengths, got "
@@ -477,8 +613,14 @@ def ring_attention(query, key, value, *, mesh, axis_name: str,
       q_segment_ids, kv_segment_ids, b, t, s)
   if scale is None:
     scale = 1.0 / float(np.sqrt(h))
+  for name, val in (("block_q", block_q), ("block_kv", block_kv)):
+    if val is not None:
+      _check_count(name, val)
   cfg = _Config(axis_name=axis_name, size=size, scale=float(scale),
-                is_causal=bool(is_causal), layout=eff_layout)
+                is_causal=bool(is_causal), layout=eff_layout,
+                block_q=block_q, block_kv=block_kv,
+                window=None if window is None else (-float(window[1]),
+                                                    float(window[0])))
   reorder = eff_layout != "contiguous" and not permuted
   spec = PartitionSpec(batch_axis, axis_name, None, None)
   gathered = PartitionSpec(batch_axis, None, None, None)
