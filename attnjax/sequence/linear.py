@@ -99,6 +99,9 @@ def _validate(query, key, value, mask, chunk_size, is_causal, bias,
   kv_mask = _common.key_padding_mask(mask, b, n, t, s,
                                      mechanism="linear_attention",
                                      unbatched=unbatched)
+  # Masked slots are zeroed by a select, so NaN/Inf there reaches nothing.
+  key = _common.zero_masked(key, kv_mask)
+  value = _common.zero_masked(value, kv_mask)
   if chunk_size is not None:
     _common.check_positive_int("chunk_size", chunk_size)
   return query, key, value, dims, unbatched, kv_mask
@@ -191,52 +194,56 @@ def linear_attention(query, key, value, *, feature_map: FeatureMap = "elu_plus_o
   valid = valid[None] if kv_mask is None else valid[None] & jnp.pad(
       kv_mask[:, :tk], ((0, 0), (0, max(0, tk - s))))
   valid = jnp.broadcast_to(valid, (b, tk))
-  qp = jnp.pad(query, ((0, 0), (0, tq - t), (0, 0), (0, 0)))
-  kp = jnp.pad(key[:, :tk], ((0, 0), (0, tk - min(s, tk)), (0, 0), (0, 0)))
-  vp = jnp.pad(value[:, :tk], ((0, 0), (0, tk - min(s, tk)), (0, 0), (0, 0)))
   d = hv + 1 if normalize else hv
+  g = n // k
+  f = _features(query[:, :1], key[:, :1], phi, None)[0].shape[-1]
 
-  def keys_at(i):
-    kg = jax.lax.dynamic_slice_in_dim(kp, i * step, step, axis=1)
-    vg = jax.lax.dynamic_slice_in_dim(vp, i * step, step, axis=1)
-    ok = jax.lax.dynamic_slice_in_dim(valid, i * step, step, axis=1)
+  def groups(x, length):
+    """[B, L, ...] -> [L // step, B, step, ...] (padded with zeros to L)."""
+    x = jnp.pad(x, ((0, 0), (0, length - x.shape[1])) +
+                ((0, 0),) * (x.ndim - 2))
+    x = x.reshape((b, length // step, step) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+  # The loops below scan over groups given as scanned inputs and emit each
+  # group's output as a scanned output (nothing full-size is carried), so the
+  # reverse-mode loop also touches each group once: forward and backward are
+  # both linear in length.
+  def key_feats(kg, vg, ok):
     fk = jnp.where(ok[:, :, None, None], phi(kg.astype(jnp.float32)), 0.0)
     vg = jnp.where(ok[:, :, None, None], vg.astype(jnp.float32), 0.0)
     if normalize:
       vg = jnp.concatenate([vg, jnp.ones(vg.shape[:-1] + (1,), vg.dtype)], -1)
     return fk, vg                                   # [b,L,k,f], [b,L,k,d]
 
-  def queries_at(i):
-    qg = jax.lax.dynamic_slice_in_dim(qp, i * step, step, axis=1)
+  def query_feats(qg):
     fq = phi(qg.astype(jnp.float32))
-    return fq.reshape(b, step, k, n // k, fq.shape[-1])
+    return fq.reshape(b, step, k, g, f)
 
   def finish(nd):                                   # [b,L,k,g,d]
     num, den = (nd[..., :-1], nd[..., -1]) if normalize else (nd, None)
     return _finish(num, den, normalize, scale, query.dtype).reshape(
         b, step, n, hv)
 
-  f = _features(query[:, :1], key[:, :1], phi, None)[0].shape[-1]
-  out = jnp.zeros((b, tq, n, hv), query.dtype)
+  kx = (groups(key, tk), groups(value, tk), groups(valid, tk))
   if not is_causal:
-    def acc_kv(i, kv):
-      fk, vg = keys_at(i)
-      return kv + jnp.einsum("blkf,blkd->bkfd", fk, vg)
-    kv = jax.lax.fori_loop(0, tk // step, acc_kv,
-                           jnp.zeros((b, k, f, d), jnp.float32))
+    def acc_kv(kv, xs):
+      fk, vg = key_feats(*xs)
+      return kv + jnp.einsum("blkf,blkd->bkfd", fk, vg), None
+    kv, _ = jax.lax.scan(acc_kv, jnp.zeros((b, k, f, d), jnp.float32), kx)
 
-    def write(i, out):
-      nd = jnp.einsum("blkgf,bkfd->blkgd", queries_at(i), kv)
-      return jax.lax.dynamic_update_slice_in_dim(out, finish(nd), i * step, 1)
-    out = jax.lax.fori_loop(0, tq // step, write, out)
+    def write(_, qg):
+      nd = jnp.einsum("blkgf,bkfd->blkgd", query_feats(qg), kv)
+      return None, finish(nd)
+    _, out = jax.lax.scan(write, None, groups(query, tq))
   else:
     tril = jnp.tril(jnp.ones((c, c), dtype=bool))
     nch = step // c
 
-    def causal_step(i, carry):
-      out, state = carry
-      fq, (fk, vg) = queries_at(i), keys_at(i)
-      fq = fq.reshape(b, nch, c, k, n // k, f)
+    def causal_step(state, xs):
+      qg, kg, vg, ok = xs
+      fq, (fk, vg) = query_feats(qg), key_feats(kg, vg, ok)
+      fq = fq.reshape(b, nch, c, k, g, f)
       fk = fk.reshape(b, nch, c, k, f)
       vg = vg.reshape(b, nch, c, k, d)
       scores = jnp.einsum("bpikgf,bpjkf->bpkgij", fq, fk)
@@ -245,12 +252,12 @@ def linear_attention(query, key, value, *, feature_map: FeatureMap = "elu_plus_o
       kv = jnp.einsum("bpjkf,bpjkd->bpkfd", fk, vg)
       prev = state[:, None] + jnp.cumsum(kv, axis=1) - kv
       nd = nd + jnp.einsum("bpikgf,bpkfd->bpikgd", fq, prev)
-      nd = nd.reshape(b, step, k, n // k, d)
-      out = jax.lax.dynamic_update_slice_in_dim(out, finish(nd), i * step, 1)
-      return out, state + jnp.sum(kv, axis=1)
+      nd = nd.reshape(b, step, k, g, d)
+      return state + jnp.sum(kv, axis=1), finish(nd)
 
-    out, _ = jax.lax.fori_loop(0, length // step, causal_step,
-                               (out, jnp.zeros((b, k, f, d), jnp.float32)))
+    _, out = jax.lax.scan(causal_step, jnp.zeros((b, k, f, d), jnp.float32),
+                          (groups(query, tq),) + kx)
+  out = jnp.moveaxis(out, 0, 1).reshape(b, tq, n, hv)
   out = out[:, :t]
   return out[0] if unbatched else out
 
