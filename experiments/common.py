@@ -217,7 +217,7 @@ class Progress:
   """
 
   def __init__(self, total: int, *, start: int = 0, every: int = 100,
-               desc: str = "train", stream=sys.stdout, unit: str = "it"):
+               desc: str = "train", stream="stdout", unit: str = "it"):
     self.total, self.start, self.every, self.desc = total, start, every, desc
     self.t0 = time.time()
     self.stream = stream
@@ -244,8 +244,9 @@ class Progress:
     msg = (f"[{self.desc}] {step}/{self.total} ({pct:5.1f}%) "
            f"{rate:.3g} {self.unit}/s ETA {_fmt_time(eta)} {extra}").rstrip()
     logging.info("%s", msg)
-    if self.stream is not None and is_main_process():
-      print(msg, file=self.stream, flush=True)
+    stream = sys.stdout if self.stream == "stdout" else self.stream
+    if stream is not None and is_main_process():
+      print(msg, file=stream, flush=True)
 
 
 def ordered_timings(measure, *, retries: int = 3):
@@ -344,10 +345,10 @@ def nnx_load(modules, pure_states) -> None:
 def save_figure(fig, workdir: str, name: str) -> str:
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, name if name.endswith(".png") else name + ".png")
-  if is_main_process():
+  if is_main_process():             # multi-process: process 0 writes
     tmp = path[:-4] + ".tmp.png"
-  fig.savefig(tmp, dpi=110, bbox_inches="tight")
-  os.replace(tmp, path)             # a kill never leaves half a PNG
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)           # a kill never leaves half a PNG
   import matplotlib.pyplot as plt
   plt.close(fig)
   phase("figure")

@@ -192,20 +192,15 @@ def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
   def ckpt_dir(c):
     return os.path.join(workdir, "checkpoints", c.name)
 
-  done_steps = 0
-  for c in cells:
-    if os.path.exists(_cell_file(workdir, c.name)):
-      done_steps += c.steps
-    elif os.path.isdir(ckpt_dir(c)):
-      done_steps += common.Checkpointer(
-          workdir, subdir=os.path.join("checkpoints", c.name)).latest_step() or 0
-  total = sum(c.steps for c in cells)
-  every = max(chunk, (total // 50) // chunk * chunk)   # ~50 progress lines
-  progress = common.Progress(total, start=done_steps, every=every, desc=desc)
+  n = len(cells)
+  finished = sum(os.path.exists(_cell_file(workdir, c.name)) for c in cells)
+  if finished:
+    common.say(f"[{desc}] {finished} of {n} cells already finished "
+               f"({os.path.join(workdir, 'cells')}): not recomputed")
   trained = 0
   results = {}
   offset = 0
-  for c in cells:
+  for i, c in enumerate(cells):
     path = _cell_file(workdir, c.name)
     if os.path.exists(path):
       with open(path) as f:
@@ -222,6 +217,13 @@ def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
     params = jax.tree_util.tree_unflatten(p_def, list(state["params"]))
     opt = jax.tree_util.tree_unflatten(o_def, list(state["opt"]))
     metrics.resume_from(offset + step)
+    common.log_resume(step, c.steps, what=f"cell {c.name} step")
+    # One progress line set per cell: cells differ in cost per step, so a
+    # rate pooled over cells gives no truthful ETA.
+    label = f"{desc} {c.name} [{i + 1}/{n}]"
+    progress = common.Progress(
+        c.steps, start=step, desc=label,
+        every=max(chunk, (c.steps // 5) // chunk * chunk))
 
     t0 = time.time()
     loss = None
@@ -231,7 +233,7 @@ def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
       trained += chunk
       loss = float(loss)
       metrics.write(offset + step, cell=c.name, cell_step=step, loss=loss)
-      progress.update(offset + step, loss=loss)
+      progress.update(step, loss=loss)
       if step % ckpt_every == 0 or step == c.steps:
         ckpt.save(step, {"params": jax.tree_util.tree_leaves(params),
                          "opt": jax.tree_util.tree_leaves(opt)})
@@ -244,9 +246,12 @@ def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
       # Killed after the cell's final checkpoint, before its result file:
       # nothing left to train; the last chunk's loss is in metrics.jsonl.
       loss = _final_loss(metrics, c.name, step)
+    t_eval = time.time()
     res = {k: float(v) for k, v in
            c.eval_fn(nnx.merge(graphdef, params, rest)).items()}
     common.phase("eval")
+    common.say(f"[{label}] done: trained in {t_eval - t0:.1f}s, evaluated "
+               f"in {time.time() - t_eval:.1f}s; {n - i - 1} cells left")
     res.update(c.info)
     res["train_loss_final"] = loss
     res["train_time_s"] = time.time() - t0

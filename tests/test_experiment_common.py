@@ -258,7 +258,7 @@ def _train(wd, **kw):
 
 
 def test_sweep_resumes_identically_after_a_kill_at_every_phase_boundary(
-    tmp_path, monkeypatch):
+    tmp_path, monkeypatch, capsys):
   from experiments import sweep
   want = _train(tmp_path / "ref")
   # checkpoint:2 / :4 are each cell's final checkpoint (the cell killed
@@ -271,7 +271,13 @@ def test_sweep_resumes_identically_after_a_kill_at_every_phase_boundary(
     with pytest.raises(common.PhaseStop, match=spec.split(":")[0]):
       _train(wd)
     monkeypatch.delenv(common.STOP_ENV)
+    capsys.readouterr()
     assert _train(wd) == want, spec
+    out = capsys.readouterr().out
+    if spec == "checkpoint:3":       # cell c1 killed after its step-10 save
+      assert "[train] 1 of 2 cells already finished" in out
+      assert "resumed from cell c1 step 10 of 20" in out
+      assert "[train c1 [2/2]] 20/20 (100.0%)" in out
   # A finished workdir re-runs to the same numbers without training.
   assert _train(wd) == want
   # The repro: stop_after_steps equal to a cell's length stops right
