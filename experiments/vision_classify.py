@@ -295,8 +295,9 @@ def train(cfg, workdir: str):
       "train_time_s": train_time,
       "num_train": int(len(xtr)), "num_test": int(len(xte)),
   }
-  common.write_results(workdir, results)
+  # Figures first: results.json marks a completed run (common.finished_run).
   plot(recs, workdir, f"{cfg.model} ({cfg.preset}) on {cfg.dataset}")
+  common.write_results(workdir, results)
   ckpt.close()
   return results
 
@@ -328,6 +329,10 @@ def main(argv):
     common.validate_config(cfg)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  if os.path.exists(os.path.join(flags.FLAGS.workdir, "config.json")):
+    common.guard_config(flags.FLAGS.workdir, cfg)   # same run, or refused
+    if common.finished_run(flags.FLAGS.workdir) is not None:
+      return
   with common.recorded_run(flags.FLAGS.workdir, cfg):
     res = train(cfg, flags.FLAGS.workdir)
   if res is not None:
