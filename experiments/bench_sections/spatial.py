@@ -10,6 +10,13 @@ attention over all pixels at the same size. `dense_masked_na` is dense
 attention with the 7x7 neighbourhood mask, the baseline of
 `neighborhood_k7`'s `ratio_vs_dense_masked` (the >= 10x target at 56x56).
 Calls whose compiled memory exceeds --max_run_gib (default 8) are not run.
+At each size all calls (every mechanism, fwd and fwd_bwd) are timed
+round-robin (`bench_utils.interleaved_times`).
+
+Exponent fits: per (mechanism, mode) the least-squares slope of log time
+against log pixels over the sizes >= `FIT_MIN_SIZE` (28x28..112x112 by
+default; 14x14 is dominated by fixed per-call costs). Target: <= 1.1 for the
+mechanisms whose cost is linear in pixels in theory (`LINEAR_IN_THEORY`).
 
 Run: python -m experiments.bench_attention --sections=spatial --workdir=DIR
      [--impls=neighborhood,dense]  (substring filter on mechanism names)
@@ -25,6 +32,7 @@ import numpy as np
 
 import attnjax
 from attnjax import spatial as sp
+from experiments import bench_utils
 
 HEADS, HEAD_DIM = 4, 32
 
@@ -83,6 +91,12 @@ def _gflops(name, kpq, size):
   return 4 * s * kpq * HEADS * HEAD_DIM / 1e9
 
 
+FIT_MIN_SIZE = 28
+EXPONENT_LIMIT = 1.1
+LINEAR_IN_THEORY = ("neighborhood_k7", "dilated_neighborhood_k7_d2",
+                    "window_w7", "shifted_window_w7", "grid_g7", "channel")
+
+
 def run(ctx):
   flags = getattr(ctx, "flags", None)
   only = None
@@ -91,6 +105,9 @@ def run(ctx):
   max_bytes = (getattr(flags, "max_run_gib", 8.0) if flags else 8.0) * (1 << 30)
   repeats = getattr(ctx, "repeats", 3)
   sizes = (14, 28) if ctx.quick else (14, 28, 56, 112)
+  spec = getattr(flags, "spatial_sizes", "") if flags is not None else ""
+  if spec:
+    sizes = tuple(int(x) for x in spec.split(",") if x)
   dtype = ctx.dtype
   rows = []
   for size in sizes:
@@ -98,8 +115,8 @@ def run(ctx):
     shape = (1, size, size, HEADS, HEAD_DIM)
     q, k, v = (jax.random.normal(x, shape, dtype) for x in ks)
     mechs = _mechanisms(size)
+    calls, size_rows = {}, []
     for mode in ("fwd", "fwd_bwd"):
-      times = {}
       for name, (fn, kpq) in mechs.items():
         if only and not any(o in name for o in only) and not name.startswith(
             "dense"):
@@ -115,31 +132,83 @@ def run(ctx):
         if mem > max_bytes:
           row.update(time_ms=None, ratio_vs_dense=None,
                      note=f"not run: needs {mem / 2**30:.1f} GiB")
-          rows.append(row)
-          continue
-        t = ctx.time_fn(call, q, k, v, repeats=repeats)
-        times[name] = t
-        row["time_ms"] = t * 1e3
-        row["gflops_per_s"] = gf / t
-        rows.append(row)
-        ctx.log(f"spatial {name} {size}x{size} {mode}: {t * 1e3:.2f} ms, "
-                f"{mem / 2**20:.1f} MB")
-      for row in rows:
-        if row["image_size"] != f"{size}x{size}" or row["mode"] != mode:
-          continue
-        t = times.get(row["name"])
-        row["ratio_vs_dense"] = (times["dense"] / t if t and "dense" in times
-                                 else None)
-        if row["name"].startswith("neighborhood") and "dense_masked_na" in times:
-          row["ratio_vs_dense_masked"] = times["dense_masked_na"] / t
-          row["note"] = (f"{row['ratio_vs_dense_masked']:.1f}x vs "
-                         "dense_masked_na")
+        else:
+          calls[(name, mode)] = (call, (q, k, v))
+        size_rows.append(row)
+    med, _ = bench_utils.interleaved_times(calls, repeats=repeats)
+    for row in size_rows:
+      t = med.get((row["name"], row["mode"]))
+      if t is None:
+        continue
+      row["time_ms"] = t * 1e3
+      row["gflops_per_s"] = row["gflops"] / t
+      ctx.log(f"spatial {row['name']} {size}x{size} {row['mode']}: "
+              f"{t * 1e3:.2f} ms, {row['mem_mb']:.1f} MB")
+      dense = med.get(("dense", row["mode"]))
+      row["ratio_vs_dense"] = dense / t if dense else None
+      masked = med.get(("dense_masked_na", row["mode"]))
+      if row["name"].startswith("neighborhood") and masked:
+        row["ratio_vs_dense_masked"] = masked / t
+        row["note"] = f"{row['ratio_vs_dense_masked']:.1f}x vs dense_masked_na"
+    rows.extend(size_rows)
+  rows.extend(_fits(rows))
   return rows
+
+
+def _fits(rows):
+  fits = []
+  for name in dict.fromkeys(r["name"] for r in rows):
+    for mode in ("fwd", "fwd_bwd"):
+      pts = sorted((r["pixels"], r["time_ms"]) for r in rows
+                   if r["name"] == name and r["mode"] == mode
+                   and r.get("time_ms")
+                   and r["pixels"] >= FIT_MIN_SIZE ** 2)
+      if len(pts) < 2:
+        continue
+      lo, hi = pts[0][0], pts[-1][0]
+      fits.append(dict(
+          section="spatial", name=name, impl="fit", mode=mode,
+          image_size=f"{int(lo ** 0.5)}^2..{int(hi ** 0.5)}^2", pixels=hi,
+          exponent=bench_utils.loglog_slope(*zip(*pts)),
+          fit_range=f"{lo}..{hi} px",
+          linear_in_theory=name in LINEAR_IN_THEORY, mem_mb=None))
+  return fits
+
+
+def targets(rows):
+  """Exponent <= 1.1 for mechanisms linear in pixels (issue 22 item 3)."""
+  return [dict(target=f"{r['name']} {r['mode']} exponent over "
+                      f"{r['image_size']} <= {EXPONENT_LIMIT}",
+               value=round(r["exponent"], 3),
+               ok=r["exponent"] <= EXPONENT_LIMIT)
+          for r in rows if r.get("impl") == "fit"
+          and r.get("linear_in_theory") and r.get("exponent") is not None]
+
+
+def _styles(names):
+  """Distinct (color, linestyle, marker) per series: dense baselines black /
+  grey, the others tab20 colours with distinct markers."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  cmap = plt.get_cmap("tab20")
+  markers = "os^vD<>phX*Pd"
+  out, i = {}, 0
+  for name in names:
+    if name == "dense":
+      out[name] = ("black", "-", "o")
+    elif name == "dense_masked_na":
+      out[name] = ("dimgray", "--", "s")
+    else:
+      out[name] = (cmap(i % 20), "-" if i < 10 else ":", markers[i % len(markers)])
+      i += 1
+  return out
 
 
 def plot(rows):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   figs = []
+  rows = [r for r in rows if r.get("impl") != "fit"]
+  names = list(dict.fromkeys(r["name"] for r in rows))
+  styles = _styles(names)
   for mode in ("fwd", "fwd_bwd"):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     sel = [r for r in rows if r["mode"] == mode]
@@ -147,18 +216,20 @@ def plot(rows):
       pts = [(r["pixels"], r.get("time_ms"), r["mem_mb"]) for r in sel
              if r["name"] == name]
       tp = [(p, t) for p, t, _ in pts if t is not None]
-      style = "k--" if name.startswith("dense") else "-o"
+      color, ls, marker = styles[name]
+      kw = dict(color=color, linestyle=ls, marker=marker, markersize=4,
+                label=name)
       if tp:
-        axes[0].plot(*zip(*tp), style, label=name, markersize=3)
-      axes[1].plot([p for p, _, _ in pts], [m for _, _, m in pts], style,
-                   label=name, markersize=3)
+        axes[0].plot(*zip(*tp), **kw)
+      axes[1].plot([p for p, _, _ in pts], [m for _, _, m in pts], **kw)
     for ax, lab in zip(axes, ("time (ms)", "compiled memory (MB)")):
       ax.set_xscale("log")
       ax.set_yscale("log")
       ax.set_xlabel("pixels (H x W)")
       ax.set_ylabel(lab)
       ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_title(f"spatial attention, {mode}")
+    axes[0].set_title(f"spatial attention, {mode}: time")
+    axes[1].set_title(f"spatial attention, {mode}: memory")
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     figs.append((fig, f"spatial_{mode}.png"))
