@@ -236,9 +236,12 @@ class Progress:
     t_first, s_first = self._first
     if step > s_first and now > t_first:
       rate = (step - s_first) / (now - t_first)
+      eta = (self.total - step) / rate
     else:
+      # The first update's rate includes start-up and compilation: no
+      # truthful ETA yet.
       rate = (step - self.start) / max(now - self.t0, 1e-9)
-    eta = (self.total - step) / rate if rate > 0 else float("inf")
+      eta = float("inf") if step < self.total else 0.0
     extra = " ".join(f"{k}={float(v):.4g}" for k, v in scalars.items())
     pct = 100.0 * step / max(self.total, 1)
     msg = (f"[{self.desc}] {step}/{self.total} ({pct:5.1f}%) "
