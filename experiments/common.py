@@ -597,7 +597,11 @@ def field_docs(config_path: str) -> Dict[str, str]:
 
 def describe_config(config_path: str) -> str:
   """Presets and every field (default, meaning, per-preset values) of a
-  study config file, for `--helpfull`."""
+  study config file, for `--helpfull`.
+
+  A field's meaning is the comment next to it (`field_docs`), or an entry of
+  the module's optional FIELD_DOCS = {"field": "meaning"} dict.
+  """
   mod = _load_config_module(config_path)
   presets = list(getattr(mod, "PRESETS", ()))
   mods = list(getattr(mod, "PRESET_MODIFIERS", ()))
@@ -610,6 +614,7 @@ def describe_config(config_path: str) -> str:
     except Exception:  # pylint: disable=broad-except
       continue
   docs = field_docs(config_path)
+  docs.update(getattr(mod, "FIELD_DOCS", {}))   # optional explicit dict
   out = [f"Presets (--config={os.path.relpath(config_path)}:PRESET): "
          + (", ".join(presets) if presets else "(none listed)")
          + (f"; modifiers: ,{', ,'.join(mods)}" if mods else "")]

@@ -358,3 +358,16 @@ def test_resume_and_completed_run_messages(tmp_path, capsys):
   assert out[0] == "resumed from step 40 of 100"
   assert "holds a completed run (results.json): nothing to do" in out[1]
   assert len(out) == 2
+
+
+def test_field_docs_dict_of_a_config_module_is_used(tmp_path):
+  p = tmp_path / "cfg2.py"
+  p.write_text(
+      "import ml_collections\n"
+      "PRESETS = ('default',)\n"
+      "FIELD_DOCS = {'steps': 'from the dict'}\n"
+      "def get_config(preset='default'):\n"
+      "  c = ml_collections.ConfigDict()\n"
+      "  c.steps = 10\n"
+      "  return c\n")
+  assert "  steps = 10: from the dict" in common.describe_config(str(p))
