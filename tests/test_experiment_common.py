@@ -371,3 +371,15 @@ def test_field_docs_dict_of_a_config_module_is_used(tmp_path):
       "  c.steps = 10\n"
       "  return c\n")
   assert "  steps = 10: from the dict" in common.describe_config(str(p))
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_every_config_field_has_a_line_of_meaning_for_helpfull(path):
+  # --helpfull lists each field with the comment next to it (or FIELD_DOCS).
+  mod = common._load_config_module(path)
+  docs = common.field_docs(path)
+  docs.update(getattr(mod, "FIELD_DOCS", {}))
+  flat = common._flatten(mod.get_config().to_dict())
+  missing = sorted(k for k in flat if k not in docs and k != "preset")
+  assert not missing, (f"{os.path.basename(path)}: fields without a comment "
+                       f"(or FIELD_DOCS entry): {', '.join(missing)}")
