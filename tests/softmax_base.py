@@ -8,6 +8,13 @@ raise NotImplementedError, which `test_refusals_are_not_implemented` checks).
 
 Every check compares with `tests.reference_np.attention_np`: float64 NumPy
 written from the definition, with hand-derived gradients.
+
+Strict JAX modes: every test runs under the mode named by the
+`ATTNJAX_STRICT_MODE` environment variable (tests/strict_modes.py:
+rank_promotion, dtype_promotion, debug_infs), or under the class attribute
+`strict_mode` when a subclass sets it. Checks that legitimately produce an
+inf (an lse of -inf on an empty row, a user-given -inf bias) are skipped
+under debug_infs.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ import pytest
 import attnjax
 from attnjax import masks as M
 from tests.reference_np import attention_np
+from tests.strict_modes import env_strict_mode
+from tests.strict_modes import strict_mode as _strict_ctx
 
 DTYPES = [jnp.float32, jnp.bfloat16]
 
@@ -62,6 +71,15 @@ class SoftmaxAttentionSuite:
   supports_segment_ids = True
   supports_value_head_dim = True
   bf16_only = False   # e.g. cuDNN
+  strict_mode = None  # one of tests.strict_modes.STRICT_MODES, else $env
+
+  @pytest.fixture(autouse=True)
+  def _strict_mode_fixture(self):
+    with _strict_ctx(self._mode()):
+      yield
+
+  def _mode(self):
+    return self.strict_mode or env_strict_mode()
 
   # Shapes small enough for interpret-mode kernels.
   B, T, S, N, K, H = 2, 19, 23, 4, 2, 16
@@ -253,6 +271,8 @@ class SoftmaxAttentionSuite:
     q, k, v = self._inputs(dtype, seed=11)
     mask = np.ones((1, 1, self.T, self.S), bool)
     mask[..., 2, :] = False
+    if self._mode() == "debug_infs":
+      mask[..., 2, :] = True   # an empty row's lse is -inf by definition
     out, lse = self.attention_with_lse(q, k, v, mask=jnp.asarray(mask),
                                        is_causal=True)
     ref = attention_np(q, k, v, mask=mask, is_causal=True)
@@ -261,6 +281,147 @@ class SoftmaxAttentionSuite:
     assert np.all(np.isneginf(np.asarray(lse))[~finite])
     np.testing.assert_allclose(np.asarray(lse)[finite], ref["lse"][finite],
                                atol=5e-4 if dtype == jnp.float32 else 5e-2)
+
+  # ------------------------------------------------ masked-slot invariance
+  def _dead_slot_case(self, kind, rng):
+    """(kwargs, ref_kw, mask, dead [B, S] bool): key slots no query can
+    attend under `kind`."""
+    b, t, s = self.B, self.T, self.S
+    dead = np.zeros((b, s), bool)
+    kw, ref_kw, mask = {}, {}, None
+    if kind == "lengths":
+      kl = np.array([7, s - 4])
+      kw = dict(key_value_seq_lengths=jnp.asarray(kl))
+      ref_kw = dict(kv_lengths=kl)
+      dead = np.arange(s)[None, :] >= kl[:, None]
+    elif kind == "bool_mask":
+      m = rng.random((b, 1, t, s)) < 0.7
+      cols = np.zeros((b, s), bool)
+      cols[0, [1, 4, s - 1]] = True
+      cols[1, [0, 9]] = True
+      m[:, 0][np.broadcast_to(cols[:, None, :], (b, t, s))] = False
+      m[:, :, :, 2] = True   # no row fully masked by accident
+      mask = jnp.asarray(m)
+      dead = cols
+    elif kind == "segments":
+      if not self.supports_segment_ids:
+        pytest.skip("segment ids not supported")
+      qs = np.zeros((b, t), np.int32)
+      qs[:, t // 2:] = 1
+      ks = np.zeros((b, s), np.int32)
+      ks[:, s // 3:] = 1
+      ks[0, -5:] = 7           # a segment no query carries
+      ks[1, :3] = -3
+      kw = dict(q_segment_ids=jnp.asarray(qs), kv_segment_ids=jnp.asarray(ks))
+      ref_kw = dict(q_segment_ids=qs, kv_segment_ids=ks)
+      dead = (ks == 7) | (ks == -3)
+    elif kind == "causal":
+      kw, ref_kw = dict(is_causal=True), dict(is_causal=True)
+      dead[:, t:] = True       # S > T: keys past the last query
+    elif kind == "window":
+      kw = dict(local_window_size=(3, 1))
+      ref_kw = dict(window=(3, 1))
+      dead[:, t + 1:] = True
+    elif kind == "lengths_causal":
+      ql, kl = np.array([5, t]), np.array([s, 11])
+      kw = dict(query_seq_lengths=jnp.asarray(ql),
+                key_value_seq_lengths=jnp.asarray(kl), is_causal=True)
+      ref_kw = dict(q_lengths=ql, kv_lengths=kl, is_causal=True)
+      j = np.arange(s)[None, :]
+      dead = (j >= kl[:, None]) | (j >= ql[:, None])
+    assert self.S > self.T + 1 and dead.any()
+    return kw, ref_kw, mask, dead
+
+  @pytest.mark.parametrize("kind", ["lengths", "bool_mask", "segments",
+                                    "causal", "window", "lengths_causal"])
+  def test_masked_slot_invariance(self, kind):
+    """NaN / Inf planted in key and value slots that no query may attend
+    change no output and no gradient, and the gradients at those slots are
+    exactly zero."""
+    dtype = self._dtypes()[0]
+    rng = np.random.default_rng(21)
+    q, k, v = self._inputs(dtype, seed=21)
+    kw, ref_kw, mask, dead = self._dead_slot_case(kind, rng)
+    d4 = dead[:, :, None, None]
+    # Planted with NumPy (a jnp op writing inf would itself trip debug_infs).
+    plant = lambda x, val: jnp.asarray(
+        np.where(d4, val, np.asarray(x, np.float32)), dtype)
+    bad_pairs = [(plant(k, np.nan), plant(v, np.inf)),
+                 (plant(k, -np.inf), plant(v, np.nan)),
+                 (plant(k, 1e30), plant(v, -3e38))]
+    dout = _rand(98, q.shape, jnp.float32)
+
+    def run(k, v):
+      def loss(q, k, v):
+        out = self.attention(q, k, v, None, mask, **kw)
+        return jnp.sum(out.astype(jnp.float32) * dout), out
+      (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2),
+                                           has_aux=True)(q, k, v)
+      return out, grads
+
+    clean_out, clean_g = run(k, v)
+    ref = attention_np(q, k, v, mask=mask, dout=dout, **ref_kw)
+    atol, rtol = _tol(dtype)
+    np.testing.assert_allclose(np.asarray(clean_out, np.float64), ref["out"],
+                               atol=atol, rtol=rtol)
+    for kb, vb in bad_pairs:
+      out, grads = run(kb, vb)
+      np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                    np.asarray(clean_out, np.float32))
+      for name, g, g0 in zip(("dq", "dk", "dv"), grads, clean_g):
+        g = np.asarray(g, np.float32)
+        assert np.all(np.isfinite(g)), name
+        np.testing.assert_allclose(g, np.asarray(g0, np.float32), atol=1e-6,
+                                   rtol=1e-6, err_msg=name)
+      for name, g in (("dk", grads[1]), ("dv", grads[2])):
+        g = np.asarray(g, np.float32)
+        assert np.all(g[dead] == 0.0), f"{name} nonzero at masked slots"
+
+  def test_all_neg_inf_bias_row_gives_zeros(self):
+    """A row whose bias is -inf everywhere has nothing to attend to: zeros
+    (not NaN) and finite gradients, in every backend; other rows as the
+    reference."""
+    if not self.supports_bias:
+      pytest.skip("bias not supported")
+    if self._mode() == "debug_infs":
+      pytest.skip("the -inf bias itself is an inf under debug_infs")
+    dtype = self._dtypes()[0]
+    q, k, v = self._inputs(dtype, seed=22)
+    bias = np.array(_rand(23, (self.B, 1, self.T, self.S), jnp.float32))
+    bias[0, :, 3, :] = -np.inf
+    bias[1, :, 0, :] = -np.inf
+    bias[1, :, 5, ::2] = -np.inf     # partly -inf: ordinary row
+    allowed = np.isfinite(bias)
+    ref = attention_np(q, k, v, np.where(allowed, bias, 0.0), mask=allowed)
+    out = self.attention(q, k, v, jnp.asarray(bias))
+    out32 = np.asarray(out, np.float32)
+    assert np.all(np.isfinite(out32))
+    assert np.all(out32[0, 3] == 0.0) and np.all(out32[1, 0] == 0.0)
+    atol, rtol = _tol(dtype)
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref["out"],
+                               atol=atol, rtol=rtol)
+    grads = jax.grad(lambda q, k, v: jnp.sum(self.attention(
+        q, k, v, jnp.asarray(bias)).astype(jnp.float32)),
+        argnums=(0, 1, 2))(q, k, v)
+    for g in grads:
+      assert np.all(np.isfinite(np.asarray(g, np.float32)))
+
+  @pytest.mark.parametrize("which", ["batch", "q_len", "kv_len"])
+  def test_empty_inputs(self, which):
+    """Batch 0 and zero-length sequences give the correctly shaped zeros
+    (a zero-length key sequence leaves nothing to attend to)."""
+    dtype = self._dtypes()[0]
+    b, t, s = {"batch": (0, 5, 7), "q_len": (2, 0, 7),
+               "kv_len": (2, 5, 0)}[which]
+    q = jnp.ones((b, t, 4, 8), dtype)
+    k = jnp.ones((b, s, 2, 8), dtype)
+    v = jnp.ones((b, s, 2, 8), dtype)
+    out = self.attention(q, k, v, is_causal=True)
+    assert out.shape == (b, t, 4, 8) and out.dtype == dtype
+    assert np.all(np.asarray(out, np.float32) == 0.0)
+    g = jax.grad(lambda q: jnp.sum(self.attention(q, k, v).astype(
+        jnp.float32)))(q)
+    assert g.shape == q.shape
 
   def test_value_head_dim_differs(self):
     if not self.supports_value_head_dim:

@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnjax._checks import check_int, check_rate
 from attnjax.softmax import attention_weights, dot_product_attention
+from attnjax.softmax._common import input_live
 
 default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -73,8 +75,20 @@ class MultiHeadAttention(nnx.Module):
                out_kernel_init=None,
                bias_init=nnx.initializers.zeros_init(),
                rngs: nnx.Rngs):
+    num_heads = check_int("num_heads", num_heads, min_value=1)
+    num_kv_heads = check_int("num_kv_heads", num_kv_heads, min_value=1,
+                             allow_none=True)
+    in_features = check_int("in_features", in_features, min_value=1)
+    qkv_features = check_int("qkv_features", qkv_features, min_value=1,
+                             allow_none=True)
+    out_features = check_int("out_features", out_features, min_value=1,
+                             allow_none=True)
+    in_kv_features = check_int("in_kv_features", in_kv_features, min_value=1,
+                               allow_none=True)
+    head_dim = check_int("head_dim", head_dim, min_value=1, allow_none=True)
+    dropout_rate = check_rate("dropout_rate", dropout_rate)
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+    if num_heads % num_kv_heads:
       raise ValueError(
           f"`num_heads` ({num_heads}) must be a positive multiple of "
           f"`num_kv_heads` ({num_kv_heads}).")
@@ -86,7 +100,9 @@ class MultiHeadAttention(nnx.Module):
             f"({num_heads}) unless `head_dim` is given.")
       head_dim = qkv_features // num_heads
     if head_dim <= 0:
-      raise ValueError(f"`head_dim` must be positive, got {head_dim}.")
+      raise ValueError(
+          f"`head_dim` must be positive, got {head_dim} (qkv_features="
+          f"{qkv_features} // num_heads={num_heads}).")
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim
@@ -149,8 +165,12 @@ class MultiHeadAttention(nnx.Module):
                deterministic: Optional[bool] = None,
                rngs: Optional[nnx.Rngs] = None, sow_weights: bool = False,
                attention_kwargs: Optional[dict] = None):
-    q, k, v = self.project_qkv(inputs_q, inputs_k, inputs_v)
     kwargs = dict(attention_kwargs or {})
+    inputs_k = inputs_q if inputs_k is None else inputs_k
+    inputs_v = inputs_k if inputs_v is None else inputs_v
+    inputs_k, inputs_v = self._zero_unattended(inputs_q, inputs_k, inputs_v,
+                                               mask, is_causal, kwargs)
+    q, k, v = self.project_qkv(inputs_q, inputs_k, inputs_v)
     if mask is not None:
       kwargs["mask"] = mask
     if bias is not None:
@@ -177,6 +197,31 @@ class MultiHeadAttention(nnx.Module):
                attention_weights(q, k, **w_kwargs))
     x = self.attention_fn(q, k, v, **kwargs)
     return self.out(x)
+
+  def _zero_unattended(self, x_q, x_k, x_v, mask, is_causal, kwargs):
+    """Zeroes key/value input positions no query may attend (padding past
+    `key_value_seq_lengths`, all-False mask columns, ...), so whatever they
+    hold (NaN, Inf) reaches neither the output nor any gradient, parameter
+    gradients included."""
+    if not (getattr(x_q, "ndim", 0) == 3 and getattr(x_k, "ndim", 0) == 3
+            and getattr(x_v, "ndim", 0) == 3):
+      return x_k, x_v
+    keys = ("local_window_size", "query_seq_lengths", "key_value_seq_lengths",
+            "q_segment_ids", "kv_segment_ids")
+    if mask is None and not is_causal and not any(
+        kwargs.get(k_) is not None for k_ in keys):
+      return x_k, x_v
+    b, t, s = x_q.shape[0], x_q.shape[1], x_k.shape[1]
+    try:
+      live = input_live(b, t, s, mask=mask, is_causal=is_causal,
+                        **{k_: kwargs.get(k_) for k_ in keys})
+    except (TypeError, ValueError):
+      return x_k, x_v     # let the attention primitive report bad arguments
+    if live is None:
+      return x_k, x_v
+    live = live[:, :, None]
+    return (jnp.where(live, x_k, jnp.zeros((), x_k.dtype)),
+            jnp.where(live, x_v, jnp.zeros((), x_v.dtype)))
 
   def merged_matrices(self):
     """Per-head merged matrices for analysis.

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnjax._checks import check_int, check_rate
 from attnjax.nn.attention import MultiHeadAttention
 from attnjax.softmax import dot_product_attention
 
@@ -29,6 +30,12 @@ class MLP(nnx.Module):
                dropout_rate: float = 0.0, use_bias: bool = True,
                dtype: Optional[Any] = None, param_dtype: Any = jnp.float32,
                rngs: nnx.Rngs):
+    in_features = check_int("in_features", in_features, min_value=1)
+    hidden_features = check_int("hidden_features", hidden_features,
+                                min_value=1)
+    out_features = check_int("out_features", out_features, min_value=1,
+                             allow_none=True)
+    dropout_rate = check_rate("dropout_rate", dropout_rate)
     out_features = in_features if out_features is None else out_features
     self.fc1 = nnx.Linear(in_features, hidden_features, use_bias=use_bias,
                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -59,6 +66,11 @@ class TransformerBlock(nnx.Module):
                activation: Callable[[jax.Array], jax.Array] = nnx.gelu,
                dtype: Optional[Any] = None, param_dtype: Any = jnp.float32,
                rngs: nnx.Rngs):
+    d_model = check_int("d_model", d_model, min_value=1)
+    mlp_dim = check_int("mlp_dim", mlp_dim, min_value=0, allow_none=True)
+    dropout_rate = check_rate("dropout_rate", dropout_rate)
+    attention_dropout_rate = check_rate("attention_dropout_rate",
+                                        attention_dropout_rate)
     mlp_dim = 4 * d_model if mlp_dim is None else mlp_dim
     self.norm1 = _norm(norm, d_model, dtype, param_dtype, rngs)
     self.attn = MultiHeadAttention(
@@ -96,8 +108,7 @@ class TransformerEncoder(nnx.Module):
   def __init__(self, num_layers: int, d_model: int, num_heads: int, *,
                final_norm: bool = True, norm: str = "layernorm",
                rngs: nnx.Rngs, **block_kwargs):
-    if num_layers < 1:
-      raise ValueError(f"`num_layers` must be >= 1, got {num_layers}.")
+    num_layers = check_int("num_layers", num_layers, min_value=1)
     self.blocks = nnx.List([
         TransformerBlock(d_model, num_heads, norm=norm, rngs=rngs,
                          **block_kwargs) for _ in range(num_layers)

@@ -252,6 +252,47 @@ def kv_live(mask, q_segment_ids, kv_segment_ids, query_seq_lengths,
   return out
 
 
+def input_live(b: int, t: int, s: int, *, mask=None, is_causal=False,
+               local_window_size=None, query_seq_lengths=None,
+               key_value_seq_lengths=None, q_segment_ids=None,
+               kv_segment_ids=None):
+  """Bool [B|1, S] of key positions some query may attend (None: all).
+
+  For layers that project key/value inputs: zeroing the inputs at the other
+  positions keeps whatever they hold out of the parameter gradients too.
+  Same rules as `kv_live`, with the heads of a mask OR-ed together.
+  """
+  if t == 0 or s == 0:
+    return None
+  if mask is not None:
+    mask = masks_lib.as_4d(jnp.asarray(mask, bool))
+    mask = jnp.any(mask, axis=1, keepdims=True)
+  window = normalize_window(local_window_size)
+  if window is not None:
+    window = (min(window[0], t + s), min(window[1], t + s))
+  if q_segment_ids is not None or kv_segment_ids is not None:
+    q_segment_ids = kv_segment_ids if q_segment_ids is None else q_segment_ids
+    kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+    q_segment_ids = jnp.asarray(q_segment_ids, jnp.int32)
+    kv_segment_ids = jnp.asarray(kv_segment_ids, jnp.int32)
+  qlen = None
+  if query_seq_lengths is not None or key_value_seq_lengths is not None:
+    if q_segment_ids is None:
+      q_segment_ids = jnp.zeros((b, t), jnp.int32)
+      kv_segment_ids = jnp.zeros((b, s), jnp.int32)
+    if query_seq_lengths is not None:
+      qlen = jnp.asarray(query_seq_lengths, jnp.int32).reshape(b)
+      q_segment_ids = jnp.where(jnp.arange(t)[None, :] < qlen[:, None],
+                                q_segment_ids, Q_PAD_SEGMENT)
+    if key_value_seq_lengths is not None:
+      kvl = jnp.asarray(key_value_seq_lengths, jnp.int32).reshape(b)
+      kv_segment_ids = jnp.where(jnp.arange(s)[None, :] < kvl[:, None],
+                                 kv_segment_ids, KV_PAD_SEGMENT)
+  live = kv_live(mask, q_segment_ids, kv_segment_ids, qlen, bool(is_causal),
+                 window, b, t, 1, s, 1)
+  return None if live is None else live[:, :, 0, 0]
+
+
 def masked_softmax_stats(logits, mask):
   """Row max (finite-safe) and masked exponentials, float32.
 
