@@ -58,6 +58,19 @@ def key_padding_mask(mask, b: int, n: int, t: int, s: int, *, mechanism: str,
   return jnp.broadcast_to(m4[:, 0, 0, :], (b, s))
 
 
+def zero_masked(x, kv_mask):
+  """x [B, S, ...] with the slots where `kv_mask` [B, S] is False set to 0.
+
+  A select (jnp.where), never a product, so whatever a masked key/value slot
+  holds (NaN, Inf, uninitialised cache memory) reaches no output, and its
+  gradient is exactly zero. None: x unchanged.
+  """
+  if kv_mask is None:
+    return x
+  keep = kv_mask.reshape(kv_mask.shape + (1,) * (x.ndim - kv_mask.ndim))
+  return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+
 def reject(name: str, value, mechanism: str, why: str):
   """Raises NotImplementedError when an unsupported keyword is given."""
   if value is None or (isinstance(value, (bool, int, float)) and not value):

@@ -75,6 +75,9 @@ def _check(query, key, value, num_agents, agents, mask, is_causal, bias,
   kv_mask = _common.key_padding_mask(mask, b, n, t, s,
                                      mechanism="agent_attention",
                                      unbatched=unbatched)
+  # Masked slots are zeroed by a select, so NaN/Inf there reaches nothing.
+  key = _common.zero_masked(key, kv_mask)
+  value = _common.zero_masked(value, kv_mask)
   if agents is None:
     if num_agents is None:
       raise ValueError("give `num_agents` (pooled from queries) or `agents`.")

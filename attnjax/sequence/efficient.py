@@ -45,6 +45,9 @@ def _prepare(query, key, value, mask, is_causal, bias, dropout_rate, scale):
   kv_mask = _common.key_padding_mask(mask, b, n, t, s,
                                      mechanism="efficient_attention",
                                      unbatched=unbatched)
+  # Masked slots are zeroed by a select, so NaN/Inf there reaches nothing.
+  key = _common.zero_masked(key, kv_mask)
+  value = _common.zero_masked(value, kv_mask)
   scale = 1.0 if scale is None else float(scale)
   rq = jax.nn.softmax(query.astype(jnp.float32) * scale, axis=-1)
   kl = key.astype(jnp.float32) * scale

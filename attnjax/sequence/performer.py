@@ -107,6 +107,9 @@ def _prepare(query, key, value, projection, mask, scale, bias, dropout_rate):
   kv_mask = _common.key_padding_mask(mask, b, n, t, s,
                                      mechanism="performer_attention",
                                      unbatched=unbatched)
+  # Masked slots are zeroed by a select, so NaN/Inf there reaches nothing.
+  key = _common.zero_masked(key, kv_mask)
+  value = _common.zero_masked(value, kv_mask)
   root = math.sqrt(_common.default_scale(scale, h))
   fq = favor_features(query * root, projection, is_query=True)
   fk = favor_features(key * root, projection, is_query=False, kv_mask=kv_mask)

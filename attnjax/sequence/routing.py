@@ -81,6 +81,9 @@ def _check(query, key, value, mask, region_size, top_k, bias, dropout_rate):
   kv_mask = _common.key_padding_mask(mask, b, n, t, s,
                                      mechanism="routing_attention",
                                      unbatched=unbatched)
+  # Masked slots are zeroed by a select, so NaN/Inf there reaches nothing.
+  key = _common.zero_masked(key, kv_mask)
+  value = _common.zero_masked(value, kv_mask)
   return query, key, value, dims, unbatched, kv_mask
 
 

@@ -45,6 +45,9 @@ def _common_checks(query, key, value, mask, bias, dropout_rate, mechanism):
   b, t, n, s, k, h, hv = dims
   kv_mask = _common.key_padding_mask(mask, b, n, t, s, mechanism=mechanism,
                                      unbatched=unbatched)
+  # Masked slots are zeroed by a select, so NaN/Inf there reaches nothing.
+  key = _common.zero_masked(key, kv_mask)
+  value = _common.zero_masked(value, kv_mask)
   return query, key, value, dims, unbatched, kv_mask
 
 
