@@ -315,9 +315,33 @@ def constrain_batch(batch, mesh: Mesh, *, data_axis: Optional[str] = "data",
   return jax.tree_util.tree_map(one, batch)
 
 
+def put(x, sharding: NamedSharding):
+  """`jax.device_put(x, sharding)`, also onto devices of other processes.
+
+  Multi-process, `device_put` cannot move a host value or a process-local
+  array onto a sharding that spans other processes' devices; then every
+  process contributes its addressable shards of `x` (which must be the same
+  value on every process, e.g. parameters initialised from one seed) with
+  `jax.make_array_from_callback`. Typed PRNG keys go through their key data.
+  """
+  if (jax.process_count() == 1 or sharding.is_fully_addressable or
+      (isinstance(x, jax.Array) and not x.is_fully_addressable)):
+    return jax.device_put(x, sharding)
+  dtype = getattr(x, "dtype", None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    data = jax.random.key_data(x)
+    spec = tuple(sharding.spec) + (None,) * (data.ndim - len(sharding.spec))
+    data = put(data, NamedSharding(sharding.mesh, PartitionSpec(*spec)))
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding,
+                                      lambda idx: host[idx])
+
+
 def replicate(tree, mesh: Mesh):
   """`jax.device_put` of every array leaf, replicated over the whole mesh."""
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+  rep = NamedSharding(mesh, PartitionSpec())
+  return jax.tree_util.tree_map(lambda x: put(x, rep), tree)
 
 
 # ----------------------------------------------------------------------------
@@ -365,7 +389,7 @@ def shard_tree(tree, mesh: Mesh, *, fsdp_axis: Optional[str] = None,
   shardings = tree_shardings(tree, mesh, fsdp_axis=fsdp_axis,
                              min_size=min_size)
   return jax.tree_util.tree_map(
-      lambda x, s: x if s is None else jax.device_put(x, s), tree, shardings)
+      lambda x, s: x if s is None else put(x, s), tree, shardings)
 
 
 def shard_nnx(*modules, mesh: Mesh, fsdp_axis: Optional[str] = None,
@@ -396,7 +420,7 @@ def describe(tree) -> str:
 __all__ = ["barrier", "batch_spec", "constrain_batch", "describe", "fetch",
            "global_batch", "is_main_process", "make_mesh",
            "make_training_mesh", "maybe_initialize_distributed", "mesh_axis",
-           "param_spec", "parse_mesh", "process_slice", "replicate",
+           "param_spec", "parse_mesh", "process_slice", "put", "replicate",
            "shard_batch", "shard_nnx", "shard_tree", "tree_shardings"]
 
 

@@ -502,6 +502,10 @@ if __name__ == "__main__":
     check_ring_window()
   elif group == "mp_attention":
     check_mp_attention()
+  elif group == "mp_ckpt":
+    from experiments import sharding as _sharding
+    _sharding.maybe_initialize_distributed()
+    check_ckpt_save(sys.argv[2])
   elif group == "mp":     # attention, then a collective FSDP checkpoint
     check_mp_attention()
     check_ckpt_save(sys.argv[2])
