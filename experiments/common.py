@@ -736,7 +736,8 @@ def define_study_flags(config_file: str, preset: str = "default") -> None:
 
   Call it under `if __name__ == "__main__":` so that experiment modules can be
   imported side by side (tests, colabs) without duplicate-flag errors; `main`
-  then reads `flags.FLAGS.workdir` and `flags.FLAGS.config`.
+  then reads `flags.FLAGS.workdir` and `flags.FLAGS.config`. Also sets up
+  logging (`setup_logging`) once flags are parsed, before `main` runs.
   """
   from absl import flags
   from ml_collections import config_flags
@@ -745,6 +746,8 @@ def define_study_flags(config_file: str, preset: str = "default") -> None:
   _STUDY_CONFIG["path"] = path
   _STUDY_CONFIG["module"] = _load_config_module(path)
   config_flags.register_flag_parser_for_type(tuple, _comma_tuple_parser())
+  from absl import app
+  app.call_after_init(setup_logging)   # every study binary, before main()
   flags.DEFINE_string("workdir", None, "Output directory.")
   config_flags.DEFINE_config_file(
       "config", f"{path}:{preset}",
