@@ -247,6 +247,7 @@ def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
       # nothing left to train; the last chunk's loss is in metrics.jsonl.
       loss = _final_loss(metrics, c.name, step)
     t_eval = time.time()
+    common.say(f"[{label}] evaluating")
     res = {k: float(v) for k, v in
            c.eval_fn(nnx.merge(graphdef, params, rest)).items()}
     common.phase("eval")

@@ -383,3 +383,70 @@ def test_every_config_field_has_a_line_of_meaning_for_helpfull(path):
   missing = sorted(k for k in flat if k not in docs and k != "preset")
   assert not missing, (f"{os.path.basename(path)}: fields without a comment "
                        f"(or FIELD_DOCS entry): {', '.join(missing)}")
+
+
+# --- run_study_main: validation, record, completed workdirs ------------------
+
+_FAKE_STUDY = '''
+import os, sys
+from absl import app, flags
+from experiments import common
+
+def run_study(cfg, workdir):
+  if os.environ.get("FAKE_FAIL"):
+    raise RuntimeError("failed before writing anything")
+  with open(os.path.join(workdir, "calls.txt"), "a") as f:
+    f.write("run\\n")
+  return {"num_heads": cfg.num_heads}
+
+def main(argv):
+  res, path = common.run_study_main(run_study)
+  print("results", res)
+
+if __name__ == "__main__":
+  common.define_study_flags("random_feature_attention.py", preset="tiny")
+  app.run(main)
+'''
+
+
+def _fake(tmp_path, *args, env=None):
+  import subprocess
+  import sys
+  script = tmp_path / "fake_study.py"
+  script.write_text(_FAKE_STUDY)
+  return subprocess.run(
+      [sys.executable, str(script), *args], cwd=str(tmp_path),
+      capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
+           **(env or {})})
+
+
+def test_run_study_main_refuses_bad_configs_and_skips_a_completed_run(
+    tmp_path):
+  wd = tmp_path / "wd"
+  r = _fake(tmp_path, f"--workdir={wd}", "--config.num_heads=0",
+            "--config.targets=he1,he7")
+  assert r.returncode != 0 and "Traceback" not in r.stderr
+  assert "config.num_heads = 0: must be an integer > 0" in r.stderr
+  assert "'he7' not allowed; choose from key_linear, he1" in r.stderr
+  assert not (wd / "config.json").exists()
+  # The corrected command owns the workdir; comma-separated tuple override.
+  r = _fake(tmp_path, f"--workdir={wd}", "--config.num_heads=8",
+            "--config.targets=he1,he2")
+  assert r.returncode == 0, r.stderr
+  assert "results {'num_heads': 8}" in r.stdout
+  assert json.loads((wd / "config.json").read_text())["targets"] == [
+      "he1", "he2"]
+  # Re-running a finished workdir says so and does not recompute.
+  r = _fake(tmp_path, f"--workdir={wd}", "--config.num_heads=8",
+            "--config.targets=he1,he2")
+  assert r.returncode == 0, r.stderr
+  assert "holds a completed run (results.json): nothing to do" in r.stdout
+  assert (wd / "calls.txt").read_text() == "run\n"
+  assert r.stderr == ""                    # no absl INFO chatter
+  # A failure before any output leaves no record behind.
+  wd2 = tmp_path / "wd2"
+  r = _fake(tmp_path, f"--workdir={wd2}", "--config.num_heads=8",
+            env={"FAKE_FAIL": "1"})
+  assert r.returncode != 0 and "failed before writing anything" in r.stderr
+  assert not (wd2 / "config.json").exists()
