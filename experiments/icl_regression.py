@@ -131,7 +131,8 @@ from absl import app
 from flax import nnx
 
 from attnjax.analysis import kq_ov
-from attnjax.models.icl import ICLAttention
+from attnjax.models.icl import (ICLAttention, stack_head_params,
+                                stacked_icl_forward, unstack_head_params)
 from experiments import common, sharding
 
 
@@ -163,6 +164,37 @@ def covariance(d: int, rho: float) -> np.ndarray:
 # ----------------------------------------------------------------------------
 
 
+def _mix32(x):
+  """A 32-bit integer hash with full avalanche (Wellons' 'lowbias32')."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def fast_normal(key, shape) -> jax.Array:
+  """Standard normal float32 samples, ~5x cheaper than jax.random.normal on CPU.
+
+  Two 32-bit words from Threefry(key) seed a counter-based hash
+  (u_i = mix(mix(i ^ s0) + s1), `_mix32`), and Box-Muller turns pairs of
+  24-bit uniforms into normals. Threefry on every sample was the largest
+  cost of the training step (the model itself is ~17 heads of 6x6
+  matrices). Deterministic in `key`; checked against the normal law in
+  tests/test_icl_regression.py (moments, tails, KS, independence).
+  """
+  n = int(np.prod(shape))
+  m = (n + 1) // 2
+  seed = jax.random.bits(key, (2,), jnp.uint32)
+  i = jax.lax.iota(jnp.uint32, 2 * m).reshape(2, m)
+  b = _mix32(_mix32(i ^ seed[0]) + seed[1])
+  u1 = ((b[0] >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2 ** 24)  # (0, 1)
+  th = (b[1] >> 8).astype(jnp.float32) * (2.0 * math.pi / 2 ** 24)
+  r = jnp.sqrt(-2.0 * jnp.log(u1))
+  z = jnp.concatenate([r * jnp.cos(th), r * jnp.sin(th)])
+  return z[:n].reshape(shape)
+
+
 class Task:
   """Samples prompts: x [B, L, d], y [B, L, T], xq [B, d], yq [B, T]."""
 
@@ -172,12 +204,43 @@ class Task:
     self.chol = (np.linalg.cholesky(self.sigma).astype(np.float32)
                  if cfg.rho > 0 else None)
     self.supports = _supports(cfg)
+    # beta_t ~ N(0, I_S / |S|) ('normalized', the paper's single task) or
+    # N(0, I_S) ('unit', the authors' multi-task notebook).
+    unit = cfg.get("beta_scaling", "normalized") == "unit"
     mask = np.zeros((self.T, self.d), np.float32)
     for t, g in enumerate(self.supports):
-      mask[t, g] = 1.0 / math.sqrt(len(g))     # beta_t ~ N(0, I_S / |S|)
+      mask[t, g] = 1.0 if unit else 1.0 / math.sqrt(len(g))
     self.beta_scale = mask
+    # Noise sd per task: sigma, or sigma sqrt(|S_t|) ('support': the authors'
+    # multi-task notebook, same SNR as normalized beta with sigma).
+    sd = math.sqrt(self.sigma2)
+    per_support = cfg.get("noise_scaling", "fixed") == "support"
+    self.noise_sd = np.array([sd * (math.sqrt(len(g)) if per_support else 1.0)
+                              for g in self.supports], np.float32)
+    self.query_noise = bool(cfg.get("query_noise", True))
 
   def sample(self, key, batch: int, length: int):
+    """One prompt batch: x [B, L, d], y [B, L, T], xq [B, d], yq [B, T].
+
+    The same distribution as `sample_reference` (the original sampler) from
+    one `fast_normal` draw: covariates of context and query, beta and the
+    noise of context and query are slices of it.
+    """
+    nx, nb = batch * (length + 1) * self.d, batch * self.T * self.d
+    ne = batch * (length + 1) * self.T
+    z = fast_normal(key, (nx + nb + ne,))
+    xa = z[:nx].reshape(batch, length + 1, self.d)
+    if self.chol is not None:
+      xa = xa @ self.chol.T
+    beta = z[nx:nx + nb].reshape(batch, self.T, self.d) * self.beta_scale
+    noise = z[nx + nb:].reshape(batch, length + 1, self.T) * self.noise_sd
+    if not self.query_noise:
+      noise = noise.at[:, length].set(0.0)
+    ya = jnp.einsum("bld,btd->blt", xa, beta) + noise
+    return xa[:, :length], ya[:, :length], xa[:, length], ya[:, length]
+
+  def sample_reference(self, key, batch: int, length: int):
+    """The sampler of the original step (five draws); used by benchmarks."""
     kx, kq, kb, ke, keq = jax.random.split(key, 5)
     x = jax.random.normal(kx, (batch, length, self.d))
     xq = jax.random.normal(kq, (batch, self.d))
@@ -219,6 +282,7 @@ class Run:
         2**31 - 1))
     model = ICLAttention(cfg.d, num_heads, num_tasks=cfg.num_tasks,
                          attention=attention, rngs=nnx.Rngs(init_seed))
+    self.scale = model.scale
     self.graphdef, state = nnx.split(model)
     self._template = state
     self.params0 = state.to_pure_dict()
@@ -236,7 +300,12 @@ class Run:
     return jnp.mean(jnp.sum((pred - yq) ** 2, axis=-1))
 
   def _predict_impl(self, params, zq, zc, mask):
-    return self.model(params)(zq, zc, mask=mask)
+    # The reassociated forward (equal to self.model(params)(zq, zc, mask)).
+    heads = stacked_icl_forward(stack_head_params([params]), zq, zc,
+                                scale=self.scale,
+                                head_kind=[self.attention] * self.H,
+                                mask=mask)
+    return jnp.sum(heads, axis=1)
 
   def predict(self, params, zq, zc, mask, chunk: int):
     outs = []
@@ -254,22 +323,110 @@ class Stopped(Exception):
   """Raised when `stop_after_steps` simulates a kill."""
 
 
-def _make_chunk(cfg, task, runs, tx, mesh):
-  """jit(params, opt, start, n) -> n Adam steps of every run on shared data.
+class Stack:
+  """All runs' heads stacked on one axis: the fast training step.
+
+  Parameters live as {'query', 'key', 'value': [D, N, D], 'out': [N, D, T]}
+  (N = heads of all runs; `attnjax.models.icl.stack_head_params`), the
+  forward is the reassociated `stacked_icl_forward` (only the query attends:
+  no projection of context tokens), and one loss -- the sum of the runs'
+  losses, whose gradient in a run's parameters is that run's own gradient --
+  drives one Adam update (elementwise, so identical to per-run Adam).
+  """
+
+  def __init__(self, runs):
+    self.runs = list(runs)
+    self.num_heads = [r.H for r in self.runs]
+    self.kinds = tuple(k for r in self.runs for k in [r.attention] * r.H)
+    onehot = np.zeros((sum(self.num_heads), len(self.runs)), np.float32)
+    onehot[np.arange(onehot.shape[0]),
+           np.repeat(np.arange(len(self.runs)), self.num_heads)] = 1.0
+    self.onehot = onehot                      # [N, M]: head -> its run
+    self.scale = self.runs[0].scale
+
+  def stack(self, params_by_name):
+    return stack_head_params([params_by_name[r.name] for r in self.runs])
+
+  def unstack(self, stacked):
+    return {r.name: p for r, p in zip(
+        self.runs, unstack_head_params(stacked, self.num_heads))}
+
+  def predict(self, stacked, zq, zc, mask=None):
+    """[B, M, T]: every run's prediction."""
+    heads = stacked_icl_forward(stacked, zq, zc, scale=self.scale,
+                                head_kind=self.kinds, mask=mask)
+    return jnp.einsum("bnt,nm->bmt", heads, self.onehot)
+
+  def losses(self, stacked, batch):
+    """[M]: each run's mean squared error (summed over tasks)."""
+    x, y, xq, yq = batch
+    zq, zc = tokens(x, y, xq)
+    pred = self.predict(stacked, zq, zc)
+    return jnp.mean(jnp.sum((pred - yq[:, None, :]) ** 2, axis=-1), axis=0)
+
+  def total_loss(self, stacked, batch):
+    l = self.losses(stacked, batch)
+    return jnp.sum(l), l
+
+
+def make_optimizer(cfg):
+  """Adam with the config's (PyTorch-default) settings."""
+  return optax.adam(cfg.lr, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps)
+
+
+def make_step(cfg, task, stack, tx, mesh=None):
+  """(params, opt, step) -> (params, opt, losses [M]): one fast Adam step."""
+  data_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+
+  def step_fn(p, o, step):
+    batch = task.sample(jax.random.fold_in(data_key, step), cfg.batch_size,
+                        cfg.L)
+    if mesh is not None:
+      batch = sharding.constrain_batch(batch, mesh)
+    (_, losses), g = jax.value_and_grad(stack.total_loss, has_aux=True)(
+        p, batch)
+    upd, o = tx.update(g, o, p)
+    return optax.apply_updates(p, upd), o, losses
+
+  return step_fn
+
+
+def _make_chunk(cfg, task, stack, tx, mesh):
+  """jit(params, opt, start, n) -> n fast Adam steps of every run.
 
   All models see the same batch at each step (drawn from
-  fold_in(data_key, step)), so the H comparison is paired and the batch is
-  sampled once per step for all of them. The batch is sharded over the
-  mesh's `data` axis (a no-op constraint when that axis has size 1).
+  fold_in(data_key, step)), so the H comparison is paired; the batch is
+  sharded over the mesh's `data` axis (a no-op with one device). One
+  dispatch runs n steps (lax.scan); checkpoints fall on chunk boundaries.
+  """
+  step_fn = make_step(cfg, task, stack, tx, mesh)
+
+  def chunk(params, opt, start, n):
+    def body(carry, i):
+      p, o, l = step_fn(*carry, start + i)
+      return (p, o), l
+
+    (params, opt), losses = jax.lax.scan(body, (params, opt), jnp.arange(n))
+    return params, opt, jnp.mean(losses, axis=0)
+
+  return jax.jit(chunk, static_argnums=(3,))
+
+
+def make_reference_chunk(cfg, task, runs, tx):
+  """The original step (before the reassociated one), kept as reference.
+
+  Per run: the `ICLAttention` module (projects every context token),
+  its own value_and_grad and Adam update, on `Task.sample_reference` data.
+  `experiments/bench_icl.py` times it against `_make_chunk`, and the tests
+  check that both give the same losses and gradients.
   """
   data_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
 
   def chunk(params, opt, start, n):
     def body(carry, i):
       p, o = carry
-      batch = task.sample(jax.random.fold_in(data_key, start + i),
-                          cfg.batch_size, cfg.L)
-      batch = sharding.constrain_batch(batch, mesh)
+      batch = task.sample_reference(jax.random.fold_in(data_key, start + i),
+                                    cfg.batch_size, cfg.L)
       losses, new_p, new_o = {}, {}, {}
       for run in runs:
         loss, g = jax.value_and_grad(run.loss)(p[run.name], batch)
@@ -296,10 +453,10 @@ def train(cfg, task, runs, workdir: str) -> dict:
     raise ValueError(f"ckpt_every ({cfg.ckpt_every}) must be a multiple of "
                      f"log_every ({cfg.log_every}).")
   mesh = make_mesh(cfg)
-  tx = optax.adam(cfg.lr)
-  params = {r.name: r.params0 for r in runs}
-  init = {"params": params,
-          "opt": {r.name: tx.init(r.params0) for r in runs}}
+  tx = make_optimizer(cfg)
+  stack = Stack(runs)
+  params = stack.stack({r.name: r.params0 for r in runs})
+  init = {"params": params, "opt": tx.init(params)}
   # On the mesh before building the restore target: orbax then reads the
   # checkpoint straight into this mesh, whatever device count wrote it.
   init = sharding.shard_tree(init, mesh, fsdp_axis=cfg.fsdp_axis or None)
@@ -312,16 +469,20 @@ def train(cfg, task, runs, workdir: str) -> dict:
   writer = common.MetricsWriter(workdir)
   writer.resume_from(step if step > 0 else -1)
   if step == 0:
-    _log(cfg, writer, runs, 0, params, None)
-  chunk = _make_chunk(cfg, task, runs, tx, mesh)
+    _log(cfg, writer, runs, 0, stack.unstack(params), None)
+  if step >= cfg.steps:
+    print(f"training already complete ({step}/{cfg.steps} steps in "
+          f"{workdir}/checkpoints); skipping to evaluation", flush=True)
+  chunk = _make_chunk(cfg, task, stack, tx, mesh)
   prog = common.Progress(cfg.steps, start=step, every=cfg.log_every,
                          desc="train " + ",".join(r.name for r in runs))
   while step < cfg.steps:
     n = min(cfg.log_every, cfg.steps - step)
     params, opt, losses = chunk(params, opt, jnp.asarray(step), n)
     step += n
-    _log(cfg, writer, runs, step, params, losses)
-    prog.update(step, **{k: float(v) for k, v in losses.items()})
+    losses = {r.name: float(v) for r, v in zip(runs, np.asarray(losses))}
+    _log(cfg, writer, runs, step, stack.unstack(params), losses)
+    prog.update(step, **losses)
     if step % cfg.ckpt_every == 0 or step == cfg.steps:
       ckpt.save(step, {"step": np.asarray(step, np.int64),
                        "leaves": jax.tree_util.tree_leaves(
@@ -331,7 +492,18 @@ def train(cfg, task, runs, workdir: str) -> dict:
       ckpt.close()
       raise Stopped(f"stopped at step {step} (stop_after_steps)")
   ckpt.close()
-  return params
+  return stack.unstack(params)
+
+
+def snapshot_steps(cfg) -> List[int]:
+  """Steps whose full KQ matrices are logged (the evolution figure).
+
+  The authors' evolution figure shows log indices 0, 1, 2, 10, 100, 500 of
+  their 1000-step log (steps 0, 1k, 2k, 10k, 100k, 500k); here the same
+  multiples of log_every that fall within the run, plus the last step.
+  """
+  return sorted({m * cfg.log_every for m in (0, 1, 2, 10, 100, 500)
+                 if m * cfg.log_every <= cfg.steps} | {cfg.steps})
 
 
 def _log(cfg, writer, runs, step, params, losses):
@@ -342,6 +514,8 @@ def _log(cfg, writer, runs, step, params, losses):
     kq, ov = run.merged(params[run.name])
     rec[f"omega/{run.name}"] = kq_ov.diagonal_mean(kq[:, :d, :d]).tolist()
     rec[f"mu/{run.name}"] = ov[:, d, 0].tolist()
+    if step in snapshot_steps(cfg):
+      rec[f"kq/{run.name}"] = kq.tolist()
     if losses is not None:
       rec[f"train_loss/{run.name}"] = float(losses[run.name])
   writer.write(step, **rec)
@@ -400,13 +574,35 @@ def _eval_set(cfg, task, salt: int, length: int):
   return tuple(np.asarray(a, np.float64) for a in (x, y, xq, yq))
 
 
+_EVAL_PROGRESS: Dict[str, object] = {}
+
+
+def _eval_progress(cfg, runs):
+  """Progress over model evaluations (prompts x context length units)."""
+  lengths = {cfg.L}
+  if cfg.reduced_model and cfg.num_tasks == 1:
+    lengths |= set(_ints(cfg.reduced_lengths))
+    lengths |= set(_ints(cfg.estimator_lengths))
+  if cfg.length_generalization and cfg.num_tasks == 1:
+    lengths |= set(_ints(cfg.eval_lengths))
+  total = sum(lengths) * len(runs)
+  _EVAL_PROGRESS["p"] = common.Progress(
+      total, every=max(1, total // 10), desc="evaluate models",
+      unit="context-length units")
+  _EVAL_PROGRESS["done"] = 0
+
+
 def _model_on_prefix(run, params, data, length, chunk):
   x, y, xq, _ = data
   zq, zc = tokens(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
                   jnp.asarray(xq, jnp.float32))
   mask = np.zeros(x.shape[:2], bool)
   mask[:, :length] = True
-  return run.predict(params, zq, zc, jnp.asarray(mask), chunk)
+  out = run.predict(params, zq, zc, jnp.asarray(mask), chunk)
+  if "p" in _EVAL_PROGRESS:
+    _EVAL_PROGRESS["done"] += length
+    _EVAL_PROGRESS["p"].update(_EVAL_PROGRESS["done"])
+  return out
 
 
 def baselines_at(cfg, fit, ev, length: int) -> Dict[str, float]:
@@ -432,6 +628,14 @@ def baselines_at(cfg, fit, ev, length: int) -> Dict[str, float]:
   return out
 
 
+def make_runs(cfg, task) -> List[Run]:
+  """The config's runs: softmax H in cfg.heads, then each linear variant."""
+  runs = [Run(cfg, task, "softmax", h) for h in _ints(cfg.heads)]
+  for kind in [k.strip() for k in cfg.linear_variants.split(",") if k]:
+    runs += [Run(cfg, task, kind, h) for h in _ints(cfg.linear_heads)]
+  return runs
+
+
 def run_study(cfg, workdir: str) -> dict:
   t0 = time.time()
   # Multi-host: before any jax computation (no-op on a single host).
@@ -440,19 +644,20 @@ def run_study(cfg, workdir: str) -> dict:
   task = Task(cfg)
   d, T = cfg.d, cfg.num_tasks
   heads, lin_heads = _ints(cfg.heads), _ints(cfg.linear_heads)
-  runs = [Run(cfg, task, "softmax", h) for h in heads]
-  for kind in [k.strip() for k in cfg.linear_variants.split(",") if k]:
-    runs += [Run(cfg, task, kind, h) for h in lin_heads]
+  runs = make_runs(cfg, task)
   trained = train(cfg, task, runs, workdir)
 
   # Evaluation data: prompts with the longest context any analysis needs;
   # shorter contexts are prefixes (masked for the models).
   red_L = _ints(cfg.reduced_lengths) if cfg.reduced_model else []
   len_L = _ints(cfg.eval_lengths) if cfg.length_generalization else []
-  lmax = max([cfg.L] + red_L + len_L)
+  est_L = (_ints(cfg.estimator_lengths)
+           if cfg.reduced_model and cfg.num_tasks == 1 else [])
+  lmax = max([cfg.L] + red_L + len_L + est_L)
   ev = _eval_set(cfg, task, 10_001, lmax)
   fit = _eval_set(cfg, task, 10_002, lmax)
   chunk = cfg.eval_chunk
+  _eval_progress(cfg, runs)
 
   res = {"config": cfg.to_dict(), "heads": heads, "linear_heads": lin_heads,
          "linear_variants": cfg.linear_variants,
@@ -510,6 +715,14 @@ def run_study(cfg, workdir: str) -> dict:
   if T == 1 and cfg.length_generalization:
     res["length_generalization"] = _length_gen(cfg, runs, trained, fit, ev,
                                                len_L, preds)
+  if T == 1 and cfg.reduced_model:
+    est_L = _ints(cfg.estimator_lengths)
+    if est_L:
+      res["estimators"] = _estimators(cfg, runs, trained, ev, est_L, preds,
+                                      res)
+    res["gradient_flow"] = _gradient_flow_study(cfg, runs, workdir)
+  if T == 1:
+    res["dummy_heads"] = _dummy_heads(cfg, runs, trained, ev, preds, res)
   if T == 1 and cfg.rho > 0:
     res["noniso"] = _noniso(cfg, task, runs, trained, fit, ev)
   if T > 1:
@@ -518,6 +731,190 @@ def run_study(cfg, workdir: str) -> dict:
   if cfg.figures:
     _figures(cfg, workdir, runs, trained, res)
   return res
+
+
+def authors_kernel_values(d: int, sigma2: float, L: int):
+  """The authors' fixed single-head kernel predictor (plots.ipynb cell 1).
+
+  omega = 1/sqrt(d), mu = sqrt(d) / (1 + (1 + sigma^2) d e / L).
+  """
+  return 1.0 / math.sqrt(d), math.sqrt(d) / (1.0 + (1.0 + sigma2) * d *
+                                             math.e / L)
+
+
+def _estimators(cfg, runs, trained, ev, lengths, preds, res):
+  """The authors' estimator comparison on a length grid (plots.ipynb 1-2).
+
+  MSE on the evaluation prompts (query noise included) at each L of:
+  every trained softmax / linear model; the reduced multi-head model
+  sum_h mu_h softmax(omega_h X x_q)^T y with each trained H's (omega_h,
+  mu_h) and with the authors' fixed omega = 0.13 (+1, -1), mu = 3.45 (+1,
+  -1); one-step GD and debiased GD with the authors' step 2 omega mu (their
+  GDEst / DGDEst) and with the step fitted by least squares at each L; the
+  single-head kernel predictor with the authors' fixed (omega, mu) and with
+  the trained H = 1 head; ridge (Bayes-optimal, lambda = sigma^2 d).
+  """
+  d = cfg.d
+  x, y, xq, yq = ev[0], ev[1][..., 0], ev[2], ev[3][..., 0]
+  om_a, mu_a = float(cfg.authors_omega), float(cfg.authors_mu)
+  out = {"lengths": lengths, "mse": {}, "authors_values": {
+      "omega": om_a, "mu": mu_a, "gd_step": 2 * om_a * mu_a}}
+  mse = out["mse"]
+  add = lambda name, v: mse.setdefault(name, []).append(float(v))
+  red = {}
+  for run in runs:
+    if run.attention == "softmax":
+      kq, ov = run.merged(trained[run.name])
+      red[run.H] = (kq_ov.diagonal_mean(kq[:, :d, :d]), ov[:, d, 0])
+  for l in lengths:
+    xl, yl = x[:, :l], y[:, :l]
+    for run in runs:
+      key = (run.name, l)
+      if key not in preds:
+        preds[key] = _model_on_prefix(run, trained[run.name], ev, l,
+                                      cfg.eval_chunk)
+      add(f"trained_{run.name}", _mse(preds[key][:, 0], yq))
+    for h, (om, mu) in red.items():
+      add(f"reduced_trained_h{h}", _mse(reduced_predict(xl, yl, xq, om, mu),
+                                        yq))
+    add("reduced_authors", _mse(reduced_predict(
+        xl, yl, xq, [om_a, -om_a], [mu_a, -mu_a]), yq))
+    gdf, dgdf = gd_feature(xl, yl, xq), debiased_gd_feature(xl, yl, xq)
+    add("gd_authors", _mse(2 * om_a * mu_a * gdf, yq))
+    add("debiased_gd_authors", _mse(2 * om_a * mu_a * dgdf, yq))
+    add("gd_tuned", _mse(_fit_scale(gdf, yq) * gdf, yq))
+    add("debiased_gd_tuned", _mse(_fit_scale(dgdf, yq) * dgdf, yq))
+    ok, mk = authors_kernel_values(d, cfg.sigma2, l)
+    add("kernel_authors", _mse(mk * kernel_feature(xl, yl, xq, ok), yq))
+    if 1 in red:
+      add("kernel_trained_h1", _mse(reduced_predict(xl, yl, xq, *red[1]), yq))
+    add("ridge", _mse(ridge_predict(xl, yl, xq, cfg.sigma2 * d), yq))
+  out["note"] = ("*_tuned fit their step on the evaluation prompts "
+                 "themselves (an optimistic bound); all others use no "
+                 "evaluation data.")
+  return out
+
+
+def reduced_loss(omega, mu, sigma2, L, d):
+  """The authors' reduced-model loss (utils/funcs.py loss_function).
+
+  (1 + s2 - 2 mu.omega + mu^T (omega omega^T + (1 + s2)/L exp(d omega
+  omega^T)) mu) / 2, with exp elementwise: the large-L approximation of
+  the test error of sum_h mu_h softmax(omega_h X x_q)^T y.
+  """
+  om, mu = np.asarray(omega, np.float64), np.asarray(mu, np.float64)
+  a = np.outer(om, om) + (1 + sigma2) / L * np.exp(d * np.outer(om, om))
+  return 0.5 * (1 + sigma2 - 2 * mu @ om + mu @ a @ mu)
+
+
+def reduced_gradients(omega, mu, sigma2, L, d):
+  """(d loss / d omega, d loss / d mu) of `reduced_loss` (closed form)."""
+  om, mu = np.asarray(omega, np.float64), np.asarray(mu, np.float64)
+  e = np.exp(d * np.outer(om, om))
+  a = np.outer(om, om) + (1 + sigma2) / L * e
+  g_mu = -om + a @ mu
+  g_om = -mu + (mu @ om) * mu + d * (1 + sigma2) / L * (e * np.outer(mu, mu)
+                                                        ) @ om
+  return g_om, g_mu
+
+
+def reduced_gradient_flow(omega0, mu0, sigma2, L, d, *, t_max=1e5,
+                          num_points=400):
+  """The reduced model's gradient flow d(omega, mu)/dt = -grad (the ODE the
+  authors integrate by Euler steps in utils/funcs.py gradient_flow),
+  solved with scipy's LSODA to t_max.
+
+  Returns (omega [K, H], mu [K, H], t [K]) at K log-spaced times from 0.
+  """
+  from scipy.integrate import solve_ivp
+  om0 = np.asarray(omega0, np.float64)
+  h = om0.size
+
+  def f(_, v):
+    g_om, g_mu = reduced_gradients(v[:h], v[h:], sigma2, L, d)
+    return -np.concatenate([g_om, g_mu])
+
+  ts = np.concatenate([[0.0], np.logspace(-2, np.log10(t_max),
+                                          num_points - 1)])
+  sol = solve_ivp(f, (0.0, t_max), np.concatenate([om0, np.asarray(
+      mu0, np.float64)]), method="LSODA", t_eval=ts, rtol=1e-8, atol=1e-10)
+  return sol.y[:h].T, sol.y[h:].T, sol.t
+
+
+def _gradient_flow_study(cfg, runs, workdir):
+  """The reduced-model ODE from each trained model's (omega, mu) at init.
+
+  The flow is started at the (omega_h, mu_h) read off the model at step 0
+  and compared with the trained trajectory in the (omega, mu) plane (time
+  scales differ: Adam steps vs flow time), and its fixed point with the
+  trained end point.
+  """
+  recs = common.MetricsWriter(workdir).read()
+  out = {}
+  for run in runs:
+    if run.attention != "softmax" or not recs:
+      continue
+    om0 = np.array(recs[0]["omega/" + run.name])
+    mu0 = np.array(recs[0]["mu/" + run.name])
+    om, mu, t = reduced_gradient_flow(om0, mu0, cfg.sigma2, cfg.L, cfg.d)
+    out[str(run.H)] = {
+        "omega": om.tolist(), "mu": mu.tolist(),
+        "t": t.tolist(), "omega_end": om[-1].tolist(),
+        "mu_end": mu[-1].tolist(),
+        "loss_end": float(reduced_loss(om[-1], mu[-1], cfg.sigma2, cfg.L,
+                                       cfg.d)),
+        "omega_trained": recs[-1]["omega/" + run.name],
+        "mu_trained": recs[-1]["mu/" + run.name],
+        "loss_trained_params": float(reduced_loss(
+            recs[-1]["omega/" + run.name], recs[-1]["mu/" + run.name],
+            cfg.sigma2, cfg.L, cfg.d))}
+  return out
+
+
+def _dummy_heads(cfg, runs, trained, ev, preds, res):
+  """Does a model with H > 2 heads reduce to the 2-head solution?
+
+  Per softmax model: the active heads (rule: ||OV_h|| >= active_threshold x
+  the largest ||OV_h|| of that model), their sign groups (sign of omega_h),
+  per group the spread of omega_h and the sum of mu_h (a group of heads
+  with one omega acts as one head with the summed mu), and the relative
+  gap E(f_H - f_2)^2 / E y^2 between this model's predictions and the
+  2-head model's at the training L. The paper's claim, in its strict form
+  ('dummy heads'): exactly 2 active heads for H > 2; in its functional
+  form: the model computes the 2-head function (small gap).
+  """
+  d = cfg.d
+  yq = ev[3][..., 0]
+  two = next((r for r in runs if r.attention == "softmax" and r.H == 2), None)
+  out = {"rule": f"active: ||OV_h|| >= {cfg.active_threshold} x max_h "
+                 "||OV_h|| (Frobenius norm of OV_h = V_h^T O_h^T)"}
+  for run in runs:
+    if run.attention != "softmax":
+      continue
+    kq, ov = run.merged(trained[run.name])
+    om = kq_ov.diagonal_mean(kq[:, :d, :d])
+    mu = ov[:, d, 0]
+    norms = kq_ov.head_norms(ov)
+    act = kq_ov.active_heads(ov, cfg.active_threshold)
+    groups = {}
+    for sign, name in ((1, "positive"), (-1, "negative")):
+      sel = act & (np.sign(om) == sign)
+      groups[name] = {
+          "heads": np.nonzero(sel)[0].tolist(),
+          "omega": om[sel].tolist(),
+          "omega_spread": float(np.ptp(om[sel])) if sel.any() else None,
+          "mu_sum": float(mu[sel].sum()) if sel.any() else None}
+    r = {"num_active": int(act.sum()), "active": act.tolist(),
+         "ov_norm_rel": (norms / norms.max()).tolist(),
+         "omega": om.tolist(), "mu": mu.tolist(), "groups": groups}
+    if two is not None:
+      p2 = preds[(two.name, cfg.L)][:, 0]
+      r["rel_gap_to_h2"] = _mse(preds[(run.name, cfg.L)][:, 0], p2) / float(
+          np.mean(yq ** 2))
+    if run.H > 2:
+      r["strict_two_active"] = bool(act.sum() == 2)
+    out[str(run.H)] = r
+  return out
 
 
 def _reduced_model(cfg, runs, trained, ev, lengths, preds):
@@ -650,72 +1047,163 @@ def _multitask(cfg, task, runs, trained, ev, preds):
   return out
 
 
+def _token_labels(cfg):
+  return ([f"x{i + 1}" for i in range(cfg.d)] +
+          (["y"] if cfg.num_tasks == 1 else
+           [f"y{t + 1}" for t in range(cfg.num_tasks)]))
+
+
+def _heatmap_row(fig, axes, mats, vmax, labels, titles, *, cbar_label,
+                 xlabel, ylabel):
+  """Heatmaps on one colour scale [-vmax, vmax] with one colorbar."""
+  im = None
+  for ax, m, t in zip(axes, mats, titles):
+    im = ax.imshow(m, cmap="RdBu_r", vmin=-vmax, vmax=vmax,
+                   aspect="equal" if m.shape[1] > 1 else "auto")
+    ax.set_title(t, fontsize=8)
+    ax.set_yticks(range(m.shape[0]))
+    ax.set_yticklabels(labels[:m.shape[0]], fontsize=6)
+    if m.shape[1] == len(labels):
+      ax.set_xticks(range(m.shape[1]))
+      ax.set_xticklabels(labels, fontsize=6)
+    else:
+      ax.set_xticks(range(m.shape[1]))
+      ax.set_xticklabels([f"out {i + 1}" for i in range(m.shape[1])],
+                         fontsize=6)
+    ax.set_xlabel(xlabel, fontsize=7)
+  axes[0].set_ylabel(ylabel, fontsize=7)
+  cb = fig.colorbar(im, ax=list(axes), shrink=0.8)
+  cb.set_label(cbar_label, fontsize=7)
+
+
 def _figures(cfg, workdir, runs, trained, res):
   plt = common.setup_matplotlib()
   recs = common.MetricsWriter(workdir).read()
+  d = cfg.d
+  labels = _token_labels(cfg)
+  soft = [r for r in runs if r.attention == "softmax"]
   # Loss curves.
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
   for run in runs:
     k = "train_loss/" + run.name
     rr = [r for r in recs if k in r]
     ax.plot([r["step"] for r in rr], [r[k] for r in rr], label=run.name)
   if "baseline_mse" in res:
     ax.axhline(res["baseline_mse"]["ridge"], color="k", ls="--",
-               label="ridge (Bayes)")
+               label="ridge (Bayes-optimal)")
   ax.set_yscale("log")
-  ax.set_xlabel("step")
-  ax.set_ylabel("train MSE")
+  ax.set_xlabel("training step")
+  ax.set_ylabel(f"train MSE (mean over {cfg.log_every} steps)")
+  ax.set_title(f"Training loss (d={d}, L={cfg.L}, batch {cfg.batch_size})")
   ax.legend(fontsize=7)
   common.save_figure(fig, workdir, "loss_curves")
-  # Heatmaps per H.
-  d = cfg.d
-  for run in runs:
-    if run.attention != "softmax":
-      continue
+  # KQ / OV heatmaps per H: one colour scale for all heads' KQ, one for OV.
+  for run in soft:
     kq, ov = run.merged(trained[run.name])
     H = run.H
-    fig, axes = plt.subplots(2, H, figsize=(2.2 * H + 0.5, 4.6),
-                             squeeze=False)
-    for h in range(H):
-      vmax = np.abs(kq[h]).max()
-      axes[0, h].imshow(kq[h], cmap="RdBu_r", vmin=-vmax, vmax=vmax)
-      axes[0, h].set_title(f"KQ head {h}", fontsize=8)
-      o = ov[h]
-      vmax = max(np.abs(o).max(), 1e-12)
-      axes[1, h].imshow(o.T if o.shape[1] > 1 else o, cmap="RdBu_r",
-                        vmin=-vmax, vmax=vmax, aspect="auto")
-      axes[1, h].set_title(f"OV head {h}", fontsize=8)
-      for a in axes[:, h]:
-        a.set_xticks([])
-        a.set_yticks([])
-    fig.suptitle(f"softmax H={H}")
+    fig, axes = plt.subplots(2, H, figsize=(2.3 * H + 1.2, 5.2),
+                             squeeze=False, layout="constrained")
+    vk = max(float(np.abs(kq).max()), 1e-12)
+    _heatmap_row(fig, axes[0], list(kq), vk, labels,
+                 [f"head {h + 1}: KQ" for h in range(H)],
+                 cbar_label="KQ entry (scale incl.)",
+                 xlabel="query coordinate", ylabel="context coordinate")
+    vo = max(float(np.abs(ov).max()), 1e-12)
+    _heatmap_row(fig, axes[1], list(ov), vo, labels,
+                 [f"head {h + 1}: OV" for h in range(H)],
+                 cbar_label="OV entry", xlabel="output",
+                 ylabel="context coordinate")
+    fig.suptitle(f"Softmax attention, H={H}: merged KQ_h = K_h^T Q_h/sqrt(D)"
+                 f" and OV_h = V_h^T O_h^T at step {cfg.steps}", fontsize=9)
     common.save_figure(fig, workdir, f"kq_ov_heads_h{H}")
-  # Trajectories of omega_h (mean KQ diagonal) and mu_h (OV last entry).
-  soft = [r for r in runs if r.attention == "softmax"]
-  if soft:
-    fig, axes = plt.subplots(2, len(soft), figsize=(3.2 * len(soft), 5),
-                             squeeze=False)
+  # KQ evolution (the authors' evolution figure): snapshots x heads.
+  snaps = [r for r in recs if any(k.startswith("kq/") for k in r)]
+  for run in soft:
+    rows = [r for r in snaps if "kq/" + run.name in r]
+    if len(rows) < 2:
+      continue
+    H = run.H
+    mats = [np.array(r["kq/" + run.name]) for r in rows]
+    vk = max(float(max(np.abs(m).max() for m in mats)), 1e-12)
+    fig, axes = plt.subplots(H, len(rows), figsize=(1.9 * len(rows) + 1.2,
+                                                    1.9 * H + 0.8),
+                             squeeze=False, layout="constrained")
+    im = None
+    for h in range(H):
+      for j, (r, m) in enumerate(zip(rows, mats)):
+        ax = axes[h, j]
+        im = ax.imshow(m[h], cmap="RdBu_r", vmin=-vk, vmax=vk)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if h == 0:
+          ax.set_title(f"step {r['step']}", fontsize=8)
+        if h == H - 1:
+          ax.set_xlabel("query coord.", fontsize=7)
+        if j == 0:
+          ax.set_ylabel(f"head {h + 1}\ncontext coord.", fontsize=7)
+    cb = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
+    cb.set_label("KQ entry", fontsize=7)
+    fig.suptitle(f"Evolution of KQ_h during training, H={H} (one colour "
+                 "scale)", fontsize=9)
+    common.save_figure(fig, workdir, f"kq_evolution_h{H}")
+  # Trajectories of omega_h (mean KQ_x diagonal) and mu_h (OV y-entry).
+  if soft and recs:
+    fig, axes = plt.subplots(2, len(soft), figsize=(3.4 * len(soft), 5.6),
+                             squeeze=False, layout="constrained")
+    steps = [r["step"] for r in recs]
     for i, run in enumerate(soft):
-      steps = [r["step"] for r in recs]
       om = np.array([r["omega/" + run.name] for r in recs])
       mu = np.array([r["mu/" + run.name] for r in recs])
-      axes[0, i].plot(steps, om)
-      axes[0, i].set_title(f"H={run.H}: mean KQ diag", fontsize=8)
-      axes[1, i].plot(steps, mu)
-      axes[1, i].set_title(f"H={run.H}: OV last entry", fontsize=8)
-      axes[1, i].set_xlabel("step")
+      for h in range(run.H):
+        axes[0, i].plot(steps, om[:, h], lw=1, label=f"head {h + 1}")
+        axes[1, i].plot(steps, mu[:, h], lw=1, label=f"head {h + 1}")
+      axes[0, i].set_title(f"H={run.H}: omega_h", fontsize=9)
+      axes[1, i].set_title(f"H={run.H}: mu_h", fontsize=9)
+      axes[0, i].set_ylabel("omega_h = mean diag of KQ_x", fontsize=7)
+      axes[1, i].set_ylabel("mu_h = OV_h[y]", fontsize=7)
+      for a in axes[:, i]:
+        a.set_xlabel("training step", fontsize=7)
+        a.axhline(0, color="gray", lw=0.5)
+      if run.H <= 8:
+        axes[0, i].legend(fontsize=5, ncol=2)
+    fig.suptitle("Per-head reduced-model parameters during training",
+                 fontsize=10)
     common.save_figure(fig, workdir, "trajectories")
-  # Predictor comparison.
+  # Reduced-model gradient flow vs trained trajectories, (omega, mu) plane.
+  gf = res.get("gradient_flow", {})
+  if gf and recs:
+    fig, axes = plt.subplots(1, len(gf), figsize=(3.6 * len(gf), 3.6),
+                             squeeze=False, layout="constrained")
+    for i, (h, g) in enumerate(sorted(gf.items(), key=lambda kv: int(kv[0]))):
+      ax = axes[0, i]
+      name = f"softmax_h{h}"
+      om = np.array([r["omega/" + name] for r in recs])
+      mu = np.array([r["mu/" + name] for r in recs])
+      gom, gmu = np.array(g["omega"]), np.array(g["mu"])
+      for k in range(om.shape[1]):
+        ax.plot(om[:, k], mu[:, k], ".", ms=2, color=f"C{k}",
+                label="trained (Adam)" if k == 0 else None)
+        ax.plot(gom[:, k], gmu[:, k], "-", lw=1, color=f"C{k}",
+                label="gradient flow (ODE)" if k == 0 else None)
+        ax.plot(gom[-1, k], gmu[-1, k], "kx", ms=6)
+      ax.set_xlabel("omega_h")
+      ax.set_ylabel("mu_h")
+      ax.set_title(f"H={h}: (omega_h, mu_h) paths", fontsize=9)
+      ax.legend(fontsize=6)
+    fig.suptitle("Trained paths vs the reduced model's gradient flow from "
+                 "the same initial point (x: ODE end)", fontsize=9)
+    common.save_figure(fig, workdir, "gradient_flow")
+  # Predictor comparison at the reduced lengths (bars).
   if "baselines" in res:
     lengths = sorted(res["baselines"], key=int)
     names = ["ridge", "debiased_gd", "gd", "single_head_kernel"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4), layout="constrained")
     width = 0.8 / (len(names) + len(soft) + 1)
     xs = np.arange(len(lengths))
     k = 0
     for n in names:
       ax.bar(xs + k * width, [res["baselines"][l][n] for l in lengths], width,
-             label=n)
+             label=n + (" (tuned)" if n != "ridge" else ""))
       k += 1
     rm = res.get("reduced_model", {})
     for run in soft:
@@ -730,12 +1218,33 @@ def _figures(cfg, workdir, runs, trained, res):
              label=f"reduced model (H={h})")
     ax.set_xticks(xs + 0.4)
     ax.set_xticklabels([f"L={l}" for l in lengths])
+    ax.set_xlabel("context length")
     ax.set_ylabel("test MSE")
-    ax.legend(fontsize=7)
+    ax.set_title(f"Predictors vs trained models (trained at L={cfg.L})")
+    ax.legend(fontsize=6, ncol=2)
     common.save_figure(fig, workdir, "predictors")
+  # The authors' estimator comparison on the fine length grid.
+  if "estimators" in res:
+    est = res["estimators"]
+    fig, ax = plt.subplots(figsize=(7, 4.6), layout="constrained")
+    show = [n for n in ("reduced_authors", "reduced_trained_h2",
+                        "debiased_gd_authors", "gd_authors", "kernel_authors",
+                        "kernel_trained_h1", "ridge", "trained_softmax_h1",
+                        "trained_softmax_h2", "trained_softmax_h4",
+                        "trained_softmax_h8") if n in est["mse"]]
+    for i, n in enumerate(show):
+      ls = "-" if n.startswith("trained") else ":"
+      ax.plot(est["lengths"], est["mse"][n], ls, marker="o", ms=3,
+              label=n, color=f"C{i % 10}")
+    ax.axvline(cfg.L, color="gray", lw=0.5)
+    ax.set_xlabel("prompt length L")
+    ax.set_ylabel("test MSE (query noise included)")
+    ax.set_title("Estimators vs trained models (authors' comparison)")
+    ax.legend(fontsize=6, ncol=2)
+    common.save_figure(fig, workdir, "estimators")
   if "length_generalization" in res:
     lg = res["length_generalization"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4), layout="constrained")
     for name, vals in lg["mse"].items():
       ls = "--" if name in ("ridge", "debiased_gd_tuned",
                             "debiased_gd_fixed") else "-"
@@ -745,6 +1254,7 @@ def _figures(cfg, workdir, runs, trained, res):
     ax.set_yscale("log")
     ax.set_xlabel("context length L (trained at %d)" % cfg.L)
     ax.set_ylabel("test MSE")
+    ax.set_title("Length generalization: softmax vs linear attention")
     ax.legend(fontsize=7)
     common.save_figure(fig, workdir, "length_generalization")
 

@@ -12,11 +12,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from attnjax.models.icl import (ICLAttention, icl_prediction_reference,
-                                linear_icl_attention)
+                                linear_icl_attention, stack_head_params,
+                                stacked_icl_forward, unstack_head_params)
 from experiments import icl_regression as icl
 from experiments.configs.icl_regression import PRESETS, get_config
 
@@ -152,6 +154,174 @@ def test_gd_predictors_and_reduced_model():
                              icl.debiased_gd_feature(x, y, xq), rtol=1e-3)
 
 
+def _mixed_runs(d=4, heads=(1, 2, 3), tasks=1):
+  cfg = get_config("tiny")
+  cfg.d, cfg.num_tasks = d, tasks
+  if tasks > 1:
+    cfg.task_supports = "0,1;1,2,3"
+  task = icl.Task(cfg)
+  runs = [icl.Run(cfg, task, "softmax", h) for h in heads]
+  runs += [icl.Run(cfg, task, k, 2) for k in ("linear", "linear_norm")]
+  return cfg, task, runs
+
+
+def _rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_stacked_forward_equals_module_values_and_grads(tasks):
+  """The reassociated, head-stacked forward == ICLAttention (today's model)."""
+  cfg, task, runs = _mixed_runs(tasks=tasks)
+  params = [r.params0 for r in runs]
+  stacked = stack_head_params(params)
+  kinds = [r.attention for r in runs for _ in range(r.H)]
+  x, y, xq, yq = task.sample(jax.random.key(5), 6, 9)
+  zq, zc = icl.tokens(x, y, xq)
+  mask = jnp.arange(9)[None, :] < jnp.array([9, 4, 7, 1, 9, 2])[:, None]
+  for m in (None, mask):
+    heads = stacked_icl_forward(stacked, zq, zc, scale=runs[0].scale,
+                                head_kind=kinds, mask=m)
+    s = 0
+    for r, p in zip(runs, params):
+      want = r.model(p)(zq, zc, mask=m)
+      assert _rel_err(jnp.sum(heads[:, s:s + r.H], 1), want) < 2e-5
+      s += r.H
+  # Gradients: the summed loss of the stack vs each run's own loss.
+  stack = icl.Stack(runs)
+  batch = (x, y, xq, yq)
+  (_, losses), g = jax.value_and_grad(stack.total_loss, has_aux=True)(
+      stacked, batch)
+  per_run = stack.unstack(g)
+  for i, r in enumerate(runs):
+    l_ref, g_ref = jax.value_and_grad(r.loss)(r.params0, batch)
+    assert float(losses[i]) == pytest.approx(float(l_ref), rel=2e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(per_run[r.name]),
+                    jax.tree_util.tree_leaves(g_ref)):
+      assert _rel_err(a, b) < 5e-5
+  # stack/unstack round trip.
+  back = unstack_head_params(stacked, [r.H for r in runs])
+  for a, b in zip(jax.tree_util.tree_leaves(back),
+                  jax.tree_util.tree_leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_stacked_forward_errors_and_masking():
+  _, task, runs = _mixed_runs()
+  st = stack_head_params([r.params0 for r in runs])
+  kinds = [r.attention for r in runs for _ in range(r.H)]
+  zq, zc = jnp.zeros((2, 5)), jnp.zeros((2, 3, 5))
+  with pytest.raises(ValueError, match="head_kind"):
+    stacked_icl_forward(st, zq, zc, scale=1.0, head_kind=kinds[:-1])
+  with pytest.raises(ValueError, match="z_query"):
+    stacked_icl_forward(st, zq[:, :4], zc, scale=1.0, head_kind=kinds)
+  with pytest.raises(ValueError, match="num_heads"):
+    unstack_head_params(st, [1, 1])
+  # Fully masked prompts give zeros, and masked slots never reach the output.
+  x, y, xq, _ = task.sample(jax.random.key(0), 2, 6)
+  zq, zc = icl.tokens(x, y, xq)
+  mask = jnp.array([[False] * 6, [True] * 3 + [False] * 3])
+  out = stacked_icl_forward(st, zq, zc, scale=0.5, head_kind=kinds,
+                            mask=mask)
+  assert np.all(np.isfinite(out)) and float(jnp.abs(out[0]).max()) == 0.0
+  out2 = stacked_icl_forward(st, zq, zc.at[:, 3:].set(1e4), scale=0.5,
+                             head_kind=kinds, mask=mask)
+  np.testing.assert_array_equal(out, out2)
+
+
+def test_fast_training_steps_equal_reference_steps():
+  """Three Adam steps: stacked fast step == per-run reference updates."""
+  cfg, task, runs = _mixed_runs()
+  tx = icl.make_optimizer(cfg)
+  stack = icl.Stack(runs)
+  ref_p = {r.name: r.params0 for r in runs}
+  ref_o = {k: tx.init(v) for k, v in ref_p.items()}
+  p = stack.stack(ref_p)
+  o = tx.init(p)
+  for i in range(3):
+    batch = task.sample(jax.random.key(10 + i), 16, 8)
+    (_, _), g = jax.value_and_grad(stack.total_loss, has_aux=True)(p, batch)
+    upd, o = tx.update(g, o, p)
+    p = optax.apply_updates(p, upd)
+    for r in runs:
+      gr = jax.grad(r.loss)(ref_p[r.name], batch)
+      u, ref_o[r.name] = tx.update(gr, ref_o[r.name], ref_p[r.name])
+      ref_p[r.name] = optax.apply_updates(ref_p[r.name], u)
+  got = stack.unstack(p)
+  for r in runs:
+    for a, b in zip(jax.tree_util.tree_leaves(got[r.name]),
+                    jax.tree_util.tree_leaves(ref_p[r.name])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_normal_is_standard_normal():
+  from scipy import stats
+  z = np.asarray(icl.fast_normal(jax.random.key(0), (200_001,)), np.float64)
+  assert z.shape == (200_001,) and np.all(np.isfinite(z))
+  n = z.size
+  assert abs(z.mean()) < 4 / math.sqrt(n)
+  assert abs(z.var() - 1) < 4 * math.sqrt(2 / n)
+  assert abs(np.mean(z ** 4) - 3) < 4 * math.sqrt(96 / n)
+  assert abs(np.mean(np.abs(z) > 2.5) - 2 * stats.norm.sf(2.5)) < 0.0012
+  assert stats.kstest(z, "norm").pvalue > 1e-3
+  assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 4 / math.sqrt(n)
+  # Deterministic in the key; different keys are uncorrelated.
+  z2 = np.asarray(icl.fast_normal(jax.random.key(0), (200_001,)))
+  np.testing.assert_array_equal(z, z2)
+  w = np.asarray(icl.fast_normal(jax.random.key(1), (200_001,)), np.float64)
+  assert abs(np.corrcoef(z, w)[0, 1]) < 4 / math.sqrt(n)
+
+
+def test_multitask_paper_data():
+  """The authors' multi-task data: unit beta, noise sd sqrt(0.1 |S|), no
+  query noise (utils/data_utils.py MultiTaskLinearReg)."""
+  cfg = get_config("multitask_paper")
+  task = icl.Task(cfg)
+  x, y, xq, yq = task.sample(jax.random.key(0), 4000, 12)
+  assert x.shape == (4000, 12, 6) and y.shape == (4000, 12, 2)
+  # E[y_t^2] = |S_t| (1 + 0.1) on the context (unit beta on 4 coordinates,
+  # noise variance 0.1 x 4); on the noiseless query E[y_q^2] = |S_t| = 4.
+  np.testing.assert_allclose(np.mean(np.asarray(y) ** 2, axis=(0, 1)),
+                             [4.4, 4.4], rtol=0.05)
+  np.testing.assert_allclose(np.mean(np.asarray(yq) ** 2, axis=0), [4.0, 4.0],
+                             rtol=0.08)
+  # Task t depends on x_j only for j in its support: E[y_t^2 x_j^2] =
+  # 3 + 3 + 0.4 = 6.4 for j in S_t and 4 + 0.4 = 4.4 outside.
+  xs, ys = np.asarray(x).reshape(-1, 6), np.asarray(y).reshape(-1, 2)
+  m = np.einsum("nt,nj->tj", ys ** 2, xs ** 2) / xs.shape[0]
+  want = np.where(np.array([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]]), 6.4,
+                  4.4)
+  np.testing.assert_allclose(m, want, rtol=0.1)
+
+
+def test_reduced_model_gradients_and_flow():
+  rng = np.random.default_rng(0)
+  om, mu = rng.normal(0, 0.2, 3), rng.normal(0, 2, 3)
+  g_om, g_mu = icl.reduced_gradients(om, mu, 0.1, 40, 5)
+  eps = 1e-6
+  for i in range(3):
+    e = np.eye(3)[i] * eps
+    fd_om = (icl.reduced_loss(om + e, mu, 0.1, 40, 5) -
+             icl.reduced_loss(om - e, mu, 0.1, 40, 5)) / (2 * eps)
+    fd_mu = (icl.reduced_loss(om, mu + e, 0.1, 40, 5) -
+             icl.reduced_loss(om, mu - e, 0.1, 40, 5)) / (2 * eps)
+    assert g_om[i] == pytest.approx(fd_om, rel=1e-5, abs=1e-8)
+    assert g_mu[i] == pytest.approx(fd_mu, rel=1e-5, abs=1e-8)
+  # One head: the flow ends at the authors' closed-form single-head kernel
+  # (plots.ipynb cell 1): omega = 1/sqrt(d), mu = sqrt(d)/(1+(1+s2) d e/L).
+  o, m, _ = icl.reduced_gradient_flow([0.05], [0.05], 0.1, 40, 5)
+  want_o, want_m = icl.authors_kernel_values(5, 0.1, 40)
+  assert o[-1, 0] == pytest.approx(want_o, rel=1e-3)
+  assert m[-1, 0] == pytest.approx(want_m, rel=1e-3)
+  # Two heads beat one in the reduced model: the flow from a +- pair ends
+  # below the single-head optimum's loss.
+  o2, m2, _ = icl.reduced_gradient_flow([0.05, -0.04], [0.05, -0.05], 0.1,
+                                        40, 5)
+  assert icl.reduced_loss(o2[-1], m2[-1], 0.1, 40, 5) < icl.reduced_loss(
+      [want_o], [want_m], 0.1, 40, 5) - 0.02
+
+
 def test_data_distribution():
   cfg = get_config("tiny")
   task = icl.Task(cfg)
@@ -184,6 +354,7 @@ def _small_cfg(**kw):
   c.steps, c.log_every, c.ckpt_every = 20, 5, 10
   c.eval_samples = c.eval_chunk = 64
   c.reduced_lengths, c.eval_lengths, c.kernel_grid = "10,40", "10,40", 4
+  c.estimator_lengths = "10,40"
   for k, v in kw.items():
     setattr(c, k, v)
   return c

@@ -29,6 +29,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from attnjax.nn import MultiHeadAttention
@@ -165,5 +166,98 @@ def icl_prediction_reference(kq, ov, z_query, z_context, attention="softmax"):
   return jnp.einsum("bhl,bld,hdo->bo", w, z_context, ov)
 
 
+def stack_head_params(param_dicts):
+  """Concatenates ICLAttention parameters of several models along heads.
+
+  `param_dicts`: pure dicts of `ICLAttention` states ({'attn': {'query':
+  {'kernel': [D, H_m, D]}, 'key', 'value', 'out': {'kernel': [H_m, D, T]}}}),
+  all with the same D and T. Returns {'query', 'key', 'value': [D, N, D],
+  'out': [N, D, T]} with N = sum_m H_m, heads in the order given.
+  """
+  if not param_dicts:
+    raise ValueError("`param_dicts` must name at least one model.")
+  get = lambda p, n: p["attn"][n]["kernel"]
+  out = {n: jnp.concatenate([get(p, n) for p in param_dicts], axis=1)
+         for n in ("query", "key", "value")}
+  out["out"] = jnp.concatenate([get(p, "out") for p in param_dicts], axis=0)
+  return out
+
+
+def unstack_head_params(stacked, num_heads):
+  """Inverse of `stack_head_params`: per-model pure dicts, H_m = num_heads[m]."""
+  if sum(num_heads) != stacked["out"].shape[0]:
+    raise ValueError(f"`num_heads` {list(num_heads)} must sum to the stacked "
+                     f"head count {stacked['out'].shape[0]}.")
+  res, s = [], 0
+  for h in num_heads:
+    res.append({"attn": {
+        "query": {"kernel": stacked["query"][:, s:s + h]},
+        "key": {"kernel": stacked["key"][:, s:s + h]},
+        "value": {"kernel": stacked["value"][:, s:s + h]},
+        "out": {"kernel": stacked["out"][s:s + h]}}})
+    s += h
+  return res
+
+
+def stacked_icl_forward(stacked, z_query, z_context, *, scale: float,
+                        head_kind, mask=None):
+  """Per-head outputs of one-layer ICL attention, reassociated.
+
+  Only the query token attends, so head h's prediction
+  O_h V_h Z act(Z^T K_h^T Q_h z_q * scale) needs just the D-vector
+  a_h = K_h^T Q_h z_q * scale (scores s_h = Z^T a_h) and the D-vector
+  c_h = Z act(s_h) (output c_h^T V_h^T O_h^T): no projection of the L
+  context tokens. Equal to `ICLAttention` (same parameters) up to float
+  rounding; `tests/test_icl_regression.py` checks values and gradients.
+
+  Args:
+    stacked: {'query', 'key', 'value': [D, N, D], 'out': [N, D, T]} (e.g.
+      from `stack_head_params`), N heads of any number of models.
+    z_query: [B, D]; z_context: [B, L, D].
+    scale: the logit scale (1/sqrt(D) in the paper).
+    head_kind: length-N sequence (static) of 'softmax', 'linear' or
+      'linear_norm' per head.
+    mask: optional bool [B, L] (True = real context token).
+  Returns:
+    [B, N, T] float32: head h's contribution (sum the heads of a model).
+  """
+  wq, wk = stacked["query"], stacked["key"]
+  wv, wo = stacked["value"], stacked["out"]
+  n = wo.shape[0]
+  kinds = tuple(head_kind)
+  if len(kinds) != n or any(k not in ("softmax", "linear", "linear_norm")
+                            for k in kinds):
+    raise ValueError(f"`head_kind` must give one of 'softmax', 'linear', "
+                     f"'linear_norm' for each of the {n} heads, got {kinds}.")
+  D = wq.shape[0]
+  if z_query.ndim != 2 or z_context.ndim != 3 or z_query.shape[-1] != D or \
+      z_context.shape[-1] != D or z_context.shape[0] != z_query.shape[0]:
+    raise ValueError(f"`z_query` [B, D] and `z_context` [B, L, D] with D = "
+                     f"{D} expected, got {z_query.shape}, "
+                     f"{z_context.shape}.")
+  zq = z_query.astype(jnp.float32)
+  zc = z_context.astype(jnp.float32)
+  kq = jnp.einsum("anh,bnh->nab", wq, wk) * scale     # z_q^T kq_h z
+  vo = jnp.einsum("anh,nht->nat", wv, wo)             # z^T vo_h
+  a = jnp.einsum("ba,nac->bnc", zq, kq)               # [B, N, D]
+  s = jnp.einsum("blc,bnc->bnl", zc, a)               # [B, N, L]
+  is_soft = np.array([k == "softmax" for k in kinds])
+  is_norm = np.array([k == "linear_norm" for k in kinds])
+  w = s
+  if is_soft.any():
+    sm = jnp.where(mask[:, None, :], s, -1e30) if mask is not None else s
+    sm = jax.nn.softmax(sm, axis=-1)
+    w = jnp.where(is_soft[None, :, None], sm, s) if not is_soft.all() else sm
+  if mask is not None:       # masked slots never reach the output
+    w = jnp.where(mask[:, None, :], w, 0.0)
+  if is_norm.any():
+    count = (jnp.sum(mask, axis=-1).astype(jnp.float32)[:, None, None]
+             if mask is not None else float(zc.shape[1]))
+    w = jnp.where(is_norm[None, :, None], w / jnp.maximum(count, 1.0), w)
+  c = jnp.einsum("bnl,bla->bna", w, zc)               # [B, N, D]
+  return jnp.einsum("bna,nat->bnt", c, vo)
+
+
 __all__ = ["ICLAttention", "icl_prediction_reference", "linear_icl_attention",
-           "torch_linear_init"]
+           "stack_head_params", "stacked_icl_forward", "torch_linear_init",
+           "unstack_head_params"]
