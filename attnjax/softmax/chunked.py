@@ -96,6 +96,8 @@ def _block_mask(cfg: _Config, i, j, mask, q_seg, kv_seg, s_pad):
     parts.append((qs[:, :, None] == ks[:, None, :])[:, None, None])
   out = None
   for p in parts:
+    # Ranks padded explicitly (jax_numpy_rank_promotion='raise' safe).
+    p = p.reshape((1,) * (5 - p.ndim) + p.shape)
     out = p if out is None else out & p
   return out
 
@@ -151,7 +153,7 @@ def dropout_keep_mask(key, rate: float, batch: int, heads: int, q_len: int,
   analysis and tests; the backend itself never builds it)."""
   kd = jax.random.key_data(key) if jnp.issubdtype(
       getattr(key, "dtype", None), jax.dtypes.prng_key) else key
-  ar = lambda n, ax: jnp.arange(n).reshape((-1,) + (1,) * (3 - ax))
+  ar = lambda n, ax: jnp.arange(n).reshape((1,) * ax + (-1,) + (1,) * (3 - ax))
   return dropout_keep(kd, rate, ar(batch, 0), ar(heads, 1), ar(q_len, 2),
                       ar(kv_len, 3))
 
@@ -162,7 +164,7 @@ def _block_keep(cfg: _Config, rng, i, j, shape):
   if cfg.dropout_rate == 0.0:
     return None
   b, nkv, g, bq, bk = shape
-  ar = lambda n, ax: jnp.arange(n).reshape((-1,) + (1,) * (4 - ax))
+  ar = lambda n, ax: jnp.arange(n).reshape((1,) * ax + (-1,) + (1,) * (4 - ax))
   head = ar(nkv, 1) * g + ar(g, 2)          # query head of (kv head, group)
   return dropout_keep(rng, cfg.dropout_rate, ar(b, 0), head,
                       i * bq + ar(bq, 3), j * bk + ar(bk, 4))
