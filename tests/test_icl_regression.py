@@ -19,6 +19,7 @@ from flax import nnx
 from attnjax.models.icl import (ICLAttention, icl_prediction_reference,
                                 linear_icl_attention, stack_head_params,
                                 stacked_icl_forward, unstack_head_params)
+from attnjax.analysis import kq_ov
 from experiments import icl_regression as icl
 from experiments.configs.icl_regression import PRESETS, get_config
 
@@ -396,3 +397,77 @@ def test_colab_runs():
                     timeout=300)
   text = output_text(nb)
   assert "test MSE" in text and "ridge" in text
+
+
+@pytest.fixture(scope="module")
+def trained_small(tmp_path_factory):
+  """H = 1, 2 softmax and a 2-head linear model, trained briefly at L = 20
+  (a raised learning rate so that 1500 steps reach the regime)."""
+  cfg = get_config("tiny")
+  cfg.heads, cfg.linear_heads, cfg.L = "1,2", "2", 20
+  cfg.steps, cfg.batch_size, cfg.lr = 1500, 128, 3e-3
+  cfg.log_every, cfg.ckpt_every = 500, 1500
+  task = icl.Task(cfg)
+  runs = icl.make_runs(cfg, task)
+  params = icl.train(cfg, task, runs,
+                     str(tmp_path_factory.mktemp("icl_small")))
+  ev = icl._eval_set(cfg, task, 7, 80)
+  fit = icl._eval_set(cfg, task, 8, 20)
+  return cfg, {r.name: r for r in runs}, params, ev, fit
+
+
+def _prefix_mse(run, params, ev, length):
+  p = icl._model_on_prefix(run, params, ev, length, 4096)[:, 0]
+  return p, icl._mse(p, ev[3][:, 0])
+
+
+def test_two_heads_beat_the_best_single_head_kernel(trained_small):
+  """Claim: one head learns the single-head kernel predictor, two heads do
+  better than any single-head kernel. Reference: the kernel predictor
+  mu softmax(omega X x_q)^T y with (omega, mu) fitted on other prompts."""
+  cfg, runs, params, ev, fit = trained_small
+  x, y, xq, yq = ev[0][:, :20], ev[1][:, :20, 0], ev[2], ev[3][:, 0]
+  fx, fy, fxq, fyq = fit[0], fit[1][..., 0], fit[2], fit[3][:, 0]
+  best = None
+  for om in np.linspace(0.05, 1.5, 30):
+    f = icl.kernel_feature(fx, fy, fxq, om)
+    mu = icl._fit_scale(f, fyq)
+    err = icl._mse(mu * f, fyq)
+    if best is None or err < best[0]:
+      best = (err, om, mu)
+  kernel = icl._mse(best[2] * icl.kernel_feature(x, y, xq, best[1]), yq)
+  _, h1 = _prefix_mse(runs["softmax_h1"], params["softmax_h1"], ev, 20)
+  _, h2 = _prefix_mse(runs["softmax_h2"], params["softmax_h2"], ev, 20)
+  assert h1 > 0.97 * kernel            # no better than the kernel family
+  assert h2 < 0.9 * kernel < 0.9 * h1 / 0.97
+
+
+def test_reduced_model_matches_trained_two_heads(trained_small):
+  """Claim: the trained 2-head model is the reduced model with its own
+  (omega_h, mu_h) read off KQ and OV (a +- pair)."""
+  cfg, runs, params, ev, _ = trained_small
+  run = runs["softmax_h2"]
+  kq, ov = run.merged(params[run.name])
+  om = kq_ov.diagonal_mean(kq[:, :cfg.d, :cfg.d])
+  mu = ov[:, cfg.d, 0]
+  assert om[0] * om[1] < 0 and mu[0] * mu[1] < 0 and om[0] * mu[0] > 0
+  x, y, xq, yq = ev[0][:, :20], ev[1][:, :20, 0], ev[2], ev[3][:, 0]
+  pm, mse = _prefix_mse(run, params[run.name], ev, 20)
+  pr = icl.reduced_predict(x, y, xq, om, mu)
+  assert icl._mse(pm, pr) < 0.02 * float(np.mean(yq ** 2))
+  assert icl._mse(pr, yq) == pytest.approx(mse, rel=0.05)
+
+
+def test_unnormalized_linear_attention_fails_in_length(trained_small):
+  """Claim: trained at L = 20, softmax attention (and ridge) improve with a
+  longer context, linear attention without 1/L normalisation gets worse."""
+  cfg, runs, params, ev, _ = trained_small
+  x, y, xq, yq = ev[0], ev[1][..., 0], ev[2], ev[3][:, 0]
+  ridge = [icl._mse(icl.ridge_predict(x[:, :l], y[:, :l], xq, 0.5), yq)
+           for l in (20, 80)]
+  soft = [_prefix_mse(runs["softmax_h2"], params["softmax_h2"], ev, l)[1]
+          for l in (20, 80)]
+  lin = [_prefix_mse(runs["linear_h2"], params["linear_h2"], ev, l)[1]
+         for l in (20, 80)]
+  assert ridge[1] < ridge[0] and soft[1] < soft[0]
+  assert lin[1] > 2 * lin[0]
