@@ -47,6 +47,10 @@ def local_window_mask(q_len: int, kv_len: Optional[int], window: Window, *,
   kv_len = q_len if kv_len is None else kv_len
   left, right = normalize_window(window)
   qi, kj = _positions(q_len, kv_len, offset)
+  # Reaches beyond every position difference are unbounded in effect; cap
+  # them so huge windows (2**31 = "all") stay inside int32.
+  cap = int(q_len) + int(kv_len) + abs(int(offset))
+  left, right = min(left, cap), min(right, cap)
   return (kj >= qi - left) & (kj <= qi + right)
 
 

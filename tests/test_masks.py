@@ -66,3 +66,52 @@ def test_bad_arguments():
     M.padding_mask(3, 3, kv_lengths=jnp.ones((2, 2), jnp.int32))
   with pytest.raises(ValueError, match="segment_ids"):
     M.segment_mask(jnp.ones((3,), jnp.int32))
+
+
+# ----------------------------------------------------- argument validation
+@pytest.mark.parametrize("call, needle, exc", [
+    (lambda: M.padding_mask(3, 4, kv_lengths=jnp.array([1.5, 2.0])),
+     "kv_lengths", ValueError),                      # fractional lengths
+    (lambda: M.padding_mask(3, 4, q_lengths=np.array([2, -1])),
+     "q_lengths", ValueError),                       # negative lengths
+    (lambda: M.causal_mask(2.5), "q_len", TypeError),
+    (lambda: M.causal_mask(4, -2), "kv_len", ValueError),
+    (lambda: M.causal_mask(4, 4, offset=1.5), "offset", TypeError),
+    (lambda: M.local_window_mask(4, 4, (2.5, 2.5)), "local_window_size",
+     ValueError),                                    # not truncated to 2
+    (lambda: M.local_window_mask(4, 4, 1.0), "local_window_size", ValueError),
+    (lambda: M.local_window_mask(4, 4, True), "local_window_size", ValueError),
+    (lambda: M.block_mask(np.ones((2, 2), bool), 2.0, 2), "block_q",
+     TypeError),
+])
+def test_mask_builders_refuse_bad_arguments(call, needle, exc):
+  with pytest.raises(exc, match=needle):
+    call()
+
+
+def test_mask_builders_take_numpy_ints_and_huge_windows():
+  m = np.asarray(M.local_window_mask(np.int64(5), np.int32(7),
+                                     (np.int64(1), np.int16(2))))
+  np.testing.assert_array_equal(m, np.asarray(M.local_window_mask(5, 7,
+                                                                  (1, 2))))
+  # A window of 2**31 means "everything" and must not overflow int32.
+  np.testing.assert_array_equal(np.asarray(M.local_window_mask(5, 7, 2**31)),
+                                np.ones((5, 7), bool))
+  np.testing.assert_array_equal(
+      np.asarray(M.local_window_mask(5, 7, (0, 2**40), offset=2)),
+      np.arange(7)[None, :] >= np.arange(5)[:, None] + 2)
+  m = np.asarray(M.padding_mask(2, 3, kv_lengths=np.array([0, 3], np.int64)))
+  np.testing.assert_array_equal(m[:, 0, 0], [[False] * 3, [True] * 3])
+
+
+def test_and_or_masks_under_rank_promotion_raise():
+  """and_masks/or_masks of rank-2 and rank-4 masks broadcast explicitly, so
+  they work under jax_numpy_rank_promotion='raise'."""
+  from tests.strict_modes import strict_mode
+  a = M.causal_mask(3, 4)
+  b = jnp.asarray(np.random.default_rng(0).random((2, 1, 3, 4)) < 0.5)
+  with strict_mode("rank_promotion"):
+    m_and = M.and_masks(a, None, b)
+    m_or = M.or_masks(b, a)
+  np.testing.assert_array_equal(m_and, np.asarray(a) & np.asarray(b))
+  np.testing.assert_array_equal(m_or, np.asarray(a) | np.asarray(b))

@@ -220,3 +220,103 @@ def test_chunked_causal_skips_blocks():
                                       local_window_size=(2, 0))
   ref = attention_np(q, q, q, window=(2, 0))["out"]
   np.testing.assert_allclose(out, ref, atol=2e-5)
+
+
+# --------------------------------------------- clear errors, not crashes
+_SMALL = dict(b=2, t=5, s=7, n=2, k=1, h=4)
+
+
+def _small(seed=0):
+  rng = np.random.default_rng(seed)
+  d = _SMALL
+  q = jnp.asarray(rng.standard_normal((d["b"], d["t"], d["n"], d["h"])),
+                  jnp.float32)
+  k = jnp.asarray(rng.standard_normal((d["b"], d["s"], d["k"], d["h"])),
+                  jnp.float32)
+  v = jnp.asarray(rng.standard_normal((d["b"], d["s"], d["k"], d["h"])),
+                  jnp.float32)
+  return q, k, v
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_numpy_integer_scalars_accepted(impl):
+  q, k, v = _small()
+  f = lambda **kw: np.asarray(attnjax.dot_product_attention(
+      q, k, v, implementation=impl, **kw))
+  np.testing.assert_array_equal(f(local_window_size=np.int64(2)),
+                                f(local_window_size=2))
+  np.testing.assert_array_equal(
+      f(local_window_size=(np.int32(3), jnp.int32(1))),
+      f(local_window_size=(3, 1)))
+  np.testing.assert_array_equal(
+      f(key_value_seq_lengths=np.array([np.int64(3), np.int64(7)])),
+      f(key_value_seq_lengths=jnp.asarray([3, 7])))
+  ref = attention_np(q, k, v, window=(3, 1))["out"]
+  np.testing.assert_allclose(f(local_window_size=(np.int64(3), 1)), ref,
+                             atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_unbounded_window_does_not_overflow(impl):
+  q, k, v = _small(1)
+  ref = attention_np(q, k, v)["out"]
+  for w in (2**31, (2**31, 2**31), (2**40, 0)):
+    out = attnjax.dot_product_attention(q, k, v, local_window_size=w,
+                                        implementation=impl)
+    r = ref if w != (2**40, 0) else attention_np(q, k, v,
+                                                 is_causal=True)["out"]
+    np.testing.assert_allclose(out, r, atol=2e-5)
+  w = attnjax.attention_weights(q, k, local_window_size=2**31)
+  np.testing.assert_allclose(w, attention_np(q, k, v)["probs"], atol=2e-6)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_python_lists_are_converted(impl):
+  q, k, v = _small(2)
+  out = attnjax.dot_product_attention(
+      np.asarray(q).tolist(), np.asarray(k).tolist(), np.asarray(v).tolist(),
+      implementation=impl)
+  np.testing.assert_allclose(out, attention_np(q, k, v)["out"], atol=2e-5)
+  w = attnjax.attention_weights(np.asarray(q).tolist(),
+                                np.asarray(k).tolist())
+  np.testing.assert_allclose(w, attention_np(q, k, v)["probs"], atol=2e-6)
+  with pytest.raises(TypeError, match="query"):
+    attnjax.dot_product_attention("q", k, v, implementation=impl)
+  with pytest.raises(TypeError, match="value"):
+    attnjax.dot_product_attention(q, k, {"v": 1}, implementation=impl)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("kw, needle", [
+    (dict(scale=float("nan")), "scale"),
+    (dict(scale=float("inf")), "scale"),
+    (dict(local_window_size=(2.5, 2.5)), "local_window_size"),  # truncated
+    (dict(local_window_size=2.0), "local_window_size"),
+    (dict(local_window_size=(1, True)), "local_window_size"),
+    (dict(dropout_rate=float("nan")), "dropout_rate"),
+    (dict(dropout_rate=-0.5, dropout_rng=jax.random.key(0)), "dropout_rate"),
+])
+def test_bad_arguments_name_the_argument(impl, kw, needle):
+  q, k, v = _small()
+  with pytest.raises((ValueError, TypeError), match=needle):
+    attnjax.dot_product_attention(q, k, v, implementation=impl, **kw)
+  with pytest.raises((ValueError, TypeError), match=needle):
+    attnjax.dot_product_attention_with_lse(q, k, v, implementation=impl, **kw)
+
+
+def test_chunked_empty_inputs_do_not_mention_block_sizes():
+  """T = 0 / S = 0 / B = 0 through the default-block 'chunked' path and the
+  explicit-block entry: zeros of the right shape (was a ValueError about
+  block sizes the caller never passed)."""
+  for b, t, s in ((0, 5, 7), (2, 0, 7), (2, 5, 0)):
+    q = jnp.ones((b, t, 2, 4))
+    kv = jnp.ones((b, s, 1, 4))
+    out = attnjax.dot_product_attention(q, kv, kv, implementation="chunked")
+    assert out.shape == (b, t, 2, 4) and not np.any(np.asarray(out))
+    out, lse = chunked_dot_product_attention(q, kv, kv, return_lse=True)
+    assert out.shape == (b, t, 2, 4) and lse.shape == (b, 2, t)
+    assert np.all(np.isneginf(np.asarray(lse)))
+  with pytest.raises(ValueError, match="block_q"):
+    chunked_dot_product_attention(q, kv, kv, block_q=0)
+  with pytest.raises(ValueError, match="block_kv"):
+    chunked_dot_product_attention(q, kv, kv, block_kv=2.5)
