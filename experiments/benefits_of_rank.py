@@ -1,32 +1,58 @@
 r"""Benefits of rank in attention layers (Amsel, Yehudai, Bruna 2024).
 
 Paper: N. Amsel, G. Yehudai, J. Bruna, "On the Benefits of Rank in Attention
-Layers", arXiv 2407.16153 (2024).
+Layers", arXiv 2407.16153 (2024); code: github.com/NoahAmsel/attention-formers
+(`paper_experiments/*/*.yaml`, `train.py`, `encoders.py`, `task.py`,
+`analysis.py`, `theory_experiments/optim_weight_linsolve.py`).
 
-Task (the paper's nearest-neighbour target in its self-attention form, as in
-the authors' experiments): N points x_1..x_N uniform on the unit sphere in
-R^d; the target for token i is the point farthest from it,
-y_i = x_{argmin_j <x_i, x_j>} (the nearest neighbour of -x_i). Loss: squared
-L2 error per output vector, averaged over tokens; predicting 0 scores
-exactly 1 (targets are unit vectors).
+Task (`task.NearestPointDataset` with num_queries=-1): N points x_1..x_N
+uniform on the unit sphere in R^d; the target for token i is the point
+farthest from it, y_i = x_{argmin_j <x_i, x_j>}. Loss: squared L2 error per
+output vector averaged over tokens (the authors' `mse_loss * dim`);
+predicting 0 scores exactly 1.
 
-Models (`attnjax.models.rank_models.RankAttentionNet`, built from
-`attnjax.nn.TransformerEncoder`): depth-L stacks of pre-RMSNorm residual
-attention blocks with H = d / r heads of query-key rank r and a linear
-readout. The q/k/v/o parameter budget (4 d^2 + biases per layer) is the same
-for every rank. Reproduced: one full-rank head (r = d, H = 1) solves the
-task at one layer for every N; heads of low rank fail at one layer (MSE
-stays near the trivial level) although they have the same parameter count;
-depth narrows the gap for short contexts (small N).
+Two architectures (`--config.arch`):
+  "postnorm"  THE AUTHORS' MODEL (`PostNormRankEncoder`): post-norm encoder
+              layers h <- N(h + mean_m Attn_m(h)), h <- N(h + MLP(h)) with
+              N(x) = s x / ||x|| (one learned scalar s), a ReLU MLP, `width`
+              attention modules of d/r heads of rank r averaged, no readout,
+              PyTorch initialisation. Used by the `paper` and `cpu` presets.
+  "prenorm"   this library's earlier variant (`RankAttentionNet`):
+              pre-RMSNorm residual blocks with H = width * d / r heads of
+              rank r, optional MLP, linear readout, Flax initialisation.
+              Kept for comparison (`--config.arch=prenorm`); it was the
+              `default` preset's model before issue 14.
 
-Also reported: the explicit one-head construction W_Q W_K^T = -beta I,
-W_V W_O = I (hard-attention limit as beta -> inf), evaluated on the same
-data, as an independent check that a single full-rank head represents the
-target.
+Protocol (`paper`/`cpu` presets, as the authors' configs): AdamW with
+weight decay 0 (= Adam), betas (0.9, 0.95), linear warm-up over the first 5%
+of steps from 0 then cosine decay to 0 (the authors' `eta_min = lr // 10`
+is integer division, i.e. 0; their schedule steps once per 100-batch epoch,
+ours every step), batch 256 of fresh samples, `seeds` seeds per setting;
+the reported number is, as in their `analysis.py`, the minimum over
+training of the mean training loss of each 100-step "epoch" (= chunk; fresh
+samples, so it estimates the test loss), then the minimum over seeds. The
+final held-out MSE (median over seeds) is reported next to it.
+
+Sweeps (each a list of training cells; shared cells are trained once):
+  fig1   the authors' Fig. 1: MSE vs rank r at N = `num_points`, one curve
+         per width multiplier m (query-key parameters per layer
+         m d^2: d^2, d^2.5, d^3 for m = 1, sqrt(d), d), one panel per depth.
+  figN   their N-sweep figure: MSE vs rank at `fign_depth` layers, width
+         `fign_width`, one curve per N in `fign_num_points`.
+  rank1  their random-features curve: the closed-form best MSE of H random
+         rank-1 heads with fitted output weights (hard attention,
+         N -> infinity; `rank_models.rank1_random_heads_mse`) vs H, per d.
+         No training; float64 NumPy.
+Also the explicit one-head construction W_Q W_K^T = -beta I, W_V W_O = I on
+the held-out data (the single full-rank head represents the target).
+
+Measured on this machine (2 shared cores, `cpu` preset sizes): see
+docs/results/benefits_of_rank.md for the per-step times and what was run.
 
 Run (see experiments/configs/benefits_of_rank.py for all presets):
 
-  python -m experiments.benefits_of_rank --workdir=/tmp/rank_default
+  python -m experiments.benefits_of_rank --workdir=/tmp/rank_cpu \
+      --config=experiments/configs/benefits_of_rank.py:cpu
 
 Devices (`--config.mesh`, helpers in experiments/sharding.py, see
 docs/distributed.md): the default "data:1" is the single-device run.
@@ -35,34 +61,29 @@ inside the jitted loop, is sharded over the `data` axis
 (`sharding.constrain_batch`) and XLA all-reduces the gradients; parameters
 and Adam state are replicated, or sharded over `--config.fsdp_axis=data`
 (only arrays of >= 2**14 elements). config.batch_size must be divisible by
-the `data` axis size. Other mesh axes are not used (the work is replicated
-over them). Numbers equal the single-device run up to float summation order
-(sharded reductions). Checkpoints restore into whatever mesh the resuming
-run uses, so a cell started on N devices can be finished on M. Multi-host:
-`sharding.maybe_initialize_distributed()` picks up SLURM / Open MPI / TPU /
-JAX_COORDINATOR_ADDRESS environments.
+the `data` axis size. Numbers equal the single-device run up to float
+summation order. Checkpoints restore into whatever mesh the resuming run
+uses. Multi-host: `sharding.maybe_initialize_distributed()` picks up SLURM /
+Open MPI / TPU / JAX_COORDINATOR_ADDRESS environments.
 
 Outputs in --workdir:
   results.json keys:
-    mse                   {"N=<n>": {"depth=<L>": {"rank=<r>": test MSE}}}
-    table                 list of {"N", "depth", "rank", "heads", "mse",
-                          "params"} rows (one per sweep cell)
-    params                {"depth=<L>": {"rank=<r>": trainable parameters}}
-    full_rank_1layer_mse  {"N=<n>": MSE of r = d, H = 1, depth 1}
-    low_rank_1layer_mse   {"N=<n>": MSE of the lowest rank, depth 1}
-    best_low_rank_mse     {"N=<n>": best MSE over r < d and all depths}
-    construction_mse      {"N=<n>": MSE of the explicit one-head
-                          construction at beta = construction_beta}
-    zero_predictor_mse    1.0 (MSE of predicting 0)
-    config, wall_time_s   (config includes mesh and fsdp_axis)
-  rank_vs_mse.png     test MSE vs rank, one panel per N, a line per depth
-  metrics.jsonl       training loss per chunk of steps ("step" is global
-                      across cells; "cell" names the cell)
-  cells/<cell>.json   finished cells (skipped on re-runs)
-  checkpoints/<cell>/ orbax checkpoints of the cell being trained
-
-Cells are trained by `experiments.sweep.train_cells` (the resumable
-sweep-of-training-runs driver shared with experiments/low_rank_bottleneck.py).
+    fig1          {"depth=<L>": {"width=<m>": {"rank=<r>": MSE}}}: min over
+                  training, then over seeds (the authors' number)
+    fig1_final    same layout: median over seeds of the final held-out MSE
+    fign          {"N=<n>": {"rank=<r>": MSE}} (min/min), fign_final
+    table         one row per trained cell: N, depth, rank, width, heads,
+                  seed, params, qk_params_per_layer, min_train_mse,
+                  final_mse
+    rank1_random_heads  {"d=<d>": {"H=<h>": median MSE over trials}}
+    construction_mse    {"N=<n>": MSE of the one-head construction}
+    zero_predictor_mse  1.0
+    config, wall_time_s
+  fig1_rank_width_depth.png  Fig. 1 analog
+  figN_rank_vs_N.png         N-sweep analog
+  rank1_random_heads.png     random rank-1 heads curve
+  metrics.jsonl   training loss per chunk ("step" global, "cell" names it)
+  cells/<cell>.json, checkpoints/<cell>/  (resumable sweep, experiments.sweep)
 """
 
 from __future__ import annotations
@@ -72,17 +93,18 @@ from typing import Any, Dict, List
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app
 from flax import nnx
 
-from attnjax.models.rank_models import RankAttentionNet, sphere_batch
+from attnjax.models.rank_models import (PostNormRankEncoder, RankAttentionNet,
+                                        rank1_random_heads_mse,
+                                        sample_rank1_heads, sphere_batch)
 from experiments import common, sharding, sweep
 from experiments.sweep import Cell, Stopped, count_params, ints, train_cells
 
+ARCHS = ("postnorm", "prenorm")
 
-# ----------------------------------------------------------------------------
-# The study.
-# ----------------------------------------------------------------------------
 
 def per_vector_mse(pred, target):
   """Mean over tokens of ||pred - target||^2."""
@@ -95,38 +117,95 @@ def construction_predict(x, beta: float):
   return jnp.einsum("bij,bjd->bid", jax.nn.softmax(scores, axis=-1), x)
 
 
-def make_cells(cfg) -> List[Cell]:
+def make_model(cfg, rank: int, depth: int, width: int, seed: int):
   d = int(cfg.dim)
-  cells = []
-  for n in ints(cfg.num_points):
+  if cfg.arch == "postnorm":
+    return PostNormRankEncoder(d, rank, depth, width=width,
+                               mlp_dim=int(cfg.mlp_dim), rngs=nnx.Rngs(seed))
+  if cfg.arch == "prenorm":
+    return RankAttentionNet(d, rank, depth, num_heads=width * (d // rank),
+                            mlp_dim=int(cfg.mlp_dim), rngs=nnx.Rngs(seed))
+  raise ValueError(f"config.arch must be one of {ARCHS}, got {cfg.arch!r}.")
+
+
+def cell_name(n, depth, rank, width, lr, steps, s):
+  return f"N{n}_L{depth}_r{rank}_w{width}_lr{lr:g}_T{steps}_s{s}"
+
+
+def make_cells(cfg) -> List[Cell]:
+  """Training cells of the fig1 and figN sweeps (deduplicated by name)."""
+  d = int(cfg.dim)
+  specs = []
+  for L in ints(cfg.depths):
+    for m in ints(cfg.widths):
+      for r in ints(cfg.ranks):
+        specs.append((int(cfg.num_points), L, r, m, float(cfg.lr),
+                      int(cfg.steps)))
+  for n in ints(cfg.fign_num_points):
+    for r in ints(cfg.fign_ranks):
+      specs.append((n, int(cfg.fign_depth), r, int(cfg.fign_width),
+                    float(cfg.fign_lr), int(cfg.fign_steps)))
+  cells, seen = [], set()
+  warm = float(cfg.warmup_frac)
+  for (n, L, r, m, lr, steps) in specs:
     eval_key = jax.random.fold_in(jax.random.key(cfg.seed), 10_000 + n)
     x_eval, y_eval = sphere_batch(eval_key, int(cfg.eval_batch), n, d)
-    for depth in ints(cfg.depths):
-      for r in ints(cfg.ranks):
-        seed = cfg.seed * 1_000_003 + n * 1009 + depth * 101 + r
+    for s in range(int(cfg.seeds)):
+      name = cell_name(n, L, r, m, lr, steps, s)
+      if name in seen:
+        continue
+      seen.add(name)
+      seed = (cfg.seed * 1_000_003 + s * 7919 + n * 1009 + L * 101 + r
+              + 13 * m)
 
-        def make_model(r=r, depth=depth, seed=seed):
-          return RankAttentionNet(d, r, depth, mlp_dim=int(cfg.mlp_dim),
-                                  rngs=nnx.Rngs(seed))
+      def mk(r=r, L=L, m=m, seed=seed):
+        return make_model(cfg, r, L, m, seed)
 
-        def loss_fn(model, batch):
-          x, y = batch
-          return per_vector_mse(model(x), y)
+      def loss_fn(model, batch):
+        x, y = batch
+        return per_vector_mse(model(x), y)
 
-        def batch_fn(key, n=n):
-          return sphere_batch(key, int(cfg.batch_size), n, d)
+      def batch_fn(key, n=n):
+        return sphere_batch(key, int(cfg.batch_size), n, d)
 
-        def eval_fn(model, x_eval=x_eval, y_eval=y_eval):
-          return {"mse": per_vector_mse(model(x_eval), y_eval)}
+      def eval_fn(model, x_eval=x_eval, y_eval=y_eval):
+        return {"final_mse": per_vector_mse(model(x_eval), y_eval)}
 
-        cells.append(Cell(
-            name=f"N{n}_L{depth}_r{r}", make_model=make_model,
-            loss_fn=loss_fn, batch_fn=batch_fn, eval_fn=eval_fn,
-            steps=int(cfg.steps), lr=float(cfg.lr), seed=seed,
-            b2=float(cfg.b2),
-            info={"N": n, "depth": depth, "rank": r, "heads": d // r,
-                  "params": count_params(make_model())}))
+      cells.append(Cell(
+          name=name, make_model=mk, loss_fn=loss_fn, batch_fn=batch_fn,
+          eval_fn=eval_fn, steps=steps, lr=lr, seed=seed, b2=float(cfg.b2),
+          warmup=int(round(warm * steps)),
+          info={"N": n, "depth": L, "rank": r, "width": m,
+                "heads": m * (d // r), "seed": s, "lr": lr, "steps": steps,
+                "params": count_params(mk()),
+                "qk_params_per_layer": m * d * d}))
   return cells
+
+
+def min_train_losses(workdir: str) -> Dict[str, float]:
+  """{cell: min over chunks of the chunk-mean training loss} (metrics.jsonl)."""
+  out: Dict[str, float] = {}
+  for rec in common.MetricsWriter(workdir).read():
+    c = rec.get("cell")
+    if c is not None and "loss" in rec:
+      out[c] = min(out.get(c, np.inf), float(rec["loss"]))
+  return out
+
+
+def rank1_curve(cfg) -> Dict[str, Dict[str, float]]:
+  out = {}
+  for d in ints(cfg.rank1_dims):
+    row = {}
+    for h in ints(cfg.rank1_heads):
+      vals = []
+      for t in range(int(cfg.rank1_trials)):
+        key = jax.random.fold_in(jax.random.key(cfg.seed + 77), d * 1_000_003
+                                 + h * 31 + t)
+        q, k = sample_rank1_heads(key, h, d, cfg.rank1_coupling)
+        vals.append(rank1_random_heads_mse(q, k))
+      row[f"H={h}"] = float(np.median(vals))
+    out[f"d={d}"] = row
+  return out
 
 
 def make_mesh(cfg):
@@ -134,16 +213,29 @@ def make_mesh(cfg):
   return sweep.make_mesh(cfg.mesh, {"config.batch_size": cfg.batch_size})
 
 
+def validate(cfg):
+  d = int(cfg.dim)
+  if cfg.arch not in ARCHS:
+    raise ValueError(f"config.arch must be one of {ARCHS}, got {cfg.arch!r}.")
+  for field in ("ranks", "fign_ranks"):
+    for r in ints(cfg[field]):
+      if r < 1 or r > d or d % r:
+        raise ValueError(f"every entry of config.{field} must divide "
+                         f"dim={d}; got {cfg[field]!r}.")
+  for field in ("widths", "depths", "seeds"):
+    if any(v < 1 for v in ints(cfg[field])):
+      raise ValueError(f"config.{field} must be >= 1; got {cfg[field]!r}.")
+  if not 0.0 <= float(cfg.warmup_frac) < 1.0:
+    raise ValueError(f"config.warmup_frac must be in [0, 1); got "
+                     f"{cfg.warmup_frac}.")
+
+
 def run_study(cfg, workdir: str) -> Dict[str, Any]:
   t0 = time.time()
-  # Multi-host: before any jax computation (no-op on a single host).
   if not jax.distributed.is_initialized():
     sharding.maybe_initialize_distributed()
+  validate(cfg)
   d = int(cfg.dim)
-  ranks, depths, ns = ints(cfg.ranks), ints(cfg.depths), ints(cfg.num_points)
-  for r in ranks:
-    if r < 1 or d % r:
-      raise ValueError(f"every rank must divide dim={d}; got ranks={ranks}.")
   mesh = make_mesh(cfg)
   cells = make_cells(cfg)
   res = train_cells(workdir, cells, chunk=int(cfg.chunk),
@@ -151,61 +243,103 @@ def run_study(cfg, workdir: str) -> Dict[str, Any]:
                     stop_after_steps=int(cfg.stop_after_steps),
                     desc="benefits_of_rank", mesh=mesh,
                     fsdp_axis=cfg.fsdp_axis or None)
-  table = [res[c.name] for c in cells]
-  mse = {f"N={n}": {f"depth={L}": {f"rank={r}": res[f"N{n}_L{L}_r{r}"]["mse"]
-                                   for r in ranks} for L in depths}
-         for n in ns}
-  params = {f"depth={L}": {f"rank={r}": res[f"N{ns[0]}_L{L}_r{r}"]["params"]
-                           for r in ranks} for L in depths}
-  low = [r for r in ranks if r < d]
-  out = {
-      "mse": mse,
-      "table": [{k: row[k] for k in ("N", "depth", "rank", "heads", "mse",
-                                     "params")} for row in table],
-      "params": params,
-      "zero_predictor_mse": 1.0,
-      "construction_mse": {},
-      "full_rank_1layer_mse": {},
-      "low_rank_1layer_mse": {},
-      "best_low_rank_mse": {},
-  }
-  for n in ns:
+  mins = min_train_losses(workdir)
+  table = []
+  for c in cells:
+    row = {k: res[c.name][k] for k in
+           ("N", "depth", "rank", "width", "heads", "seed", "params",
+            "qk_params_per_layer", "final_mse")}
+    row["min_train_mse"] = float(mins[c.name])
+    table.append(row)
+  by_name = {c.name: row for c, row in zip(cells, table)}
+
+  def agg(n, L, r, m, lr, steps):
+    rows = [by_name[cell_name(n, L, r, m, lr, steps, s)]
+            for s in range(int(cfg.seeds))]
+    return (min(x["min_train_mse"] for x in rows),
+            float(np.median([x["final_mse"] for x in rows])))
+
+  out: Dict[str, Any] = {"fig1": {}, "fig1_final": {}, "fign": {},
+                         "fign_final": {}}
+  n1 = int(cfg.num_points)
+  for L in ints(cfg.depths):
+    a, b = {}, {}
+    for m in ints(cfg.widths):
+      vals = {f"rank={r}": agg(n1, L, r, m, float(cfg.lr), int(cfg.steps))
+              for r in ints(cfg.ranks)}
+      a[f"width={m}"] = {k: v[0] for k, v in vals.items()}
+      b[f"width={m}"] = {k: v[1] for k, v in vals.items()}
+    out["fig1"][f"depth={L}"], out["fig1_final"][f"depth={L}"] = a, b
+  for n in ints(cfg.fign_num_points):
+    vals = {f"rank={r}": agg(n, int(cfg.fign_depth), r, int(cfg.fign_width),
+                             float(cfg.fign_lr), int(cfg.fign_steps))
+            for r in ints(cfg.fign_ranks)}
+    out["fign"][f"N={n}"] = {k: v[0] for k, v in vals.items()}
+    out["fign_final"][f"N={n}"] = {k: v[1] for k, v in vals.items()}
+  out["table"] = table
+  out["zero_predictor_mse"] = 1.0
+  out["construction_mse"] = {}
+  for n in sorted({n1, *ints(cfg.fign_num_points)}):
     key = jax.random.fold_in(jax.random.key(cfg.seed), 10_000 + n)
     x, y = sphere_batch(key, int(cfg.eval_batch), n, d)
     out["construction_mse"][f"N={n}"] = float(per_vector_mse(
         construction_predict(x, float(cfg.construction_beta)), y))
-    if d in ranks and 1 in depths:
-      out["full_rank_1layer_mse"][f"N={n}"] = mse[f"N={n}"]["depth=1"][
-          f"rank={d}"]
-    if low and 1 in depths:
-      out["low_rank_1layer_mse"][f"N={n}"] = mse[f"N={n}"]["depth=1"][
-          f"rank={min(low)}"]
-    if low:
-      out["best_low_rank_mse"][f"N={n}"] = min(
-          mse[f"N={n}"][f"depth={L}"][f"rank={r}"] for L in depths
-          for r in low)
-  make_figure(out, ranks, depths, ns, d, workdir)
+  out["rank1_random_heads"] = rank1_curve(cfg)
+  make_figures(out, cfg, workdir)
   out["config"] = cfg.to_dict()
   out["wall_time_s"] = time.time() - t0
   return out
 
 
-def make_figure(out, ranks, depths, ns, d, workdir):
+def make_figures(out, cfg, workdir):
   plt = common.setup_matplotlib()
-  fig, axes = plt.subplots(1, len(ns), figsize=(4.2 * len(ns), 3.4),
-                           squeeze=False)
-  for ax, n in zip(axes[0], ns):
-    for L in depths:
-      ys = [out["mse"][f"N={n}"][f"depth={L}"][f"rank={r}"] for r in ranks]
-      ax.plot(ranks, ys, "o-", label=f"{L} layer" + ("s" if L > 1 else ""))
+  d = int(cfg.dim)
+  ranks, depths, widths = ints(cfg.ranks), ints(cfg.depths), ints(cfg.widths)
+  if ranks and depths and widths:
+    fig, axes = plt.subplots(1, len(depths), figsize=(3.8 * len(depths), 3.4),
+                             squeeze=False, sharey=True)
+    for ax, L in zip(axes[0], depths):
+      for m in widths:
+        p = 2 + np.log(m) / np.log(d)
+        ys = [out["fig1"][f"depth={L}"][f"width={m}"][f"rank={r}"]
+              for r in ranks]
+        ax.plot(ranks, ys, "o-", label=f"width {m} (qk params d^{p:.3g})")
+      ax.axhline(1.0, color="gray", ls=":", lw=1, label="predict 0")
+      ax.set_xscale("log", base=2)
+      ax.set_yscale("log")
+      ax.set_xlabel("rank r per head")
+      ax.set_ylabel("MSE (min over training, seeds)")
+      ax.set_title(f"{L} layer{'s' if L > 1 else ''}, d={d}, "
+                   f"N={cfg.num_points}")
+      ax.legend(fontsize=7)
+    common.save_figure(fig, workdir, "fig1_rank_width_depth")
+  ns, franks = ints(cfg.fign_num_points), ints(cfg.fign_ranks)
+  if ns and franks:
+    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    for n in ns:
+      ax.plot(franks, [out["fign"][f"N={n}"][f"rank={r}"] for r in franks],
+              "o-", label=f"N={n}")
     ax.axhline(1.0, color="gray", ls=":", lw=1, label="predict 0")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel(f"rank r per head (H = {d}/r heads)")
-    ax.set_ylabel("test MSE (per vector)")
-    ax.set_title(f"farthest point, d={d}, N={n}")
+    ax.set_xlabel("rank r per head")
+    ax.set_ylabel("MSE (min over training, seeds)")
+    ax.set_title(f"{cfg.fign_depth} layers, width {cfg.fign_width}, d={d}")
     ax.legend(fontsize=7)
-  common.save_figure(fig, workdir, "rank_vs_mse")
+    common.save_figure(fig, workdir, "figN_rank_vs_N")
+  curve = out["rank1_random_heads"]
+  if curve:
+    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    for dk, row in curve.items():
+      hs = [int(k.split("=")[1]) for k in row]
+      ax.plot(hs, list(row.values()), "o-", label=dk.replace("=", " = "))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("number of random rank-1 heads H")
+    ax.set_ylabel("best MSE (closed form, N -> inf)")
+    ax.set_title(f"random rank-1 heads ({cfg.rank1_coupling})")
+    ax.legend(fontsize=7)
+    common.save_figure(fig, workdir, "rank1_random_heads")
 
 
 def main(argv):
@@ -214,11 +348,13 @@ def main(argv):
   if res is None:
     return
   for row in res["table"]:
-    print(f"N={row['N']:<4d} depth={row['depth']} rank={row['rank']:<3d} "
-          f"heads={row['heads']:<3d} mse={row['mse']:.4f}")
+    print(f"N={row['N']:<4d} L={row['depth']} r={row['rank']:<3d} "
+          f"w={row['width']:<3d} seed={row['seed']} "
+          f"min_train={row['min_train_mse']:.4f} "
+          f"final={row['final_mse']:.4f}")
   print(f"wrote {path} ({res['wall_time_s']:.0f}s)", flush=True)
 
 
 if __name__ == "__main__":
-  common.define_study_flags("benefits_of_rank.py")
+  common.define_study_flags("benefits_of_rank.py", preset="cpu")
   app.run(main)

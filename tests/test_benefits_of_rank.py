@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attnjax.models.rank_models import (RankAttentionNet,
+from attnjax.models.rank_models import (PostNormRankEncoder,
+                                        RankAttentionNet,
                                         farthest_point_targets,
-                                        sample_sphere, sphere_batch)
+                                        rank1_random_heads_mse,
+                                        sample_rank1_heads, sample_sphere,
+                                        sphere_batch)
 from experiments import benefits_of_rank as study
 from experiments.configs import benefits_of_rank as configs
 
@@ -74,7 +77,7 @@ def test_construction_is_near_exact_and_zero_scores_one():
 
 
 @pytest.mark.parametrize("rank", [8, 4, 1])
-def test_rank_model_budget_and_head_rank(rank):
+def test_prenorm_model_budget_and_head_rank(rank):
   d = 8
   model = RankAttentionNet(d, rank, 2, rngs=nnx.Rngs(0))
   full = RankAttentionNet(d, d, 2, rngs=nnx.Rngs(0))
@@ -89,51 +92,207 @@ def test_rank_model_budget_and_head_rank(rank):
   assert model(x).shape == (2, 5, d)
 
 
-def test_rank_model_errors():
+def _postnorm_reference(model, x):
+  """Float64 NumPy forward of the authors' layer equations (encoders.py):
+  h <- N1(h + (1/m) sum_j MHA_j(h)); h <- N2(h + W2 relu(W1 h + b1) + b2),
+  N(x) = s x / ||x||, each module j with d/r heads of size r, 1/sqrt(r)
+  scaling. The wide layer's heads are split back into the m modules."""
+  h = np.asarray(x, np.float64)
+  for layer in model.layers:
+    a = layer.attn
+    g = lambda t: np.asarray(t[...], np.float64)
+    wq, wk, wv, wo = (g(a.query.kernel), g(a.key.kernel), g(a.value.kernel),
+                      g(a.out.kernel))
+    bq, bk, bv, bo = (g(a.query.bias), g(a.key.bias), g(a.value.bias),
+                      g(layer.out_bias))
+    m, nh = layer.width, a.num_heads // layer.width
+    out = 0.0
+    for j in range(m):
+      hs = slice(j * nh, (j + 1) * nh)
+      q = np.einsum("btd,dnh->btnh", h, wq[:, hs]) + bq[hs]
+      k = np.einsum("btd,dnh->btnh", h, wk[:, hs]) + bk[hs]
+      v = np.einsum("btd,dnh->btnh", h, wv[:, hs]) + bv[hs]
+      s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+      p = np.exp(s - s.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      o = np.einsum("bnts,bsnh->btnh", p, v)
+      out = out + np.einsum("btnh,nhd->btd", o, wo[hs])
+    h = h + out / m + bo
+    h = g(layer.norm1.scale) * h / np.linalg.norm(h, axis=-1, keepdims=True)
+    if layer.fc1 is not None:
+      z = np.maximum(h @ g(layer.fc1.kernel) + g(layer.fc1.bias), 0)
+      h = h + z @ g(layer.fc2.kernel) + g(layer.fc2.bias)
+      h = g(layer.norm2.scale) * h / np.linalg.norm(h, axis=-1,
+                                                    keepdims=True)
+  return h
+
+
+@pytest.mark.parametrize("rank,width,layers,mlp", [(4, 1, 1, 8), (1, 3, 2, 0),
+                                                   (2, 2, 2, 16)])
+def test_postnorm_encoder_matches_numpy_reference(rank, width, layers, mlp):
+  d = 4
+  model = PostNormRankEncoder(d, rank, layers, width=width, mlp_dim=mlp,
+                              rngs=nnx.Rngs(rank + width))
+  # learned norm scales != 1 and nonzero attention biases, so the reference
+  # checks where they enter
+  for i, layer in enumerate(model.layers):
+    layer.norm1.scale[...] = jnp.asarray(0.7 + 0.1 * i)
+    layer.out_bias[...] = 0.1 * jnp.arange(d, dtype=jnp.float32)
+    layer.attn.query.bias[...] = 0.05 * jnp.ones_like(layer.attn.query.bias)
+  x = sample_sphere(jax.random.key(3), (2, 5), d)
+  got = np.asarray(jax.jit(lambda m_, x_: m_(x_))(model, x))
+  np.testing.assert_allclose(got, _postnorm_reference(model, x), atol=2e-5)
+  # no readout: the output norm is the last norm's learned scale
+  last = model.layers[-1]
+  s = float((last.norm2 if last.fc1 is not None else last.norm1).scale[...])
+  np.testing.assert_allclose(np.linalg.norm(got, axis=-1), abs(s), rtol=1e-5)
+  # per-head query-key rank r, m * d / r heads, m d^2 query-key parameters
+  kq, _ = model.layers[0].attn.merged_matrices()
+  assert kq.shape[0] == width * d // rank == model.num_heads
+  assert all(np.linalg.matrix_rank(np.asarray(kq[h], np.float64), tol=1e-6)
+             == rank for h in range(kq.shape[0]))
+  wq = model.layers[0].attn.query.kernel[...]
+  assert wq.size == width * d * d
+  # parameters: m (4 d^2 + 3 d) + d (attention, one shared out bias)
+  # + 2 d f + f + d (MLP) + 1 or 2 norm scales, per layer
+  per_layer = width * (4 * d * d + 3 * d) + d + (
+      2 * d * mlp + mlp + d + 2 if mlp else 1)
+  assert study.count_params(model) == layers * per_layer
+
+
+def test_postnorm_init_is_pytorch_default():
+  d, f = 16, 64
+  model = PostNormRankEncoder(d, 4, 1, width=8, mlp_dim=f,
+                              rngs=nnx.Rngs(0))
+  layer = model.layers[0]
+  for w, bound in ((layer.attn.query.kernel, np.sqrt(6 / (4 * d))),
+                   (layer.attn.out.kernel, 1 / np.sqrt(d)),
+                   (layer.fc1.kernel, 1 / np.sqrt(d)),
+                   (layer.fc2.kernel, 1 / np.sqrt(f))):
+    w = np.asarray(w[...])
+    assert np.abs(w).max() <= bound
+    # uniform on [-b, b]: std b / sqrt(3)
+    np.testing.assert_allclose(w.std(), bound / np.sqrt(3), rtol=0.1)
+  assert float(np.abs(np.asarray(layer.attn.query.bias[...])).max()) == 0.0
+
+
+def test_model_errors():
   with pytest.raises(ValueError, match="rank"):
     RankAttentionNet(8, 3, 1, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="rank"):
     RankAttentionNet(8, 9, 1, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="dim"):
     RankAttentionNet(8, 8, 1, rngs=nnx.Rngs(0))(jnp.ones((1, 3, 4)))
+  with pytest.raises(ValueError, match="rank"):
+    PostNormRankEncoder(8, 3, 1, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="width"):
+    PostNormRankEncoder(8, 2, 1, width=0, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="dim"):
+    PostNormRankEncoder(8, 8, 1, rngs=nnx.Rngs(0))(jnp.ones((1, 3, 4)))
+  with pytest.raises(ValueError, match="coupling"):
+    sample_rank1_heads(jax.random.key(0), 2, 4, "nope")
+  with pytest.raises(ValueError, match="q"):
+    rank1_random_heads_mse(np.ones((2, 3)), np.ones((3, 3)))
+
+
+@pytest.mark.parametrize("coupling", ["uniform_angle", "independent"])
+def test_rank1_closed_form_matches_monte_carlo(coupling):
+  # Independent reference: sample x on the sphere, build the N -> inf
+  # hard-attention head outputs sign(<q_h, x>) k_h, least squares to -x.
+  d, h = 6, 5
+  q, k = sample_rank1_heads(jax.random.key(11), h, d, coupling)
+  qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  np.testing.assert_allclose(np.linalg.norm(kn, axis=1), 1.0, atol=1e-5)
+  x = np.asarray(sample_sphere(jax.random.key(5), (400_000,), d), np.float64)
+  feats = np.sign(x @ qn.T)[:, :, None] * kn[None]            # [n, H, d]
+  gram = np.einsum("nhd,ngd->hg", feats, feats) / len(x)
+  b = np.einsum("nhd,nd->h", feats, -x) / len(x)
+  mc = 1.0 - b @ np.linalg.solve(gram, b)
+  np.testing.assert_allclose(rank1_random_heads_mse(q, k), mc, atol=5e-3)
+
+
+def test_rank1_heads_need_many_more_than_d():
+  # The authors' random-features point: rank-1 heads with the parameter
+  # budget of one full-rank head (H = d) stay far from solving the task;
+  # the error falls only once H >> d.
+  d = 16
+  med = {}
+  for h in (d, 16 * d, 256 * d):
+    med[h] = np.median([rank1_random_heads_mse(
+        *sample_rank1_heads(jax.random.key(100 * h + t), h, d))
+        for t in range(3)])
+  assert med[d] > 0.6
+  assert med[d] > med[16 * d] > med[256 * d]
+  assert med[256 * d] < 0.05
 
 
 def test_configs_and_docstring():
   for preset in configs.PRESETS:
     cfg = configs.get_config(preset)
+    study.validate(cfg)
     assert cfg.ckpt_every % cfg.chunk == 0 and cfg.steps % cfg.chunk == 0
-    for r in study.ints(cfg.ranks):
-      assert cfg.dim % r == 0
+    assert cfg.fign_steps % cfg.chunk == 0
+  paper = configs.get_config("paper")
+  # the authors' protocol: fig1 d=64, N=16, widths 1/8/64, layers 1/3/5,
+  # batch 256, lr 1e-2, betas (0.9, 0.95), 5% warm-up, 5 seeds, MLP 2048
+  assert (paper.arch, paper.dim, paper.num_points, paper.widths,
+          paper.depths, paper.batch_size, paper.lr, paper.b2,
+          paper.warmup_frac, paper.seeds, paper.mlp_dim, paper.steps) == (
+              "postnorm", 64, 16, "1,8,64", "1,3,5", 256, 1e-2, 0.95, 0.05, 5,
+              2048, 100_000)
+  assert paper.fign_num_points == "4,16,64,256" and paper.fign_depth == 2
+  assert configs.get_config("default").preset == "cpu"
+  for preset in configs.PRESETS:
+    assert f":{preset}" in configs.__doc__ or preset == "cpu"
+    assert preset in configs.__doc__
   assert "python -m experiments.benefits_of_rank" in configs.__doc__
   with pytest.raises(ValueError):
     configs.get_config("nope")
+  bad = configs.get_config("tiny")
+  bad.ranks = "3"
+  with pytest.raises(ValueError, match="ranks"):
+    study.validate(bad)
+  bad = configs.get_config("tiny")
+  bad.arch = "x"
+  with pytest.raises(ValueError, match="arch"):
+    study.validate(bad)
 
 
 def test_resume_identical_and_skips_finished_cells(tmp_path):
   cfg = configs.get_config("tiny")
   full = study.run_study(cfg, str(tmp_path / "full"))
+  names = [study.cell_name(4, 1, 4, 1, 1e-2, 40, 0),
+           study.cell_name(4, 1, 1, 1, 1e-2, 40, 0),
+           study.cell_name(3, 1, 4, 2, 1e-2, 40, 0)]
+  assert [r["rank"] for r in full["table"]] == [4, 1, 4]
 
   killed = str(tmp_path / "killed")
   cfg_stop = configs.get_config("tiny")
   cfg_stop.stop_after_steps = 70        # mid-way through the 2nd cell
   with pytest.raises(study.Stopped):
     study.run_study(cfg_stop, killed)
-  assert os.path.exists(os.path.join(killed, "cells", "N4_L1_r4.json"))
-  assert not os.path.exists(os.path.join(killed, "cells", "N4_L1_r1.json"))
-  first_cell = os.path.join(killed, "cells", "N4_L1_r4.json")
+  first_cell = os.path.join(killed, "cells", names[0] + ".json")
+  assert os.path.exists(first_cell)
+  assert not os.path.exists(os.path.join(killed, "cells", names[1] + ".json"))
   mtime = os.path.getmtime(first_cell)
   resumed = study.run_study(cfg, killed)
   assert os.path.getmtime(first_cell) == mtime     # finished cell skipped
-  assert resumed["mse"] == full["mse"]
-  assert resumed["table"] == full["table"]
-  # curves: one line per chunk, no duplicates after the resume
+  for k in ("fig1", "fig1_final", "fign", "table", "rank1_random_heads"):
+    assert resumed[k] == full[k], k
+  # one metrics line per chunk, no duplicates after the resume; the
+  # reported number is the minimum of the chunk-mean losses of each cell
   with open(os.path.join(killed, "metrics.jsonl")) as f:
-    steps = [json.loads(l)["step"] for l in f if l.strip()]
-  assert steps == sorted(set(steps)) and len(steps) == 8
-  # a complete re-run trains nothing and reproduces the numbers
-  again = study.run_study(cfg, killed)
-  assert again["mse"] == full["mse"]
-  assert os.path.exists(os.path.join(killed, "rank_vs_mse.png"))
+    recs = [json.loads(l) for l in f if l.strip()]
+  steps = [r["step"] for r in recs]
+  assert steps == sorted(set(steps)) and len(steps) == 12
+  for row, name in zip(resumed["table"], names):
+    losses = [r["loss"] for r in recs if r["cell"] == name]
+    assert len(losses) == 4 and row["min_train_mse"] == min(losses)
+  assert resumed["fig1"]["depth=1"]["width=1"]["rank=1"] == (
+      resumed["table"][1]["min_train_mse"])
+  assert resumed["construction_mse"]["N=4"] < 0.02
+  for png in ("fig1_rank_width_depth", "figN_rank_vs_N", "rank1_random_heads"):
+    assert os.path.exists(os.path.join(killed, png + ".png"))
 
 
 @pytest.mark.slow

@@ -11,8 +11,14 @@ Two theory papers study what the per-head rank of the query-key product buys:
 * Amsel, Yehudai, Bruna, "On the Benefits of Rank in Attention Layers"
   (arXiv 2407.16153): each of N points on the unit sphere must output the
   point farthest from it (`farthest_point_targets`); one full-rank head
-  represents this, H = d / r heads of rank r cannot at one layer
-  (`RankAttentionNet`).
+  represents this, H = d / r heads of rank r cannot at one layer.
+  Two model families: `PostNormRankEncoder`, the authors' architecture
+  (post-norm encoder layers, unit-normalise-times-learned-scale norm, ReLU
+  MLP, `width` parallel attention modules averaged, no readout; their
+  `encoders.py`), and `RankAttentionNet`, this library's earlier pre-RMSNorm
+  residual stack with a linear readout. `rank1_random_heads_mse` is the
+  closed-form error of H random rank-1 heads with fitted output weights
+  (hard-attention, N -> infinity limit).
 
 Everything is built from `attnjax.nn` layers; nothing here trains.
 """
@@ -25,10 +31,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnjax.nn import TransformerEncoder
+from attnjax.nn import MultiHeadAttention, TransformerEncoder
 
 __all__ = [
-    "RankAttentionNet", "RecallTransformer", "associative_recall_batch",
+    "PostNormRankEncoder", "RankAttentionNet", "UnitScaleNorm",
+    "rank1_random_heads_mse", "sample_rank1_heads", "RecallTransformer", "associative_recall_batch",
     "farthest_point_targets", "sample_sphere", "sphere_batch",
 ]
 
@@ -100,6 +107,183 @@ class RankAttentionNet(nnx.Module):
       raise ValueError(f"`x` last dim must be dim={self.dim}, got shape "
                        f"{x.shape}.")
     return self.readout(self.encoder(x))
+
+
+def _uniform_init(bound: float):
+  """U(-bound, bound) initializer (PyTorch's default Linear/xavier shapes)."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class UnitScaleNorm(nnx.Module):
+  """y = s * x / ||x|| with one learned scalar s (init 1).
+
+  The authors' `MyNormalize` (encoders.py): unlike RMSNorm there is no
+  per-feature gain and the output norm is exactly |s| (plus `eps` guards a
+  zero input, which the authors' eps=0 does not).
+  """
+
+  def __init__(self, *, eps: float = 1e-12):
+    self.scale = nnx.Param(jnp.ones((), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x):
+    inv = jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...] * x * inv
+
+
+def _dense_attention(q, k, v, **kwargs):
+  """Plain softmax attention, [B, T, N, H] layout (no masks).
+
+  The rank-r heads here have H = 1..d features and short sequences, where
+  one dense einsum is the cheapest form on CPU; it is the textbook
+  definition, so it also serves as its own reference.
+  """
+  if kwargs:
+    raise ValueError(f"_dense_attention takes no options, got {sorted(kwargs)}.")
+  s = jnp.einsum("btnh,bsnh->bnts", q, k) * (q.shape[-1] ** -0.5)
+  p = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum("bnts,bsnh->btnh", p, v)
+
+
+class _PostNormLayer(nnx.Module):
+  """h <- N1(h + mean_m Attn_m(h)); h <- N2(h + MLP(h)) (post-norm)."""
+
+  def __init__(self, dim: int, rank: int, heads_per_module: int, width: int,
+               mlp_dim: int, use_bias: bool, rngs: nnx.Rngs):
+    # `width` torch MultiheadAttention(d, heads_per_module) modules whose
+    # outputs are averaged == one layer of width * heads_per_module heads of
+    # size `rank` whose output projection is scaled by 1 / width. PyTorch
+    # init: in_proj xavier-uniform on the stacked [3d, d] weight, bound
+    # sqrt(6 / 4d); out_proj U(+-1/sqrt(d)); all attention biases zero.
+    self.width = width
+    self.attn = MultiHeadAttention(
+        width * heads_per_module, dim, head_dim=rank, use_bias=use_bias,
+        use_out_bias=False, attention_fn=_dense_attention,
+        kernel_init=_uniform_init((6.0 / (4 * dim)) ** 0.5),
+        out_kernel_init=_uniform_init(dim ** -0.5), rngs=rngs)
+    # The m modules' output biases enter as their mean, outside the 1 / m:
+    # one bias here, so Adam moves it at the same rate as theirs.
+    self.out_bias = (nnx.Param(jnp.zeros((dim,), jnp.float32)) if use_bias
+                     else None)
+    self.norm1 = UnitScaleNorm()
+    if mlp_dim:
+      b1, b2 = dim ** -0.5, mlp_dim ** -0.5
+      self.fc1 = nnx.Linear(dim, mlp_dim, use_bias=use_bias,
+                            kernel_init=_uniform_init(b1),
+                            bias_init=_uniform_init(b1), rngs=rngs)
+      self.fc2 = nnx.Linear(mlp_dim, dim, use_bias=use_bias,
+                            kernel_init=_uniform_init(b2),
+                            bias_init=_uniform_init(b2), rngs=rngs)
+      self.norm2 = UnitScaleNorm()
+    else:
+      self.fc1 = self.fc2 = self.norm2 = None
+
+  def __call__(self, h):
+    a = self.attn(h) / self.width
+    if self.out_bias is not None:
+      a = a + self.out_bias[...]
+    h = self.norm1(h + a)
+    if self.fc1 is not None:
+      h = self.norm2(h + self.fc2(jax.nn.relu(self.fc1(h))))
+    return h
+
+
+class PostNormRankEncoder(nnx.Module):
+  """The authors' model (attention-formers `encoders.Encoder`), in NNX.
+
+  Each of `num_layers` layers is a post-norm PyTorch
+  `TransformerEncoderLayer` (dropout 0, ReLU MLP of width `mlp_dim`, biases)
+  whose LayerNorms are replaced by `UnitScaleNorm` and whose attention is
+  the average of `width` independent multi-head attention modules with
+  d / rank heads of size `rank` each (`WidenedTransformerEncoderLayer`).
+  There is no readout: the last layer's output (norm = its learned scale)
+  is the prediction. Initialisation follows PyTorch's defaults.
+
+  Per layer the query-key parameters number rank * d * (width * d / rank)
+  = width * d^2, i.e. d^2, d^2.5, d^3 for width 1, sqrt(d), d (the
+  authors' "params per layer" axis).
+  """
+
+  def __init__(self, dim: int, rank: int, num_layers: int, *,
+               width: int = 1, mlp_dim: int = 2048, use_bias: bool = True,
+               rngs: nnx.Rngs):
+    if dim <= 0 or rank <= 0 or rank > dim or dim % rank:
+      raise ValueError(f"`rank` must divide `dim` and lie in [1, dim]; got "
+                       f"rank={rank}, dim={dim}.")
+    if width < 1 or num_layers < 1:
+      raise ValueError(f"`width` and `num_layers` must be >= 1; got "
+                       f"width={width}, num_layers={num_layers}.")
+    self.dim, self.rank, self.width = dim, rank, width
+    self.num_heads = width * (dim // rank)
+    self.layers = nnx.List([
+        _PostNormLayer(dim, rank, dim // rank, width, mlp_dim, use_bias, rngs)
+        for _ in range(num_layers)])
+
+  def __call__(self, x):
+    if x.shape[-1] != self.dim:
+      raise ValueError(f"`x` last dim must be dim={self.dim}, got shape "
+                       f"{x.shape}.")
+    for layer in self.layers:
+      x = layer(x)
+    return x
+
+
+# ----------------------------------------------------------------------------
+# Random rank-1 heads (the authors' random-features curve).
+# ----------------------------------------------------------------------------
+
+def sample_rank1_heads(key: jax.Array, num_heads: int, dim: int,
+                       coupling: str = "uniform_angle"):
+  """(q, k) [H, d] unit vectors of H random rank-1 heads q k^T.
+
+  coupling="uniform_angle": k at angle theta from q with cos(theta) uniform
+  on [-1, 1] (the authors' `uniform_construction`); "independent": q and k
+  independent uniform on the sphere.
+  """
+  kq, kk, kt = jax.random.split(key, 3)
+  q = sample_sphere(kq, (num_heads,), dim, jnp.float64
+                    if jax.config.jax_enable_x64 else jnp.float32)
+  e = sample_sphere(kk, (num_heads,), dim, q.dtype)
+  if coupling == "independent":
+    return q, e
+  if coupling != "uniform_angle":
+    raise ValueError(f"`coupling` must be 'uniform_angle' or 'independent', "
+                     f"got {coupling!r}.")
+  e = e - jnp.sum(q * e, -1, keepdims=True) * q
+  e = e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+  c = jax.random.uniform(kt, (num_heads, 1), q.dtype, -1.0, 1.0)
+  return q, c * q + jnp.sqrt(1.0 - c * c) * e
+
+
+def rank1_random_heads_mse(q, k, ridge: float = 0.0):
+  """Best MSE of sum_h a_h sign(<q_h, x>) k_h against the target -x.
+
+  This is a layer of H rank-1 heads q_h k_h^T with values scaled by a_h, in
+  the limit N -> infinity and hard attention: head h sends x to the sphere
+  point maximising <q_h, x><k_h, y>, i.e. sign(<q_h, x>) k_h, while the
+  farthest point tends to -x. With x uniform on S^{d-1}:
+    E[sign<q_h,x> sign<q_g,x>] = (2/pi) arcsin<q_h,q_g>,
+    E[sign<q,x> x] = c_d q,  c_d = E|x_1| = Gamma(d/2)/(sqrt(pi)Gamma((d+1)/2)),
+  so C_hg = (2/pi) arcsin<q_h,q_g> <k_h,k_g>, b_h = -c_d <q_h,k_h>, and the
+  optimal a gives MSE = 1 - b^T C^{-1} b (computed in float64 NumPy with an
+  optional ridge for conditioning). Inputs: q, k [H, d] unit rows.
+  """
+  import numpy as np
+  from scipy.special import gammaln
+  q = np.asarray(q, np.float64)
+  k = np.asarray(k, np.float64)
+  if q.ndim != 2 or q.shape != k.shape:
+    raise ValueError(f"`q` and `k` must both be [H, d]; got {q.shape} and "
+                     f"{k.shape}.")
+  d = q.shape[1]
+  c_d = np.exp(gammaln(d / 2) - gammaln((d + 1) / 2)) / np.sqrt(np.pi)
+  cmat = (2 / np.pi) * np.arcsin(np.clip(q @ q.T, -1, 1)) * (k @ k.T)
+  b = -c_d * np.sum(q * k, axis=1)
+  cmat = cmat + ridge * np.eye(len(b))
+  a = np.linalg.lstsq(cmat, b, rcond=1e-12)[0]
+  return float(1.0 - 2 * a @ b + a @ (cmat - ridge * np.eye(len(b))) @ a)
 
 
 # ----------------------------------------------------------------------------

@@ -1,22 +1,58 @@
 """Configs for experiments/benefits_of_rank.py (Amsel, Yehudai, Bruna 2024).
 
+Presets (`--config=experiments/configs/benefits_of_rank.py:<preset>`):
+  cpu      (default) CPU analog of the authors' protocol: d = 16, N = 16,
+           ranks 16/4/1, width multipliers 1/4/16 (query-key parameters per
+           layer d^2, d^2.5, d^3), depths 1 and 2, 2 seeds, 1500 steps, MLP
+           64; N-sweep N = 4, 16, 64 at 2 layers, width 4. Sized for about an
+           hour on an idle 2-core machine (docs/results/benefits_of_rank.md
+           gives the measured per-step times).
+  paper    the authors' sizes (paper_experiments/fig1, figN): d = 64,
+           N = 16, ranks 64/32/16/8, widths 1/8/64, depths 1/3/5, MLP 2048,
+           100k steps (1000 epochs x 100 batches), lr 1e-2, 5 seeds; N-sweep
+           N = 4/16/64/256 at 2 layers, width 64, lr 5e-3, 200k steps,
+           ranks 64/16/8/4/1 (nheads 1/2/4/8/64 in their yaml is 1 2 4 8 64
+           heads -> ranks 64 32 16 8 1). Accelerator-sized.
+  prenorm  today's earlier study (pre-RMSNorm residual blocks + readout,
+           attention only, Adam b2 0.95 cosine, 1 seed, ranks 16/4/1, depths
+           1-3, N = 16 and N-sweep 4) kept for comparison.
+  tiny     seconds-long smoke test (CI / unit tests).
+
 Run commands (from the repository root):
 
-  # default (~5-8 min on a 2-core CPU): d = 16, rank r in {16, 4, 1}
-  # (H = d / r heads), depth 1-3, N in {4, 16}
-  python -m experiments.benefits_of_rank --workdir=/tmp/rank_default
-  # the paper's Figure-1 sizes (d = 64, N = 16, H in {1, 2, 4, 8},
-  # 1/3/5 layers, MLP 2048, batch 256, 100k steps): accelerator-sized
-  python -m experiments.benefits_of_rank --workdir=/tmp/rank_paper \
+  python -m experiments.benefits_of_rank --workdir=/tmp/rank_cpu
+  python -m experiments.benefits_of_rank --workdir=/tmp/rank_paper \\
       --config=experiments/configs/benefits_of_rank.py:paper
-  # seconds-long smoke test (CI / unit tests)
-  python -m experiments.benefits_of_rank --workdir=/tmp/rank_tiny \
+  python -m experiments.benefits_of_rank --workdir=/tmp/rank_tiny \\
       --config=experiments/configs/benefits_of_rank.py:tiny
   # data parallel over every device (batch split over the `data` axis)
-  python -m experiments.benefits_of_rank --workdir=/tmp/rank_dp \
+  python -m experiments.benefits_of_rank --workdir=/tmp/rank_dp \\
       --config.mesh=data:-1
 
-Any field can be overridden, e.g. `--config.ranks=16,1 --config.steps=3000`.
+Fields (override any with --config.<field>=...; lists are comma-separated):
+  arch             "postnorm" (authors' model) or "prenorm" (earlier variant)
+  dim              d, points live on S^{d-1}
+  num_points       N of the fig1 sweep
+  ranks            per-head query-key ranks r (each divides d) of fig1
+  widths           width multipliers m (m * d / r heads) of fig1
+  depths           numbers of layers of fig1
+  seeds            seeds per setting (min over seeds is reported)
+  mlp_dim          MLP hidden width (0: attention only)
+  steps, lr        fig1 training steps and peak learning rate
+  warmup_frac      linear warm-up fraction of the steps (authors: 1/20)
+  b2               Adam beta2 (authors: 0.95; beta1 0.9, weight decay 0)
+  batch_size       fresh samples per step (authors: 256)
+  fign_num_points  N values of the N-sweep ("" skips it)
+  fign_ranks, fign_depth, fign_width, fign_lr, fign_steps  N-sweep settings
+  rank1_dims, rank1_heads, rank1_trials, rank1_coupling  random rank-1
+                   heads curve (closed form, no training; "" skips it)
+  chunk            steps per jitted loop = one "epoch" of the min-over-
+                   training metric (authors: 100 batches)
+  ckpt_every       checkpoint period in steps (multiple of chunk)
+  eval_batch       held-out examples for the final MSE
+  construction_beta  inverse temperature of the one-head construction
+  seed             base seed; stop_after_steps (tests); mesh, fsdp_axis
+
 Re-running a command with the same --workdir resumes the interrupted cell
 from its last checkpoint, skips finished cells, and gives the same final
 numbers as an uninterrupted run.
@@ -24,64 +60,97 @@ numbers as an uninterrupted run.
 
 import ml_collections
 
-PRESETS = ("default", "paper", "tiny")
+PRESETS = ("cpu", "paper", "prenorm", "tiny")
 
 
-def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-  preset = preset or "default"
+def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
+  preset = preset or "cpu"
+  if preset == "default":
+    preset = "cpu"
   if preset not in PRESETS:
     raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}.")
   c = ml_collections.ConfigDict()
   c.preset = preset
   c.seed = 0
-  # Task: N points uniform on S^{d-1}; target of x_i = argmin_j <x_i, x_j>.
+  c.arch = "postnorm"
   c.dim = 16
-  c.num_points = "4,16"        # N values (comma-separated)
-  # Models: H = dim / rank heads of rank `rank` (fixed q/k/v/o budget 4 d^2).
+  c.num_points = 16
   c.ranks = "16,4,1"
-  c.depths = "1,2,3"
-  c.mlp_dim = 0                # 0: attention-only blocks (the theory's model)
-  # Training: fresh samples every step, Adam + cosine decay.
+  c.widths = "1,4,16"
+  c.depths = "1,2"
+  c.seeds = 2
+  c.mlp_dim = 64
   c.steps = 1500
-  c.batch_size = 128
   c.lr = 1e-2
-  c.b2 = 0.95                  # Adam beta2 (the authors use betas (0.9, 0.95))
-  c.chunk = 100                # steps per jitted loop / metrics line
-  c.ckpt_every = 500           # multiple of chunk
-  c.stop_after_steps = 0       # > 0: stop once this run trained that many
-                               # steps (simulated kill, used by tests)
-  # Devices (experiments/sharding.py): "data:1" = one device (default,
-  # bit-identical to the single-device run); "data:-1" / "data:4" = data
-  # parallel (the batch is split over `data`); fsdp_axis="data" also shards
-  # the large (>= 2**14 elements) parameters and Adam moments over it.
+  c.warmup_frac = 0.05
+  c.b2 = 0.95
+  c.batch_size = 256
+  c.fign_num_points = "4,16,64"
+  c.fign_ranks = "16,4,1"
+  c.fign_depth = 2
+  c.fign_width = 4
+  c.fign_lr = 5e-3
+  c.fign_steps = 1500
+  c.rank1_dims = "8,16,32,64"
+  c.rank1_heads = "1,4,16,64,256,1024,4096"
+  c.rank1_trials = 5
+  c.rank1_coupling = "uniform_angle"
+  c.chunk = 100
+  c.ckpt_every = 500
+  c.stop_after_steps = 0
   c.mesh = "data:1"
   c.fsdp_axis = ""
-  # Evaluation on a fixed held-out batch.
   c.eval_batch = 2048
-  # The explicit one-head full-rank construction (QK^T = -beta I, VO = I).
   c.construction_beta = 1000.0
 
   if preset == "paper":
-    # Authors' fig-1 sweep: d=64, N=16, nheads {1,2,4,8} (ranks 64..8),
-    # layers {1,3,5}, torch TransformerEncoderLayer with dim_feedforward 2048,
-    # Adam lr 1e-2 betas (.9,.95), batch 256, 1000 epochs x 100 batches.
     c.dim = 64
-    c.num_points = "16"
     c.ranks = "64,32,16,8"
+    c.widths = "1,8,64"
     c.depths = "1,3,5"
+    c.seeds = 5
     c.mlp_dim = 2048
     c.steps = 100_000
-    c.batch_size = 256
+    c.fign_num_points = "4,16,64,256"
+    c.fign_ranks = "64,32,16,8,1"
+    c.fign_width = 64
+    c.fign_steps = 200_000
+    c.rank1_heads = ",".join(str(2 ** i) for i in range(15))
     c.ckpt_every = 5000
-    c.chunk = 500
     c.eval_batch = 8192
+  elif preset == "prenorm":
+    c.arch = "prenorm"
+    c.widths = "1"
+    c.depths = "1,2,3"
+    c.seeds = 1
+    c.mlp_dim = 0
+    c.batch_size = 128
+    c.warmup_frac = 0.0
+    c.fign_num_points = "4"
+    c.fign_ranks = "16,4,1"
+    c.fign_depth = 3
+    c.fign_width = 1
+    c.fign_lr = 1e-2
+    c.rank1_dims = ""
   elif preset == "tiny":
     c.dim = 4
-    c.num_points = "4"
+    c.num_points = 4
     c.ranks = "4,1"
+    c.widths = "1"
     c.depths = "1"
+    c.seeds = 1
+    c.mlp_dim = 8
     c.steps = 40
     c.batch_size = 16
+    c.fign_num_points = "3"
+    c.fign_ranks = "4"
+    c.fign_depth = 1
+    c.fign_width = 2
+    c.fign_lr = 1e-2
+    c.fign_steps = 40
+    c.rank1_dims = "4"
+    c.rank1_heads = "1,8"
+    c.rank1_trials = 2
     c.chunk = 10
     c.ckpt_every = 20
     c.eval_batch = 64
