@@ -61,9 +61,17 @@ training state to checkpoint.)
                              at ~1 neither is ahead).
     identity_mean_helps      bool: rfa_identity beats rfa_zero on every
                              He_k (k >= 2) target at the largest n.
+    identity_loses_on        targets where rfa_identity is worse than
+                             rfa_zero at the largest n (reported, not hidden).
+  heads_axis        {"head_counts", "n" (= heads_n), "params" {M: M (d+1)},
+                    "test_error" {model: {target: [mean per M]}},
+                    "test_error_per_repeat"}: error vs the number of heads M
+                    at fixed n (the RF-MLP gets M (d+1) units).
+  slopes            {"vs_n"|"vs_heads": {model: {target: least-squares slope
+                    of log error on log n (log M)}}}.
   wall_time_s       time of the invocation that wrote the file.
-Figures: test_error_vs_n.png (one panel per target) and
-test_error_<target>.png.
+Figures: test_error_vs_n.png (one panel per target, fitted slopes in the
+legend), test_error_<target>.png, test_error_vs_heads.png.
 """
 
 from __future__ import annotations
@@ -239,41 +247,83 @@ def layer_check(layer, data, cell, name):
 # ----------------------------------------------------------------------------
 # Driver.
 
-def _cell_path(workdir, repeat, model, n):
-  return os.path.join(workdir, "cells", f"r{repeat}_{model}_n{n}.json")
+def _cell_path(workdir, repeat, model, n, heads=None):
+  tag = f"n{n}" if heads is None else f"n{n}_M{heads}"
+  return os.path.join(workdir, "cells", f"r{repeat}_{model}_{tag}.json")
+
+
+def head_counts(cfg):
+  """The M values of the heads axis (each <= num_heads), sorted."""
+  hs = sorted(int(h) for h in cfg.head_counts)
+  if any(h < 1 or h > cfg.num_heads for h in hs):
+    raise ValueError(f"config.head_counts must lie in [1, num_heads="
+                     f"{cfg.num_heads}]; got {tuple(cfg.head_counts)}.")
+  return hs
+
+
+def fit_slope(xs, ys) -> float:
+  """Least-squares slope of log(y) on log(x) (a power law y ~ x^slope)."""
+  xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+  ok = ys > 0
+  if ok.sum() < 2:
+    return float("nan")
+  return float(np.polyfit(np.log(xs[ok]), np.log(ys[ok]), 1)[0])
+
+
+def _write_cell(path, rec):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(common.to_jsonable(rec), f)
+  os.replace(tmp, path)
 
 
 def run(cfg, workdir: str, *, log_every: int = 1):
-  """Runs (or resumes) the study; returns (results, stats)."""
+  """Runs (or resumes) the study; returns (results, stats).
+
+  Cells: (repeat, model, n) on the sample-size axis with all M heads, and
+  (repeat, model, M') on the heads axis at n = heads_n, whose features are
+  the first M' heads' columns of the same feature matrix (the features of
+  a head do not depend on the others), so each (repeat, model) computes
+  its features once and every target reuses them.
+  """
   t0 = time.time()
   for m in cfg.models:
     if m not in MODEL_KINDS:
       raise ValueError(f"unknown model {m!r}; choose from {list(MODEL_KINDS)}.")
   os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
   sizes = sorted(cfg.sample_sizes)
-  cells = [(r, m, n) for r in range(cfg.num_repeats) for m in cfg.models
-           for n in sizes]
+  hcounts = head_counts(cfg)
+  hn = int(cfg.heads_n)
+  if hcounts and hn > max(sizes):
+    raise ValueError(f"config.heads_n ({hn}) must be <= the largest sample "
+                     f"size ({max(sizes)}).")
+  cells = [(r, m, n, None) for r in range(cfg.num_repeats)
+           for m in cfg.models for n in sizes]
+  cells += [(r, m, hn, h) for r in range(cfg.num_repeats)
+            for m in cfg.models for h in hcounts]
   done = {c: _cell_path(workdir, *c) for c in cells}
   todo = [c for c in cells if not os.path.exists(done[c])]
   progress = common.Progress(len(cells), start=len(cells) - len(todo),
                              every=log_every, desc="rfa cells")
   computed = 0
+  width = cfg.dim + 1
   for r in range(cfg.num_repeats):
     need = [c for c in todo if c[0] == r]
     if not need:
       continue
     data = make_data(cfg, r)
     for m in cfg.models:
-      ns = [c[2] for c in need if c[1] == m]
-      if not ns:
+      mine = [c for c in need if c[1] == m]
+      if not mine:
         continue
       layer = build_rfa(cfg, m, r) if MODEL_KINDS[m][0] == "rfa" else None
       feats = model_features(cfg, m, r, data, layer)
-      for n in ns:
-        cell = ridge_cell(cfg, feats, data, n)
+      for (_, _, n, h) in mine:
+        f = feats if h is None else feats[:, :h * width]
+        cell = ridge_cell(cfg, f, data, n)
         rec = {t: {k: v for k, v in res.items() if k != "weights"}
                for t, res in cell.items()}
-        if layer is not None:
+        if layer is not None and h is None:
           # The fitted values, written into the NNX layer, must reproduce
           # the ridge predictions.
           sp = data["splits"]
@@ -282,10 +332,7 @@ def run(cfg, workdir: str, *, log_every: int = 1):
             ref = ft @ cell[t]["weights"] + cell[t]["offset"]
             got = layer_check(layer, data, cell, t)
             rec[t]["layer_check_max_abs_diff"] = float(np.max(np.abs(got - ref)))
-        tmp = done[(r, m, n)] + ".tmp"
-        with open(tmp, "w") as f:
-          json.dump(common.to_jsonable(rec), f)
-        os.replace(tmp, done[(r, m, n)])
+        _write_cell(done[(r, m, n, h)], rec)
         computed += 1
         progress.update(len(cells) - len(todo) + computed,
                         **{f"err_{t}": rec[t]["test_error"]
@@ -348,11 +395,39 @@ def aggregate(cfg, workdir, sizes):
     hk = [t for t in targets if t.startswith("he") and int(t[2:]) >= 2]
     head["identity_mean_helps"] = bool(hk) and bool(all(
         mean["rfa_identity"][t][-1] < mean["rfa_zero"][t][-1] for t in hk))
+  # Heads axis at n = heads_n.
+  hcounts = head_counts(cfg)
+  hper = {m: {t: [] for t in targets} for m in models}
+  for r in range(cfg.num_repeats):
+    for m in models:
+      rows = {t: [] for t in targets}
+      for h in hcounts:
+        with open(_cell_path(workdir, r, m, int(cfg.heads_n), h)) as f:
+          rec = json.load(f)
+        for t in targets:
+          rows[t].append(rec[t]["test_error"])
+      for t in targets:
+        hper[m][t].append(rows[t])
+  hmean = {m: {t: (np.mean(hper[m][t], 0).tolist() if hcounts else [])
+               for t in targets} for m in models}
+  heads_axis = {"head_counts": hcounts, "n": int(cfg.heads_n),
+                "params": {str(h): h * (cfg.dim + 1) for h in hcounts},
+                "test_error": hmean, "test_error_per_repeat": hper}
+  slopes = {"vs_n": {m: {t: fit_slope(sizes, mean[m][t]) for t in targets}
+                     for m in models},
+            "vs_heads": {m: {t: (fit_slope(hcounts, hmean[m][t])
+                                 if len(hcounts) > 1 else None)
+                             for t in targets} for m in models}}
+  head["identity_loses_on"] = (
+      [t for t in targets
+       if mean["rfa_identity"][t][-1] > mean["rfa_zero"][t][-1]]
+      if "rfa_zero" in models and "rfa_identity" in models else [])
   return {"config": cfg.to_dict(), "sample_sizes": sizes, "models": models,
           "targets": targets, "param_counts": param_counts(cfg),
           "test_error": mean, "test_error_std": std,
           "test_error_per_repeat": per, "ridge_lambda": lams,
-          "layer_check_max_abs_diff": diff, "headline": head}
+          "layer_check_max_abs_diff": diff, "heads_axis": heads_axis,
+          "slopes": slopes, "headline": head}
 
 
 STYLE = {"rfa_zero": ("C0", "o", "RFA, zero-mean W"),
@@ -366,7 +441,8 @@ def _panel(ax, results, target, ylabel=True):
     c, mk, label = STYLE.get(m, ("k", "x", m))
     mu = np.asarray(results["test_error"][m][target])
     sd = np.asarray(results["test_error_std"][m][target])
-    ax.plot(sizes, mu, marker=mk, color=c, label=label)
+    sl = results["slopes"]["vs_n"][m][target]
+    ax.plot(sizes, mu, marker=mk, color=c, label=f"{label} (slope {sl:.2f})")
     ax.fill_between(sizes, np.maximum(mu - sd, 1e-4), mu + sd, color=c,
                     alpha=0.15)
   ax.set_xscale("log", base=2)
@@ -395,6 +471,26 @@ def make_figures(cfg, workdir, results):
     _panel(ax, results, t)
     ax.legend(fontsize=8)
     common.save_figure(fig, workdir, f"test_error_{t}.png")
+  ha = results["heads_axis"]
+  if len(ha["head_counts"]) > 1:
+    fig, axes = plt.subplots(1, len(targets),
+                             figsize=(4 * len(targets), 3.4), squeeze=False)
+    for i, (ax, t) in enumerate(zip(axes[0], targets)):
+      for m in results["models"]:
+        c, mk, label = STYLE.get(m, ("k", "x", m))
+        sl = results["slopes"]["vs_heads"][m][t]
+        ax.plot(ha["head_counts"], ha["test_error"][m][t], marker=mk,
+                color=c, label=f"{label} (slope {sl:.2f})")
+      ax.set_xscale("log", base=2)
+      ax.set_yscale("log")
+      ax.set_xlabel("heads M (RF-MLP: M (d+1) units)")
+      if i == 0:
+        ax.set_ylabel("test MSE / Var(y)")
+      ax.set_title(f"{t}, n = {ha['n']}")
+      ax.grid(True, which="both", alpha=0.3)
+      ax.legend(fontsize=6)
+    fig.tight_layout()
+    common.save_figure(fig, workdir, "test_error_vs_heads.png")
 
 
 def main(argv):

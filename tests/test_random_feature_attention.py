@@ -277,7 +277,8 @@ def test_study_resume_and_determinism(tmp_path):
   cfg = _tiny_cfg()
   a = str(tmp_path / "a")
   res_a, stats = study.run(cfg, a)
-  assert stats["cells_computed"] == stats["cells_total"] == 2 * 3 * 3
+  # 2 draws x 3 models x (3 sample sizes + 2 head counts)
+  assert stats["cells_computed"] == stats["cells_total"] == 2 * 3 * (3 + 2)
   for key in ("test_error", "test_error_std", "headline", "param_counts",
               "ridge_lambda", "layer_check_max_abs_diff"):
     assert key in res_a

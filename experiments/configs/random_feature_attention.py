@@ -5,11 +5,41 @@ Run:
       --config=experiments/configs/random_feature_attention.py:default
 
 Presets:
-  default  d=8, N=8 keys, M=128 heads, n up to 4096, 2 draws; finishes on a
-           2-core CPU in a few minutes and shows the paper's two findings.
-  paper    the paper's scale as far as we could establish it (larger d, N,
-           M; n up to 2^14; 5 draws). Needs a big machine / a lot of time.
+  default  d=8, N=8 keys, M=128 heads, n = 64..8192 (8 values, 2.1 decades),
+           heads axis M = 8..128 at n = 4096, 2 draws; a few minutes on a
+           2-core CPU.
+  paper    d=16, N=16, M=256 heads (4352 trainable values), n = 128..16384
+           (8 values), M = 16..256 at n = 8192, all six targets, 3 draws.
+           Sized for about an hour on an idle 2-core CPU: one feature matrix
+           per (draw, model) reused by every target and every head count
+           (the first M' heads' columns), features in float32, the ridge
+           path in float64 from one eigendecomposition per cell (dual n x n
+           below p, primal p x p above). The paper's own sizes are unknown
+           (below).
   tiny     for tests and the colab (seconds).
+
+What we could find about the paper's experiments (searched 2026-12-01 with
+the project's search tool over stored web pages, code and issues):
+  * arXiv 2307.11353 abstract and the NeurIPS 2023 proceedings page
+    (papers.nips.cc/paper_files/paper/2023/hash/
+    274db6bf1b01d8b4f07feaeb8c46f474-Abstract-Conference.html, which links a
+    "Supplemental" PDF) say only: "Experiments on simulated data corroborate
+    our theoretical findings and further illustrate the interplay between
+    the sample size and the complexity of the target function."
+  * OpenReview forum wX8GuzDSJR (NeurIPS 2023 poster) and the NeurIPS
+    virtual poster page 70056: abstract only, no talk slides or code link.
+  * No public code: no repository named like the paper or
+    "random-feature-attention" by the authors is in the stored index; no
+    follow-up paper re-running the experiments was found (the near matches,
+    e.g. "Is Random Attention Sufficient for Sequence Modeling?",
+    arXiv 2506.01115, study frozen-QK transformers on language, not these
+    targets).
+  * The supplementary PDF itself was not retrievable offline, so the
+    paper's d, N, M, n grid and numbers are not known here; the targets
+    (He_k of sqrt(d) <x_0, x_i>, a key-only linear target, a quadratic
+    bilinear form) follow the paper's function classes as described in its
+    main text, and the comparison points (matched-parameter RF-MLP,
+    zero-mean vs identity-centred W) follow its three stated implications.
 """
 
 import ml_collections
@@ -54,7 +84,11 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   #               (quadratic but not a function of <x_0, x_i>)
   c.targets = ("key_linear", "he1", "he2", "he3")
   c.label_noise = 0.0             # std of Gaussian noise on training labels
-  c.sample_sizes = (128, 256, 512, 1024, 2048, 4096)
+  c.sample_sizes = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+  # Heads axis: test error vs M' (the first M' of the M heads; RF-MLP: the
+  # first M' (d+1) units) at n = heads_n. () skips it.
+  c.head_counts = (8, 16, 32, 64, 128)
+  c.heads_n = 4096
   c.num_val = 1000                # ridge penalty chosen on this split
   c.num_test = 2000
   c.ridge_lambdas = tuple(10.0 ** e for e in range(-8, 1))
@@ -67,13 +101,15 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   elif preset == "paper":
     c.dim = 16
     c.num_keys = 16
-    c.num_heads = 512
+    c.num_heads = 256
     c.identity_mean_scale = 4.0
     c.targets = ("key_linear", "he1", "he2", "he3", "he4", "bilinear_sq")
-    c.sample_sizes = (256, 512, 1024, 2048, 4096, 8192, 16384)
+    c.sample_sizes = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+    c.head_counts = (16, 32, 64, 128, 256)
+    c.heads_n = 8192
     c.num_val = 2000
     c.num_test = 4000
-    c.num_repeats = 5
+    c.num_repeats = 3
   elif preset == "tiny":
     c.dim = 4
     c.num_keys = 4
@@ -81,6 +117,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.identity_mean_scale = 2.0
     c.targets = ("he1", "he2")
     c.sample_sizes = (32, 64, 128)
+    c.head_counts = (4, 16)
+    c.heads_n = 64
     c.num_val = 64
     c.num_test = 128
     c.ridge_lambdas = (1e-6, 1e-4, 1e-2, 1.0)
