@@ -108,13 +108,46 @@ results.json keys (H are strings; 'L' keys are context lengths as strings):
                               active heads of 1 - |2 share - 1|: 0 = each head
                               serves one task, 1 = every head serves both),
                               regime, test_mse_per_task
+  estimators                  the authors' comparison (plots.ipynb cell 1)
+                              on estimator_lengths: lengths, mse[name]
+                              lists for trained_<run>, reduced_trained_h{H}
+                              (reduced model with the trained omega_h,
+                              mu_h), reduced_authors (omega = +-0.13, mu =
+                              +-3.45), gd_authors / debiased_gd_authors
+                              (step 2 omega mu), gd_tuned /
+                              debiased_gd_tuned (step fitted on the
+                              evaluation prompts), kernel_authors (omega =
+                              1/sqrt(d), mu = sqrt(d)/(1+(1+s2) d e/L)),
+                              kernel_trained_h1, ridge
+  gradient_flow[H]            the reduced model's gradient flow (the
+                              authors' ODE) from the trained model's
+                              (omega, mu) at step 0: omega, mu, t paths,
+                              omega_end, mu_end, loss_end, and the trained
+                              end point omega_trained, mu_trained with its
+                              reduced loss loss_trained_params
+  dummy_heads                 rule (the 'active' rule); per H: num_active,
+                              active, ov_norm_rel, omega, mu, groups
+                              (positive / negative omega: heads,
+                              omega_spread, mu_sum), rel_gap_to_h2
+                              (E(f_H - f_2)^2 / E y^2), strict_two_active
   wall_time_s                 wall time of this invocation
-Figures: loss_curves.png, kq_ov_heads_h{H}.png, trajectories.png,
-predictors.png, length_generalization.png. Curves: metrics.jsonl, one line
-per log step with train_loss/<run> (mean over the logged chunk),
-omega/<run> and mu/<run> (per-head lists), runs named softmax_h{H} and
-linear_h{H}. All runs train jointly on the same batches (one jitted scan
-over log_every steps), checkpointed together in checkpoints/.
+Figures: loss_curves.png, kq_ov_heads_h{H}.png (one colour scale per row,
+colorbars), kq_evolution_h{H}.png (KQ at steps 0, 1, 2, 10, 100, 500 x
+log_every and the last), trajectories.png, gradient_flow.png,
+predictors.png, estimators.png, length_generalization.png. Curves:
+metrics.jsonl, one line per log step with train_loss/<run> (mean over the
+logged chunk), omega/<run> and mu/<run> (per-head lists), kq/<run> (full
+KQ matrices at the snapshot steps), runs named softmax_h{H} and linear_h{H}.
+
+Training step: all runs' heads are stacked on one axis and trained by one
+jitted `lax.scan` over log_every steps (one dispatch per chunk,
+checkpoints at chunk boundaries); the forward is reassociated (only the
+query attends: scores Z^T (K_h^T Q_h z_q), output O_h V_h (Z p), no
+projection of context tokens; `attnjax.models.icl.stacked_icl_forward`),
+one Adam update covers all runs (elementwise: identical to per-run Adam),
+and prompts come from one `fast_normal` draw (a counter hash + Box-Muller,
+instead of Threefry per sample). `python -m experiments.bench_icl` times it
+against the original step in one process.
 """
 
 from __future__ import annotations
@@ -1022,9 +1055,22 @@ def _noniso(cfg, task, runs, trained, fit, ev):
   return out
 
 
+def authors_multitask_label(H: int, num_tasks: int) -> str:
+  """The authors' regime for H heads and N tasks (icl_linear_multitask.ipynb
+  cell 0 TL;DR, cells 25/31 headings): 2 < H < 2N superposition, H >= 2N
+  one task per head ('split-up', their H = 4 = 2N run); H <= 2 has no label.
+  """
+  if H <= 2:
+    return "n/a"
+  return "superposition" if H < 2 * num_tasks else "one-task-per-head"
+
+
 def _multitask(cfg, task, runs, trained, ev, preds):
   d, T = cfg.d, cfg.num_tasks
-  out = {"supports": task.supports}
+  out = {"supports": task.supports,
+         "rule": "per active head: share = |OV[y1, out1]| / (|OV[y1, out1]| "
+                 "+ |OV[y2, out2]|); superposition_index = mean over active "
+                 "heads of 1 - |2 share - 1|; regime 'superposition' if > 0.5"}
   for run in runs:
     if run.attention != "softmax":
       continue
@@ -1039,6 +1085,7 @@ def _multitask(cfg, task, runs, trained, ev, preds):
         "task_share": share.tolist(), "active": act.tolist(),
         "superposition_index": sp,
         "regime": "superposition" if sp > 0.5 else "one-task-per-head",
+        "authors_label": authors_multitask_label(run.H, T),
         "test_mse_per_task": np.mean((p - ev[3]) ** 2, axis=0).tolist(),
         "omega_per_task_support": [
             [float(np.mean(np.diagonal(kq[h, :d, :d])[g]))

@@ -385,6 +385,16 @@ def test_resume_equals_uninterrupted(tmp_path):
                                            "single_head_kernel"}
   assert set(res_full["reduced_model"]["2"]["mse_reduced"]) == {"10", "40"}
   assert res_full["length_generalization"]["lengths"] == [10, 40]
+  est = res_full["estimators"]
+  assert est["lengths"] == [10, 40]
+  assert set(est["mse"]) >= {"reduced_authors", "gd_authors", "ridge",
+                             "debiased_gd_authors", "kernel_authors",
+                             "reduced_trained_h2", "trained_softmax_h2",
+                             "trained_linear_h1"}
+  assert all(len(v) == 2 for v in est["mse"].values())
+  assert res_full["dummy_heads"]["2"]["num_active"] in (1, 2)
+  assert res_full["dummy_heads"]["2"]["rel_gap_to_h2"] == 0.0
+  assert len(res_full["gradient_flow"]["2"]["omega_end"]) == 2
   # Ridge (Bayes-optimal) beats the one-step GD predictors.
   b = res_full["baseline_mse"]
   assert b["ridge"] < b["debiased_gd"] and b["ridge"] < b["gd"]

@@ -17,6 +17,10 @@ Run commands (from the repository root):
       --config=experiments/configs/icl_regression.py:noniso
   python -m experiments.icl_regression --workdir=/tmp/icl_multitask \
       --config=experiments/configs/icl_regression.py:multitask
+  # the authors' multi-task notebook setup (d=6, L=48, two overlapping
+  # supports, unit beta, H in {2,3,4,6}, 500k steps)
+  python -m experiments.icl_regression --workdir=/tmp/icl_multitask_paper \
+      --config=experiments/configs/icl_regression.py:multitask_paper
   # a sub-study at the paper's length: add --config.steps=500000
   # seconds-long smoke test (CI / unit tests)
   python -m experiments.icl_regression --workdir=/tmp/icl_tiny \
@@ -42,6 +46,11 @@ import ml_collections
 
 PRESETS = ("default", "paper", "reduced", "length", "noniso", "multitask",
            "multitask_paper", "tiny")
+
+# Allowed values (experiments.common.validate_config refuses others).
+CHOICES = {"beta_scaling": ("normalized", "unit"),
+           "noise_scaling": ("fixed", "support"),
+           "linear_variants": ("linear", "linear_norm")}
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
