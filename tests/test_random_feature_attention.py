@@ -312,6 +312,46 @@ def test_study_resume_and_determinism(tmp_path):
   assert errs["rfa_identity"]["he1"][-1] < 0.5
 
 
+def test_fit_slope_recovers_power_laws():
+  from experiments import random_feature_attention as study
+  xs = np.array([64, 128, 256, 512, 1024, 4096])
+  for a in (-1.0, -0.5, 0.0):
+    assert abs(study.fit_slope(xs, 3.0 * xs ** a) - a) < 1e-10
+  assert np.isnan(study.fit_slope([1, 2], [0.0, 0.0]))
+
+
+def test_heads_axis_reuses_features_consistently(tmp_path):
+  """The heads-axis cell with all M heads at n = heads_n is the same fit as
+  the sample-size cell at that n; fewer heads = the first M' heads' columns
+  of the layer (checked against a layer built with M' heads' weights)."""
+  from experiments import random_feature_attention as study
+  cfg = _tiny_cfg()
+  cfg.num_repeats = 1
+  cfg.models = ("rfa_zero", "rf_mlp")
+  cfg.head_counts = (4, 16)           # 16 = num_heads
+  cfg.heads_n = 64
+  res, _ = study.run(cfg, str(tmp_path))
+  i = list(res["sample_sizes"]).index(64)
+  for m in cfg.models:
+    for t in cfg.targets:
+      assert res["heads_axis"]["test_error"][m][t][-1] == pytest.approx(
+          res["test_error"][m][t][i], rel=1e-9)
+  # columns of the first M' heads == features of a layer holding those heads
+  data = study.make_data(cfg, 0)
+  layer = study.build_rfa(cfg, "rfa_zero", 0)
+  full = study.model_features(cfg, "rfa_zero", 0, data, layer)
+  sub = RandomFeatureAttention(4, cfg.dim + 1, 1, rngs=nnx.Rngs(0))
+  sub.qk_weights.set_value(layer.qk_weights[...][:4])
+  q, k = data["q"][:32], data["k"][:32]
+  np.testing.assert_allclose(
+      np.asarray(sub.features(q, k)).reshape(32, -1),
+      full[:32, :4 * (cfg.dim + 1)], rtol=1e-5, atol=1e-6)
+  assert set(res["slopes"]) == {"vs_n", "vs_heads"}
+  assert "identity_loses_on" in res["headline"]
+  assert os.path.getsize(os.path.join(str(tmp_path),
+                                      "test_error_vs_heads.png")) > 0
+
+
 def test_study_shows_paper_findings_small():
   """A small but not tiny run must show both findings of the paper."""
   from experiments import random_feature_attention as study
@@ -320,6 +360,7 @@ def test_study_shows_paper_findings_small():
   cfg.dim, cfg.num_keys, cfg.num_heads = 6, 6, 48
   cfg.identity_mean_scale = 3.0
   cfg.sample_sizes = (128, 512)
+  cfg.head_counts = ()
   cfg.num_val, cfg.num_test = 300, 500
   cfg.num_repeats = 1
   cfg.targets = ("he1", "he2")
