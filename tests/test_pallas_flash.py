@@ -167,3 +167,74 @@ def test_block_sizes_and_value_errors():
                        kv_segment_ids=jnp.zeros((1, 9), jnp.int32))
   with pytest.raises(ValueError, match="local_window_size"):
     fa.flash_attention(q, k, k, local_window_size=(-1, 2))
+
+
+# --------------------------------------------- masked slots, edge inputs
+def test_flash_attention_masked_slots_never_leak():
+  """pallas_kernels.flash_attention directly: NaN / Inf in key/value slots
+  that no query can attend (padding segment, all-False mask column, keys
+  past every causal reach) change no output and no gradient; the gradients
+  at those slots are exactly zero. Also under jax.debug_infs."""
+  from tests.strict_modes import strict_mode
+  b, t, s, n, kh, h = 2, 6, 11, 2, 1, 8
+  q = _rand(0, (b, t, n, h))
+  k = np.asarray(_rand(1, (b, s, kh, h)))
+  v = np.asarray(_rand(2, (b, s, kh, h)))
+  qseg = np.zeros((b, t), np.int32)
+  kvseg = np.zeros((b, s), np.int32)
+  kvseg[0, 8:] = -1                       # a padding segment
+  mask = np.ones((b, 1, t, s), bool)
+  mask[1, :, :, 3] = False                # an all-False column
+  dead = (kvseg == -1) | (np.arange(s) >= t)[None, :]   # causal, S > T
+  dead[1, 3] = True
+  kb, vb = k.copy(), v.copy()
+  kb[dead] = np.nan
+  vb[dead] = np.inf
+  dout = _rand(3, (b, t, n, h))
+  kw = dict(is_causal=True, mask=jnp.asarray(mask),
+            q_segment_ids=jnp.asarray(qseg), kv_segment_ids=jnp.asarray(kvseg))
+
+  def run(k, v):
+    f = lambda q, k, v: jnp.sum(fa.flash_attention(q, k, v, **kw) * dout)
+    with strict_mode("debug_infs"):
+      out = fa.flash_attention(q, k, v, **kw)
+      grads = jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+    return out, grads
+
+  out0, g0 = run(jnp.asarray(k), jnp.asarray(v))
+  ref = fa.mha_reference(q, jnp.asarray(k), jnp.asarray(v), **kw)
+  np.testing.assert_allclose(out0, ref, atol=2e-5)
+  out1, g1 = run(jnp.asarray(kb), jnp.asarray(vb))
+  np.testing.assert_array_equal(out1, out0)
+  for a, c in zip(g1, g0):
+    assert np.all(np.isfinite(np.asarray(a)))
+    np.testing.assert_allclose(a, c, atol=1e-6)
+  assert np.all(np.asarray(g1[1])[dead] == 0) and np.all(
+      np.asarray(g1[2])[dead] == 0)
+
+
+def test_flash_attention_edge_arguments():
+  q = _rand(4, (1, 5, 2, 8))
+  k = _rand(5, (1, 7, 2, 8))
+  ref = fa.mha_reference(q, k, k, local_window_size=(2, 1))
+  np.testing.assert_allclose(
+      fa.flash_attention(q, k, k, local_window_size=(np.int64(2),
+                                                     np.int32(1))),
+      ref, atol=2e-5)
+  # "Unbounded" windows: no int32 overflow, same as no window.
+  np.testing.assert_allclose(
+      fa.flash_attention(q, k, k, local_window_size=2**31),
+      fa.mha_reference(q, k, k), atol=2e-5)
+  for bad in ((2.5, 2.5), 1.5, (1, True)):
+    with pytest.raises(ValueError, match="local_window_size"):
+      fa.flash_attention(q, k, k, local_window_size=bad)
+  with pytest.raises(ValueError, match="scale"):
+    fa.flash_attention(q, k, k, scale=float("nan"))
+  # Empty batch / sequences: zeros of the right shape, lse -inf.
+  for qs, ks in (((0, 5, 2, 8), (0, 7, 2, 8)), ((1, 0, 2, 8), (1, 7, 2, 8)),
+                 ((1, 5, 2, 8), (1, 0, 2, 8))):
+    out, lse = fa.flash_attention(jnp.ones(qs), jnp.ones(ks), jnp.ones(ks),
+                                  is_causal=True, return_lse=True)
+    assert out.shape == qs and not np.any(np.asarray(out))
+    assert lse.shape == (qs[0], qs[2], qs[1])
+    assert np.all(np.isneginf(np.asarray(lse)))
