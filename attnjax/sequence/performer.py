@@ -8,11 +8,20 @@ projection,
 
 for w_i ~ N(0, I); FAVOR+ uses orthogonal blocks of w (rows of a random
 orthogonal matrix, rescaled by chi(H)-distributed norms), which keeps the
-estimator unbiased and lowers its variance. The output is normalized linear
-attention on these features, so its cost is linear in sequence length and the
-causal form is the chunk-wise one of `linear_attention`. Stabilizers (a
-per-query-row max and a per-(batch, head) key max, both cancelling in the
-normalization) keep the exponentials finite.
+estimator unbiased and lowers its variance.
+
+Numerics. The features are exponentials of w . x - |x|^2 / 2, which at large
+input scales span hundreds of orders of magnitude; FAVOR+'s stabilizers
+(per-query-row max, one key max per batch and head) still let a whole row
+underflow (rows of exact zeros, NaN gradients of num / den). Here the shifts
+are chosen so that the largest term of every normalizer is exactly 1:
+non-causal, one key max per feature (b_f) and the query shift
+a_i = max_f (lq_if + b_f), then unnormalized linear attention on [v, 1];
+causal, a chunked scan with a running per-feature key max and the in-chunk
+pair weights exp(logsumexp_f(lq_if + lk_jf) - a_i) (cost O(T chunk F) per
+head, linear in length). All shifts cancel exactly in num / den.
+`performer_attention_reference` evaluates the same estimator quadratically
+in log space (logsumexp over features), independent of these shifts.
 
 Redraw: the projection is an explicit argument; draw a new one with
 `orthogonal_random_features(rng, ...)` (the NNX layer has `redraw(rng)`).
@@ -92,6 +101,41 @@ def favor_features(x, projection, *, is_query: bool, kv_mask=None):
   return jnp.exp(logits - stab) / math.sqrt(projection.shape[0])
 
 
+def _exponents(x, projection):
+  """w_f . x - |x|^2 / 2: the exponents of the positive features, float32."""
+  x = x.astype(jnp.float32)
+  wx = jnp.einsum("blnh,fh->blnf", x, projection)
+  return wx - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+
+
+def _stable_features(lq, lk, kv_mask, groups):
+  """Positive features exp(lq - a), exp(lk - b) with a, b cancelling in the
+  normalized output, chosen so that nothing a valid row needs underflows.
+
+  Keys: b_f = max over valid key positions of lk[..., f], one per (batch,
+  kv head, feature), so each feature's largest key term is exactly 1.
+  Queries take the key maxima in: fq = exp(lq_if + b_f - a_i) with
+  a_i = max_f (lq_if + b_f), so fq_f fk_sf = exp(lq_if + lk_sf - a_i) and the
+  query's dominant feature pairs with a key term equal to 1: the normalizer
+  of every query that has a valid key is >= 1 (non-causal; causal queries
+  reach the prefix maxima only). FAVOR+'s per-row query max and per-(batch, head) key
+  max (Choromanski et al.) leave both factors free to underflow at large
+  input scales (whole rows of zeros and NaN gradients of num / den).
+  """
+  low = jnp.finfo(jnp.float32).min      # finite: safe under jax.debug_infs
+  valid = lk if kv_mask is None else jnp.where(kv_mask[:, :, None, None], lk,
+                                               low)
+  bk = jnp.max(valid, axis=1, keepdims=True)                  # [B,1,K,F]
+  bk = jax.lax.stop_gradient(jnp.where(bk > 0.5 * low, bk, 0.0))
+  fk = jnp.exp(lk - bk)
+  if kv_mask is not None:
+    fk = jnp.where(kv_mask[:, :, None, None], fk, 0.0)
+  bq = jnp.repeat(bk, groups, axis=2)                         # [B,1,N,F]
+  aq = jax.lax.stop_gradient(jnp.max(lq + bq, axis=-1, keepdims=True))
+  fq = jnp.exp(lq + bq - aq)
+  return fq, fk
+
+
 def _prepare(query, key, value, projection, mask, scale, bias, dropout_rate):
   _common.reject("bias", bias, "performer_attention",
                  "an additive score bias does not factor through the features.")
@@ -111,9 +155,78 @@ def _prepare(query, key, value, projection, mask, scale, bias, dropout_rate):
   key = _common.zero_masked(key, kv_mask)
   value = _common.zero_masked(value, kv_mask)
   root = math.sqrt(_common.default_scale(scale, h))
-  fq = favor_features(query * root, projection, is_query=True)
-  fk = favor_features(key * root, projection, is_query=False, kv_mask=kv_mask)
-  return query, fq, fk, value, kv_mask, unbatched
+  lq = _exponents(query * root, projection)
+  lk = _exponents(key * root, projection)
+  return query, lq, lk, value, kv_mask, unbatched, dims
+
+
+def _causal_stable(lq, lk, v1, kv_mask, groups, chunk):
+  """Causal num/den [B, T, N, D] with a running per-feature key maximum.
+
+  Chunks of `chunk` positions: inside a chunk, pair weights
+  exp(logsumexp_f(lq_if + lk_jf) - a_i) (j <= i); across chunks, the state
+  sum_j exp(lk_jf - m_f) v_j with m_f the running maximum of the earlier
+  chunks (rescaled when it grows), read by exp(lq_if + m_f - a_i). a_i is the
+  largest of those exponents, so the term reaching it is exactly 1 and every
+  query with a valid earlier key has normalizer >= 1 whatever the input
+  scale. All shifts cancel in num / den (stop_gradient is exact).
+  """
+  b, t, n, f = lq.shape
+  s, d = lk.shape[1], v1.shape[-1]
+  low = jnp.finfo(jnp.float32).min
+  c = max(1, min(chunk, max(t, s)))
+  length = _common.round_up(max(t, s), c)
+  lk = jnp.repeat(lk, groups, axis=2)
+  v1 = jnp.repeat(v1, groups, axis=2)
+  ok = jnp.arange(length) < s
+  if kv_mask is not None:
+    ok = ok[None] & jnp.pad(kv_mask, ((0, 0), (0, length - s)))
+  ok = jnp.broadcast_to(ok, (b, length))
+
+  def chunks(x):
+    x = jnp.pad(x, ((0, 0), (0, length - x.shape[1])) +
+                ((0, 0),) * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((b, length // c, c) + x.shape[2:]), 1, 0)
+
+  tril = jnp.tril(jnp.ones((c, c), bool))
+
+  def step(state, xs):
+    m, acc = state                               # [B,N,F], [B,N,F,D]
+    qc, kc, vc, okc = xs                         # [B,C,N,F]x2, [B,C,N,D], [B,C]
+    kc = jnp.where(okc[:, :, None, None], kc, low)
+    pair_ok = tril[None, :, :, None] & okc[:, None, :, None]   # [B,Ci,Cj,1]
+    pl = jax.nn.logsumexp(qc[:, :, None] + kc[:, None], axis=-1)  # [B,Ci,Cj,N]
+    pl = jnp.where(pair_ok, pl, low)
+    has_prev = m > 0.5 * low
+    qm = jnp.where(has_prev[:, None], qc + m[:, None], low)    # [B,C,N,F]
+    a = jnp.maximum(jnp.max(pl, axis=2), jnp.max(qm, axis=-1))  # [B,C,N]
+    a = jax.lax.stop_gradient(jnp.where(a > 0.5 * low, a, 0.0))
+    w = jnp.where(pair_ok, jnp.exp(pl - a[:, :, None]), 0.0)
+    fq = jnp.where(has_prev[:, None],
+                   jnp.exp(qm - a[..., None]), 0.0)
+    nd = (jnp.einsum("bijn,bjnd->bind", w, vc) +
+          jnp.einsum("binf,bnfd->bind", fq, acc))
+    new_m = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(kc, axis=1)))
+    has_new = new_m > 0.5 * low
+    shrink = jnp.where(has_prev, jnp.exp(m - new_m), 0.0)
+    fk = jnp.where(okc[:, :, None, None] & has_new[:, None],
+                   jnp.exp(kc - new_m[:, None]), 0.0)
+    acc = acc * shrink[..., None] + jnp.einsum("bjnf,bjnd->bnfd", fk, vc)
+    return (new_m, acc), nd
+
+  init = (jnp.full((b, n, f), low, jnp.float32),
+          jnp.zeros((b, n, f, d), jnp.float32))
+  _, nd = jax.lax.scan(step, init, (chunks(lq), chunks(lk), chunks(v1),
+                                    chunks(ok)))
+  return jnp.moveaxis(nd, 0, 1).reshape(b, length, n, d)[:, :t]
+
+
+# Chunk length of the causal form (its in-chunk pair term is
+# [B, chunk, chunk, N, F]).
+_CAUSAL_CHUNK = 32
+# Normalizers below this are treated as zero: d(num/den) ~ 1/den^2 must stay
+# finite in float32.
+_TINY_DEN = 1e-18
 
 
 def performer_attention(query, key, value, projection, *, is_causal: bool = False,
@@ -127,41 +240,63 @@ def performer_attention(query, key, value, projection, *, is_causal: bool = Fals
     projection: [F, H] random features (`orthogonal_random_features`).
     is_causal: prefix-sum (chunk-wise) form, query i sees keys j <= i.
     scale: softmax temperature being approximated; default 1/sqrt(H).
-    chunk_size: chunk length of the causal form (see linear_attention).
+    chunk_size: chunk length of the causal scan (default 32; its in-chunk
+      pair term is [B, chunk, chunk, N, F]).
     mask: key-padding mask broadcastable to [B, 1, 1, S].
 
   Returns:
     [B, T, N, Hv] in query.dtype.
   """
   del dropout_rng
-  query, fq, fk, value, kv_mask, unbatched = _prepare(
+  query, lq, lk, value, kv_mask, unbatched, dims = _prepare(
       query, key, value, projection, mask, scale, bias, dropout_rate)
-  out = linear_attention(
-      fq, fk, value, feature_map="identity", normalize=True,
-      is_causal=is_causal, chunk_size=chunk_size,
-      mask=None if kv_mask is None else kv_mask[:, None, None, :])
-  out = out.astype(query.dtype)
+  b, t, n, s, k, h, hv = dims
+  # [v, 1] gives numerator and normalizer in one pass; the division is
+  # guarded here.
+  v1 = jnp.concatenate([value.astype(jnp.float32),
+                        jnp.ones(value.shape[:-1] + (1,), jnp.float32)], -1)
+  if is_causal:
+    nd = _causal_stable(lq, lk, v1, kv_mask, n // k,
+                        chunk_size or _CAUSAL_CHUNK)
+  else:
+    fq, fk = _stable_features(lq, lk, kv_mask, n // k)
+    nd = linear_attention(
+        fq, fk, v1, feature_map="identity", normalize=False,
+        mask=None if kv_mask is None else kv_mask[:, None, None, :])
+  num, den = nd[..., :-1], nd[..., -1:]
+  ok = den > _TINY_DEN
+  out = jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0).astype(query.dtype)
   return out[0] if unbatched else out
 
 
 def performer_attention_reference(query, key, value, projection, *,
                                   is_causal: bool = False,
                                   scale: Optional[float] = None, mask=None):
-  """Quadratic form of the same estimator: phi(Q) phi(K)^T, masked, normalized."""
-  query, fq, fk, value, kv_mask, unbatched = _prepare(
+  """Quadratic form of the same estimator, in log space.
+
+  Weight of key s for query i: sum_f exp(lq_if + lk_sf), formed as
+  exp(logsumexp_f(lq_if + lk_sf)) and normalized by a masked softmax over s,
+  so no feature is ever exponentiated on its own (independent of the
+  stabilizers of `performer_attention`, exact up to float32 rounding at any
+  input scale).
+  """
+  query, lq, lk, value, kv_mask, unbatched, dims = _prepare(
       query, key, value, projection, mask, scale, None, 0.0)
-  b, t, n, f = fq.shape
-  s, k = fk.shape[1], fk.shape[2]
-  fk = jnp.repeat(fk, n // k, axis=2)
+  b, t, n, s, k, h, hv = dims
+  lk = jnp.repeat(lk, n // k, axis=2)
   v = jnp.repeat(value.astype(jnp.float32), n // k, axis=2)
-  w = jnp.einsum("btnf,bsnf->bnts", fq, fk)
+  logw = jax.nn.logsumexp(lq.transpose(0, 2, 1, 3)[:, :, :, None, :] +
+                          lk.transpose(0, 2, 1, 3)[:, :, None, :, :], axis=-1)
   allow = jnp.ones((b, 1, t, s), bool)
   if is_causal:
     allow = allow & (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])
   if kv_mask is not None:
     allow = allow & kv_mask[:, None, None, :]
-  w = jnp.where(allow, w, 0.0)
+  logw = jnp.where(allow, logw, -jnp.inf)
+  m = jnp.max(logw, axis=-1, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  w = jnp.exp(logw - m)
   den = jnp.sum(w, -1, keepdims=True)
-  w = jnp.where(den > 0, w / jnp.where(den > 0, den, 1.0), 0.0)
+  w = w / jnp.where(den > 0, den, 1.0)
   out = jnp.einsum("bnts,bsnd->btnd", w, v).astype(query.dtype)
   return out[0] if unbatched else out
