@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax._checks import as_array
+from attnjax.softmax import _auto
 from attnjax.softmax._common import AttentionCall, empty_result, prepare
 from attnjax.softmax.chunked import chunked_attention
 from attnjax.softmax.cudnn import cudnn_attention
