@@ -8,15 +8,27 @@ residual `Block`. `Block` can record an attention map of its mixer
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from attnjax.nn import MLP
 
 trunc02 = nnx.initializers.truncated_normal(0.02)
+
+# PyTorch's nn.GELU() is the exact (erf) GELU; flax's `nnx.gelu` defaults to
+# the tanh approximation (= nn.GELU(approximate='tanh')). The official ViT,
+# DeiT, Swin, NAT, DaViT, CSWin, Twins, BiFormer, ConViT, CrossViT, LITv2,
+# Agent and MoH models use the exact one; MaxViT's TF weights use tanh.
+gelu_exact = functools.partial(jax.nn.gelu, approximate=False)
+gelu_tanh = functools.partial(jax.nn.gelu, approximate=True)
+
+# torch.nn.LayerNorm's default epsilon (flax's default is 1e-6).
+TORCH_LN_EPS = 1e-5
 
 
 def pair(x):
@@ -32,7 +44,7 @@ class Block(nnx.Module):
   """
 
   def __init__(self, dim: int, mixer: nnx.Module, *, mlp_ratio: float = 4.0,
-               activation: Callable = nnx.gelu, norm_eps: float = 1e-5,
+               activation: Callable = gelu_exact, norm_eps: float = 1e-5,
                pos_conv: int = 0, pos_conv_mlp: int = 0,
                mlp: Optional[nnx.Module] = None, rngs: nnx.Rngs):
     # pos_conv=k: x + dwconv_k(x) before the mixer (DaViT CPE, BiFormer);
@@ -75,7 +87,7 @@ class Block(nnx.Module):
 
 
 class ConvMLP(nnx.Module):
-  """fc1 -> 3x3 depth-wise conv -> GELU -> fc2 on maps (LITv2's FFN)."""
+  """fc1 -> 3x3 depth-wise conv -> exact GELU -> fc2 on maps (LITv2's FFN)."""
 
   def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
     self.fc1 = nnx.Linear(dim, hidden, rngs=rngs)
@@ -83,7 +95,7 @@ class ConvMLP(nnx.Module):
     self.fc2 = nnx.Linear(hidden, dim, rngs=rngs)
 
   def __call__(self, x):
-    return self.fc2(nnx.gelu(self.dw(self.fc1(x))))
+    return self.fc2(gelu_exact(self.dw(self.fc1(x))))
 
 
 class ConvBN(nnx.Module):
@@ -150,8 +162,9 @@ class ClassifierHead(nnx.Module):
   """Global average pool (maps) or pooled/cls token -> [norm] -> Linear."""
 
   def __init__(self, dim: int, num_classes: int, *, norm: bool = False,
-               rngs: nnx.Rngs):
-    self.norm = nnx.LayerNorm(dim, rngs=rngs) if norm else None
+               norm_eps: float = TORCH_LN_EPS, rngs: nnx.Rngs):
+    self.norm = (nnx.LayerNorm(dim, epsilon=norm_eps, rngs=rngs) if norm
+                 else None)
     self.fc = nnx.Linear(dim, num_classes, rngs=rngs) if num_classes > 0 else None
 
   def __call__(self, x):
@@ -188,3 +201,41 @@ class Backbone(nnx.Module):
       if isinstance(m, Block) and m.attn is not None:
         out.append(m)
     return out
+
+
+def _torch_cubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+  """[n_out, n_in] weights of PyTorch's bicubic interpolation along one axis
+  (align_corners=False, Keys kernel with a = -0.75, border-replicated
+  taps, no antialiasing; positions and weights in float32 as PyTorch)."""
+  f = np.float32
+  scale = f(n_in) / f(n_out)
+  src = (np.arange(n_out, dtype=f) + f(0.5)) * scale - f(0.5)
+  i0 = np.floor(src).astype(np.int64)
+  t = (src - i0).astype(f)
+  def k_near(x):          # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+  def k_far(x):           # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  w = np.stack([k_far(t + 1), k_near(t), k_near(1 - t), k_far(2 - t)],
+               -1).astype(f)
+  m = np.zeros((n_out, n_in), np.float64)
+  for j in range(4):
+    idx = np.clip(i0 - 1 + j, 0, n_in - 1)
+    np.add.at(m, (np.arange(n_out), idx), w[:, j])
+  return m
+
+
+def torch_bicubic_resize(x, size):
+  """[B, H, W, C] resized to `size` (h, w) exactly as
+  torch.nn.functional.interpolate(mode='bicubic', align_corners=False)
+  (what CrossViT uses to feed its second branch). `jax.image.resize`
+  differs: Keys a = -0.5 and antialiasing when downsampling."""
+  h, w = x.shape[1:3]
+  if (h, w) == tuple(size):
+    return x
+  mh = jnp.asarray(_torch_cubic_matrix(h, size[0]), jnp.float32)
+  mw = jnp.asarray(_torch_cubic_matrix(w, size[1]), jnp.float32)
+  y = jnp.einsum("oh,bhwc->bowc", mh, x.astype(jnp.float32),
+                 precision=jax.lax.Precision.HIGHEST)
+  y = jnp.einsum("pw,bowc->bopc", mw, y, precision=jax.lax.Precision.HIGHEST)
+  return y.astype(x.dtype)

@@ -8,18 +8,37 @@ blocks per branch, then every branch's CLS token attends to the other
 branch's patch tokens through `attnjax.spatial.CrossViTFusion`. Each
 branch has its own cls token, position embedding (bicubically resized for
 other inputs), final LayerNorm and head; the logits are averaged.
+
+As the official model (timm's `crossvit_*`): LayerNorm eps 1e-6, exact GELU
+(also in the fusion's projections), qkv biases, and the large branch's input
+resized with PyTorch's bicubic interpolation (`torch_bicubic_resize`).
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from attnjax.nn import MultiHeadAttention
 from attnjax.spatial import CrossViTFusion
-from attnjax.models.vision._layers import (Backbone, Block, pad_to_multiple,
-                                           resize_pos_embed, trunc02)
+from attnjax.models.vision._layers import (Backbone, Block, gelu_exact,
+                                           pad_to_multiple, resize_pos_embed,
+                                           torch_bicubic_resize, trunc02)
+
+
+class _Fusion(CrossViTFusion):
+  """`attnjax.spatial.CrossViTFusion` with the official exact GELU in its
+  project / revert steps (the layer itself hard-codes flax's tanh GELU)."""
+
+  def __call__(self, tokens_a, tokens_b):
+    cls = tokens_a[:, :1]
+    if not self.same:
+      cls = self.proj(gelu_exact(self.proj_norm(cls)))
+    x = jnp.concatenate([cls, tokens_b[:, 1:]], axis=1)
+    cls = cls + self.attn(self.norm(x))
+    if not self.same:
+      cls = self.revert(gelu_exact(self.revert_norm(cls)))
+    return jnp.concatenate([cls, tokens_a[:, 1:]], axis=1)
 
 
 class CrossViT(Backbone):
@@ -51,8 +70,8 @@ class CrossViT(Backbone):
                     for _ in range(depth)])
           for d, n, depth in zip(dims, num_heads, depths)])
       fusion = nnx.List([
-          CrossViTFusion(dims[0], dims[1], num_heads[1], rngs=rngs),
-          CrossViTFusion(dims[1], dims[0], num_heads[0], rngs=rngs)])
+          _Fusion(dims[0], dims[1], num_heads[1], rngs=rngs),
+          _Fusion(dims[1], dims[0], num_heads[0], rngs=rngs)])
       ms.append(nnx.List([branches, fusion]))
     self.multiscale = nnx.List(ms)
     self.norms = nnx.List([nnx.LayerNorm(d, epsilon=1e-6, rngs=rngs)
@@ -63,9 +82,8 @@ class CrossViT(Backbone):
   def _embed(self, x, i):
     if self.branch_scale[i] != 1.0:
       b, h, w, c = x.shape
-      x = jax.image.resize(x, (b, int(round(h * self.branch_scale[i])),
-                               int(round(w * self.branch_scale[i])), c),
-                           "bicubic")
+      x = torch_bicubic_resize(x, (int(round(h * self.branch_scale[i])),
+                                   int(round(w * self.branch_scale[i]))))
     x = self.patch_embed[i](pad_to_multiple(x, self.patch_sizes[i]))
     b, gh, gw, c = x.shape
     pos = self.pos_embed[i][...]

@@ -8,7 +8,8 @@ blocks, downsamplers and heads as the papers do:
 * DaViT (Ding et al. 2022): 7x7/4 conv stem + LN; each depth unit is a
   spatial (window, no bias table) block then a channel-group block; conv
   position encodings (3x3 depth-wise, residual) before attention and MLP;
-  LN + 2x2/2 conv downsampling.
+  LN + 2x2/2 conv downsampling; head = average pool -> LN -> Linear (no
+  norm on the last map, as the official model).
 * CSWin (Dong et al. 2022): 7x7/4 conv stem (padding 2) + LN; stripes of
   width (1, 2, 7, 7); the last stage is one full-attention branch; 3x3/2
   conv + LN merging.
@@ -32,8 +33,9 @@ from flax import nnx
 from attnjax.spatial import (BiLevelRoutingAttention, ChannelAttention,
                              CSWinAttention, GlobalSubsampledAttention,
                              LocallyGroupedAttention, WindowAttention)
-from attnjax.models.vision._layers import (Backbone, Block, ClassifierHead,
-                                           conv, pad_to_multiple)
+from attnjax.models.vision._layers import (TORCH_LN_EPS, Backbone, Block,
+                                           ClassifierHead, conv, gelu_exact,
+                                           pad_to_multiple)
 
 
 class _LNConv(nnx.Module):
@@ -41,13 +43,15 @@ class _LNConv(nnx.Module):
 
   def __init__(self, cin, cout, k, s, pad, *, pre_ln=False, post="ln",
                rngs):
-    self.pre = nnx.LayerNorm(cin, rngs=rngs) if pre_ln else None
+    # torch.nn.LayerNorm's eps in every official stem / downsampler.
+    self.pre = (nnx.LayerNorm(cin, epsilon=TORCH_LN_EPS, rngs=rngs) if pre_ln
+                else None)
     self.conv = nnx.Conv(cin, cout, (k, k), (s, s),
                          padding=[(pad, pad), (pad, pad)], rngs=rngs)
     self.stride = s
     self.k = k
     if post == "ln":
-      self.post = nnx.LayerNorm(cout, rngs=rngs)
+      self.post = nnx.LayerNorm(cout, epsilon=TORCH_LN_EPS, rngs=rngs)
     elif post == "bn":
       self.post = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
     else:
@@ -94,7 +98,7 @@ class Hierarchical(Backbone):
     elif family == "biformer":
       self.stem = nnx.Sequential(
           conv(in_chans, dims[0] // 2, 3, 2, **mk),
-          nnx.BatchNorm(dims[0] // 2, momentum=0.9, **mk), nnx.gelu,
+          nnx.BatchNorm(dims[0] // 2, momentum=0.9, **mk), gelu_exact,
           conv(dims[0] // 2, dims[0], 3, stem_div // 2, **mk),
           nnx.BatchNorm(dims[0], momentum=0.9, **mk))
       downs = [_LNConv(dims[i], dims[i + 1], 3, 2, 1, post="bn", **mk)
@@ -126,6 +130,8 @@ class Hierarchical(Backbone):
           mixer = (LocallyGroupedAttention(d, n, window_size, **mk)
                    if j % 2 == 0 else
                    GlobalSubsampledAttention(d, n, sr_ratios[i], **mk))
+          if getattr(mixer, "norm", None) is not None:
+            mixer.norm.epsilon = TORCH_LN_EPS   # Twins' GSA nn.LayerNorm
           blocks.append(Block(d, mixer, mlp_ratio=mlp_ratio, norm_eps=1e-6,
                               **mk))
       elif family == "biformer":
@@ -142,10 +148,13 @@ class Hierarchical(Backbone):
     self.pegs = nnx.List(pegs)
     if family == "biformer":
       self.norm = nnx.BatchNorm(dims[-1], momentum=0.9, **mk)
+    elif family == "davit":
+      self.norm = None                  # DaViT normalises after pooling
     else:
       self.norm = nnx.LayerNorm(dims[-1], epsilon=1e-6 if family == "twins"
                                 else 1e-5, **mk)
-    self.head = ClassifierHead(dims[-1], num_classes, **mk)
+    self.head = ClassifierHead(dims[-1], num_classes,
+                               norm=family == "davit", **mk)
 
   def features(self, x):
     x = self.stem(x)
@@ -155,7 +164,8 @@ class Hierarchical(Backbone):
         x = blk(x)
         if j == 0 and self.pegs[i] is not None:
           x = x + self.pegs[i](x)
-      feats.append(self.norm(x) if i == len(self.stages) - 1 else x)
+      last = i == len(self.stages) - 1
+      feats.append(self.norm(x) if last and self.norm is not None else x)
       if self.downs[i] is not None:
         x = self.downs[i](x)
     return feats

@@ -16,8 +16,9 @@ from __future__ import annotations
 from flax import nnx
 
 from attnjax.spatial import HiLoAttention
-from attnjax.models.vision._layers import (Backbone, Block, ClassifierHead,
-                                           ConvMLP, pad_to_multiple)
+from attnjax.models.vision._layers import (TORCH_LN_EPS, Backbone, Block,
+                                           ClassifierHead, ConvMLP, gelu_exact,
+                                           pad_to_multiple)
 
 
 class _Merge(nnx.Module):
@@ -25,12 +26,13 @@ class _Merge(nnx.Module):
     self.k = k
     self.conv = nnx.Conv(cin, cout, (k, k), (k, k), padding="VALID", rngs=rngs)
     self.post_kind = post
-    self.post = (nnx.LayerNorm(cout, rngs=rngs) if post == "ln" else
+    self.post = (nnx.LayerNorm(cout, epsilon=TORCH_LN_EPS, rngs=rngs)
+                 if post == "ln" else
                  nnx.BatchNorm(cout, momentum=0.9, rngs=rngs))
 
   def __call__(self, x):
     x = self.post(self.conv(pad_to_multiple(x, self.k)))
-    return nnx.gelu(x) if self.post_kind == "bn" else x
+    return gelu_exact(x) if self.post_kind == "bn" else x
 
 
 class LITv2(Backbone):
@@ -56,7 +58,7 @@ class LITv2(Backbone):
                    if i + 1 < len(dims) else None)
     self.stages = nnx.List(stages)
     self.downs = nnx.List(downs)
-    self.norm = nnx.LayerNorm(dims[-1], rngs=rngs)
+    self.norm = nnx.LayerNorm(dims[-1], epsilon=TORCH_LN_EPS, rngs=rngs)
     self.head = ClassifierHead(dims[-1], num_classes, rngs=rngs)
 
   def features(self, x):

@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 from flax import nnx
 
 from attnjax.spatial import NeighborhoodAttention
-from attnjax.models.vision._layers import (Backbone, Block, ClassifierHead,
-                                           conv)
+from attnjax.models.vision._layers import (TORCH_LN_EPS, Backbone, Block,
+                                           ClassifierHead, conv)
 
 
 class NAT(Backbone):
@@ -32,7 +32,7 @@ class NAT(Backbone):
     self.stage_channels = tuple(dims)
     self.tok1 = conv(in_chans, embed_dim // 2, 3, 2, rngs=rngs)
     self.tok2 = conv(embed_dim // 2, embed_dim, 3, 2, rngs=rngs)
-    self.tok_norm = nnx.LayerNorm(embed_dim, rngs=rngs)
+    self.tok_norm = nnx.LayerNorm(embed_dim, epsilon=TORCH_LN_EPS, rngs=rngs)
     stages, downs = [], []
     for i, (d, n) in enumerate(zip(depths, num_heads)):
       dil = [1] * d if dilations is None else list(dilations[i])
@@ -43,12 +43,12 @@ class NAT(Backbone):
       if i + 1 < len(depths):
         downs.append(nnx.Sequential(
             conv(dims[i], dims[i + 1], 3, 2, use_bias=False, rngs=rngs),
-            nnx.LayerNorm(dims[i + 1], rngs=rngs)))
+            nnx.LayerNorm(dims[i + 1], epsilon=TORCH_LN_EPS, rngs=rngs)))
       else:
         downs.append(None)
     self.stages = nnx.List(stages)
     self.downs = nnx.List(downs)
-    self.norm = nnx.LayerNorm(dims[-1], rngs=rngs)
+    self.norm = nnx.LayerNorm(dims[-1], epsilon=TORCH_LN_EPS, rngs=rngs)
     self.head = ClassifierHead(dims[-1], num_classes, rngs=rngs)
 
   def features(self, x):

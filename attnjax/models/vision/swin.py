@@ -13,15 +13,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnjax.spatial import WindowAttention
-from attnjax.models.vision._layers import (Backbone, Block, ClassifierHead,
-                                           pad_to_multiple)
+from attnjax.models.vision._layers import (TORCH_LN_EPS, Backbone, Block,
+                                           ClassifierHead, pad_to_multiple)
 
 
 class PatchMerging(nnx.Module):
   """2x2 neighbourhood concat -> LayerNorm(4C) -> Linear(4C, 2C, no bias)."""
 
   def __init__(self, dim: int, out_dim: int, *, rngs: nnx.Rngs):
-    self.norm = nnx.LayerNorm(4 * dim, rngs=rngs)
+    self.norm = nnx.LayerNorm(4 * dim, epsilon=TORCH_LN_EPS, rngs=rngs)
     self.reduction = nnx.Linear(4 * dim, out_dim, use_bias=False, rngs=rngs)
 
   def __call__(self, x):
@@ -44,7 +44,8 @@ class Swin(Backbone):
     self.stage_channels = tuple(dims)
     self.patch_embed = nnx.Conv(in_chans, embed_dim, (patch_size,) * 2,
                                 (patch_size,) * 2, padding="VALID", rngs=rngs)
-    self.patch_norm = nnx.LayerNorm(embed_dim, rngs=rngs)
+    self.patch_norm = nnx.LayerNorm(embed_dim, epsilon=TORCH_LN_EPS,
+                                    rngs=rngs)
     stages, merges = [], []
     for i, (d, n) in enumerate(zip(depths, num_heads)):
       stages.append(nnx.List([
@@ -56,7 +57,7 @@ class Swin(Backbone):
                     if i + 1 < len(depths) else None)
     self.stages = nnx.List(stages)
     self.merges = nnx.List(merges)
-    self.norm = nnx.LayerNorm(dims[-1], rngs=rngs)
+    self.norm = nnx.LayerNorm(dims[-1], epsilon=TORCH_LN_EPS, rngs=rngs)
     self.head = ClassifierHead(dims[-1], num_classes, rngs=rngs)
 
   def set_window_size(self, window_size):
