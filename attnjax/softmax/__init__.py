@@ -145,6 +145,14 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
 
   Returns:
     [B, T, N, Hv] in query.dtype; rows with nothing to attend to are zero.
+
+  Masked slots: key/value positions that a masking component rules out for
+  every query (past `key_value_seq_lengths`, an all-False `mask` column, a
+  kv segment id no query has, right of every query's causal/window reach)
+  are zeroed before any backend runs, so NaN/Inf there reach no output and
+  no gradient (their gradients are 0). Empty inputs (batch 0, zero-length
+  sequences) return zeros of the right shape. Integer arguments accept
+  NumPy/JAX integer scalars; Python lists are converted to arrays.
   """
   call, unbatched = prepare(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
