@@ -447,7 +447,12 @@ def check_mp_attention():
     want_seg = {k_: jax.tree_util.tree_map(np.asarray, v_)
                 for k_, v_ in want_seg.items()}
 
-  for spec in ("seq:%d" % ndev, "seq:2,data:%d" % (ndev // 2)):
+  # CI: one mesh and the causal methods (the full matrix takes minutes of
+  # compilation on a shared 2-core machine).
+  quick = bool(os.environ.get("CI"))
+  specs = ("seq:%d" % ndev,) + (() if quick else
+                                ("seq:2,data:%d" % (ndev // 2),))
+  for spec in specs:
     mesh = sharding.make_mesh(spec)
     # The seq axis must cross processes: its first row of devices.
     row = np.moveaxis(mesh.devices, mesh.axis_names.index("seq"), -1)
@@ -469,7 +474,7 @@ def check_mp_attention():
                                           is_causal=causal, batch_axis=bax,
                                           **kw))
     fns = {"ring causal zigzag": ring(True), "ulysses causal": uly(True)}
-    if bax is None:   # the whole matrix once; the 2-D mesh spot-checks
+    if bax is None and not quick:   # the whole matrix once
       fns.update({"ring full": ring(False),
                   "ring causal striped": ring(True, "striped"),
                   "ulysses full": uly(False)})
