@@ -17,6 +17,7 @@ also use O(T) memory; it is XLA, not a Pallas kernel.
 from __future__ import annotations
 
 import functools
+import numpy as np
 import math
 from typing import Optional
 
@@ -57,7 +58,9 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *, chunk, normalize, eps):
     if normalize:
       den = (jnp.sum(a, axis=1, keepdims=True)
              + jnp.sum(q * z, axis=1, keepdims=True))
-      num = num / (den + eps)
+      den = den + eps
+      ok = den != 0.0           # no key mass (e.g. a zero query row): 0
+      num = jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
     o_ref[sl, :] = num.astype(o_ref.dtype)
     s = s + lax.dot_general(k, v, (((0,), (0,)), ((), ())),
                             preferred_element_type=jnp.float32)
@@ -101,7 +104,9 @@ def _chunked_jnp(q, k, v, chunk, normalize, eps):
         "bnqd,bndv->bnqv", qi, s)
     if normalize:
       den = a.sum(-1) + jnp.einsum("bnqd,bnd->bnq", qi, z)
-      num = num / (den[..., None] + eps)
+      den = den[..., None] + eps
+      ok = den != 0.0
+      num = jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
     s = s + jnp.einsum("bnkd,bnkv->bndv", ki, vi)
     z = z + ki.sum(2)
     return (s, z), num
@@ -161,7 +166,9 @@ def causal_linear_attention(query, key, value, *,
     query, key: [B, T, N, Dk]; value: [B, T, N, Dv].
     feature_map: 'elu_plus_one' (default), 'relu', 'identity' or a callable,
       applied to query and key.
-    normalize: divide by phi(q_t) . sum_{s<=t} phi(k_s) (+ eps).
+    normalize: divide by phi(q_t) . sum_{s<=t} phi(k_s) (+ eps); a row
+      whose divisor is exactly 0 (e.g. eps=0 and a zero query) gives 0, as
+      `attnjax.linear_attention`.
     chunk_size: positions per chunk (rounded to a multiple of 8 and clipped
       to the padded length); T need not be a multiple.
     interpret: Pallas interpret mode; None -> True on CPU.
@@ -169,8 +176,13 @@ def causal_linear_attention(query, key, value, *,
   Returns [B, T, N, Dv] in value.dtype. Differentiable.
   """
   phi = _check(query, key, value, feature_map)
-  if not isinstance(chunk_size, int) or chunk_size <= 0:
+  if (isinstance(chunk_size, (bool, np.bool_)) or
+      not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0):
     raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
+  chunk_size = int(chunk_size)
+  if not (isinstance(eps, (int, float, np.integer, np.floating)) and
+          not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0):
+    raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}.")
   b, t, n, _ = query.shape
   chunk = min(round_up(chunk_size, 8), round_up(t, 8))
   tp = round_up(t, chunk)
@@ -198,5 +210,7 @@ def causal_linear_attention_reference(query, key, value, *,
   out = jnp.einsum("bnts,bsnv->btnv", a, value.astype(jnp.float32),
                    precision=lax.Precision.HIGHEST)
   if normalize:
-    out = out / (jnp.swapaxes(a.sum(-1), 1, 2)[..., None] + eps)
+    den = jnp.swapaxes(a.sum(-1), 1, 2)[..., None] + eps
+    ok = den != 0.0
+    out = jnp.where(ok, out / jnp.where(ok, den, 1.0), 0.0)
   return out.astype(value.dtype)

@@ -36,12 +36,31 @@ from pallas_kernels.flash import _Cfg, _flash, mha_reference
 
 def _tuple(name, x, nd, minimum=None, kind=int):
   t = tuple(x) if isinstance(x, (tuple, list)) else (x,) * nd
+  if kind is int:       # NumPy integers are ints; bools are not
+    t = tuple(int(v) if isinstance(v, np.integer) and not isinstance(
+        v, (bool, np.bool_)) else (None if isinstance(v, bool) else v)
+              for v in t)
+  elif kind is bool:
+    t = tuple(bool(v) if isinstance(v, np.bool_) else v for v in t)
   if len(t) != nd or any(not isinstance(v, kind) for v in t) or (
       minimum is not None and any(v < minimum for v in t)):
     raise ValueError(
         f"`{name}` must be a {kind.__name__} or a tuple of {nd} of them"
         + (f" >= {minimum}" if minimum is not None else "") + f", got {x!r}.")
   return t
+
+
+def _tile_size(tile_size, nd):
+  """(tile_h, tile_w); 1D takes tile, (tile,) or the documented (1, tile)."""
+  if nd == 1 and isinstance(tile_size, (tuple, list)) and len(tile_size) == 2:
+    t = _tuple("tile_size", tile_size, 2, 1)
+    if t[0] != 1:
+      raise ValueError(
+          f"`tile_size` for 1 spatial dim must be tile, (tile,) or (1, tile), "
+          f"got {tile_size!r}.")
+    return t
+  t = _tuple("tile_size", tile_size, nd, 1)
+  return (1,) + t if nd == 1 else t
 
 
 def _check(query, key, value, kernel_size, dilation, is_causal):
@@ -154,8 +173,7 @@ def neighborhood_attention(query, key, value, kernel_size, *, dilation=1,
              and query.dtype.itemsize >= 4)
     tile = _default_tile(nd, lg, small)
   else:
-    tile = _tuple("tile_size", tile_size, nd, 1)
-    tile = (1,) + tile if nd == 1 else tile
+    tile = _tile_size(tile_size, nd)
   nt = tuple(cdiv(l, t) for l, t in zip(lg, tile))
   h = query.shape[-1]
   if heads_major is None:
@@ -215,8 +233,7 @@ def visited_fraction(spatial, kernel_size, *, dilation=1, is_causal=False,
   if tile_size is None:
     tile = _default_tile(nd, lg)
   else:
-    tile = _tuple("tile_size", tile_size, nd, 1)
-    tile = (1,) + tile if nd == 1 else tile
+    tile = _tile_size(tile_size, nd)
   nt = tuple(cdiv(l, t) for l, t in zip(lg, tile))
   r, c = np.divmod(np.arange(spatial[0] * spatial[1]), spatial[1])
   group = (r % dl[0]) * dl[1] + c % dl[1]

@@ -6,6 +6,7 @@ import math
 from typing import Optional, Tuple
 
 import jax.numpy as jnp
+import numpy as np
 
 from attnjax._checks import check_broadcastable, check_qkv
 
@@ -88,9 +89,11 @@ def pattern_of(is_causal: bool, is_cross: bool) -> str:
 
 
 def check_positive_int(name: str, x) -> int:
-  if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
+  """Python or NumPy integer > 0 (not bool) -> int; else ValueError."""
+  if (isinstance(x, (bool, np.bool_)) or
+      not isinstance(x, (int, np.integer)) or x <= 0):
     raise ValueError(f"`{name}` must be a positive int, got {x!r}.")
-  return x
+  return int(x)
 
 
 def split_heads(x, k: int) -> Tuple:

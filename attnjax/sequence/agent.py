@@ -81,7 +81,7 @@ def _check(query, key, value, num_agents, agents, mask, is_causal, bias,
   if agents is None:
     if num_agents is None:
       raise ValueError("give `num_agents` (pooled from queries) or `agents`.")
-    _common.check_positive_int("num_agents", num_agents)
+    num_agents = _common.check_positive_int("num_agents", num_agents)
     agents = pool_agents(query, num_agents)
   else:
     agents = jnp.asarray(agents)

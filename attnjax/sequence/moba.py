@@ -37,15 +37,15 @@ def _check(query, key, value, mask, block_size, top_k, bias, dropout_rate):
                  "attention dropout is not implemented for gathered blocks.")
   query, key, value, dims, unbatched = _common.prepare_qkv(query, key, value)
   b, t, n, s, k, h, hv = dims
-  _common.check_positive_int("block_size", block_size)
-  _common.check_positive_int("top_k", top_k)
+  block_size = _common.check_positive_int("block_size", block_size)
+  top_k = _common.check_positive_int("top_k", top_k)
   kv_mask = _common.key_padding_mask(mask, b, n, t, s,
                                      mechanism="moba_attention",
                                      unbatched=unbatched)
   # Masked slots are zeroed by a select, so NaN/Inf there reaches nothing.
   key = _common.zero_masked(key, kv_mask)
   value = _common.zero_masked(value, kv_mask)
-  return query, key, value, dims, unbatched, kv_mask
+  return query, key, value, dims, unbatched, kv_mask, block_size, top_k
 
 
 def moba_gate_scores(query, key, block_size: int, *, is_causal: bool,
@@ -97,7 +97,7 @@ def moba_attention(query, key, value, *, block_size: int = 64, top_k: int = 3,
     [B, T, N, Hv] in query.dtype.
   """
   del dropout_rng
-  query, key, value, dims, unbatched, kv_mask = _check(
+  query, key, value, dims, unbatched, kv_mask, block_size, top_k = _check(
       query, key, value, mask, block_size, top_k, bias, dropout_rate)
   b, t, n, s, k, h, hv = dims
   nkb = -(-s // block_size)
@@ -119,7 +119,7 @@ def moba_selected_blocks(query, key, *, block_size: int = 64, top_k: int = 3,
 
   Plain-jnp ranking by sorting (independent of the top_k path used above).
   """
-  query, key, _, dims, unbatched, kv_mask = _check(
+  query, key, _, dims, unbatched, kv_mask, block_size, top_k = _check(
       query, key, key, mask, block_size, top_k, None, 0.0)
   scores = moba_gate_scores(query, key, block_size, is_causal=is_causal,
                             kv_mask=kv_mask)
@@ -134,6 +134,7 @@ def moba_attention_reference(query, key, value, *, block_size: int = 64,
   """Dense softmax attention with the selected blocks expanded to a mask."""
   sel = moba_selected_blocks(query, key, block_size=block_size, top_k=top_k,
                              is_causal=is_causal, mask=mask)
+  block_size = int(block_size)
   s = key.shape[-3]
   dense = jnp.repeat(sel, block_size, axis=-1)[..., :s]
   return dot_product_attention(query, key, value,

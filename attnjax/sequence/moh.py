@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attnjax.softmax import dot_product_attention
 
@@ -63,6 +64,19 @@ def moh_gates(router_logits, *, num_shared_heads: int, num_active_heads: int,
   Returns:
     (gates [..., num_heads] float32, load_balance_loss scalar float32).
   """
+  router_logits = jnp.asarray(router_logits)
+  if (router_logits.ndim < 1 or router_logits.shape[-1] < 3 or
+      not jnp.issubdtype(router_logits.dtype, jnp.floating)):
+    raise ValueError(
+        "`router_logits` must be a float array [..., num_heads + 2] with "
+        f"num_heads >= 1, got shape {tuple(router_logits.shape)} and dtype "
+        f"{router_logits.dtype}.")
+  for nm, c in (("num_shared_heads", num_shared_heads),
+                ("num_active_heads", num_active_heads)):
+    if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)):
+      raise ValueError(f"`{nm}` must be an int, got {c!r}.")
+  num_shared_heads, num_active_heads = int(num_shared_heads), int(
+      num_active_heads)
   logits = router_logits.astype(jnp.float32)
   num_heads = logits.shape[-1] - 2
   _check_counts(num_heads, num_shared_heads, num_active_heads)

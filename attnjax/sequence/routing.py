@@ -76,15 +76,15 @@ def _check(query, key, value, mask, region_size, top_k, bias, dropout_rate):
                  "attention dropout is not implemented for gathered blocks.")
   query, key, value, dims, unbatched = _common.prepare_qkv(query, key, value)
   b, t, n, s, k, h, hv = dims
-  _common.check_positive_int("region_size", region_size)
-  _common.check_positive_int("top_k", top_k)
+  region_size = _common.check_positive_int("region_size", region_size)
+  top_k = _common.check_positive_int("top_k", top_k)
   kv_mask = _common.key_padding_mask(mask, b, n, t, s,
                                      mechanism="routing_attention",
                                      unbatched=unbatched)
   # Masked slots are zeroed by a select, so NaN/Inf there reaches nothing.
   key = _common.zero_masked(key, kv_mask)
   value = _common.zero_masked(value, kv_mask)
-  return query, key, value, dims, unbatched, kv_mask
+  return query, key, value, dims, unbatched, kv_mask, region_size, top_k
 
 
 def routing_attention(query, key, value, *, region_size: int = 64,
@@ -105,7 +105,7 @@ def routing_attention(query, key, value, *, region_size: int = 64,
     [B, T, N, Hv] in query.dtype.
   """
   del dropout_rng
-  query, key, value, dims, unbatched, kv_mask = _check(
+  query, key, value, dims, unbatched, kv_mask, region_size, top_k = _check(
       query, key, value, mask, region_size, top_k, bias, dropout_rate)
   b, t, n, s, k, h, hv = dims
   a = jax.lax.stop_gradient(routing_scores(query, key, region_size,
@@ -123,7 +123,7 @@ def routing_attention_reference(query, key, value, *, region_size: int = 64,
                                 top_k: int = 4, is_causal: bool = False,
                                 scale: Optional[float] = None, mask=None):
   """Dense softmax attention with the routed regions expanded to a mask."""
-  query, key, value, dims, unbatched, kv_mask = _check(
+  query, key, value, dims, unbatched, kv_mask, region_size, top_k = _check(
       query, key, value, mask, region_size, top_k, None, 0.0)
   b, t, n, s, k, h, hv = dims
   a = routing_scores(query, key, region_size, is_causal=is_causal,

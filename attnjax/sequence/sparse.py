@@ -96,8 +96,9 @@ def sliding_window_attention(query, key, value, window_size, *,
         scale=_common.default_scale(scale, h), block_sizes=sizes,
         mask=None if kv_mask is None else kv_mask[:, None, None, :])
     return out[0] if unbatched else out
-  bs = block_size or max(1, min(DEFAULT_BLOCK, left + right + 1))
-  _common.check_positive_int("block_size", bs)
+  bs = (max(1, min(DEFAULT_BLOCK, left + right + 1)) if block_size is None
+        else block_size)
+  bs = _common.check_positive_int("block_size", bs)
   nqb, nkb = -(-t // bs), -(-s // bs)
   # Key blocks touching [a*bs - left, a*bs + bs - 1 + right].
   top = min(nkb, (bs - 1 + left + right) // bs + 2)
@@ -141,8 +142,9 @@ def _layout_4d(layout, b, n, nqb, nkb):
 
 
 def _block_sizes(block_size):
-  if isinstance(block_size, int):
-    return _common.check_positive_int("block_size", block_size), block_size
+  if isinstance(block_size, (int, np.integer)):
+    bs = _common.check_positive_int("block_size", block_size)
+    return bs, bs
   try:
     bq, bk = block_size
   except (TypeError, ValueError):
@@ -169,7 +171,9 @@ def block_sparse_attention(query, key, value, layout, block_size, *,
     block_size: int or (block_q, block_k).
     is_causal: additionally j <= i inside the chosen blocks.
     max_blocks_per_row: static bound on True blocks per row; required when
-      `layout` is traced (under jit), else the densest row of the layout.
+      `layout` is traced (under jit; a row with more True blocks then keeps
+      only its first `max_blocks_per_row`), else the densest row of the
+      layout; a concrete layout with a denser row raises ValueError.
     mask: key-padding mask broadcastable to [B, 1, 1, S].
     implementation: None / 'xla' (gathered key blocks, below) or 'pallas'
       (`pallas_kernels.block_sparse_attention`: the flash kernels loop over
@@ -194,13 +198,22 @@ def block_sparse_attention(query, key, value, layout, block_size, *,
         is_causal=is_causal, scale=_common.default_scale(scale, h),
         mask=None if kv_mask is None else kv_mask[:, None, None, :])
     return out[0] if unbatched else out
+  traced = isinstance(raw_layout, jax.core.Tracer)
+  densest = None if traced else int(np.max(np.sum(np.asarray(raw_layout), -1),
+                                           initial=0))
   if max_blocks_per_row is None:
-    if isinstance(raw_layout, jax.core.Tracer):
+    if traced:
       raise ValueError(
           "`max_blocks_per_row` is required when `layout` is traced (jit).")
-    max_blocks_per_row = max(1, int(np.max(np.sum(np.asarray(raw_layout), -1))))
+    max_blocks_per_row = max(1, densest)
   top = min(nkb, _common.check_positive_int("max_blocks_per_row",
                                             max_blocks_per_row))
+  if densest is not None and densest > top:
+    # Gathering only `top` blocks would silently drop the rest.
+    raise ValueError(
+        f"`layout` has a row with {densest} True blocks but "
+        f"`max_blocks_per_row` is {max_blocks_per_row}; pass at least "
+        f"{densest} (or None to size it from the layout).")
   # True blocks first, in increasing block order.
   prio = jnp.where(layout, 2 * nkb, 0) - jnp.arange(nkb)
   _, idx = jax.lax.top_k(prio, top)

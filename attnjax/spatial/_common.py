@@ -16,17 +16,30 @@ import numpy as np
 from attnjax._checks import check_floating
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
 def to_tuple(name: str, value, ndim: int, *, minimum: int = 1) -> Tuple[int, ...]:
-  """int -> (int,) * ndim; a sequence must have length ndim. Validates >= min."""
-  if isinstance(value, (int, np.integer)):
+  """int -> (int,) * ndim; a sequence must have length ndim. Validates >= min.
+
+  Python and NumPy integers only: floats (even inside a tuple, e.g.
+  (3.7, 3.7)) are refused rather than truncated.
+  """
+  if _is_int(value):
     out = (int(value),) * ndim
   else:
     try:
-      out = tuple(int(v) for v in value)
+      items = tuple(value)
     except TypeError:
       raise ValueError(
           f"`{name}` must be an int or a tuple of {ndim} ints, got {value!r}."
       ) from None
+    if not all(_is_int(v) for v in items):
+      raise ValueError(
+          f"`{name}` must be an int or a tuple of {ndim} ints, got {value!r} "
+          "(non-integer entries are not truncated).")
+    out = tuple(int(v) for v in items)
     if len(out) != ndim:
       raise ValueError(
           f"`{name}` must have one entry per spatial dim ({ndim}), got "
@@ -98,6 +111,39 @@ def repeat_kv(x, num_heads: int):
 
 def default_scale(scale, head_dim: int) -> float:
   return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def layer_scale(qk_scale, default: float, name: str = "qk_scale") -> float:
+  """A layer's logit scale: `default` when None, else the given finite real
+  number (0.0 is honoured: uniform attention, not the default)."""
+  if qk_scale is None:
+    return float(default)
+  if isinstance(qk_scale, (bool, np.bool_)) or not isinstance(
+      qk_scale, (int, float, np.integer, np.floating)) or not math.isfinite(
+          float(qk_scale)):
+    raise ValueError(f"`{name}` must be None or a finite number, got "
+                     f"{qk_scale!r}.")
+  return float(qk_scale)
+
+
+def check_channels_last(x, dim: int, spatial_dims: int, name: str = "x"):
+  """Validates a layer input [batch, *spatial, dim] (channels last).
+
+  Wrong rank or last dim raise ValueError naming the expected layout (a
+  channels-first NCHW map gets a hint); a zero spatial size raises.
+  """
+  shape = tuple(x.shape)
+  axes = ("H", "W") if spatial_dims == 2 else tuple(
+      f"S{i}" for i in range(spatial_dims))
+  want = f"[batch, {', '.join(axes)}, dim={dim}] (channels last)"
+  if len(shape) != spatial_dims + 2 or shape[-1] != dim:
+    hint = ""
+    if len(shape) == spatial_dims + 2 and shape[1] == dim:
+      hint = "; this looks channels-first (NCHW): move channels last"
+    raise ValueError(f"`{name}` must have shape {want}, got {shape}{hint}.")
+  if any(s == 0 for s in shape[1:-1]):
+    raise ValueError(f"`{name}` has an empty spatial dim: shape {shape}, "
+                     f"expected {want} with every spatial size >= 1.")
 
 
 def masked_softmax(logits, mask=None, axis=-1):

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnjax.spatial._common import (check_spatial_qkv, default_scale,
+from attnjax.spatial._common import (check_channels_last, layer_scale,
+    check_spatial_qkv, default_scale,
                                      dense_attention_reference,
                                      flatten_spatial, masked_softmax,
                                      repeat_kv)
@@ -109,7 +110,7 @@ class AxialAttention(nnx.Module):
     self.is_causal = is_causal
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
-    self.scale = qk_scale or self.head_dim ** -0.5
+    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
     self.axes = nnx.List([
         _AxisAttention(dim, num_heads, qkv_bias, dtype, param_dtype, rngs)
         for _ in range(spatial_dims)])
@@ -123,9 +124,7 @@ class AxialAttention(nnx.Module):
 
   def __call__(self, x):
     nd = self.spatial_dims
-    if x.ndim != nd + 2:
-      raise ValueError(
-          f"`x` must have shape [batch, *spatial({nd}), dim], got {x.shape}.")
+    check_channels_last(x, self.axes[0].qkv.in_features, nd)
     if self.combine == "sequential":
       for a, layer in enumerate(self.axes):
         x = self._one(layer, x, a)

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnjax.spatial._common import (check_spatial_qkv, default_scale,
+from attnjax.spatial._common import (check_channels_last, layer_scale,
+    check_spatial_qkv, default_scale,
                                      dense_attention_reference,
                                      flatten_spatial, masked_softmax,
                                      repeat_kv)
@@ -138,7 +139,7 @@ class BiLevelRoutingAttention(nnx.Module):
   Parameters as BiFormer (qk_dim = dim, identity kv downsampling, no
   parametric routing): `qkv` Linear(dim, 3 dim), `lepe` depthwise
   Conv(dim, dim, side_dwconv, groups=dim) (LCE on V), `wo` Linear(dim, dim).
-  Scale: qk_scale or dim**-0.5 (BiFormer's choice), for routing and tokens.
+  Scale: qk_scale (0.0 honoured) or dim**-0.5 (BiFormer's choice), for routing and tokens.
   """
 
   def __init__(self, dim: int, num_heads: int = 8, num_regions: int = 7,
@@ -152,7 +153,7 @@ class BiLevelRoutingAttention(nnx.Module):
     self.head_dim = dim // num_heads
     self.num_regions = num_regions
     self.topk = topk
-    self.scale = qk_scale or dim ** -0.5
+    self.scale = layer_scale(qk_scale, dim ** -0.5)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, **kw)
     self.wo = nnx.Linear(dim, dim, **kw)
@@ -161,8 +162,7 @@ class BiLevelRoutingAttention(nnx.Module):
                  if side_dwconv > 0 else None)
 
   def __call__(self, x):
-    if x.ndim != 4:
-      raise ValueError(f"`x` must have shape [batch, H, W, dim], got {x.shape}.")
+    check_channels_last(x, self.qkv.in_features, 2)
     n, d = self.num_heads, self.head_dim
     qkv = self.qkv(x).reshape(*x.shape[:-1], 3, n, d)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]

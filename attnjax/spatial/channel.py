@@ -15,7 +15,8 @@ from typing import Optional
 import jax.numpy as jnp
 from flax import nnx
 
-from attnjax.spatial._common import (check_spatial_qkv, default_scale,
+from attnjax.spatial._common import (check_channels_last, layer_scale,
+    check_spatial_qkv, default_scale,
                                      dense_attention_reference,
                                      flatten_spatial, masked_softmax)
 
@@ -67,7 +68,7 @@ class ChannelAttention(nnx.Module):
           f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
-    self.scale = qk_scale or self.head_dim ** -0.5
+    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, **kw)
     self.proj = nnx.Linear(dim, dim, **kw)
@@ -76,6 +77,7 @@ class ChannelAttention(nnx.Module):
     if x.ndim < 3:
       raise ValueError(
           f"`x` must have shape [batch, *spatial, dim], got {x.shape}.")
+    check_channels_last(x, self.qkv.in_features, x.ndim - 2)
     qkv = self.qkv(x).reshape(*x.shape[:-1], 3, self.num_heads, self.head_dim)
     out = channel_attention(qkv[..., 0, :, :], qkv[..., 1, :, :],
                             qkv[..., 2, :, :], scale=self.scale)

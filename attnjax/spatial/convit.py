@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnjax.spatial._common import (check_spatial_qkv, default_scale,
+from attnjax.spatial._common import (check_channels_last, layer_scale,
+    check_spatial_qkv, default_scale,
                                      flatten_spatial, masked_softmax,
                                      repeat_kv)
 
@@ -136,7 +137,7 @@ class GPSA(nnx.Module):
           f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
-    self.scale = qk_scale or self.head_dim ** -0.5
+    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.qk = nnx.Linear(dim, 2 * dim, use_bias=qkv_bias, **kw)
     self.v = nnx.Linear(dim, dim, use_bias=qkv_bias, **kw)
@@ -149,8 +150,7 @@ class GPSA(nnx.Module):
           convolutional_init(num_heads, locality_strength), param_dtype)
 
   def __call__(self, x):
-    if x.ndim != 4:
-      raise ValueError(f"`x` must have shape [batch, H, W, dim], got {x.shape}.")
+    check_channels_last(x, self.qk.in_features, 2)
     n, d = self.num_heads, self.head_dim
     qk = self.qk(x).reshape(*x.shape[:-1], 2, n, d)
     v = self.v(x).reshape(*x.shape[:-1], n, d)

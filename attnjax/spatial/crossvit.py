@@ -14,10 +14,12 @@ from __future__ import annotations
 from typing import Optional
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from attnjax._checks import check_rank
-from attnjax.spatial._common import (check_spatial_qkv, default_scale,
+from attnjax.spatial._common import (check_channels_last, layer_scale,
+    check_spatial_qkv, default_scale,
                                      masked_softmax, repeat_kv)
 
 __all__ = ["cls_cross_attention", "cls_cross_attention_reference",
@@ -53,6 +55,14 @@ def cls_cross_attention_reference(query, key, value, *, scale=None):
   return jnp.stack(outs, 1).astype(query.dtype)
 
 
+
+def _check_tokens(name, x, dim):
+  """[batch, 1 + tokens, dim] with a CLS token first."""
+  if x.shape[-1] != dim or x.shape[1] < 1:
+    raise ValueError(
+        f"`{name}` must have shape [batch, 1 + tokens, dim={dim}] (CLS token "
+        f"first), got {tuple(x.shape)}.")
+
 class CrossViTAttention(nnx.Module):
   """CrossViT CrossAttention on tokens x [B, 1 + S, dim] -> [B, 1, dim].
 
@@ -68,7 +78,7 @@ class CrossViTAttention(nnx.Module):
           f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
-    self.scale = qk_scale or self.head_dim ** -0.5
+    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.wq = nnx.Linear(dim, dim, use_bias=qkv_bias, **kw)
     self.wk = nnx.Linear(dim, dim, use_bias=qkv_bias, **kw)
@@ -77,6 +87,7 @@ class CrossViTAttention(nnx.Module):
 
   def __call__(self, x):
     check_rank("x", x, (3,))
+    _check_tokens("x", x, self.wq.in_features)
     b, s, c = x.shape
     n, d = self.num_heads, self.head_dim
     q = self.wq(x[:, :1]).reshape(b, 1, n, d)
@@ -99,6 +110,13 @@ class CrossViTFusion(nnx.Module):
   def __init__(self, dim_a: int, dim_b: int, num_heads_b: int, *,
                qkv_bias: bool = True, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
+    for nm, val in (("dim_a", dim_a), ("dim_b", dim_b),
+                    ("num_heads_b", num_heads_b)):
+      if (isinstance(val, (bool, np.bool_)) or
+          not isinstance(val, (int, np.integer)) or val <= 0):
+        raise ValueError(f"`{nm}` must be a positive int, got {val!r}.")
+    dim_a, dim_b, num_heads_b = int(dim_a), int(dim_b), int(num_heads_b)
+    self.dim_a, self.dim_b = dim_a, dim_b
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.same = dim_a == dim_b
     if not self.same:
@@ -112,6 +130,12 @@ class CrossViTFusion(nnx.Module):
   def __call__(self, tokens_a, tokens_b):
     check_rank("tokens_a", tokens_a, (3,))
     check_rank("tokens_b", tokens_b, (3,))
+    _check_tokens("tokens_a", tokens_a, self.dim_a)
+    _check_tokens("tokens_b", tokens_b, self.dim_b)
+    if tokens_a.shape[0] != tokens_b.shape[0]:
+      raise ValueError(
+          f"`tokens_a` and `tokens_b` batch sizes differ: shapes "
+          f"{tuple(tokens_a.shape)} and {tuple(tokens_b.shape)}.")
     cls = tokens_a[:, :1]
     if not self.same:
       cls = self.proj(nnx.gelu(self.proj_norm(cls)))

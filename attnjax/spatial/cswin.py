@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnjax.spatial._common import (check_spatial_qkv, default_scale,
+from attnjax.spatial._common import (check_channels_last, layer_scale,
+    check_spatial_qkv, default_scale,
                                      dense_attention_reference,
                                      flatten_spatial, repeat_kv, to_tuple)
 from attnjax.spatial.window import _merge, _split, window_attention
@@ -41,6 +42,32 @@ def _stripe_window(spatial, stripe_width, orientation):
   raise ValueError(
       f"`orientation` must be 'vertical', 'horizontal' or 'full', got "
       f"{orientation!r}.")
+
+
+def _check_map(query):
+  if any(s == 0 for s in query.shape[1:3]):
+    raise ValueError(
+        f"`query` has an empty feature map: shape {tuple(query.shape)} "
+        "([batch, H, W, heads, head_dim] with H, W >= 1).")
+
+
+def _check_lepe(lepe_kernel, lepe_bias, n, dv):
+  """LePE kernel [kh, kw, n, dv] with odd kh, kw (a centred 'SAME' conv:
+  an even kernel has no centre, so it is refused) and bias [n, dv]."""
+  want = (n, dv)
+  shape = tuple(jnp.shape(lepe_kernel))
+  if len(shape) != 4 or shape[2:] != want:
+    raise ValueError(
+        f"`lepe_kernel` must have shape [kh, kw, heads, head_dim_v]="
+        f"[kh, kw, {want[0]}, {want[1]}], got {shape}.")
+  if any(k < 1 or k % 2 == 0 for k in shape[:2]):
+    raise ValueError(
+        f"`lepe_kernel` sizes must be odd and >= 1 (a centred depthwise "
+        f"conv), got {shape[:2]}.")
+  if lepe_bias is not None and tuple(jnp.shape(lepe_bias)) != want:
+    raise ValueError(
+        f"`lepe_bias` must have shape [heads, head_dim_v]={list(want)}, got "
+        f"{tuple(jnp.shape(lepe_bias))}.")
 
 
 def _windowed_depthwise(v, window, kernel, bias):
@@ -76,16 +103,16 @@ def stripe_attention(query, key, value, stripe_width: int, orientation: str, *,
   optional depthwise conv of V inside the same window.
   """
   nd, n, _ = check_spatial_qkv(query, key, value, spatial_dims=(2,))
-  if not isinstance(stripe_width, (int, np.integer)) or stripe_width < 1:
+  _check_map(query)
+  if lepe_kernel is None and lepe_bias is not None:
+    raise ValueError("`lepe_bias` given without `lepe_kernel`.")
+  if (isinstance(stripe_width, (bool, np.bool_)) or
+      not isinstance(stripe_width, (int, np.integer)) or stripe_width < 1):
     raise ValueError(f"`stripe_width` must be a positive int, got {stripe_width!r}.")
   window = _stripe_window(query.shape[1:3], int(stripe_width), orientation)
   out = window_attention(query, key, value, window, scale=scale)
   if lepe_kernel is not None:
-    want = (n, value.shape[-1])
-    if lepe_kernel.ndim != 4 or tuple(lepe_kernel.shape[2:]) != want:
-      raise ValueError(
-          f"`lepe_kernel` must have shape [kh, kw, heads, head_dim_v]="
-          f"[kh, kw, {want[0]}, {want[1]}], got {tuple(lepe_kernel.shape)}.")
+    _check_lepe(lepe_kernel, lepe_bias, n, value.shape[-1])
     v = repeat_kv(value, n)
     out = out + _windowed_depthwise(v, window, lepe_kernel, lepe_bias)
   return out
@@ -119,7 +146,11 @@ def cross_shaped_window_attention_reference(query, key, value, stripe_width,
                                             *, scale=None, lepe_kernel=None,
                                             lepe_bias=None):
   """Dense masked attention per half + LePE by explicit neighbour sums."""
+  check_spatial_qkv(query, key, value, spatial_dims=(2,))
+  _check_map(query)
   b, h, w, n, d = query.shape
+  if lepe_kernel is not None:
+    _check_lepe(lepe_kernel, lepe_bias, n, value.shape[-1])
   half = n // 2
   c = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"),
                -1).reshape(-1, 2)
@@ -172,24 +203,33 @@ class CSWinAttention(nnx.Module):
       raise ValueError(
           f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}), "
           f"and num_heads even unless last_stage.")
+    if (isinstance(lepe_kernel_size, (bool, np.bool_)) or
+        not isinstance(lepe_kernel_size, (int, np.integer)) or
+        lepe_kernel_size < 1 or lepe_kernel_size % 2 == 0):
+      raise ValueError(
+          f"`lepe_kernel_size` must be an odd positive int (a centred "
+          f"depthwise conv), got {lepe_kernel_size!r}.")
+    if (isinstance(stripe_width, (bool, np.bool_)) or
+        not isinstance(stripe_width, (int, np.integer)) or stripe_width < 1):
+      raise ValueError(
+          f"`stripe_width` must be a positive int, got {stripe_width!r}.")
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
-    self.stripe_width = stripe_width
+    self.stripe_width = int(stripe_width)
     self.last_stage = last_stage
-    self.scale = qk_scale or self.head_dim ** -0.5
+    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype,
                            rngs=rngs)
-    ks = lepe_kernel_size
+    ks = int(lepe_kernel_size)
     # LeCun-normal for a depthwise kernel (fan_in = ks * ks).
     self.lepe_kernel = nnx.Param(
         jax.random.normal(rngs.params(), (ks, ks, dim), param_dtype) / ks)
     self.lepe_bias = nnx.Param(jnp.zeros((dim,), param_dtype))
 
   def __call__(self, x):
-    if x.ndim != 4:
-      raise ValueError(f"`x` must have shape [batch, H, W, dim], got {x.shape}.")
+    check_channels_last(x, self.qkv.in_features, 2)
     n, d = self.num_heads, self.head_dim
     qkv = self.qkv(x).reshape(*x.shape[:-1], 3, n, d)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnjax.spatial._common import (check_spatial_qkv, default_scale,
+from attnjax.spatial._common import (check_channels_last, layer_scale,
+    check_spatial_qkv, default_scale,
                                      dense_attention_reference,
                                      flatten_spatial, masked_softmax,
                                      repeat_kv, to_tuple)
@@ -55,7 +56,16 @@ def subsampled_attention(query, key, value, *, scale: Optional[float] = None):
 def average_pool(x, pool_size):
   """Mean over non-overlapping pool windows of x [B, *S, ...] (len(pool_size)
   spatial dims); partial windows at the end average their valid entries."""
+  if not isinstance(pool_size, (tuple, list)):
+    raise ValueError(
+        f"`pool_size` must be a tuple with one positive int per pooled "
+        f"spatial dim, got {pool_size!r}.")
   nd = len(pool_size)
+  if nd < 1 or x.ndim < nd + 1:
+    raise ValueError(
+        f"`pool_size` {pool_size!r} needs x of rank >= {nd + 1} "
+        f"([batch, *spatial, ...]), got shape {tuple(x.shape)}.")
+  pool_size = to_tuple("pool_size", pool_size, nd)
   spatial = x.shape[1:1 + nd]
   padded = tuple(-(-l // p) * p for l, p in zip(spatial, pool_size))
   nw = tuple(p // w for p, w in zip(padded, pool_size))
@@ -131,7 +141,7 @@ class GlobalSubsampledAttention(nnx.Module):
           f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
-    self.scale = qk_scale or self.head_dim ** -0.5
+    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
     self.sr_ratio = sr_ratio
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q = nnx.Linear(dim, dim, use_bias=qkv_bias, **kw)
@@ -146,8 +156,7 @@ class GlobalSubsampledAttention(nnx.Module):
       self.norm = None
 
   def __call__(self, x):
-    if x.ndim != 4:
-      raise ValueError(f"`x` must have shape [batch, H, W, dim], got {x.shape}.")
+    check_channels_last(x, self.q.in_features, 2)
     n, d = self.num_heads, self.head_dim
     q = self.q(x).reshape(*x.shape[:-1], n, d)
     xr = x
@@ -184,7 +193,7 @@ class HiLoAttention(nnx.Module):
     head_dim = dim // num_heads
     self.head_dim = head_dim
     self.window_size = window_size
-    self.scale = qk_scale or head_dim ** -0.5
+    self.scale = layer_scale(qk_scale, head_dim ** -0.5)
     self.l_heads = int(num_heads * alpha)
     self.h_heads = num_heads - self.l_heads
     if window_size == 1:
@@ -200,8 +209,8 @@ class HiLoAttention(nnx.Module):
       self.h_proj = nnx.Linear(h_dim, h_dim, **kw)
 
   def __call__(self, x):
-    if x.ndim != 4:
-      raise ValueError(f"`x` must have shape [batch, H, W, dim], got {x.shape}.")
+    check_channels_last(
+        x, (self.h_qkv if self.h_heads > 0 else self.l_q).in_features, 2)
     d, ws = self.head_dim, self.window_size
     outs = []
     if self.h_heads > 0:

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnjax.spatial._common import (check_spatial_qkv, default_scale,
+from attnjax.spatial._common import (check_channels_last, layer_scale,
+    check_spatial_qkv, default_scale,
                                      dense_attention_reference,
                                      flatten_spatial, masked_softmax,
                                      repeat_kv, to_tuple)
@@ -324,6 +325,10 @@ def resize_relative_position_bias(rpb, new_window_size, method="bicubic"):
   window does to its tables); the identity when the size is unchanged.
   """
   nd = rpb.ndim - 1
+  if nd < 1 or any(s % 2 == 0 for s in rpb.shape[1:]):
+    raise ValueError(
+        f"`rpb` must have shape [heads, 2W_1 - 1, ...] (odd offset-table "
+        f"sizes), got {tuple(rpb.shape)}.")
   new = to_tuple("new_window_size", new_window_size, nd)
   shape = (rpb.shape[0],) + tuple(2 * w - 1 for w in new)
   if shape == tuple(rpb.shape):
@@ -364,7 +369,7 @@ class WindowAttention(nnx.Module):
                                minimum=0)
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
-    self.scale = qk_scale or self.head_dim ** -0.5
+    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype,
@@ -404,9 +409,7 @@ class WindowAttention(nnx.Module):
 
   def __call__(self, x):
     nd = self.spatial_dims
-    if x.ndim != nd + 2:
-      raise ValueError(
-          f"`x` must have shape [batch, *spatial({nd}), dim], got {x.shape}.")
+    check_channels_last(x, self.qkv.in_features, nd)
     qkv = self.qkv(x).reshape(*x.shape[:-1], 3, self.num_heads, self.head_dim)
     out = self._attend(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :],
                        x.shape[1:1 + nd])
