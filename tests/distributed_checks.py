@@ -22,7 +22,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 import attnjax
 from attnjax.distributed import (from_ring_layout, ring_attention,
