@@ -67,18 +67,21 @@ class Block(nnx.Module):
       self.mlp = None
     self.record = False
 
-  def mix(self, h):
-    return self.attn(h)
+  def mix(self, h, **mixer_kw):
+    return self.attn(h, **mixer_kw)
 
-  def __call__(self, x):
+  def __call__(self, x, **mixer_kw):
+    # mixer_kw: static extras for the mixer (e.g. the token grid of
+    # agent.AgentDeiTAttention); empty for every other mixer.
     if self.cpe is not None:
       x = x + self.cpe(x)
     if self.attn is not None:
       h = self.norm1(x)
       if self.record:
         from attnjax.models.vision.attention_maps import layer_map
-        self.sow(nnx.Intermediate, "attention_map", layer_map(self.attn, h))
-      x = x + self.mix(h)
+        self.sow(nnx.Intermediate, "attention_map",
+                 layer_map(self.attn, h, **mixer_kw))
+      x = x + self.mix(h, **mixer_kw)
     if self.cpe_mlp is not None:
       x = x + self.cpe_mlp(x)
     if self.mlp is not None:

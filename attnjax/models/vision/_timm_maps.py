@@ -18,10 +18,10 @@ def converter_for(model):
   from attnjax.models.vision import (convit, crossvit, hierarchical, maxvit,
                                      shvit, swin, vit)
   if isinstance(model, vit.ViT):
-    if model.mixer_kind != "softmax":
+    if model.mixer_kind not in ("softmax", "agent_deit"):
       raise ValueError(
-          f"timm has no {model.mixer_kind!r} ViT; use the official-layout "
-          "converter for it.")
+          f"no checkpoint layout for a ViT with mixer {model.mixer_kind!r} "
+          "(timm ViT/DeiT: 'softmax'; official Agent-DeiT: 'agent_deit').")
     return _map_vit
   if isinstance(model, swin.Swin):
     return _map_swin
@@ -63,7 +63,14 @@ def _map_vit(m, model):
   m.raw("cls_token", "cls_token")
   m.raw("pos_embed", "pos_embed")
   for i, blk in enumerate(model.blocks_):
-    _block(m, f"blocks_/{i}", f"blocks.{i}", blk)
+    d, s = f"blocks_/{i}", f"blocks.{i}"
+    _block(m, d, s, blk)
+    if not isinstance(blk.attn, MultiHeadAttention):   # official Agent-DeiT
+      m.linear(f"{d}/attn/qkv", f"{s}.attn.qkv")
+      m.linear(f"{d}/attn/proj", f"{s}.attn.proj")
+      m.conv(f"{d}/attn/dwc", f"{s}.attn.dwc")
+      for b in ("an", "na", "ah", "aw", "ha", "wa", "ac", "ca"):
+        m.raw(f"{d}/attn/{b}_bias", f"{s}.attn.{b}_bias")
   m.ln("norm", "norm")
   _head(m, "head/fc", "head", model)
 

@@ -108,10 +108,11 @@ def _na_map(layer, x):
   return _probe_to_map(out, sp)
 
 
-def layer_map(layer, x):
-  """Attention probabilities [B, N, T, S] of mixer `layer` on input x."""
+def layer_map(layer, x, **mixer_kw):
+  """Attention probabilities [B, N, T, S] of mixer `layer` on input x
+  (`mixer_kw`: the extras its Block passes it, e.g. a token grid)."""
   if hasattr(layer, "attention_map"):
-    return layer.attention_map(x)
+    return layer.attention_map(x, **mixer_kw)
   for cls in type(layer).__mro__:
     if cls in _LAYER_MAPS:
       return _LAYER_MAPS[cls](layer, x)

@@ -11,6 +11,10 @@ PAPER = {
     "vit": ("s16", 22e6, 4.6e9,
             "DeiT (Touvron et al. 2021) Table 1: DeiT-S = ViT-S/16, 22M params, "
             "4.6 GFLOPs", False),
+    "agent_deit": ("t", 6.0e6, 1.2e9,
+                   "Agent Attention (Han et al. 2024), model table of the "
+                   "official repository (LeapLabTHU/Agent-Attention): "
+                   "Agent-DeiT-T 6.0M, 1.2G", False),
     "swin": ("t", 28e6, 4.5e9,
              "Swin (Liu et al. 2021) Table 1(a): Swin-T 28M, 4.5G", False),
     "nat": ("mini", 20e6, 2.7e9,

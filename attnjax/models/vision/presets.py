@@ -18,6 +18,15 @@ register("agent_vit", vit.ViT, {
     "tiny": dict(TINY, patch_size=4, embed_dim=64, depth=4, num_heads=4,
                  mlp_ratio=2.0, mixer="agent", num_agents=16),
 })
+# Agent-DeiT (official layer: agent biases + dwc; 49 agents in every block).
+register("agent_deit", vit.ViT, {
+    "t": dict(img_size=224, patch_size=16, embed_dim=192, depth=12,
+              num_heads=3, mixer="agent_deit", num_agents=49),
+    "s": dict(img_size=224, patch_size=16, embed_dim=384, depth=12,
+              num_heads=6, mixer="agent_deit", num_agents=49),
+    "tiny": dict(TINY, patch_size=4, embed_dim=64, depth=4, num_heads=4,
+                 mlp_ratio=2.0, mixer="agent_deit", num_agents=16),
+})
 register("moh_vit", vit.ViT, {
     "s16": dict(img_size=224, patch_size=16, embed_dim=384, depth=12,
                 num_heads=6, mixer="moh", moh_shared_heads=2,

@@ -1,6 +1,8 @@
 """ViT / DeiT (Dosovitskiy et al. 2021; Touvron et al. 2021) and the ViTs that
-only swap the token mixer: agent-attention ViT (Han et al. 2024, Agent-DeiT)
-and Mixture-of-Head ViT (Jin et al. 2024).
+only swap the token mixer: agent-attention ViT (Han et al. 2024; `agent`:
+the library's `attnjax.sequence.AgentAttention`, `agent_deit`: the official
+Agent-DeiT layer with its agent biases and depth-wise conv,
+`agent.AgentDeiTAttention`) and Mixture-of-Head ViT (Jin et al. 2024).
 
 Patch embedding (conv, stride = patch), a cls token, learned position
 embeddings for the training grid (bicubically resized when the input grid
@@ -21,10 +23,12 @@ from attnjax.sequence import AgentAttention, MoHAttention
 from attnjax.models.vision._layers import (Backbone, Block, ClassifierHead,
                                            pad_to_multiple, resize_pos_embed,
                                            trunc02)
+from attnjax.models.vision.agent import AgentDeiTAttention
 
 
 class ViT(Backbone):
-  """Vision Transformer; `mixer` in {'softmax', 'agent', 'moh'}."""
+  """Vision Transformer; `mixer` in {'softmax', 'agent', 'agent_deit',
+  'moh'}."""
 
   def __init__(self, *, img_size=224, patch_size=16, in_chans=3,
                num_classes=1000, embed_dim=384, depth=12, num_heads=6,
@@ -49,11 +53,15 @@ class ViT(Backbone):
       if mixer == "agent":
         return AgentAttention(num_heads, embed_dim, num_agents=num_agents,
                               rngs=rngs)
+      if mixer == "agent_deit":
+        return AgentDeiTAttention(embed_dim, num_heads, agent_num=num_agents,
+                                  window=self.grid[0], rngs=rngs)
       if mixer == "moh":
         return MoHAttention(num_heads, embed_dim,
                             num_shared_heads=moh_shared_heads,
                             num_active_heads=moh_active_heads, rngs=rngs)
-      raise ValueError(f"`mixer` must be softmax/agent/moh, got {mixer!r}.")
+      raise ValueError(
+          f"`mixer` must be softmax/agent/agent_deit/moh, got {mixer!r}.")
 
     self.blocks_ = nnx.List([Block(embed_dim, make_mixer(), mlp_ratio=mlp_ratio,
                                    norm_eps=1e-6, rngs=rngs)
@@ -72,8 +80,9 @@ class ViT(Backbone):
 
   def _run(self, x):
     x, grid = self._tokens(x)
+    kw = {"grid": grid} if self.mixer_kind == "agent_deit" else {}
     for blk in self.blocks_:
-      x = blk(x)
+      x = blk(x, **kw)
     return self.norm(x), grid
 
   def features(self, x):
