@@ -6,8 +6,9 @@ Run:
 
 Presets:
   default  d=8, N=8 keys, M=128 heads, n = 64..8192 (8 values, 2.1 decades),
-           heads axis M = 8..128 at n = 4096, 2 draws; a few minutes on a
-           2-core CPU.
+           heads axis M = 8..128 at n = 4096, 2 draws; measured 984 s on
+           this project's 2-core machine while shared by 8 sessions (load
+           ~20), i.e. a few minutes when idle (78 closed-form cells).
   paper    d=16, N=16, M=256 heads (4352 trainable values), n = 128..16384
            (8 values), M = 16..256 at n = 8192, all six targets, 3 draws.
            Sized for about an hour on an idle 2-core CPU: one feature matrix
