@@ -38,8 +38,7 @@ import numpy as np
 from flax import nnx
 
 from attnjax._checks import check_implementation, pallas_refuses
-from attnjax.spatial._common import (check_channels_last, layer_scale,
-    check_spatial_qkv, default_scale,
+from attnjax.spatial._common import (check_spatial_qkv, default_scale,
                                      dense_attention_reference,
                                      flatten_spatial, masked_softmax,
                                      repeat_kv, to_bool_tuple, to_tuple)
@@ -57,13 +56,6 @@ def neighborhood_window_start(length: int, kernel_size: int, dilation: int = 1,
   Keys are start, start + d, ..., K of them (non-causal) or up to the query
   itself (causal).
   """
-  (length,) = to_tuple("length", length, 1)
-  (kernel_size,) = to_tuple("kernel_size", kernel_size, 1)
-  (dilation,) = to_tuple("dilation", dilation, 1)
-  if kernel_size * dilation > length:
-    raise ValueError(
-        f"kernel_size * dilation must be <= `length`: kernel_size="
-        f"{kernel_size}, dilation={dilation}, length={length}.")
   i = np.arange(length)
   g, ip = i % dilation, i // dilation
   n_g = (length - g + dilation - 1) // dilation
@@ -204,19 +196,6 @@ def _axis_layout(arr, a, nd, lead):
   return arr.reshape(shape)
 
 
-# Bytes of float32 logits per step of the tile loop (cache-sized).
-_STEP_LOGITS_BYTES = 1 << 20
-
-
-def _tiles_per_step(ntiles: int, bytes_per_tile: int) -> int:
-  """Largest divisor of `ntiles` whose logits fit in _STEP_LOGITS_BYTES."""
-  best = 1
-  for d in range(1, ntiles + 1):
-    if ntiles % d == 0 and d * bytes_per_tile <= _STEP_LOGITS_BYTES:
-      best = d
-  return best
-
-
 def neighborhood_attention(query, key, value, kernel_size, *, dilation=1,
                            is_causal=False, scale: Optional[float] = None,
                            rpb=None, tile_size=None,
@@ -295,18 +274,9 @@ def neighborhood_attention(query, key, value, kernel_size, *, dilation=1,
     # x: [B, (lg, d)*nd, N, C]; gather axis by axis (processed axes become
     # (d, nT, kt) triples).
     for a, (p, d) in enumerate(zip(plans, dl)):
-      # Each tile's key run is contiguous (kidx[g, t] = start + arange(kt)):
-      # static slices stacked, not a gather (XLA's CPU gather was ~45% of
-      # the forward time).
-      kidx, kt, ax = p[4], p[3], 1 + 3 * a
-      runs = []
-      for g in range(d):
-        xg = jax.lax.index_in_dim(x, g, axis=ax + 1, keepdims=False)
-        for t in range(kidx.shape[1]):
-          st = int(kidx[g, t, 0])
-          runs.append(jax.lax.slice_in_dim(xg, st, st + kt, axis=ax))
-      x = jnp.stack(runs, axis=ax)
-      x = x.reshape(x.shape[:ax] + (d, kidx.shape[1]) + x.shape[ax + 1:])
+      kidx = p[4]
+      grp = np.arange(d, dtype=np.int32)[:, None, None]
+      x = x[(slice(None),) * (1 + 3 * a) + (kidx, grp)]
     # x: [B, (d, nT, kt)*nd, N, C] -> [B, d..., nT..., N, kt..., C]
     perm = ([0] + [1 + 3 * a for a in range(nd)] + [2 + 3 * a for a in range(nd)]
             + [1 + 3 * nd] + [3 + 3 * a for a in range(nd)] + [2 + 3 * nd])
@@ -320,6 +290,9 @@ def neighborhood_attention(query, key, value, kernel_size, *, dilation=1,
   qf = q.reshape(b, -1, n, tq, h)
   kf = k.reshape(b, -1, n, tk, h)
   vf = v.reshape(b, -1, n, tk, hv)
+  logits = jnp.einsum("bgnqh,bgnkh->bgnqk", qf, kf,
+                      preferred_element_type=jnp.float32) * scale
+
   # Static mask in the joint layout [d.., nT.., T.., kt..] -> [G, 1, tq, tk].
   mask = None
   for a, p in enumerate(plans):
@@ -328,41 +301,16 @@ def neighborhood_attention(query, key, value, kernel_size, *, dilation=1,
   full = tuple(dl) + tuple(p[1] for p in plans) + tuple(
       p[2] for p in plans) + tuple(p[3] for p in plans)
   mask = np.broadcast_to(mask, full).reshape(-1, 1, tq, tk)
-  bias = None
+
   if rpb is not None:
     idx = tuple(np.broadcast_to(_axis_layout(p[6], a, nd, 0), full)
                 for a, p in enumerate(plans))
     bias = rpb.astype(jnp.float32)[(slice(None),) + idx]  # [N, *full]
     bias = bias.reshape(n, -1, tq, tk).transpose(1, 0, 2, 3)
-
-  # The tiles are processed a few at a time in a scan (tiles as scanned
-  # inputs, outputs as scanned outputs), so that each step's logits and
-  # probabilities stay in cache: materializing all [G, N, tq, tk] logits at
-  # once made the time per pixel grow with the image (exponent ~1.3 over
-  # 28^2..112^2 on CPU) although the work is linear.
-  ntiles = qf.shape[1]
-  per = _tiles_per_step(ntiles, b * n * tq * tk * 4)
-
-  def split(x):                     # [b, G, ...] -> [G // per, b, per, ...]
-    x = x.reshape((b, ntiles // per, per) + x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
-
-  def tiles(_, xs):
-    qg, kg, vg, mg, bg = xs
-    logits = jnp.einsum("bgnqh,bgnkh->bgnqk", qg, kg,
-                        preferred_element_type=jnp.float32) * scale
-    if bg is not None:
-      logits = logits + bg[None]
-    probs = masked_softmax(logits, mg[None])
-    o = jnp.einsum("bgnqk,bgnkh->bgnqh", probs.astype(value.dtype), vg,
+    logits = logits + bias[None]
+  probs = masked_softmax(logits, jnp.asarray(mask)[None])
+  out = jnp.einsum("bgnqk,bgnkh->bgnqh", probs.astype(value.dtype), vf,
                    preferred_element_type=jnp.float32).astype(query.dtype)
-    return None, o
-
-  xs = (split(qf), split(kf), split(vf),
-        jnp.asarray(mask).reshape(ntiles // per, per, 1, tq, tk),
-        None if bias is None else bias.reshape(ntiles // per, per, n, tq, tk))
-  _, out = jax.lax.scan(tiles, None, xs)
-  out = jnp.moveaxis(out, 0, 1).reshape(b, ntiles, n, tq, hv)
 
   # [B, d.., nT.., N, T.., Hv] -> [B, (nT, T, d)..., N, Hv] -> crop.
   out = out.reshape(*lead, n, *[p[2] for p in plans], hv)
@@ -409,7 +357,7 @@ class NeighborhoodAttention(nnx.Module):
     self.is_causal = to_bool_tuple("is_causal", is_causal, spatial_dims)
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
-    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
+    self.scale = qk_scale or self.head_dim ** -0.5
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype,
@@ -423,7 +371,9 @@ class NeighborhoodAttention(nnx.Module):
 
   def __call__(self, x):
     nd = self.spatial_dims
-    check_channels_last(x, self.qkv.in_features, nd)
+    if x.ndim != nd + 2:
+      raise ValueError(
+          f"`x` must have shape [batch, *spatial({nd}), dim], got {x.shape}.")
     spatial = x.shape[1:1 + nd]
     ks, dl = [], []
     for l, k, d in zip(spatial, self.kernel_size, self.dilation):
