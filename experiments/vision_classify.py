@@ -157,6 +157,14 @@ def build(cfg):
   model = vision.create_model(cfg.model, cfg.preset, seed=cfg.seed,
                               img_size=cfg.image_size, in_chans=cfg.in_chans,
                               num_classes=cfg.num_classes)
+  if cfg.init_from:
+    # Fine-tuning: a timm checkpoint (local .safetensors; nothing downloads).
+    # The sub-trees in init_skip (default: the classifier head) keep their
+    # fresh initialisation; anything else that does not fit raises
+    # CheckpointMismatchError naming the keys and shapes.
+    skip = tuple(s for s in cfg.init_skip.split(",") if s)
+    vision.load_timm(model, cfg.init_from, skip=skip)
+    logging.info("initialised from %s (skipped: %s)", cfg.init_from, skip)
   tx, sched = make_optimizer(cfg)
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
   return model, opt, sched

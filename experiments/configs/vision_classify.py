@@ -14,6 +14,12 @@ Run commands (from the repository root):
       --config=experiments/configs/vision_classify.py:maxvit \
       --config.dataset=cifar10 --config.tfds_data_dir=~/tensorflow_datasets \
       --config.steps=20000 --config.in_chans=3
+  # fine-tune from a timm checkpoint (local file, nothing downloads): the
+  # preset must be the checkpoint's architecture, e.g. Swin-T
+  python -m experiments.vision_classify --workdir=/tmp/vc_ft \
+      --config=experiments/configs/vision_classify.py:swin \
+      --config.preset=t --config.image_size=224 --config.in_chans=3 \
+      --config.init_from=/path/to/swin_tiny_patch4_window7_224.safetensors
   # seconds-long smoke run (tests)
   python -m experiments.vision_classify --workdir=/tmp/vc_smoke \
       --config=experiments/configs/vision_classify.py:vit,smoke
@@ -53,6 +59,11 @@ def get_config(arg: str = "vit") -> ml_collections.ConfigDict:
   c.model = model
   c.preset = "tiny"
   c.seed = 0
+  # Pretrained initialisation: path to a timm .safetensors checkpoint of the
+  # same architecture/preset (vision.load_timm); init_skip = comma-separated
+  # attnjax sub-trees left at their fresh init (the head, for new classes).
+  c.init_from = ""
+  c.init_skip = "head"
   # Data: "digits" (sklearn, offline; 1797 8x8 images, 20% held out) or a
   # TFDS name ("cifar10", "imagenet2012") read from tfds_data_dir only.
   c.dataset = "digits"
