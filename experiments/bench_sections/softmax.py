@@ -17,10 +17,13 @@ Targets (issue 22, at S >= 2048): chunked forward >= 0.7 and forward+backward
 >= 0.5 of the matmul rate; causal chunked <= 0.55x the non-causal time;
 causal attnjax 'xla' compiled memory <= jax.nn's (within 5%).
 
-jax.nn(xla) vs attnjax(xla): both materialize the logits; at S=256 a call
-takes ~2 ms, where one-at-a-time medians on a shared 2-core machine used to
-differ up to 2x from scheduling noise alone. Timed interleaved (here) their
-ratio is ~1 (see docs/benchmarks/cpu_softmax.md).
+jax.nn(xla) vs attnjax(xla): both materialize the [B, N, T, S] logits and
+run the same kind of XLA ops; at S=256 a call takes ~2-3 ms, where the old
+one-call-after-another medians on a shared 2-core machine differed up to 2x
+from scheduling noise alone (a burst of load hit one implementation's
+repeats and not the other's). Timed round-robin (here), their ratio at
+S=256 was 0.89-1.21 across fwd/fwd+bwd and causal/non-causal in a 2-repeat
+run at load average 22 (docs/benchmarks/cpu_softmax.md): no systematic gap.
 """
 
 from __future__ import annotations
