@@ -144,3 +144,42 @@ def test_bench_distributed_smoke(tmp_path):
   for m in ("ring_zigzag", "ulysses"):
     assert 0 < mem[(m, 4)] < 0.5 * mem[(m, 1)], mem
   assert "ring_zigzag" in proc.stdout and "mem/dev MB" in proc.stdout
+
+
+def test_multiprocess_helpers_on_one_process(monkeypatch):
+  """sharding's multi-process helpers degrade to the one-process case; env
+  parsing; a mesh that leaves a process without devices is refused."""
+  import types
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+  from experiments import sharding
+  for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
+              "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+              "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(var, raising=False)
+  assert sharding.maybe_initialize_distributed() is False
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "1")
+  assert sharding.maybe_initialize_distributed() is False   # nothing to join
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+  with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
+    sharding.maybe_initialize_distributed()
+  assert not jax.distributed.is_initialized()
+  assert sharding.is_main_process()
+  sharding.barrier("one process: a no-op")
+
+  mesh = sharding.make_mesh("data:1")
+  x = np.arange(24.0).reshape(4, 6)
+  assert sharding.process_slice(x.shape, mesh, seq_axis="seq") == (
+      slice(0, 4), slice(0, 6))
+  g = sharding.global_batch({"x": x}, mesh)["x"]
+  np.testing.assert_array_equal(sharding.fetch(g), x)
+  rep = NamedSharding(mesh, PartitionSpec())
+  np.testing.assert_array_equal(np.asarray(sharding.put(x, rep)), x)
+  key = sharding.put(jax.random.key(3), rep)
+  np.testing.assert_array_equal(jax.random.key_data(key),
+                                jax.random.key_data(jax.random.key(3)))
+
+  fake = [types.SimpleNamespace(id=i, process_index=i // 2) for i in range(4)]
+  with pytest.raises(ValueError, match=r"none of processes \[1\]"):
+    sharding.make_mesh("data:2", devices=fake)
