@@ -46,8 +46,11 @@ Sweeps (each a list of training cells; shared cells are trained once):
 Also the explicit one-head construction W_Q W_K^T = -beta I, W_V W_O = I on
 the held-out data (the single full-rank head represents the target).
 
-Measured on this machine (2 shared cores, `cpu` preset sizes): see
-docs/results/benefits_of_rank.md for the per-step times and what was run.
+Measured on this project's 2-core machine while 8 sessions shared it (load
+average ~20), `cpu` sizes (d = 16, N = 16, MLP 64, batch 256), 1 layer, 1500
+steps per cell: 53 s with 1 head, 70-92 s with 4-16 heads (width 1),
+390-665 s with 4-64 heads (width 4); 40-60 s of compilation per cell is
+included. docs/results/benefits_of_rank.md has what was run.
 
 Run (see experiments/configs/benefits_of_rank.py for all presets):
 
@@ -73,8 +76,10 @@ Outputs in --workdir:
     fig1_final    same layout: median over seeds of the final held-out MSE
     fign          {"N=<n>": {"rank=<r>": MSE}} (min/min), fign_final
     table         one row per trained cell: N, depth, rank, width, heads,
-                  seed, params, qk_params_per_layer, min_train_mse,
+                  seed, params, qk_params_per_layer, min_train_mse (= mse),
                   final_mse
+    full_rank_1layer_mse, low_rank_1layer_mse  {"N=<n>": fig1 MSE at depth
+                  1 and the narrowest width, rank d / the lowest rank}
     rank1_random_heads  {"d=<d>": {"H=<h>": median MSE over trials}}
     construction_mse    {"N=<n>": MSE of the one-head construction}
     zero_predictor_mse  1.0
@@ -250,6 +255,7 @@ def run_study(cfg, workdir: str) -> Dict[str, Any]:
            ("N", "depth", "rank", "width", "heads", "seed", "params",
             "qk_params_per_layer", "final_mse")}
     row["min_train_mse"] = float(mins[c.name])
+    row["mse"] = row["min_train_mse"]     # the reported number
     table.append(row)
   by_name = {c.name: row for c, row in zip(cells, table)}
 
@@ -277,6 +283,14 @@ def run_study(cfg, workdir: str) -> Dict[str, Any]:
     out["fign"][f"N={n}"] = {k: v[0] for k, v in vals.items()}
     out["fign_final"][f"N={n}"] = {k: v[1] for k, v in vals.items()}
   out["table"] = table
+  # One-layer summary at the narrowest width (full rank vs lowest rank).
+  out["full_rank_1layer_mse"], out["low_rank_1layer_mse"] = {}, {}
+  ranks, widths = ints(cfg.ranks), ints(cfg.widths)
+  if 1 in ints(cfg.depths) and ranks and widths:
+    row = out["fig1"]["depth=1"][f"width={min(widths)}"]
+    if d in ranks:
+      out["full_rank_1layer_mse"][f"N={n1}"] = row[f"rank={d}"]
+    out["low_rank_1layer_mse"][f"N={n1}"] = row[f"rank={min(ranks)}"]
   out["zero_predictor_mse"] = 1.0
   out["construction_mse"] = {}
   for n in sorted({n1, *ints(cfg.fign_num_points)}):

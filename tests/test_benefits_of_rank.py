@@ -291,6 +291,10 @@ def test_resume_identical_and_skips_finished_cells(tmp_path):
   assert resumed["fig1"]["depth=1"]["width=1"]["rank=1"] == (
       resumed["table"][1]["min_train_mse"])
   assert resumed["construction_mse"]["N=4"] < 0.02
+  assert resumed["full_rank_1layer_mse"] == {
+      "N=4": resumed["table"][0]["mse"]}
+  assert resumed["low_rank_1layer_mse"] == {
+      "N=4": resumed["table"][1]["mse"]}
   for png in ("fig1_rank_width_depth", "figN_rank_vs_N", "rank1_random_heads"):
     assert os.path.exists(os.path.join(killed, png + ".png"))
 

@@ -5,8 +5,9 @@ Presets (`--config=experiments/configs/benefits_of_rank.py:<preset>`):
            ranks 16/4/1, width multipliers 1/4/16 (query-key parameters per
            layer d^2, d^2.5, d^3), depths 1 and 2, 2 seeds, 1500 steps, MLP
            64; N-sweep N = 4, 16, 64 at 2 layers, width 4. Sized for about an
-           hour on an idle 2-core machine (docs/results/benefits_of_rank.md
-           gives the measured per-step times).
+           hour on an idle 2-core machine, extrapolated from cell times
+           measured under load ~20 (53 s for a 1-head, 665 s for a 64-head
+           1-layer cell; see the binary's docstring); not yet run in full.
   paper    the authors' sizes (paper_experiments/fig1, figN): d = 64,
            N = 16, ranks 64/32/16/8, widths 1/8/64, depths 1/3/5, MLP 2048,
            100k steps (1000 epochs x 100 batches), lr 1e-2, 5 seeds; N-sweep
@@ -25,6 +26,8 @@ Run commands (from the repository root):
       --config=experiments/configs/benefits_of_rank.py:paper
   python -m experiments.benefits_of_rank --workdir=/tmp/rank_tiny \\
       --config=experiments/configs/benefits_of_rank.py:tiny
+  python -m experiments.benefits_of_rank --workdir=/tmp/rank_prenorm \\
+      --config=experiments/configs/benefits_of_rank.py:prenorm
   # data parallel over every device (batch split over the `data` axis)
   python -m experiments.benefits_of_rank --workdir=/tmp/rank_dp \\
       --config.mesh=data:-1
@@ -61,6 +64,43 @@ numbers as an uninterrupted run.
 import ml_collections
 
 PRESETS = ("cpu", "paper", "prenorm", "tiny")
+# One line per field for `--helpfull` (experiments.common.describe_config).
+FIELD_DOCS = {
+    "preset": "the preset these values came from",
+    "seed": "base seed (model init, data, held-out sets)",
+    "arch": "'postnorm' (the authors' model) or 'prenorm' (earlier variant)",
+    "dim": "d: points live on the unit sphere S^{d-1}",
+    "num_points": "N of the fig1 sweep",
+    "ranks": "fig1 per-head query-key ranks r (each divides dim)",
+    "widths": "fig1 width multipliers m (m * d / r heads per layer)",
+    "depths": "fig1 numbers of layers",
+    "seeds": "seeds per setting; the min over seeds is reported",
+    "mlp_dim": "MLP hidden width (0: attention-only layers)",
+    "steps": "fig1 training steps per cell",
+    "lr": "fig1 peak learning rate",
+    "warmup_frac": "linear warm-up fraction of the steps (authors: 0.05)",
+    "b2": "Adam beta2 (authors: 0.95; beta1 0.9, weight decay 0)",
+    "batch_size": "fresh samples per step (authors: 256)",
+    "fign_num_points": "N values of the N-sweep ('' skips it)",
+    "fign_ranks": "N-sweep ranks",
+    "fign_depth": "N-sweep number of layers (authors: 2)",
+    "fign_width": "N-sweep width multiplier (authors: d)",
+    "fign_lr": "N-sweep peak learning rate (authors: 5e-3)",
+    "fign_steps": "N-sweep training steps per cell",
+    "rank1_dims": "dims of the random rank-1 heads curve ('' skips it)",
+    "rank1_heads": "numbers of random rank-1 heads H",
+    "rank1_trials": "random draws per (d, H); the median is reported",
+    "rank1_coupling": "'uniform_angle' (authors) or 'independent' q, k",
+    "chunk": "steps per jitted loop = one epoch of the min-over-training",
+    "ckpt_every": "checkpoint period in steps (a multiple of chunk)",
+    "stop_after_steps": "> 0: stop after that many steps (simulated kill)",
+    "mesh": "device mesh, e.g. data:1 (one device) or data:-1",
+    "fsdp_axis": "'' (replicated) or 'data' (shard large parameters)",
+    "eval_batch": "held-out examples for the final MSE",
+    "construction_beta": "inverse temperature of the one-head construction",
+}
+CHOICES = {"arch": ("postnorm", "prenorm"),
+           "rank1_coupling": ("uniform_angle", "independent")}
 
 
 def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
