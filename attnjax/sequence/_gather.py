@@ -65,23 +65,21 @@ def gathered_attention(query, key, value, idx, valid, *, block_q: int,
     vg = vb[bidx, kidx, ia]
     logits = jnp.einsum("bkgqh,bkgtch->bkgqtc", qa, kg,
                         preferred_element_type=jnp.float32) * scale
-    qpos = a * block_q + jnp.arange(block_q)                  # [bq]
-    kpos = ia[..., None] * block_k + jnp.arange(block_k)      # [B,K,G,top,bk]
+    # Explicit full-rank broadcasts (jax_numpy_rank_promotion='raise').
+    qpos = (a * block_q + jnp.arange(block_q)).reshape(
+        1, 1, 1, block_q, 1, 1)                               # [..,bq,1,1]
+    kpos = (ia[..., None] * block_k +
+            jnp.arange(block_k).reshape(1, 1, 1, 1, block_k))  # [B,K,G,top,bk]
     ok = va[..., None] & key_ok[jnp.arange(b)[:, None, None, None], ia]
-    ok = ok[:, :, :, None] & (qpos < t)[:, None, None]        # [B,K,G,bq,top,bk]
-    rel = kpos[:, :, :, None] - qpos[:, None, None]           # j - i
+    ok = ok[:, :, :, None] & (qpos < t)                       # [B,K,G,bq,top,bk]
+    rel = kpos[:, :, :, None] - qpos                          # j - i
     if is_causal:
       ok = ok & (rel <= 0)
     if window is not None:
       ok = ok & (rel >= -window[0]) & (rel <= window[1])
     logits = logits.reshape(logits.shape[:4] + (-1,))
     ok = ok.reshape(logits.shape)
-    logits = jnp.where(ok, logits, -jnp.inf)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-    p = jnp.exp(logits - m)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(l > 0, l, 1.0)
+    p = _common.masked_softmax(logits, ok)
     vg = vg.reshape(b, k, g, top * block_k, hv)
     out = jnp.einsum("bkgqs,bkgsd->bkgqd", p.astype(value.dtype), vg,
                      preferred_element_type=jnp.float32)

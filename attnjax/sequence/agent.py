@@ -96,13 +96,7 @@ def _check(query, key, value, num_agents, agents, mask, is_causal, bias,
 
 
 def _softmax_rows(logits, ok=None):
-  if ok is not None:
-    logits = jnp.where(ok, logits, -jnp.inf)
-  m = jnp.max(logits, axis=-1, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-  p = jnp.exp(logits - m)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  return p / jnp.where(l > 0, l, 1.0)
+  return _common.masked_softmax(logits, ok)
 
 
 def agent_attention(query, key, value, *, num_agents: Optional[int] = None,

@@ -51,13 +51,8 @@ def _prepare(query, key, value, mask, is_causal, bias, dropout_rate, scale):
   scale = 1.0 if scale is None else float(scale)
   rq = jax.nn.softmax(query.astype(jnp.float32) * scale, axis=-1)
   kl = key.astype(jnp.float32) * scale
-  if kv_mask is not None:
-    kl = jnp.where(kv_mask[:, :, None, None], kl, -jnp.inf)
-  m = jnp.max(kl, axis=1, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-  e = jnp.exp(kl - m)
-  z = jnp.sum(e, axis=1, keepdims=True)
-  rk = e / jnp.where(z > 0, z, 1.0)        # fully masked channel -> zeros
+  ok = None if kv_mask is None else kv_mask[:, :, None, None]
+  rk = _common.masked_softmax(kl, ok, axis=1)   # fully masked -> zeros
   g = n // k
   return rq.reshape(b, t, k, g, h), rk, value.astype(jnp.float32), dims, unbatched
 

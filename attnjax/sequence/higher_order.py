@@ -86,12 +86,9 @@ def triplewise_attention_reference(query, key1, value1, key2, value2, *,
   if is_causal:
     i = jnp.arange(t)[:, None, None]
     ok = (jnp.arange(s1)[None, :, None] <= i) & (jnp.arange(s2)[None, None, :] <= i)
-  s = jnp.where(ok, s, -jnp.inf).reshape(b, n, t, s1 * s2)
-  m = jnp.max(s, -1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(s - m)
-  l = jnp.sum(p, -1, keepdims=True)
-  p = (p / jnp.where(l > 0, l, 1.0)).reshape(b, n, t, s1, s2)
+  ok = jnp.broadcast_to(ok, s.shape).reshape(b, n, t, s1 * s2)
+  p = _common.masked_softmax(s.reshape(b, n, t, s1 * s2), ok)
+  p = p.reshape(b, n, t, s1, s2)
   out = jnp.einsum("bnijl,bjnd,blnd->bind", p, v1, v2).astype(query.dtype)
   return out[0] if unbatched else out
 
@@ -149,18 +146,19 @@ def triplewise_attention(query, key1, value1, key2, value2, *,
       if is_causal:
         ok = ok & (jpos[None, :, None] <= ipos[:, None, None]) & (
             lpos[None, None, :] <= ipos[:, None, None])
-      s = jnp.where(ok, s, -jnp.inf)
+      neg = _common.NEG                      # finite: no inf is formed
+      s = jnp.where(ok, s, neg)
       m_new = jnp.maximum(m, jnp.max(s, axis=(-2, -1)))
-      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-      p = jnp.exp(s - m_safe[..., None, None])
-      corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
+      m_safe = jnp.where(m_new > 0.5 * neg, m_new, 0.0)
+      p = jnp.where(ok, jnp.exp(s - m_safe[..., None, None]), 0.0)
+      corr = jnp.exp(jnp.where(m > 0.5 * neg, m, m_safe) - m_safe)
       pv2 = jnp.einsum("bkgqjl,bkld->bkgqjd", p, v2t)
       contrib = jnp.einsum("bkgqjd,bkjd->bkgqd", pv2, vj)
       l = l * corr + jnp.sum(p, axis=(-2, -1))
       acc = acc * corr[..., None] + contrib
       return (m_new, l, acc), None
 
-    init = (jnp.full((b, kh, g, cq), -jnp.inf, f32),
+    init = (jnp.full((b, kh, g, cq), _common.NEG, f32),
             jnp.zeros((b, kh, g, cq), f32), jnp.zeros((b, kh, g, cq, hv), f32))
     (m, l, acc), _ = jax.lax.scan(step, init, (k1p, v1p, jnp.arange(nj)))
     return acc / jnp.where(l > 0, l, 1.0)[..., None]

@@ -52,8 +52,9 @@ def moba_gate_scores(query, key, block_size: int, *, is_causal: bool,
                      kv_mask=None):
   """Gate scores [B, N, T, nk_blocks] float32: q_i . mean(K_b).
 
-  The own block (index i // block_size) is +inf, excluded blocks (future
-  ones when causal, blocks without valid keys) -inf.
+  The own block (index i // block_size) is the largest float32, excluded
+  blocks (future ones when causal, blocks without valid keys) the lowest
+  (finite sentinels, see _common.NEG / POS).
   """
   b, t, n, h = query.shape
   s, k = key.shape[1], key.shape[2]
@@ -74,9 +75,9 @@ def moba_gate_scores(query, key, block_size: int, *, is_causal: bool,
   allowed = (cnt > 0)[:, None, None, :]
   if is_causal:
     allowed = allowed & (blk * block_size <= pos)
-  scores = jnp.where(allowed, scores, -jnp.inf)
+  scores = jnp.where(allowed, scores, _common.NEG)
   own = (blk == pos // block_size) & (cnt > 0)[:, None, :]    # [b, t, nkb]
-  return jnp.where(own[:, None], jnp.inf, scores)
+  return jnp.where(own[:, None], _common.POS, scores)
 
 
 def moba_attention(query, key, value, *, block_size: int = 64, top_k: int = 3,
@@ -105,7 +106,7 @@ def moba_attention(query, key, value, *, block_size: int = 64, top_k: int = 3,
       moba_gate_scores(query, key, block_size, is_causal=is_causal,
                        kv_mask=kv_mask))
   vals, idx = jax.lax.top_k(scores, min(top_k, nkb))          # [b, n, t, top]
-  valid = vals > -jnp.inf
+  valid = vals > 0.5 * _common.NEG
   out = gathered_attention(
       query, key, value, idx, valid, block_q=1, block_k=block_size,
       scale=_common.default_scale(scale, h), is_causal=is_causal,
@@ -124,7 +125,7 @@ def moba_selected_blocks(query, key, *, block_size: int = 64, top_k: int = 3,
   scores = moba_gate_scores(query, key, block_size, is_causal=is_causal,
                             kv_mask=kv_mask)
   rank = jnp.argsort(jnp.argsort(-scores, axis=-1, stable=True), axis=-1)
-  sel = (rank < top_k) & (scores > -jnp.inf)
+  sel = (rank < top_k) & (scores > 0.5 * _common.NEG)
   return sel[0] if unbatched else sel
 
 

@@ -94,9 +94,9 @@ def favor_features(x, projection, *, is_query: bool, kv_mask=None):
   else:
     masked = logits
     if kv_mask is not None:
-      masked = jnp.where(kv_mask[:, :, None, None], logits, -jnp.inf)
+      masked = jnp.where(kv_mask[:, :, None, None], logits, _common.NEG)
     stab = jnp.max(masked, axis=(1, 3), keepdims=True)
-    stab = jnp.where(jnp.isfinite(stab), stab, 0.0)
+    stab = jnp.where(stab > 0.5 * _common.NEG, stab, 0.0)
   stab = jax.lax.stop_gradient(stab)
   return jnp.exp(logits - stab) / math.sqrt(projection.shape[0])
 
@@ -292,11 +292,6 @@ def performer_attention_reference(query, key, value, projection, *,
     allow = allow & (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])
   if kv_mask is not None:
     allow = allow & kv_mask[:, None, None, :]
-  logw = jnp.where(allow, logw, -jnp.inf)
-  m = jnp.max(logw, axis=-1, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-  w = jnp.exp(logw - m)
-  den = jnp.sum(w, -1, keepdims=True)
-  w = w / jnp.where(den > 0, den, 1.0)
+  w = _common.masked_softmax(logw, allow)
   out = jnp.einsum("bnts,bsnd->btnd", w, v).astype(query.dtype)
   return out[0] if unbatched else out

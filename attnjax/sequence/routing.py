@@ -46,7 +46,8 @@ def _region_mean(x, r, valid):
 
 def routing_scores(query, key, region_size: int, *, is_causal: bool,
                    kv_mask=None):
-  """Region affinity [B, nq_regions, nk_regions] with -inf / +inf as routed."""
+  """Region affinity [B, nq_regions, nk_regions]; excluded / forced regions
+  hold the finite sentinels _common.NEG / POS."""
   b, t, n, h = query.shape
   s, k = key.shape[1], key.shape[2]
   qvalid = jnp.ones((b, t), bool)
@@ -62,10 +63,10 @@ def routing_scores(query, key, region_size: int, *, is_causal: bool,
   if is_causal:
     last = jnp.minimum(qa * region_size + region_size - 1, t - 1)
     allowed = allowed & (kc * region_size <= last)
-    a = jnp.where(allowed, a, -jnp.inf)
-    a = jnp.where((kc == qa) & (kcnt > 0)[:, None, :], jnp.inf, a)
+    a = jnp.where(allowed, a, _common.NEG)
+    a = jnp.where((kc == qa) & (kcnt > 0)[:, None, :], _common.POS, a)
   else:
-    a = jnp.where(allowed, a, -jnp.inf)
+    a = jnp.where(allowed, a, _common.NEG)
   return a
 
 
@@ -112,7 +113,7 @@ def routing_attention(query, key, value, *, region_size: int = 64,
                                            is_causal=is_causal, kv_mask=kv_mask))
   vals, idx = jax.lax.top_k(a, min(top_k, a.shape[-1]))
   out = gathered_attention(
-      query, key, value, idx[:, None], (vals > -jnp.inf)[:, None],
+      query, key, value, idx[:, None], (vals > 0.5 * _common.NEG)[:, None],
       block_q=region_size, block_k=region_size,
       scale=_common.default_scale(scale, h), is_causal=is_causal,
       kv_mask=kv_mask)
@@ -129,7 +130,7 @@ def routing_attention_reference(query, key, value, *, region_size: int = 64,
   a = routing_scores(query, key, region_size, is_causal=is_causal,
                      kv_mask=kv_mask)
   rank = jnp.argsort(jnp.argsort(-a, axis=-1, stable=True), axis=-1)
-  sel = (rank < top_k) & (a > -jnp.inf)                  # [b, nqr, nkr]
+  sel = (rank < top_k) & (a > 0.5 * _common.NEG)                  # [b, nqr, nkr]
   dense = jnp.repeat(jnp.repeat(sel, region_size, 1), region_size, 2)
   dense = dense[:, None, :t, :s]
   out = dot_product_attention(query, key, value,

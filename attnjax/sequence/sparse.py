@@ -215,7 +215,8 @@ def block_sparse_attention(query, key, value, layout, block_size, *,
         f"`max_blocks_per_row` is {max_blocks_per_row}; pass at least "
         f"{densest} (or None to size it from the layout).")
   # True blocks first, in increasing block order.
-  prio = jnp.where(layout, 2 * nkb, 0) - jnp.arange(nkb)
+  prio = (jnp.where(layout, 2 * nkb, 0) -
+          jnp.arange(nkb).reshape(1, 1, 1, nkb))
   _, idx = jax.lax.top_k(prio, top)
   valid = jnp.take_along_axis(layout, idx, axis=-1)
   out = gathered_attention(

@@ -149,11 +149,14 @@ def check_channels_last(x, dim: int, spatial_dims: int, name: str = "x"):
 def masked_softmax(logits, mask=None, axis=-1):
   """float32 softmax; masked entries 0; rows with nothing allowed -> zeros."""
   logits = logits.astype(jnp.float32)
+  neg = float(np.finfo(np.float32).min)    # finite: safe under debug_infs
   if mask is not None:
-    logits = jnp.where(mask, logits, -jnp.inf)
+    logits = jnp.where(mask, logits, neg)
   m = jnp.max(logits, axis=axis, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  m = jax.lax.stop_gradient(jnp.where(m > 0.5 * neg, m, 0.0))
   p = jnp.exp(logits - m)
+  if mask is not None:
+    p = jnp.where(mask, p, 0.0)
   s = jnp.sum(p, axis=axis, keepdims=True)
   return p / jnp.where(s > 0, s, 1.0)
 

@@ -64,7 +64,8 @@ def region_routing(query, key, num_regions: int, topk: int, scale: float):
   aff = jax.lax.stop_gradient(jnp.einsum("brc,bpc->brp", qr * scale, kr))
   # Regions that hold no token at all (tiny inputs) are never routed to.
   empty = onehot.sum(-1) == 0
-  aff = jnp.where(jnp.asarray(empty)[None, None], -jnp.inf, aff)
+  aff = jnp.where(jnp.asarray(empty)[None, None],
+                  float(np.finfo(np.float32).min), aff)
   return jax.lax.top_k(aff, topk)[1]
 
 
