@@ -34,7 +34,7 @@ import attnjax
 from tests.reference_np import allowed_np, attention_np
 
 hypothesis.settings.register_profile(
-    "attnjax_core_ci", max_examples=6, deadline=None, derandomize=True,
+    "attnjax_core_ci", max_examples=4, deadline=None, derandomize=True,
     suppress_health_check=list(hypothesis.HealthCheck))
 hypothesis.settings.register_profile(
     "attnjax_core_dev", max_examples=15, deadline=None,
