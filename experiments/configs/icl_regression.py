@@ -26,6 +26,12 @@ Run commands (from the repository root):
   python -m experiments.icl_regression --workdir=/tmp/icl_tiny \
       --config=experiments/configs/icl_regression.py:tiny
 
+Measured (2026-12-01, 2 cores shared with 7 other sessions, load 15-21):
+default 66 CPU-s (6 min wall at 18% of a core); paper: training 3646 s wall
+(~26 CPU-min, ~320 steps per CPU-second for all five models), evaluation
+969 s wall / 123 CPU-s; multitask_paper at 100k steps: 833 s wall training,
+57 s evaluation; tiny: ~20 CPU-s. On an idle machine wall ~= CPU time.
+
 Any field can be overridden, e.g. `--config.steps=4000 --config.heads=1,2`.
 Re-running a command with the same --workdir resumes from the last
 checkpoint and gives the same final numbers as an uninterrupted run.
