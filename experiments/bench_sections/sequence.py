@@ -8,7 +8,9 @@ over `--linear_lens`, default 1024..65536), forward and forward+backward
 to `_SOFTMAX_MAX_LEN` (its quadratic time dominates the run beyond that);
 triple-wise attention (cubic) only at short lengths; MoBA up to S=4096
 (see _MAX_LEN). A mechanism's forward and forward+backward calls are timed
-round-robin at each length (`bench_utils.interleaved_times`).
+round-robin at each length (`bench_utils.interleaved_times`); calls whose
+compiled memory exceeds `--max_run_gib` are reported, not run (MoBA's
+forward+backward needs 1.6 GiB at S=1024).
 
 Rows: one per (mechanism, mode, seq_len) with time_ms, mem_mb,
 ratio_vs_softmax (forward) and bwd_over_fwd; then one "fit" row per
@@ -123,6 +125,9 @@ def run(ctx):
   dtype = ctx.dtype
   rows = []
   softmax_best = {}        # (causal, S) -> seconds
+  f = getattr(ctx, "flags", None)
+  max_bytes = (getattr(f, "max_run_gib", 8.0) if f is not None else 8.0) * (
+      1 << 30)
 
   def inputs(s):
     kq, kk, kv = jax.random.split(jax.random.key(s), 3)
@@ -178,11 +183,20 @@ def run(ctx):
     for s in mech_lens:
       q, k, v = inputs(s)
       calls = {"fwd": (fn, (q, k, v)), "fwd_bwd": (ctx.fwd_bwd(fn), (q, k, v))}
+      mems = {m: ctx.peak_memory_bytes(c[0], q, k, v) for m, c in calls.items()}
+      if max(mems.values()) > max_bytes:
+        for mode in ("fwd", "fwd_bwd"):
+          rows.append(dict(
+              section="sequence", name=name, impl="attnjax.sequence",
+              mode=mode, causal=causal, seq_len=s, time_ms=None,
+              mem_mb=mems[mode] / 2**20,
+              note=f"not run: needs {max(mems.values()) / 2**30:.1f} GiB"))
+        continue
       med, _, cmed = bench_utils.interleaved_times(calls, repeats=reps(s),
                                                    cpu=True)
       for mode in ("fwd", "fwd_bwd"):
         t = med[mode]
-        mem = ctx.peak_memory_bytes(calls[mode][0], q, k, v)
+        mem = mems[mode]
         row = dict(section="sequence", name=name, impl="attnjax.sequence",
                    mode=mode, causal=causal, batch=BATCH, heads=HEADS,
                    head_dim=HEAD_DIM, seq_len=s, time_ms=1e3 * t,
@@ -199,6 +213,8 @@ def run(ctx):
                 f"{mem / 2**20:.1f} MiB")
     for mode in ("fwd", "fwd_bwd"):
       ts = times[mode]
+      if not ts:
+        continue
       lo, hi = min(ts), max(ts)
       xs = sorted(ts)
       row = dict(
