@@ -16,6 +16,8 @@ attnjax/models/vision/paper.py (PAPER_STATS[name]["source"]):
   MaxViT-T   MaxViT (Tu et al. 2022) Table 2: 31M, 5.6G
   CrossViT-Ti CrossViT (Chen et al. 2021) Table 2: 6.9M, 1.6G at 240x240
   LITv2-S    LITv2 (Pan et al. 2022) Table 1: 28M, 3.7G
+  Agent-DeiT-T Agent Attention (Han et al. 2024), official model table:
+             6.0M, 1.2G
 FLOPs are multiply-adds counted from the traced jaxpr (no compilation).
 """
 
