@@ -86,7 +86,7 @@ def _windowed_depthwise(v, window, kernel, bias):
           jnp.float32), (1, 1), "SAME",
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=n * d)
   if bias is not None:
-    out = out + bias.reshape(n * d).astype(jnp.float32)
+    out = out + bias.reshape(1, 1, 1, n * d).astype(jnp.float32)
   out = out.reshape(b, *nw, *window, n, d)
   out = _merge(out, 2, inner_last=True)
   return out[:, :h, :w].astype(v.dtype)
