@@ -58,6 +58,59 @@ CHOICES = {"beta_scaling": ("normalized", "unit"),
            "noise_scaling": ("fixed", "support"),
            "linear_variants": ("linear", "linear_norm")}
 
+# One line per field for `--helpfull` (experiments.common.describe_config);
+# fields not listed here take the comment next to them in get_config.
+FIELD_DOCS = {
+    "seed": "base seed (training data stream, model inits, evaluation sets)",
+    "d": "covariate dimension d (tokens (x, y) have d + num_tasks entries)",
+    "L": "training context length L (number of (x, y) pairs per prompt)",
+    "sigma2": "label noise variance sigma^2 (ridge baseline uses lambda = "
+              "sigma^2 d)",
+    "num_tasks": "regression tasks per prompt (1; 2: multi-task study, "
+                 "tokens (x, y1, y2))",
+    "beta_scaling": "beta_t ~ N(0, I_S/|S|) ('normalized', the paper) or "
+                    "N(0, I_S) ('unit')",
+    "heads": "head counts H of the softmax models (one model per H); '' "
+             "trains none",
+    "adam_b1": "Adam beta1 (PyTorch default, as in the authors' code)",
+    "ckpt_every": "checkpoint period in steps (a multiple of log_every)",
+    "mesh": "device mesh (experiments/sharding.py): 'data:1' one device, "
+            "'data:-1' data parallel",
+    "eval_samples": "prompts in each of the evaluation and predictor-fit "
+                    "sets (fresh data, query noise included)",
+    "kernel_grid": "number of omega values in [0.02, 2] searched by the "
+                   "single-head kernel baseline",
+    "estimator_lengths": "context lengths of the authors' estimator "
+                         "comparison (with reduced_model)",
+    "noise_scaling": "noise sd per task: 'fixed' sigma, or 'support' sigma "
+                     "sqrt(|S_t|)",
+    "query_noise": "add label noise to the query target y_q too (False: "
+                   "noise-free query)",
+    "linear_heads": "head counts of the softmax-free models (one per "
+                    "linear_variants kind); '' trains none",
+    "steps": "training steps (Adam updates) of every model; all models "
+             "train on the same batches",
+    "batch_size": "fresh prompts per training step",
+    "lr": "Adam learning rate (constant)",
+    "adam_b2": "Adam beta2 (PyTorch default, as in the authors' code)",
+    "adam_eps": "Adam epsilon (PyTorch default, as in the authors' code)",
+    "eval_chunk": "prompts per jitted forward call at evaluation (bounds "
+                  "memory)",
+    "reduced_lengths": "context lengths where trained models are compared "
+                       "with their reduced model and baselines",
+    "eval_lengths": "context lengths of the length-generalization curve "
+                    "(prefixes of the evaluation prompts)",
+    "reduced_model": "run the reduced-model, estimator and gradient-flow "
+                     "analyses (single task only)",
+    "length_generalization": "evaluate every model at each of eval_lengths "
+                             "(single task only)",
+    "authors_omega": "the authors' fixed reduced-model omega (heads +omega, "
+                     "-omega) in the estimator comparison",
+    "authors_mu": "the authors' fixed reduced-model mu (heads +mu, -mu) in "
+                  "the estimator comparison",
+    "figures": "write the PNG figures into the workdir",
+}
+
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   preset = preset or "default"

@@ -27,6 +27,36 @@ import ml_collections
 
 PRESETS = ("default", "paper", "tiny")
 
+# One line per field for `--helpfull` (experiments.common.describe_config);
+# fields not listed here take the comment next to them in get_config.
+FIELD_DOCS = {
+    "ckpt_every": "checkpoint period in steps (a multiple of chunk)",
+    "seed": "base seed (fit problems, recall evaluation set, model inits, "
+            "data stream)",
+    "fsdp_axis": "'' (parameters replicated) or 'data' (shard parameters "
+                 "and Adam moments >= 2**14 elements)",
+    "fit.head_sizes": "head sizes d_p (columns of W_q, W_k) fitted, one "
+                      "cell per value",
+    "fit.steps": "full-batch Adam steps per head size (cosine decay, no "
+                 "warm-up)",
+    "fit.lr": "peak Adam learning rate of the fits (cosine decay to 0)",
+    "recall.num_keys": "key vocabulary size (stored keys are distinct; "
+                       ">= num_pairs)",
+    "recall.num_values": "value vocabulary size (= number of output classes)",
+    "recall.width": "model width (embedding dim); standard head size = "
+                    "width / heads",
+    "recall.heads": "head counts swept, each trained with standard and "
+                    "with fixed head size",
+    "recall.num_layers": "transformer layers (MLP hidden width 4 * width)",
+    "recall.steps": "Adam training steps per recall cell",
+    "recall.batch_size": "fresh recall problems per training step",
+    "recall.lr": "peak Adam learning rate (linear warm-up, then cosine "
+                 "decay to 0)",
+    "recall.warmup": "linear warm-up steps before the cosine decay",
+    "recall.eval_batch": "held-out recall problems for the final accuracy "
+                         "and loss",
+}
+
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   preset = preset or "default"

@@ -52,6 +52,22 @@ CHOICES = {
     "models": ("rfa_zero", "rfa_identity", "rf_mlp"),
     "nonlinearity": ("relu", "softmax"),
 }
+# One line per field for `--helpfull` (experiments.common.describe_config);
+# fields not listed here take the comment next to them in get_config.
+FIELD_DOCS = {
+    "dim": "d: x_0 and keys x_i lie on S^{d-1} (a constant 1 is appended)",
+    "num_keys": "N: keys x_1..x_N per example (targets average over them)",
+    "seed": "base seed (data, targets' beta and A, random features per "
+            "repeat)",
+    "models": "rfa_zero (zero-mean W_m), rfa_identity (identity-centred "
+              "W_m), rf_mlp (ReLU RF-MLP, same #params)",
+    "sample_sizes": "training sample sizes n (one ridge fit per n; the "
+                    "largest sets the training split)",
+    "heads_n": "sample size n of the heads axis (<= max(sample_sizes))",
+    "num_test": "clean-label test examples; error = test MSE / Var(y_test)",
+    "ridge_lambdas": "ridge penalties, relative to trace(A^T A) of the "
+                     "centred features; best on the val split",
+}
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:

@@ -48,6 +48,40 @@ from attnjax.models.vision import model_names
 
 PRESETS = tuple(model_names())      # the config argument is the model name
 PRESET_MODIFIERS = ("smoke",)       # ",smoke": seconds-long run (tests)
+# One line per field for `--helpfull` (experiments.common.describe_config);
+# fields not listed here take the comment next to them in get_config.
+FIELD_DOCS = {
+    "steps": "training steps (AdamW updates; the cosine decay ends there)",
+    "model": "backbone name (attnjax.models.vision.model_names(); the "
+             "config argument sets it)",
+    "preset": "size preset of vision.create_model (default 'tiny'; e.g. 't' "
+              "for a timm checkpoint's size)",
+    "seed": "model init and training batch sampling / augmentation key",
+    "init_skip": "comma-separated attnjax sub-trees kept at fresh init when "
+                 "loading init_from (default: the head)",
+    "tfds_data_dir": "local TFDS directory for a TFDS dataset (required "
+                     "then; nothing downloads)",
+    "image_size": "input resolution in pixels (square; digits are resized "
+                  "bilinearly to it)",
+    "in_chans": "input channels of the model (1 for digits, 3 for RGB "
+                "datasets)",
+    "num_classes": "classifier outputs (10 for digits and cifar10)",
+    "test_fraction": "digits only: fraction of each class held out as the "
+                     "test set (fixed split)",
+    "batch_size": "training images per step (sampled with replacement)",
+    "lr": "peak AdamW learning rate (after warm-up)",
+    "min_lr_ratio": "final learning rate of the cosine decay, as a fraction "
+                    "of lr",
+    "warmup_steps": "linear warm-up steps from 0 to lr",
+    "weight_decay": "AdamW decoupled weight decay",
+    "grad_clip": "global gradient-norm clip before AdamW",
+    "label_smoothing": "label smoothing of the cross-entropy targets (0: "
+                       "none)",
+    "eval_every": "steps between test-accuracy evaluations (metrics lines)",
+    "ckpt_every": "steps between orbax checkpoints",
+    "eval_batch": "test images per forward pass at evaluation (and for the "
+                  "throughput measurement)",
+}
 
 
 def get_config(arg: str = "vit") -> ml_collections.ConfigDict:
