@@ -33,6 +33,7 @@ import pytest
 
 from experiments import launch
 from tests.multidevice import forced_devices_env
+from tests.test_icl_mesh import _numbers  # the trained-model numbers compared
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -122,15 +123,7 @@ ICL = ["-m", "experiments.icl_regression",
 
 def _icl_numbers(workdir):
   with open(os.path.join(workdir, "results.json")) as f:
-    res = json.load(f)
-  out = {}
-  for k in ("test_mse", "test_mse_linear"):
-    for h, v in res[k].items():
-      out[f"{k}/{h}"] = [v]
-  for h, r in res["reduced_model"].items():
-    out[f"omega/{h}"] = r["omega"]
-    out[f"mu/{h}"] = r["mu"]
-  return out
+    return _numbers(json.load(f))
 
 
 def _assert_numbers(got, want, rtol):

@@ -60,26 +60,9 @@ def key_padding_mask(mask, b: int, n: int, t: int, s: int, *, mechanism: str,
   return jnp.broadcast_to(m4[:, 0, 0, :], (b, s))
 
 
-# Finite stand-ins for -inf / +inf in masked logits and routing scores, so
-# nothing infinite is ever written (jax.debug_infs stays quiet); a masked
-# entry is then excluded by an explicit select, never by exp(-inf) = 0.
-NEG = float(np.finfo(np.float32).min)
-POS = float(np.finfo(np.float32).max)
-
-
-def masked_softmax(logits, ok=None, axis=-1):
-  """float32 softmax over `axis`; entries with ok False get exactly 0 and a
-  row with nothing allowed is all zeros. No inf is formed."""
-  logits = logits.astype(jnp.float32)
-  if ok is not None:
-    logits = jnp.where(ok, logits, NEG)
-  m = jnp.max(logits, axis=axis, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(m > 0.5 * NEG, m, 0.0))
-  p = jnp.exp(logits - m)
-  if ok is not None:
-    p = jnp.where(ok, p, 0.0)
-  l = jnp.sum(p, axis=axis, keepdims=True)
-  return p / jnp.where(l > 0, l, 1.0)
+# Finite stand-ins for -inf / +inf (jax.debug_infs stays quiet; a masked
+# entry is excluded by an explicit select) and the one masked softmax.
+from attnjax._numerics import NEG, POS, masked_softmax  # noqa: E402,F401
 
 
 def zero_masked(x, kv_mask):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attnjax._numerics import masked_softmax  # noqa: F401  (re-exported to the spatial modules)
 from attnjax._checks import check_floating
 
 
@@ -146,19 +147,6 @@ def check_channels_last(x, dim: int, spatial_dims: int, name: str = "x"):
                      f"expected {want} with every spatial size >= 1.")
 
 
-def masked_softmax(logits, mask=None, axis=-1):
-  """float32 softmax; masked entries 0; rows with nothing allowed -> zeros."""
-  logits = logits.astype(jnp.float32)
-  neg = float(np.finfo(np.float32).min)    # finite: safe under debug_infs
-  if mask is not None:
-    logits = jnp.where(mask, logits, neg)
-  m = jnp.max(logits, axis=axis, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(m > 0.5 * neg, m, 0.0))
-  p = jnp.exp(logits - m)
-  if mask is not None:
-    p = jnp.where(mask, p, 0.0)
-  s = jnp.sum(p, axis=axis, keepdims=True)
-  return p / jnp.where(s > 0, s, 1.0)
 
 
 def dense_attention_reference(query, key, value, mask=None, bias=None, *,
