@@ -38,7 +38,8 @@ import numpy as np
 from flax import nnx
 
 from attnjax._checks import check_implementation, pallas_refuses
-from attnjax.spatial._common import (check_spatial_qkv, default_scale,
+from attnjax.spatial._common import (check_channels_last, layer_scale,
+    check_spatial_qkv, default_scale,
                                      dense_attention_reference,
                                      flatten_spatial, masked_softmax,
                                      repeat_kv, to_bool_tuple, to_tuple)
@@ -56,6 +57,13 @@ def neighborhood_window_start(length: int, kernel_size: int, dilation: int = 1,
   Keys are start, start + d, ..., K of them (non-causal) or up to the query
   itself (causal).
   """
+  (length,) = to_tuple("length", length, 1)
+  (kernel_size,) = to_tuple("kernel_size", kernel_size, 1)
+  (dilation,) = to_tuple("dilation", dilation, 1)
+  if kernel_size * dilation > length:
+    raise ValueError(
+        f"kernel_size * dilation must be <= `length`: kernel_size="
+        f"{kernel_size}, dilation={dilation}, length={length}.")
   i = np.arange(length)
   g, ip = i % dilation, i // dilation
   n_g = (length - g + dilation - 1) // dilation
@@ -357,7 +365,7 @@ class NeighborhoodAttention(nnx.Module):
     self.is_causal = to_bool_tuple("is_causal", is_causal, spatial_dims)
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
-    self.scale = qk_scale or self.head_dim ** -0.5
+    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype,
@@ -371,9 +379,7 @@ class NeighborhoodAttention(nnx.Module):
 
   def __call__(self, x):
     nd = self.spatial_dims
-    if x.ndim != nd + 2:
-      raise ValueError(
-          f"`x` must have shape [batch, *spatial({nd}), dim], got {x.shape}.")
+    check_channels_last(x, self.qkv.in_features, nd)
     spatial = x.shape[1:1 + nd]
     ks, dl = [], []
     for l, k, d in zip(spatial, self.kernel_size, self.dilation):
