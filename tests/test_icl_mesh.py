@@ -124,10 +124,10 @@ print('mesh', dict(mesh.shape))
 task = icl.Task(c)
 runs = [icl.Run(c, task, 'softmax', 1)]
 tx = optax.adam(c.lr)
-init = icl.sharding.shard_tree(
-    {'p': {r.name: r.params0 for r in runs},
-     'o': {r.name: tx.init(r.params0) for r in runs}}, mesh)
-chunk = icl._make_chunk(c, task, runs, tx, mesh)
+stack = icl.Stack(runs)
+params = stack.stack({r.name: r.params0 for r in runs})
+init = icl.sharding.shard_tree({'p': params, 'o': tx.init(params)}, mesh)
+chunk = icl._make_chunk(c, task, stack, tx, mesh)
 hlo = chunk.lower(init['p'], init['o'], jnp.asarray(0), 2).compile().as_text()
 print('all-reduce' in hlo and 'all-reduce', flush=True)
 """
