@@ -131,21 +131,22 @@ def run_row(method, mode, p, arrays, mesh):
 MODES = ("fwd", "fwd_bwd")
 
 
+def _choices(flag: str, value: str, allowed) -> list:
+  """The comma-separated items of `value`; a UsageError lists `allowed`."""
+  items = [m.strip() for m in value.split(",") if m.strip()]
+  bad = [m for m in items if m not in allowed]
+  if bad or not items:
+    raise app.UsageError(
+        f"{flag}: unknown {', '.join(map(repr, bad)) or '(none given)'}; "
+        f"choose from {','.join(allowed)}.")
+  return items
+
+
 def parse_args(methods: str, modes: str, devices: str, seq_len: int,
                num_devices: int):
   """Checks --methods/--modes/--devices; a UsageError lists the choices."""
-  ms = [m.strip() for m in methods.split(",") if m.strip()]
-  bad = [m for m in ms if m not in CAUSAL]
-  if bad or not ms:
-    raise app.UsageError(
-        f"--methods: unknown {', '.join(map(repr, bad)) or '(none given)'}; "
-        f"choose from {','.join(CAUSAL)}.")
-  md = [m.strip() for m in modes.split(",") if m.strip()]
-  bad = [m for m in md if m not in MODES]
-  if bad or not md:
-    raise app.UsageError(
-        f"--modes: unknown {', '.join(map(repr, bad)) or '(none given)'}; "
-        f"choose from {','.join(MODES)}.")
+  ms = _choices("--methods", methods, CAUSAL)
+  md = _choices("--modes", modes, MODES)
   try:
     counts = [int(x) for x in devices.split(",") if x.strip()]
   except ValueError:

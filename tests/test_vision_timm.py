@@ -20,6 +20,7 @@ from attnjax.models import vision
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
+from attnjax.models.vision.check_timm import perturbed_timm_model  # noqa: E402
 
 
 def _nhwc(t):
@@ -145,18 +146,8 @@ NUM_CLASSES = 7
 
 
 def _timm_model(arch, kw, seed=0):
-  torch.manual_seed(seed)
-  tm = timm.create_model(arch, pretrained=False, num_classes=NUM_CLASSES,
-                         **kw).eval()
-  with torch.no_grad():   # no zero / one initialised tensor may hide a bug
-    for p in tm.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-    for n, b in tm.named_buffers():
-      if n.endswith("running_mean"):
-        b.normal_(0, 0.1)
-      elif n.endswith("running_var"):
-        b.uniform_(0.5, 1.5)
-  return tm
+  return perturbed_timm_model(arch, seed=seed, scale=0.05,
+                              num_classes=NUM_CLASSES, **kw)
 
 
 def _save(tm, path):

@@ -32,22 +32,31 @@ MODELS = {
 }
 
 
-def check(name, batch=2, seed=0):
+def perturbed_timm_model(arch, *, seed=0, scale=0.02, **kwargs):
+  """A randomly initialised timm model in eval mode whose parameters get
+  `scale` x N(0, 1) added and whose BatchNorm statistics are random, so no
+  zero/one-initialised tensor can hide a conversion bug."""
   import torch
   import timm
-  from safetensors.numpy import save_file
-  from attnjax.models import vision
-  arch, preset, size = MODELS[name]
   torch.manual_seed(seed)
-  tm = timm.create_model(arch, pretrained=False).eval()
-  with torch.no_grad():          # perturb zero/one-initialised tensors too
+  tm = timm.create_model(arch, pretrained=False, **kwargs).eval()
+  with torch.no_grad():
     for p in tm.parameters():
-      p.add_(0.02 * torch.randn_like(p))
+      p.add_(scale * torch.randn_like(p))
     for n, b in tm.named_buffers():
       if n.endswith("running_mean"):
         b.normal_(0, 0.1)
       elif n.endswith("running_var"):
         b.uniform_(0.5, 1.5)
+  return tm
+
+
+def check(name, batch=2, seed=0):
+  import torch
+  from safetensors.numpy import save_file
+  from attnjax.models import vision
+  arch, preset, size = MODELS[name]
+  tm = perturbed_timm_model(arch, seed=seed, scale=0.02)
   sd = {k: v.detach().contiguous().numpy() for k, v in tm.state_dict().items()}
   timm_params = sum(p.numel() for p in tm.parameters())
   model = vision.create_model(name, preset, num_classes=1000)
