@@ -68,6 +68,10 @@ def _sync_processes(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+class Stopped(Exception):
+  """Raised when `stop_after_steps` is reached (a simulated kill)."""
+
+
 class PhaseStop(Exception):
   """A stop injected at a phase boundary (`phase`): a deterministic kill."""
 

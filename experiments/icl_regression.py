@@ -352,8 +352,7 @@ class Run:
     return np.asarray(kq, np.float64), np.asarray(ov, np.float64)
 
 
-class Stopped(Exception):
-  """Raised when `stop_after_steps` simulates a kill."""
+Stopped = common.Stopped
 
 
 class Stack:
@@ -474,10 +473,7 @@ def make_reference_chunk(cfg, task, runs, tx):
   return jax.jit(chunk, static_argnums=(3,))
 
 
-def make_mesh(cfg):
-  """The training mesh from `cfg.mesh`; checks batch_size against `data`."""
-  return sharding.make_training_mesh(
-      cfg.mesh, {"config.batch_size": cfg.batch_size})
+make_mesh = sharding.mesh_from_config("batch_size")
 
 
 def train(cfg, task, runs, workdir: str) -> dict:

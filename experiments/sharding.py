@@ -420,6 +420,7 @@ def describe(tree) -> str:
 __all__ = ["barrier", "batch_spec", "constrain_batch", "describe", "fetch",
            "global_batch", "is_main_process", "make_mesh",
            "make_training_mesh", "maybe_initialize_distributed", "mesh_axis",
+           "mesh_from_config",
            "param_spec", "parse_mesh", "process_slice", "put", "replicate",
            "shard_batch", "shard_nnx", "shard_tree", "tree_shardings"]
 
@@ -439,3 +440,21 @@ def make_training_mesh(mesh_spec: str, batch_sizes):
                        f"axis size {data} of config.mesh {mesh_spec!r} "
                        f"(mesh {dict(mesh.shape)}).")
   return mesh
+
+
+def mesh_from_config(*batch_fields: str):
+  """A study's `make_mesh(cfg)`: `make_training_mesh(cfg.mesh, ...)` checking
+  the batch sizes at the dotted config paths `batch_fields` (e.g.
+  "batch_size", "recall.batch_size") against the mesh's `data` axis."""
+  def make(cfg):
+    sizes = {}
+    for path in batch_fields:
+      value = cfg
+      for part in path.split("."):
+        value = value[part]
+      sizes[f"config.{path}"] = value
+    return make_training_mesh(cfg.mesh, sizes)
+  make.__doc__ = (f"The training mesh from `cfg.mesh`, checking "
+                  f"{', '.join('config.' + f for f in batch_fields)} against "
+                  f"its `data` axis.")
+  return make

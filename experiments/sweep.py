@@ -31,7 +31,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
@@ -41,8 +41,7 @@ from flax import nnx
 from experiments import common, sharding
 
 
-class Stopped(Exception):
-  """Raised when `stop_after_steps` is reached (a simulated kill)."""
+Stopped = common.Stopped
 
 
 def ints(s) -> List[int]:
@@ -59,13 +58,7 @@ def count_params(model) -> int:
                  jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))))
 
 
-def make_mesh(mesh_spec: str, batch_sizes: Mapping[str, int]):
-  """The training mesh from a `config.mesh` string (e.g. "data:4").
-
-  See `sharding.make_training_mesh`: batch sizes are checked against the
-  mesh's `data` axis.
-  """
-  return sharding.make_training_mesh(mesh_spec, batch_sizes)
+make_mesh = sharding.make_training_mesh
 
 
 @dataclasses.dataclass

@@ -212,10 +212,7 @@ def throughput(model, x, batch, repeats=3):
   return repeats * xb.shape[0] / dt
 
 
-def make_mesh(cfg):
-  """The training mesh from `cfg.mesh`; checks batch_size against `data`."""
-  return sharding.make_training_mesh(
-      cfg.mesh, {"config.batch_size": cfg.batch_size})
+make_mesh = sharding.mesh_from_config("batch_size")
 
 
 def make_train_step(cfg, key, xtr, ytr, mesh):
