@@ -26,10 +26,12 @@ from typing import Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attnjax._checks import as_array
 from attnjax.softmax import _auto
-from attnjax.softmax._common import AttentionCall, empty_result, prepare
+from attnjax.softmax._common import (AttentionCall, empty_result, prepare,
+                                     restore_batch)
 from attnjax.softmax.chunked import chunked_attention
 from attnjax.softmax.cudnn import cudnn_attention
 from attnjax.softmax.xla import attention_probs, xla_attention
@@ -123,28 +125,59 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
                           kv_segment_ids=None,
                           dropout_rate: float = 0.0,
                           dropout_rng=None,
+                          logits_soft_cap: Optional[float] = None,
+                          sinks=None,
+                          causal_alignment: str = "top_left",
+                          q_offset=None,
+                          kv_offset=None,
+                          precision=None,
                           implementation: Optional[str] = None):
   """Scaled dot-product attention.
 
   Args:
-    query: [B, T, N, H] (or [T, N, H]).
+    query: [B, T, N, H] (or [T, N, H], or [..., T, N, H]: any number of
+      leading batch dims, shared by key/value).
     key: [B, S, K, H] with N % K == 0 (GQA/MQA).
     value: [B, S, K, Hv].
     bias: float, broadcastable to [B, N, T, S]; added to the scaled logits.
     mask: bool, broadcastable to [B, N, T, S]; True = attend.
     scale: logit scale; default 1/sqrt(H).
-    is_causal: query i sees keys j <= i (top-left aligned, as jax.nn).
+    is_causal: query i sees keys j <= i (top-left aligned, as jax.nn; see
+      `causal_alignment` and the offsets).
     local_window_size: int w or (left, right): query i sees keys in
-      [i - left, i + right].
+      [i - left, i + right] (shifted like `is_causal`).
     query_seq_lengths, key_value_seq_lengths: int [B]; positions at or past
       the length are padding.
     q_segment_ids, kv_segment_ids: int [B, T] / [B, S]; attend only within
       equal ids (packed sequences).
     dropout_rate, dropout_rng: attention-weight dropout (training only).
-    implementation: see the module docstring.
+    logits_soft_cap: c > 0: logits become c * tanh(logits / c), applied to
+      `scale * q.k + bias` before masking (tokamax's order; Gemma-2 has no
+      bias). A -inf bias entry stays -inf.
+    sinks: float [N]: one learned sink logit per query head that joins the
+      softmax denominator and carries no value (gpt-oss, attention-sink
+      papers): weights are exp(l_j) / (exp(sink) + sum_k exp(l_k)). Not
+      scaled or capped. Differentiable. Rows with nothing to attend to
+      still give zeros (their lse is then the sink).
+    causal_alignment: 'top_left' (query i at key position i, as jax.nn) or
+      'bottom_right' (query i at key position i + S - T: the last query
+      sees the last key, for decoding with T < S).
+    q_offset, kv_offset: int, or int arrays broadcastable to the batch
+      shape: absolute positions of the first query / first key (e.g. a
+      decode step's position and a cache chunk's start). Causal masking
+      and local windows use query position i + q_offset and key position
+      j + kv_offset (one rule: key j is in reach of query i iff
+      i + shift - left <= j <= i + shift + right with shift = q_offset -
+      kv_offset, or S - T for 'bottom_right'). Not with 'bottom_right'.
+    precision: a `jax.lax.Precision` (or its name) for both matmuls, or a
+      (q.k, p.v) pair; passed to the matmuls of 'xla' and 'chunked'.
+    implementation: see the module docstring. Backends without an option
+      above raise NotImplementedError (the Pallas/Triton kernels and cuDNN
+      take none of soft cap, sinks, offsets, precision).
 
   Returns:
-    [B, T, N, Hv] in query.dtype; rows with nothing to attend to are zero.
+    [B, T, N, Hv] in query.dtype (with query's leading dims); rows with
+    nothing to attend to are zero.
 
   Masked slots: key/value positions that a masking component rules out for
   every query (past `key_value_seq_lengths`, an all-False `mask` column, a
@@ -154,28 +187,55 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *,
   sequences) return zeros of the right shape. Integer arguments accept
   NumPy/JAX integer scalars; Python lists are converted to arrays.
   """
-  call, unbatched = prepare(
+  call, batch_shape = prepare(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       local_window_size=local_window_size,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-      dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+      dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+      logits_soft_cap=logits_soft_cap, sinks=sinks,
+      causal_alignment=causal_alignment, q_offset=q_offset,
+      kv_offset=kv_offset, precision=precision)
   out, _ = _run(call, implementation, need_lse=False)
-  return out[0] if unbatched else out
+  return restore_batch(out, batch_shape)
 
 
 def dot_product_attention_with_lse(query, key, value, bias=None, mask=None, *,
                                    implementation: Optional[str] = None,
+                                   lse_layout: str = "BNT",
+                                   lse_gradient: bool = True,
                                    **kwargs):
   """As `dot_product_attention`, also returning the log-sum-exp.
 
-  Returns (out [B, T, N, Hv], lse [B, N, T] float32); lse is -inf on rows with
-  nothing to attend to. Useful to merge partial attentions (ring/split-KV).
+  Returns (out [B, T, N, Hv], lse) with lse float32 (-inf on rows with
+  nothing to attend to; with `sinks`, the sink is part of the sum):
+
+    lse_layout='BNT' (default): lse [B, N, T] ([N, T] unbatched).
+    lse_layout='BTN': lse [B, T, N] ([T, N]), the layout of
+      `jax.nn.dot_product_attention(..., return_residual=True)`.
+    lse_gradient=True (default): the lse is differentiable (gradients flow
+      from it into q, k, bias, sinks), as `merge_attentions` needs to be
+      differentiated through. False: `jax.lax.stop_gradient(lse)`, as the
+      residual of jax.nn (which is also cast to the key dtype; ours stays
+      float32).
+
+  Leading batch dims of [..., T, N, H] inputs are kept: lse [..., N, T] or
+  [..., T, N]. Useful to merge partial attentions (ring/split-KV) with
+  `merge_attentions`.
   """
-  call, unbatched = prepare(query, key, value, bias, mask, **kwargs)
+  if lse_layout not in ("BNT", "BTN"):
+    raise ValueError(
+        f"`lse_layout` must be 'BNT' or 'BTN', got {lse_layout!r}.")
+  if not isinstance(lse_gradient, (bool, np.bool_)):
+    raise ValueError(f"`lse_gradient` must be a bool, got {lse_gradient!r}.")
+  call, batch_shape = prepare(query, key, value, bias, mask, **kwargs)
   out, lse = _run(call, implementation, need_lse=True)
-  return (out[0], lse[0]) if unbatched else (out, lse)
+  if not lse_gradient:
+    lse = jax.lax.stop_gradient(lse)
+  if lse_layout == "BTN":
+    lse = jnp.swapaxes(lse, 1, 2)
+  return restore_batch(out, batch_shape), restore_batch(lse, batch_shape)
 
 
 def chunked_dot_product_attention(query, key, value, bias=None, mask=None, *,
@@ -188,11 +248,10 @@ def chunked_dot_product_attention(query, key, value, bias=None, mask=None, *,
   query and key/value block lengths (defaults per platform, see
   `attnjax.softmax.chunked.default_blocks`; capped at the sequence lengths). Peak memory grows with block_q * block_kv, not T * S.
   """
-  call, unbatched = prepare(query, key, value, bias, mask, **kwargs)
+  call, batch_shape = prepare(query, key, value, bias, mask, **kwargs)
   out, lse = chunked_attention(call, block_q=block_q, block_kv=block_kv,
                                need_lse=return_lse)
-  if unbatched:
-    out, lse = out[0], (None if lse is None else lse[0])
+  out, lse = restore_batch(out, batch_shape), restore_batch(lse, batch_shape)
   return (out, lse) if return_lse else out
 
 
@@ -206,9 +265,9 @@ def attention_weights(query, key, bias=None, mask=None, **kwargs):
   key = as_array("key", key)
   value = jnp.zeros(jnp.shape(key)[:-1] + (1,), getattr(key, "dtype",
                                                           jnp.float32))
-  call, unbatched = prepare(query, key, value, bias, mask, **kwargs)
+  call, batch_shape = prepare(query, key, value, bias, mask, **kwargs)
   weights, _ = attention_probs(call, need_lse=False)
-  return weights[0] if unbatched else weights
+  return restore_batch(weights, batch_shape)
 
 
 __all__ = [

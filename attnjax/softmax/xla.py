@@ -5,6 +5,10 @@ for short sequences on CPU. Differentiated by JAX's autodiff; the softmax is
 a max-shifted exp whose masked entries are zeroed with jnp.where (never by
 multiplying), normalized where the row sum is positive, so fully masked rows
 and all -inf bias rows give zeros.
+
+Soft cap, sinks, position offsets and `precision` follow `_common`'s
+definitions; a sink joins each row's denominator (`exp(sink - m)`) and
+carries no value, so its gradient comes from the same autodiff.
 """
 
 from __future__ import annotations
@@ -15,22 +19,36 @@ import jax.numpy as jnp
 from attnjax.softmax._common import MASK_VALUE, AttentionCall
 
 
+def _precisions(call: AttentionCall):
+  """(q.k precision, p.v precision), each None when not given."""
+  return call.precision if call.precision is not None else (None, None)
+
+
+def soft_cap(logits, cap):
+  """cap * tanh(logits / cap); -inf entries (a -inf bias) stay -inf."""
+  if cap is None:
+    return logits
+  capped = cap * jnp.tanh(logits / cap)
+  return jnp.where(jnp.isneginf(logits), logits, capped)
+
+
 def _grouped_logits(call: AttentionCall):
-  """float32 logits [B, N, T, S] (scaled, biased) with GQA grouping."""
+  """float32 logits [B, N, T, S] (scaled, biased, capped) with GQA grouping."""
   b, t, n, s, k, h, _ = call.shape
   g = n // k
+  prec = _precisions(call)[0]
   if g == 1:
     logits = jnp.einsum("btnh,bsnh->bnts", call.query, call.key,
-                        preferred_element_type=jnp.float32)
+                        preferred_element_type=jnp.float32, precision=prec)
   else:
     q = call.query.reshape(b, t, k, g, h)
     logits = jnp.einsum("btkgh,bskh->bkgts", q, call.key,
-                        preferred_element_type=jnp.float32)
+                        preferred_element_type=jnp.float32, precision=prec)
     logits = logits.reshape(b, n, t, s)
   logits = logits.astype(jnp.float32) * call.scale
   if call.bias is not None:
     logits = logits + call.bias.astype(jnp.float32)
-  return logits
+  return soft_cap(logits, call.soft_cap)
 
 
 def attention_probs(call: AttentionCall, need_lse: bool = True):
@@ -42,7 +60,10 @@ def attention_probs(call: AttentionCall, need_lse: bool = True):
   """
   logits = _grouped_logits(call)
   mask = call.dense_mask()
-  if mask is None and call.bias is None:
+  sink = None
+  if call.sinks is not None:
+    sink = call.sinks.astype(jnp.float32).reshape(1, -1, 1, 1)
+  if mask is None and call.bias is None and sink is None:
     # Nothing masked, logits finite: jax.nn.softmax (its custom JVP keeps
     # the backward to one pass).
     weights = jax.nn.softmax(logits, axis=-1)
@@ -51,11 +72,15 @@ def attention_probs(call: AttentionCall, need_lse: bool = True):
   if mask is not None:
     logits = jnp.where(mask, logits, MASK_VALUE)
   m = jnp.max(logits, axis=-1, keepdims=True)
+  if sink is not None:
+    m = jnp.maximum(m, sink)
   m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
   p = jnp.exp(logits - m)
   if mask is not None:
     p = jnp.where(mask, p, 0.0)
   l = jnp.sum(p, axis=-1, keepdims=True)
+  if sink is not None:
+    l = l + jnp.exp(sink - m)   # the sink's mass: in the denominator only
   has = l > 0.0
   weights = p / jnp.where(has, l, 1.0)
   lse = None
@@ -76,9 +101,11 @@ def xla_attention(call: AttentionCall, need_lse: bool = True):
   w = weights.astype(call.value.dtype)
   if g == 1:
     out = jnp.einsum("bnts,bsnd->btnd", w, call.value,
-                     preferred_element_type=jnp.float32)
+                     preferred_element_type=jnp.float32,
+                     precision=_precisions(call)[1])
   else:
     out = jnp.einsum("bkgts,bskd->btkgd", w.reshape(b, k, g, t, s), call.value,
-                     preferred_element_type=jnp.float32)
+                     preferred_element_type=jnp.float32,
+                     precision=_precisions(call)[1])
   out = out.reshape(b, t, n, hv).astype(call.query.dtype)
   return out, lse
