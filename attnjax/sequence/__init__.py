@@ -28,6 +28,11 @@ from attnjax.sequence.layers import (AgentAttention, EfficientAttention,
                                      TriplewiseAttention)
 from attnjax.sequence.linear import (FEATURE_MAPS, linear_attention,
                                      linear_attention_reference)
+from attnjax.sequence import lightning as _lightning
+from attnjax.sequence.lightning import (LightningAttention,
+                                        lightning_attention,
+                                        lightning_attention_reference,
+                                        retnet_decays)
 from attnjax.sequence.moba import (moba_attention, moba_attention_reference,
                                    moba_selected_blocks)
 from attnjax.sequence.moh import (mixture_of_heads_attention, moh_gates,
@@ -54,9 +59,12 @@ SUPPORT = {
     "agent_attention": _agent.SUPPORT,
     "mixture_of_heads_attention": _moh.SUPPORT,
     "triplewise_attention": _higher_order.SUPPORT,
+    "lightning_attention": _lightning.SUPPORT,
 }
 
 __all__ = [
+    "LightningAttention", "lightning_attention",
+    "lightning_attention_reference", "retnet_decays",
     "AgentAttention", "EfficientAttention", "FEATURE_MAPS", "LinearAttention",
     "MoBAAttention", "MoHAttention", "PATTERNS", "PerformerAttention",
     "RandomFeatures", "RoutingAttention", "SUPPORT", "SlidingWindowAttention",

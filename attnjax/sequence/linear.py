@@ -29,6 +29,7 @@ from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attnjax._checks import check_implementation, pallas_refuses
 from attnjax.sequence import _common
@@ -109,6 +110,24 @@ def _validate(query, key, value, mask, chunk_size, is_causal, bias,
   return query, key, value, dims, unbatched, kv_mask
 
 
+def _log_decay(decay, n, is_causal):
+  """`decay` (scalar or [N] in (0, 1]) -> float32 log-decay [N] (<= 0)."""
+  if not is_causal:
+    raise NotImplementedError(
+        "linear_attention's `decay` weights key j by decay**(i - j) for j <= i "
+        "(RetNet retention / Lightning Attention-2): it needs is_causal=True.")
+  d = jnp.asarray(decay, jnp.float32)
+  if d.ndim > 1 or (d.ndim == 1 and d.shape[0] not in (1, n)):
+    raise ValueError(
+        f"`decay` must be a scalar or have shape [{n}] (one per query head), "
+        f"got shape {d.shape}.")
+  if not isinstance(decay, jax.core.Tracer):
+    dn = np.asarray(decay, np.float64)
+    if not np.all((dn > 0) & (dn <= 1)):
+      raise ValueError(f"`decay` must lie in (0, 1], got {dn}.")
+  return jnp.broadcast_to(jnp.log(d).reshape(-1), (n,))
+
+
 def _pallas_causal(query, key, value, phi, kv_mask, is_causal, normalize,
                    scale, chunk_size, dims):
   """linear_attention through the Pallas causal chunked kernel."""
@@ -140,7 +159,7 @@ def linear_attention(query, key, value, *, feature_map: FeatureMap = "elu_plus_o
                      scale: Optional[float] = None,
                      chunk_size: Optional[int] = None, mask=None, bias=None,
                      dropout_rate: float = 0.0, dropout_rng=None,
-                     implementation: Optional[str] = None):
+                     implementation: Optional[str] = None, decay=None):
   """Kernelized linear attention.
 
   Args:
@@ -163,6 +182,11 @@ def linear_attention(query, key, value, *, feature_map: FeatureMap = "elu_plus_o
     implementation: None / 'xla' (below) or 'pallas': the causal chunked
       kernel `pallas_kernels.causal_linear_attention` (intra-chunk block
       product + carried state; causal self-attention, T == S, only).
+    decay: optional per-head decay lambda in (0, 1], a scalar or [N]
+      (causal only): key j is weighted by lambda**(i - j), RetNet's retention
+      and Lightning Attention-2's decayed form. Computed tiled: inside a
+      chunk the decayed masked quadratic form, across chunks a decayed
+      recurrent state (one per query head). 'xla' only.
 
   Returns:
     [B, T, N, Hv] in query.dtype.
@@ -175,6 +199,9 @@ def linear_attention(query, key, value, *, feature_map: FeatureMap = "elu_plus_o
   phi = resolve_feature_map(feature_map)
   _features(query[:, :1], key[:, :1], phi, None)      # validates phi's shapes
   scale = 1.0 if scale is None else float(scale)
+  log_decay = None if decay is None else _log_decay(decay, n, is_causal)
+  if impl == "pallas" and decay is not None:
+    raise pallas_refuses("linear_attention", "has no `decay`")
   if impl == "pallas":
     out = _pallas_causal(query, key, value, phi, kv_mask, is_causal,
                          normalize, scale, chunk_size, dims)
@@ -257,20 +284,72 @@ def linear_attention(query, key, value, *, feature_map: FeatureMap = "elu_plus_o
       nd = nd.reshape(b, step, k, g, d)
       return state + jnp.sum(kv, axis=1), finish(nd)
 
-    _, out = jax.lax.scan(causal_step, jnp.zeros((b, k, f, d), jnp.float32),
-                          (groups(query, tq),) + kx)
+    if log_decay is None:
+      _, out = jax.lax.scan(causal_step, jnp.zeros((b, k, f, d), jnp.float32),
+                            (groups(query, tq),) + kx)
+    else:
+      step_fn = _decayed_step(log_decay.reshape(k, g), c, nch, query_feats,
+                              key_feats, finish, (b, k, g, f, d))
+      _, out = jax.lax.scan(step_fn, jnp.zeros((b, k, g, f, d), jnp.float32),
+                            (groups(query, tq),) + kx)
   out = jnp.moveaxis(out, 0, 1).reshape(b, tq, n, hv)
   out = out[:, :t]
   return out[0] if unbatched else out
 
 
+def _decayed_step(a, c, nch, query_feats, key_feats, finish, shape):
+  """Scan step of decayed causal linear attention (Lightning Attention-2).
+
+  `a` [K, G] log-decays; a group holds `nch` chunks of `c` positions; the
+  carried state [B, K, G, F, D] is sum_j lambda**(end - j) phi(k_j)^T v_j
+  over all keys before the group. Every exponent is <= 0 (no overflow).
+  """
+  b, k, g, f, d = shape
+  i = jnp.arange(c, dtype=jnp.float32)
+  diff = i[:, None] - i[None, :]
+  # Intra-chunk: lambda**(i - j) for j <= i (local positions), else 0.
+  intra = jnp.where(diff >= 0, jnp.exp(jnp.maximum(diff, 0) * a[..., None, None]),
+                    0.0)                                      # [k, g, c, c]
+  tail = jnp.exp((c - 1 - i) * a[..., None])                  # [k, g, c]
+  head = jnp.exp((i + 1) * a[..., None])                      # [k, g, c]
+  p = jnp.arange(nch, dtype=jnp.float32)
+  pd = p[:, None] - 1 - p[None, :]                            # p - 1 - r
+  mix = jnp.where(pd >= 0, jnp.exp(c * jnp.maximum(pd, 0) * a[..., None, None]),
+                  0.0)                                        # [k, g, p, r]
+  enter = jnp.exp(c * p * a[..., None])                       # [k, g, p]
+  last = jnp.exp(c * (nch - 1 - p) * a[..., None])            # [k, g, r]
+  through = jnp.exp(c * nch * a)                              # [k, g]
+
+  def step(state, xs):
+    qg, kg, vg, ok = xs
+    fq, (fk, vg) = query_feats(qg), key_feats(kg, vg, ok)
+    fq = fq.reshape(b, nch, c, k, g, f)
+    fk = fk.reshape(b, nch, c, k, f)
+    vg = vg.reshape(b, nch, c, k, d)
+    scores = jnp.einsum("bpikgf,bpjkf->bpkgij", fq, fk) * intra
+    nd = jnp.einsum("bpkgij,bpjkd->bpikgd", scores, vg)
+    # Chunk states decayed to each chunk's last position.
+    kv = jnp.einsum("bpjkf,bpjkd,kgj->bpkgfd", fk, vg, tail)
+    prev = (jnp.einsum("kgpr,brkgfd->bpkgfd", mix, kv) +
+            jnp.einsum("kgp,bkgfd->bpkgfd", enter, state))
+    nd = nd + jnp.einsum("bpikgf,bpkgfd,kgi->bpikgd", fq, prev, head)
+    state = (through[None, :, :, None, None] * state +
+             jnp.einsum("kgr,brkgfd->bkgfd", last, kv))
+    return state, finish(nd.reshape(b, nch * c, k, g, d))
+
+  return step
+
+
 def linear_attention_reference(query, key, value, *,
                                feature_map: FeatureMap = "elu_plus_one",
                                is_causal: bool = False, normalize: bool = True,
-                               scale: Optional[float] = None, mask=None):
+                               scale: Optional[float] = None, mask=None,
+                               decay=None):
   """Plain-jnp reference: causal form by cumulative sums of phi(k_j) v_j^T.
 
   Materializes the per-position state [B, S, K, F, Hv]: use for small tests.
+  With `decay`: the explicit decayed causal sum over the [T, S] weights
+  phi(q_i).phi(k_j) lambda**(i - j), j <= i.
   """
   query, key, value, dims, unbatched, kv_mask = _validate(
       query, key, value, mask, None, is_causal, None, 0.0)
@@ -278,6 +357,17 @@ def linear_attention_reference(query, key, value, *,
   g = n // k
   scale = 1.0 if scale is None else float(scale)
   fq, fk = _features(query, key, feature_map, kv_mask)
+  if decay is not None:
+    a = _log_decay(decay, n, is_causal)
+    diff = (jnp.arange(t)[:, None] - jnp.arange(s)[None, :]).astype(jnp.float32)
+    w = jnp.where(diff >= 0, jnp.exp(jnp.maximum(diff, 0) *
+                                     a[:, None, None]), 0.0)   # [n, t, s]
+    sc = jnp.einsum("btnf,bsnf->bnts", fq, jnp.repeat(fk, g, axis=2)) * w
+    v = jnp.repeat(value.astype(jnp.float32), g, axis=2)
+    num = jnp.einsum("bnts,bsnd->btnd", sc, v)
+    den = jnp.sum(sc, axis=-1).transpose(0, 2, 1)
+    out = _finish(num, den, normalize, scale, query.dtype)
+    return out[0] if unbatched else out
   f = fq.shape[-1]
   fq = fq.reshape(b, t, k, g, f)
   v = value.astype(jnp.float32)

@@ -75,6 +75,9 @@ def _mechanisms():
       "linear_attention": (p(sq.linear_attention), False),
       "linear_attention(causal,chunked)": (
           p(sq.linear_attention, is_causal=True), True),
+      "lightning_attention(decayed,causal)": (
+          lambda q, k, v: sq.lightning_attention(
+              q, k, v, sq.retnet_decays(q.shape[2])), True),
       "efficient_attention": (p(sq.efficient_attention), False),
       "performer_attention(F=128)": (
           p(sq.performer_attention, projection=proj), False),
