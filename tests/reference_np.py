@@ -15,18 +15,28 @@ def _f64(x):
 
 def allowed_np(t, s, *, mask=None, is_causal=False, window=None,
                q_segment_ids=None, kv_segment_ids=None, q_lengths=None,
-               kv_lengths=None, batch=1, heads=1):
-  """Boolean [B, N, T, S] of attendable (query, key) pairs."""
+               kv_lengths=None, batch=1, heads=1, q_offset=0, kv_offset=0,
+               bottom_right=False):
+  """Boolean [B, N, T, S] of attendable (query, key) pairs.
+
+  Causal and window masks compare absolute positions: query i is at
+  q_offset + i (or i + s - t with `bottom_right`, the last query at the last
+  key), key j at kv_offset + j; offsets may be ints or per-batch [B] arrays.
+  """
   allowed = np.ones((batch, heads, t, s), dtype=bool)
   i = np.arange(t)[:, None]
   j = np.arange(s)[None, :]
   if mask is not None:
     allowed &= np.broadcast_to(np.asarray(mask, bool), allowed.shape)
+  qo = np.broadcast_to(np.asarray(q_offset), (batch,))[:, None, None, None]
+  ko = np.broadcast_to(np.asarray(kv_offset), (batch,))[:, None, None, None]
+  qpos = i[None, None] + (s - t if bottom_right else qo)     # [B|1,1,T,1]
+  kpos = j[None, None] + (0 if bottom_right else ko)         # [B|1,1,1,S]
   if is_causal:
-    allowed &= (j <= i)
+    allowed &= (kpos <= qpos)
   if window is not None:
     left, right = (window, window) if isinstance(window, int) else window
-    allowed &= (j >= i - left) & (j <= i + right)
+    allowed &= (kpos >= qpos - left) & (kpos <= qpos + right)
   if q_segment_ids is not None:
     qs = np.asarray(q_segment_ids)[:, None, :, None]
     ks = np.asarray(kv_segment_ids)[:, None, None, :]
@@ -38,12 +48,16 @@ def allowed_np(t, s, *, mask=None, is_causal=False, window=None,
   return allowed
 
 
-def attention_np(q, k, v, bias=None, *, scale=None, dout=None, **mask_kw):
+def attention_np(q, k, v, bias=None, *, scale=None, dout=None, soft_cap=None,
+                 sinks=None, dlse=None, **mask_kw):
   """Softmax attention in float64.
 
   q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv]; GQA by repeating kv heads.
-  Returns dict(out, lse, probs) and, when `dout` is given, the gradients
-  dq, dk, dv, dbias of sum(out * dout).
+  Logits: z = scale * q.k + bias, then cap * tanh(z / cap) when `soft_cap`
+  (a -inf z stays -inf); `sinks` [N]: a per-head logit in the denominator
+  that carries no value. Returns dict(out, lse, probs, p_sink) and, when
+  `dout` (and optionally `dlse` [B, N, T]) is given, the gradients dq, dk,
+  dv, dbias, dsinks of sum(out * dout) + sum(lse * dlse), by hand.
   """
   q, k, v, bias = _f64(q), _f64(k), _f64(v), _f64(bias)
   b, t, n, h = q.shape
@@ -52,32 +66,50 @@ def attention_np(q, k, v, bias=None, *, scale=None, dout=None, **mask_kw):
   scale = 1.0 / np.sqrt(h) if scale is None else scale
   kr = np.repeat(k, g, axis=2)
   vr = np.repeat(v, g, axis=2)
-  logits = np.einsum("btnh,bsnh->bnts", q, kr) * scale
+  z = np.einsum("btnh,bsnh->bnts", q, kr) * scale
   if bias is not None:
-    logits = logits + bias
+    z = z + bias
+  dcap = np.ones_like(z)
+  if soft_cap is not None:
+    with np.errstate(invalid="ignore"):
+      th = np.tanh(z / soft_cap)
+    logits = np.where(np.isneginf(z), z, soft_cap * th)
+    dcap = np.where(np.isneginf(z), 0.0, 1.0 - th * th)
+  else:
+    logits = z
   allowed = allowed_np(t, s, batch=b, heads=n, **mask_kw)
   masked = np.where(allowed, logits, -np.inf)
-  any_row = allowed.any(-1, keepdims=True)
-  m = np.where(any_row, masked.max(-1, keepdims=True), 0.0)
+  sink = (np.full((1, n, 1, 1), -np.inf) if sinks is None
+          else _f64(sinks).reshape(1, n, 1, 1))
+  row_max = np.max(masked, axis=-1, keepdims=True, initial=-np.inf)
+  m = np.maximum(row_max, sink)
+  m = np.where(np.isfinite(m), m, 0.0)
   e = np.where(allowed, np.exp(masked - m), 0.0)
-  l = e.sum(-1, keepdims=True)
-  p = e / np.where(l > 0, l, 1.0)
+  e_sink = np.exp(sink - m)
+  l = e.sum(-1, keepdims=True) + e_sink
+  safe_l = np.where(l > 0, l, 1.0)
+  p = e / safe_l
+  p_sink = np.where(l > 0, e_sink / safe_l, 0.0)        # [B, N, T, 1]
   out = np.einsum("bnts,bsnd->btnd", p, vr)
-  lse = np.where(any_row[..., 0], (m + np.log(np.where(l > 0, l, 1.0)))[..., 0],
-                 -np.inf)
-  res = dict(out=out, lse=lse, probs=p)
+  lse = np.where(l[..., 0] > 0, (m + np.log(safe_l))[..., 0], -np.inf)
+  res = dict(out=out, lse=lse, probs=p, p_sink=p_sink[..., 0])
   if dout is not None:
     do = _f64(dout)
+    dl = np.zeros((b, n, t, 1)) if dlse is None else _f64(dlse)[..., None]
     dvr = np.einsum("bnts,btnd->bsnd", p, do)
     dp = np.einsum("btnd,bsnd->bnts", do, vr)
-    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-    dq = np.einsum("bnts,bsnh->btnh", ds, kr) * scale
-    dkr = np.einsum("bnts,btnh->bsnh", ds, q) * scale
+    delta = (dp * p).sum(-1, keepdims=True)      # = <dout, out> per row
+    ds = p * (dp - delta + dl)                   # d/d(final logits)
+    dz = ds * dcap                               # through the soft cap
+    dq = np.einsum("bnts,bsnh->btnh", dz, kr) * scale
+    dkr = np.einsum("bnts,btnh->bsnh", dz, q) * scale
     res["dq"] = dq
     res["dk"] = dkr.reshape(b, s, kh, g, h).sum(3)
     res["dv"] = dvr.reshape(b, s, kh, g, -1).sum(3)
+    if sinks is not None:
+      res["dsinks"] = (p_sink * (dl - delta)).sum(axis=(0, 2, 3))
     if bias is not None:
-      db = ds
+      db = dz
       # Sum over broadcast dims of the bias.
       bshape = (1,) * (4 - bias.ndim) + bias.shape
       axes = tuple(a for a in range(4) if bshape[a] == 1 and ds.shape[a] != 1)

@@ -21,6 +21,14 @@ attention costs about half of non-causal.
 Padding: T and S are padded up to multiples of the block sizes outside the
 custom_vjp (so autodiff handles the padding); padded keys are masked.
 
+Soft cap, sinks, position offsets and precision (see `_common`): the cap is
+applied to each block's logits (its derivative 1 - tanh^2 recomputed in the
+backward); a head's sink logit starts each row's running max and normalizer
+(m = sink, l = 1), so it takes its share of the softmax mass and no value,
+and its gradient is -sum_rows p_sink * (rowsum(dO * O) - dlse); the position
+shift moves the band (loop bounds and masks), per example when the offsets
+are arrays.
+
 Layout: inside the custom_vjp everything is head-major (q [B, K, G, T, H],
 k/v [B, K, S, H]), so every block product is a plain batched matmul with no
 per-block transposes; the wrapper transposes once on the way in and out.
@@ -31,12 +39,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from pallas_kernels._rules import round_up
 
 from attnjax.softmax._common import (AttentionCall, KV_PAD_SEGMENT,
                                      MASK_VALUE, Q_PAD_SEGMENT,
@@ -61,10 +71,17 @@ class _Config:
   block_kv: int
   kv_len: int      # true key length; keys at or past it are padding
   dropout_rate: float = 0.0
+  shift: int = 0   # static position shift (query i at key coordinate i+shift)
+  soft_cap: Optional[float] = None
+  precision: Optional[Tuple[Any, Any]] = None   # (q.k, p.v)
 
+  @property
+  def prec_qk(self):
+    return None if self.precision is None else self.precision[0]
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
+  @property
+  def prec_pv(self):
+    return None if self.precision is None else self.precision[1]
 
 
 def _slice_blocks(x, i, j, bq, bk):
@@ -76,12 +93,16 @@ def _slice_blocks(x, i, j, bq, bk):
   return x
 
 
-def _block_mask(cfg: _Config, i, j, mask, q_seg, kv_seg, s_pad):
-  """Boolean mask broadcastable to [B, K, G, bq, bk] for block (i, j)."""
+def _block_mask(cfg: _Config, i, j, mask, q_seg, kv_seg, s_pad, shift=None):
+  """Boolean mask broadcastable to [B, K, G, bq, bk] for block (i, j);
+  `shift` (int32 [B] or None) adds to cfg.shift per example."""
   bq, bk = cfg.block_q, cfg.block_kv
   parts = []
-  qpos = i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
+  qpos = i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None] + cfg.shift
   kpos = j * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]
+  if shift is not None:   # per example: rank 5 (explicit, rank-promotion safe)
+    qpos = qpos[None, None, None] + shift.reshape(-1, 1, 1, 1, 1)
+    kpos = kpos[None, None, None]
   if cfg.kv_len < s_pad:
     parts.append(kpos < cfg.kv_len)
   if math.isfinite(cfg.left):
@@ -102,13 +123,22 @@ def _block_mask(cfg: _Config, i, j, mask, q_seg, kv_seg, s_pad):
   return out
 
 
-def _block_logits(cfg: _Config, qi, kj, bias, i, j):
+def _block_logits(cfg: _Config, qi, kj, bias, i, j, with_cap_grad=False):
+  """Scaled, biased, soft-capped logits of block (i, j) (float32); with
+  `with_cap_grad` also d(capped)/d(uncapped) (None without a cap)."""
   s = jnp.einsum("bkgqh,bkch->bkgqc", qi, kj,
-                 preferred_element_type=jnp.float32) * cfg.scale
+                 preferred_element_type=jnp.float32,
+                 precision=cfg.prec_qk) * cfg.scale
   if bias is not None:
     s = s + _slice_blocks(bias, i, j, cfg.block_q, cfg.block_kv).astype(
         jnp.float32)
-  return s
+  dcap = None
+  if cfg.soft_cap is not None:
+    th = jnp.tanh(s / cfg.soft_cap)
+    dcap = 1.0 - th * th
+    # A -inf logit (from a -inf bias) stays -inf: it still masks.
+    s = jnp.where(jnp.isneginf(s), s, cfg.soft_cap * th)
+  return (s, dcap) if with_cap_grad else s
 
 
 def _mix32(x):
@@ -177,31 +207,42 @@ def _dropped(cfg: _Config, x, keep):
   return jnp.where(keep, x / (1.0 - cfg.dropout_rate), 0.0)
 
 
-def _kv_range(cfg: _Config, i, nk_valid: int):
-  """Key blocks [lo, hi) that query block i can see."""
+def _shift_bounds(cfg: _Config, shift):
+  """(smallest, largest) position shift over the batch."""
+  if shift is None:
+    return cfg.shift, cfg.shift
+  return cfg.shift + jnp.min(shift), cfg.shift + jnp.max(shift)
+
+
+def _kv_range(cfg: _Config, i, nk_valid: int, shift=None):
+  """Key blocks [lo, hi) that query block i can see (hi <= lo: none)."""
   bq, bk = cfg.block_q, cfg.block_kv
   lo = jnp.int32(0)
   hi = jnp.int32(nk_valid)
+  sh_lo, sh_hi = _shift_bounds(cfg, shift)
   if math.isfinite(cfg.left):
-    lo = jnp.maximum(0, (i * bq - int(cfg.left)) // bk)
+    lo = jnp.maximum(0, (i * bq + sh_lo - int(cfg.left)) // bk)
   if math.isfinite(cfg.right):
-    hi = jnp.minimum(nk_valid, (i * bq + bq - 1 + int(cfg.right)) // bk + 1)
+    hi = jnp.minimum(nk_valid,
+                     (i * bq + bq - 1 + sh_hi + int(cfg.right)) // bk + 1)
   return lo, hi
 
 
-def _q_range(cfg: _Config, j, nq: int):
-  """Query blocks [lo, hi) that can see key block j."""
+def _q_range(cfg: _Config, j, nq: int, shift=None):
+  """Query blocks [lo, hi) that can see key block j (hi <= lo: none)."""
   bq, bk = cfg.block_q, cfg.block_kv
   lo = jnp.int32(0)
   hi = jnp.int32(nq)
+  sh_lo, sh_hi = _shift_bounds(cfg, shift)
   if math.isfinite(cfg.right):
-    lo = jnp.maximum(0, (j * bk - int(cfg.right)) // bq)
+    lo = jnp.maximum(0, (j * bk - sh_hi - int(cfg.right)) // bq)
   if math.isfinite(cfg.left):
-    hi = jnp.minimum(nq, (j * bk + bk - 1 + int(cfg.left)) // bq + 1)
+    hi = jnp.minimum(nq, (j * bk + bk - 1 - sh_lo + int(cfg.left)) // bq + 1)
   return lo, hi
 
 
-def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng):
+def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks,
+             shift):
   b, nkv, g, t_pad, h = q.shape
   s_pad, hv = k.shape[2], v.shape[-1]
   bq, bk = cfg.block_q, cfg.block_kv
@@ -216,7 +257,7 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng):
       kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
       vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
       s = _block_logits(cfg, qi, kj, bias, i, j)
-      msk = _block_mask(cfg, i, j, mask, q_seg, kv_seg, s_pad)
+      msk = _block_mask(cfg, i, j, mask, q_seg, kv_seg, s_pad, shift)
       if msk is not None:
         s = jnp.where(msk, s, MASK_VALUE)
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -231,14 +272,20 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng):
       keep = _block_keep(cfg, rng, i, j, p.shape)
       pv = jnp.einsum("bkgqc,bkcd->bkgqd",
                       _dropped(cfg, p, keep).astype(v.dtype), vj,
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=jnp.float32,
+                      precision=cfg.prec_pv)
       acc = alpha[..., None] * acc + pv
       return acc, m_new, l
 
-    init = (jnp.zeros((b, nkv, g, bq, hv), jnp.float32),
-            jnp.full((b, nkv, g, bq), -jnp.inf, jnp.float32),
-            jnp.zeros((b, nkv, g, bq), jnp.float32))
-    lo, hi = _kv_range(cfg, i, nk_valid)
+    if sinks is None:
+      m0 = jnp.full((b, nkv, g, bq), -jnp.inf, jnp.float32)
+      l0 = jnp.zeros((b, nkv, g, bq), jnp.float32)
+    else:
+      # The sink starts the row: running max = sink, normalizer exp(0) = 1.
+      m0 = jnp.broadcast_to(sinks, (b, nkv, g, bq))
+      l0 = jnp.where(jnp.isneginf(m0), 0.0, 1.0)
+    init = (jnp.zeros((b, nkv, g, bq, hv), jnp.float32), m0, l0)
+    lo, hi = _kv_range(cfg, i, nk_valid, shift)
     acc, m, l = lax.fori_loop(lo, hi, body, init)
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]
     # Rows with nothing to attend to: the finite sentinel MASK_VALUE (the
@@ -254,13 +301,15 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng):
-  return _forward(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng)
+def _chunked(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks, shift):
+  return _forward(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks, shift)
 
 
-def _chunked_fwd(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng):
-  out, lse = _forward(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng)
-  return (out, lse), (q, k, v, bias, mask, q_seg, kv_seg, rng, out, lse)
+def _chunked_fwd(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks, shift):
+  out, lse = _forward(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks,
+                      shift)
+  return (out, lse), (q, k, v, bias, mask, q_seg, kv_seg, rng, sinks, shift,
+                      out, lse)
 
 
 def _reduce_to(x, shape):
@@ -271,7 +320,7 @@ def _reduce_to(x, shape):
 
 
 def _chunked_bwd(cfg, res, cts):
-  q, k, v, bias, mask, q_seg, kv_seg, rng, out, lse = res
+  q, k, v, bias, mask, q_seg, kv_seg, rng, sinks, shift, out, lse = res
   dout, dlse = cts
   b, nkv, g, t_pad, h = q.shape
   s_pad, hv = k.shape[2], v.shape[-1]
@@ -297,8 +346,8 @@ def _chunked_bwd(cfg, res, cts):
       doi = lax.dynamic_slice_in_dim(dout, i * bq, bq, axis=3)
       lse_i = lax.dynamic_slice_in_dim(lse_safe, i * bq, bq, axis=3)
       r_i = lax.dynamic_slice_in_dim(row_term, i * bq, bq, axis=3)
-      s = _block_logits(cfg, qi, kj, bias, i, j)
-      msk = _block_mask(cfg, i, j, mask, q_seg, kv_seg, s_pad)
+      s, dcap = _block_logits(cfg, qi, kj, bias, i, j, with_cap_grad=True)
+      msk = _block_mask(cfg, i, j, mask, q_seg, kv_seg, s_pad, shift)
       if msk is not None:
         s = jnp.where(msk, s, MASK_VALUE)
       p = jnp.exp(s - lse_i[..., None])
@@ -310,17 +359,23 @@ def _chunked_bwd(cfg, res, cts):
       keep = _block_keep(cfg, rng, i, j, p.shape)   # once for dV and dP
       dv = dv + jnp.einsum("bkgqc,bkgqd->bkcd",
                            _dropped(cfg, p, keep).astype(dout.dtype),
-                           doi, preferred_element_type=jnp.float32)
+                           doi, preferred_element_type=jnp.float32,
+                           precision=cfg.prec_pv)
       dp = jnp.einsum("bkgqd,bkcd->bkgqc", doi, vj,
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=jnp.float32,
+                      precision=cfg.prec_pv)
       ds = p * (_dropped(cfg, dp, keep) - r_i[..., None])
+      if dcap is not None:
+        ds = ds * dcap    # through the soft cap
       dqi = jnp.einsum("bkgqc,bkch->bkgqh", ds.astype(k.dtype), kj,
-                       preferred_element_type=jnp.float32)
+                       preferred_element_type=jnp.float32,
+                       precision=cfg.prec_qk)
       dq = lax.dynamic_update_slice_in_dim(
           dq, lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=3) + dqi,
           i * bq, axis=3)
       dk = dk + jnp.einsum("bkgqc,bkgqh->bkch", ds.astype(q.dtype), qi,
-                           preferred_element_type=jnp.float32)
+                           preferred_element_type=jnp.float32,
+                           precision=cfg.prec_qk)
       if dbias is not None:
         shape = bias.shape[:3] + (bq if bias.shape[3] != 1 else 1,
                                   bk if bias.shape[4] != 1 else 1)
@@ -333,7 +388,7 @@ def _chunked_bwd(cfg, res, cts):
 
     init = (jnp.zeros((b, nkv, bk, h), jnp.float32),
             jnp.zeros((b, nkv, bk, hv), jnp.float32), dq, dbias)
-    lo, hi = _q_range(cfg, j, nq)
+    lo, hi = _q_range(cfg, j, nq, shift)
     dk, dv, dq, dbias = lax.fori_loop(lo, hi, body, init)
     return (dq, dbias), (dk, dv)
 
@@ -346,8 +401,15 @@ def _chunked_bwd(cfg, res, cts):
   dv = jnp.moveaxis(dvs, 0, 2).reshape(b, nkv, s_pad, hv)
   dq = dq * cfg.scale
   dbias = None if dbias is None else dbias.astype(bias.dtype)
+  dsinks = None
+  if sinks is not None:
+    # d lse / d sink = p_sink, d out / d sink = -p_sink * out: the row
+    # cotangent is p_sink * (dlse - rowsum(dO * O)) = -p_sink * row_term.
+    p_sink = jnp.exp(sinks - lse_safe)
+    dsinks = -jnp.sum(p_sink * row_term, axis=(0, 3), keepdims=True)
+    dsinks = dsinks.astype(sinks.dtype)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias,
-          None, None, None, None)
+          None, None, None, None, dsinks, None)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
@@ -383,13 +445,21 @@ def chunked_attention(call: AttentionCall, *, block_q: Optional[int] = None,
   if 0 in (b, t, n, s, h, hv):
     return empty_result(call, need_lse)
   dq_, dk_ = default_blocks()
-  bq = min(int(block_q or dq_), _round_up(t, 8))
-  bk = min(int(block_kv or dk_), _round_up(s, 8))
-  t_pad, s_pad = _round_up(t, bq), _round_up(s, bk)
+  bq = min(int(block_q or dq_), round_up(t, 8))
+  bk = min(int(block_kv or dk_), round_up(s, 8))
+  t_pad, s_pad = round_up(t, bq), round_up(s, bk)
   left, right = call.effective_window() or (math.inf, math.inf)
+  static_shift = isinstance(call.position_shift, int)
+  shift = None if static_shift else jnp.asarray(call.position_shift,
+                                                jnp.int32)
   cfg = _Config(scale=call.scale, left=float(left), right=float(right),
                 block_q=bq, block_kv=bk, kv_len=s,
-                dropout_rate=float(call.dropout_rate))
+                dropout_rate=float(call.dropout_rate),
+                shift=call.position_shift if static_shift else 0,
+                soft_cap=call.soft_cap, precision=call.precision)
+  sinks = None
+  if call.sinks is not None:
+    sinks = call.sinks.astype(jnp.float32).reshape(1, nkv, g, 1)
   rng = None
   if cfg.dropout_rate > 0.0:
     rng = call.dropout_rng
@@ -410,7 +480,8 @@ def chunked_attention(call: AttentionCall, *, block_q: Optional[int] = None,
                     constant_values=Q_PAD_SEGMENT)
     kv_seg = jnp.pad(call.kv_segment_ids, ((0, 0), (0, s_pad - s)),
                      constant_values=KV_PAD_SEGMENT)
-  out, lse = _chunked(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng)
+  out, lse = _chunked(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks,
+                      shift)
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, t_pad, n, hv)[:, :t]
   if not need_lse:
     return out, None
