@@ -13,17 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def check_rank(name: str, x, ranks: Sequence[int]) -> None:
-  if x.ndim not in ranks:
-    raise ValueError(
-        f"`{name}` must have rank in {tuple(ranks)}, got shape {tuple(x.shape)} "
-        f"(rank {x.ndim}).")
-
-
-def check_floating(name: str, x) -> None:
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"`{name}` must be floating point, got dtype {x.dtype}.")
+# The q/k/v layout check, integer scalars and window normalisation are rules
+# the kernels share: one definition, in pallas_kernels/_rules.py.
+from pallas_kernels._rules import (check_floating, check_qkv, check_rank,  # noqa: F401
+                                   is_int, normalize_window)
 
 
 def check_broadcastable(name: str, x, target: Sequence[int], *,
@@ -55,69 +48,6 @@ def as_array(name: str, x):
           f"not convert it: {e}") from None
   raise TypeError(
       f"`{name}` must be an array, got {type(x).__name__}.")
-
-
-def check_qkv(query, key, value, *, allow_unbatched: bool = True,
-              same_value_dim: bool = False):
-  """Validates BTNH / BSKH attention inputs; returns (B, T, N, S, K, H, Hv).
-
-  Unbatched rank-3 inputs are accepted when `allow_unbatched`; the caller is
-  responsible for adding/removing the batch dim.
-  """
-  ranks = (3, 4) if allow_unbatched else (4,)
-  check_rank("query", query, ranks)
-  check_rank("key", key, ranks)
-  check_rank("value", value, ranks)
-  if not (query.ndim == key.ndim == value.ndim):
-    raise ValueError(
-        "`query`, `key` and `value` must have the same rank, got shapes "
-        f"query={tuple(query.shape)}, key={tuple(key.shape)}, "
-        f"value={tuple(value.shape)}.")
-  for n, x in (("query", query), ("key", key), ("value", value)):
-    check_floating(n, x)
-  q = query.shape if query.ndim == 4 else (1,) + tuple(query.shape)
-  k = key.shape if key.ndim == 4 else (1,) + tuple(key.shape)
-  v = value.shape if value.ndim == 4 else (1,) + tuple(value.shape)
-  b, t, n, h = q
-  bk, s, kh, hk = k
-  bv, sv, kv, hv = v
-  if bk != b or bv != b:
-    raise ValueError(
-        "batch sizes of `query`, `key`, `value` differ: shapes "
-        f"query={tuple(query.shape)}, key={tuple(key.shape)}, "
-        f"value={tuple(value.shape)}.")
-  if hk != h:
-    raise ValueError(
-        f"`key` head_dim {hk} must equal `query` head_dim {h}: shapes "
-        f"query={tuple(query.shape)}, key={tuple(key.shape)}.")
-  if sv != s or kv != kh:
-    raise ValueError(
-        "`key` and `value` must agree in kv_len and kv_heads: shapes "
-        f"key={tuple(key.shape)}, value={tuple(value.shape)}.")
-  if same_value_dim and hv != h:
-    raise ValueError(
-        f"`value` head_dim {hv} must equal `query` head_dim {h} for this "
-        f"implementation: shapes query={tuple(query.shape)}, "
-        f"value={tuple(value.shape)}.")
-  if kh == 0 or n % kh != 0:
-    raise ValueError(
-        f"`query` heads ({n}) must be a multiple of `key`/`value` heads ({kh}) "
-        f"for grouped-query attention: shapes query={tuple(query.shape)}, "
-        f"key={tuple(key.shape)}.")
-  return b, t, n, s, kh, h, hv
-
-
-def is_int(x) -> bool:
-  """True for Python/NumPy/JAX integer scalars (not bools, not floats)."""
-  if isinstance(x, (bool, np.bool_)):
-    return False
-  if isinstance(x, (int, np.integer)):
-    return True
-  shape = getattr(x, "shape", None)
-  dtype = getattr(x, "dtype", None)
-  return (shape == () and dtype is not None
-          and jnp.issubdtype(dtype, jnp.integer)
-          and not isinstance(x, jax.core.Tracer))
 
 
 def check_int(name: str, x, *, min_value=None, allow_none: bool = False):
@@ -162,34 +92,6 @@ def check_scale(name: str, scale):
   if not math.isfinite(v):
     raise ValueError(f"`{name}` must be finite, got {scale!r}.")
   return v
-
-
-def normalize_window(local_window_size, name: str = "local_window_size"):
-  """int w -> (w, w); (left, right) kept; None -> None. Validates values.
-
-  Integers may be Python, NumPy or concrete JAX scalars; floats (scalar or in
-  the pair) and bools are refused rather than truncated.
-  """
-  if local_window_size is None:
-    return None
-  if is_int(local_window_size):
-    left = right = local_window_size
-  else:
-    try:
-      left, right = local_window_size
-    except (TypeError, ValueError):
-      raise ValueError(
-          f"`{name}` must be an int or a (left, right) pair of ints, got "
-          f"{local_window_size!r}.") from None
-    if not (is_int(left) and is_int(right)):
-      raise ValueError(
-          f"`{name}` must be an int or a (left, right) pair of ints, got "
-          f"{local_window_size!r}.")
-  left, right = int(left), int(right)
-  if left < 0 or right < 0:
-    raise ValueError(
-        f"`{name}` must be non-negative, got {local_window_size!r}.")
-  return left, right
 
 
 def check_implementation(implementation, mechanism: str,

@@ -9,6 +9,8 @@ import jax
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels._rules import cdiv, round_up  # noqa: F401  (one definition)
+
 
 def target_platform() -> str:
   """'cpu' | 'gpu' | 'tpu': the platform kernels are being built for.
@@ -32,14 +34,6 @@ def resolve_interpret(interpret: Optional[bool]) -> bool:
   if interpret is None:
     return target_platform() == "cpu"
   return bool(interpret)
-
-
-def cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def round_up(x: int, m: int) -> int:
-  return cdiv(x, m) * m
 
 
 def next_pow2(x: int) -> int:

@@ -40,20 +40,19 @@ from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._util import (cdiv, check_float, check_rank,
-                                  compiler_params, lcm, next_pow2,
-                                  resolve_interpret, round_up,
+from pallas_kernels._rules import (KV_PAD_SEGMENT, MASK_VALUE, Q_PAD_SEGMENT,
+                                   cdiv, check_qkv, default_scale,
+                                   normalize_window, round_up)
+from pallas_kernels._util import (check_float, compiler_params, lcm,
+                                  next_pow2, resolve_interpret,
                                   target_platform)
 
 # Finite "minus infinity" for masked logits: keeps exp/max free of inf - inf.
-_NEG = -1e30
-_Q_PAD = -(2**31)
-_KV_PAD = -(2**31) + 1
+_NEG = MASK_VALUE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -695,33 +694,6 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # Public entry points
 # ----------------------------------------------------------------------------
 
-def _is_int(x) -> bool:
-  """Python / NumPy / concrete JAX integer scalar (not bool, not float)."""
-  if isinstance(x, (bool, np.bool_)):
-    return False
-  if isinstance(x, (int, np.integer)):
-    return True
-  return (getattr(x, "shape", None) == () and not isinstance(x, jax.core.Tracer)
-          and jnp.issubdtype(getattr(x, "dtype", jnp.float32), jnp.integer))
-
-
-def _normalize_window(local_window_size):
-  if local_window_size is None:
-    return None
-  if _is_int(local_window_size):
-    w = (local_window_size, local_window_size)
-  else:
-    try:
-      w = tuple(local_window_size)
-    except TypeError:
-      w = ()
-  if len(w) != 2 or any((not _is_int(x)) or int(x) < 0 for x in w):
-    raise ValueError(
-        "`local_window_size` must be an int >= 0 or a (left, right) pair of "
-        f"ints >= 0, got {local_window_size!r}.")
-  return int(w[0]), int(w[1])
-
-
 def _kv_live(mask, q_segment_ids, kv_segment_ids, right, t, s, n, nkv):
   """Bool [B|1, S, K|1, 1]: False at key slots no query can attend (a mask
   column False for every query of the kv head's group, a kv segment id no
@@ -766,32 +738,9 @@ def _as4d(name, x, target):
 
 
 def check_inputs(query, key, value):
-  """Validates [B, T, N, H] / [B, S, K, H] / [B, S, K, Hv]; returns dims."""
-  check_rank("query", query, 4, "[batch, q_len, heads, head_dim]")
-  check_rank("key", key, 4, "[batch, kv_len, kv_heads, head_dim]")
-  check_rank("value", value, 4, "[batch, kv_len, kv_heads, v_head_dim]")
-  for nm, x in (("query", query), ("key", key), ("value", value)):
-    check_float(nm, x)
-  b, t, n, h = query.shape
-  bk_, s, nkv, hk = key.shape
-  bv, sv, nv, hv = value.shape
-  if not (b == bk_ == bv):
-    raise ValueError(
-        "batch sizes differ: query {}, key {}, value {}.".format(
-            query.shape, key.shape, value.shape))
-  if s != sv or nkv != nv:
-    raise ValueError(
-        f"`key` {key.shape} and `value` {value.shape} must agree on kv_len and "
-        "kv_heads.")
-  if hk != h:
-    raise ValueError(
-        f"`query` {query.shape} and `key` {key.shape} must have the same "
-        "head_dim.")
-  if nkv == 0 or n % nkv != 0:
-    raise ValueError(
-        f"query heads ({n}, shape {query.shape}) must be a multiple of kv "
-        f"heads ({nkv}, key shape {key.shape}).")
-  return b, t, n, s, nkv, h, hv
+  """Validates [B, T, N, H] / [B, S, K, H] / [B, S, K, Hv]; returns dims
+  (B, T, N, S, K, H, Hv). The rule is `_rules.check_qkv`."""
+  return check_qkv(query, key, value, allow_unbatched=False)
 
 
 def _pad_head_dims(cfg) -> bool:
@@ -812,9 +761,8 @@ def _flash_entry(query, key, value, *, bias, mask, is_causal, scale,
   if scale is not None:
     if isinstance(scale, jax.core.Tracer) or not math.isfinite(float(scale)):
       raise ValueError(f"`scale` must be a finite number, got {scale!r}.")
-  if scale is None:
-    scale = 1.0 / math.sqrt(h) if h else 1.0
-  window = _normalize_window(local_window_size)
+  scale = default_scale(scale, h)
+  window = normalize_window(local_window_size)
   if window is not None:
     # Reaches past t + s are unbounded in effect: cap them (int32-safe).
     window = (min(window[0], t + s), min(window[1], t + s))
@@ -884,9 +832,9 @@ def _flash_entry(query, key, value, *, bias, mask, is_causal, scale,
           f"`kv_segment_ids` must be an int array of shape {(b, s)}, got "
           f"{kv_segment_ids.shape} ({kv_segment_ids.dtype}).")
     qseg = jnp.pad(q_segment_ids.astype(jnp.int32), ((0, 0), (0, tp - t)),
-                   constant_values=_Q_PAD)[:, :, None]
+                   constant_values=Q_PAD_SEGMENT)[:, :, None]
     kvseg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, sp - s)),
-                    constant_values=_KV_PAD)[:, None, :]
+                    constant_values=KV_PAD_SEGMENT)[:, None, :]
   live = _kv_live(
       None if mask is None else mask[:, :, :t, :s] != 0,
       None if qseg is None else qseg[:, :t, 0],
@@ -972,7 +920,7 @@ def mha_reference(query, key, value, *, is_causal: bool = False,
   """Plain-jnp softmax attention with the same semantics (float32 math)."""
   b, t, n, s, nkv, h, hv = check_inputs(query, key, value)
   g = n // nkv
-  scale = 1.0 / math.sqrt(h) if scale is None else scale
+  scale = default_scale(scale, h)
   kf = jnp.repeat(key.astype(jnp.float32), g, axis=2)
   vf = jnp.repeat(value.astype(jnp.float32), g, axis=2)
   logits = jnp.einsum("btnh,bsnh->bnts", query.astype(jnp.float32), kf,
@@ -984,7 +932,7 @@ def mha_reference(query, key, value, *, is_causal: bool = False,
   kj = jnp.arange(s)[None, :]
   if is_causal:
     valid = valid & (kj <= qi)
-  window = _normalize_window(local_window_size)
+  window = normalize_window(local_window_size)
   if window is not None:
     valid = valid & (kj >= qi - window[0]) & (kj <= qi + window[1])
   if mask is not None:

@@ -63,13 +63,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import math
 import threading
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels._rules import (cdiv, check_qkv, default_scale,
+                                   normalize_window)
 
 _TRITON_IMPORT_ERROR: Optional[str] = None
 try:  # Guarded: attnjax and pallas_kernels work without triton.
@@ -395,10 +397,6 @@ def _sds(x):
   return jax.ShapeDtypeStruct(tuple(x.shape), jnp.dtype(x.dtype))
 
 
-def _cdiv(a, b):
-  return -(-a // b)
-
-
 def _launch(name, st: _Static, kcfg: KernelConfig, q, k, inputs, outs, grid):
   b, n, t, h = q.shape
   nkv, s = k.shape[1], k.shape[2]
@@ -417,14 +415,14 @@ def _fwd_launch(st: _Static, q, k, v) -> _Launch:
   c = st.config.fwd
   outs = (_sds(q), jax.ShapeDtypeStruct((b, n, t), jnp.float32))
   return _launch("fwd", st, c, q, k, (q, k, v), outs,
-                 (_cdiv(t, c.block_q), b * n))
+                 (cdiv(t, c.block_q), b * n))
 
 
 def _dq_launch(st: _Static, q, k, v, do, lse, delta) -> _Launch:
   b, n, t, _ = q.shape
   c = st.config.dq
   return _launch("dq", st, c, q, k, (q, k, v, do, lse, delta), (_sds(q),),
-                 (_cdiv(t, c.block_q), b * n))
+                 (cdiv(t, c.block_q), b * n))
 
 
 def _dkv_launch(st: _Static, q, k, v, do, lse, delta) -> _Launch:
@@ -433,7 +431,7 @@ def _dkv_launch(st: _Static, q, k, v, do, lse, delta) -> _Launch:
   c = st.config.dkv
   per_head = jax.ShapeDtypeStruct((b, n, s, h), jnp.float32)
   return _launch("dkv", st, c, q, k, (q, k, v, do, lse, delta),
-                 (per_head, per_head), (_cdiv(s, c.block_kv), b * n))
+                 (per_head, per_head), (cdiv(s, c.block_kv), b * n))
 
 
 # --------------------------------------------------------------------------
@@ -679,18 +677,11 @@ _DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16),
 
 
 def _check_inputs(query, key, value):
-  """Shape/dtype checks shared by the public entry points; returns G."""
-  if len(query.shape) != 4 or len(key.shape) != 4 or (
-      tuple(value.shape) != tuple(key.shape)):
-    raise ValueError(
-        f"need query [B, T, N, H] and key/value [B, S, K, H] of equal shape; "
-        f"got query {query.shape}, key {key.shape}, value {value.shape}.")
-  b, t, n, h = query.shape
-  nkv = key.shape[2]
-  if key.shape[0] != b or key.shape[-1] != h or n % nkv:
-    raise ValueError(
-        f"`query` {query.shape} and `key` {key.shape} must share batch and "
-        "head_dim, with query heads a multiple of kv heads.")
+  """Shape/dtype checks shared by the public entry points: the layout rule
+  (`_rules.check_qkv`, value head_dim equal to head_dim) as ValueError, then
+  what the Triton kernels cannot serve as NotImplementedError."""
+  b, t, n, s, nkv, h, hv = check_qkv(query, key, value, allow_unbatched=False,
+                                     same_value_dim=True)
   if h < 16 or h > 256 or h & (h - 1):
     raise NotImplementedError(
         f"Triton flash attention needs a power-of-two head_dim in [16, 256], "
@@ -708,15 +699,10 @@ def _check_inputs(query, key, value):
 
 
 def _window(local_window_size):
-  """None, int w or (left, right) -> None or (left, right) of ints >= 0."""
-  if local_window_size is None:
-    return None
-  w = local_window_size
-  w = (w, w) if isinstance(w, int) else tuple(w)
-  if len(w) != 2 or any(not isinstance(x, int) or x < 0 for x in w):
-    raise ValueError("`local_window_size` must be an int >= 0 or a (left, "
-                     f"right) pair of ints >= 0, got {local_window_size!r}.")
-  return (int(min(w[0], 2 ** 30)), int(min(w[1], 2 ** 30)))
+  """None, int w or (left, right) -> None or (left, right) of ints >= 0,
+  capped at 2**30 (the kernels take them as int32 scalars)."""
+  w = normalize_window(local_window_size)
+  return None if w is None else (min(w[0], 2 ** 30), min(w[1], 2 ** 30))
 
 
 def _resolve_config(h, dtype, config, block_q, block_kv, num_warps,
@@ -768,7 +754,7 @@ def triton_flash_attention(query, key, value, *, is_causal: bool = False,
   h = query.shape[-1]
   cfg = _resolve_config(h, query.dtype, config, block_q, block_kv, num_warps,
                         num_stages)
-  scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
+  scale = default_scale(scale, h)
   st = _Static(scale, bool(is_causal), cfg, bool(interpret),
                _window(local_window_size))
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
@@ -859,7 +845,7 @@ def compile_for_cuda(query_shape, key_shape, dtype, *, is_causal: bool,
                 jax.ShapeDtypeStruct(tuple(key_shape), q.dtype),
                 jax.ShapeDtypeStruct(tuple(key_shape), q.dtype))
   cfg = _resolve_config(h, q.dtype, config, None, None, None, None)
-  scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
+  scale = default_scale(scale, h)
   st = _Static(scale, bool(is_causal), cfg, False,
                _window(local_window_size))
   vec = jax.ShapeDtypeStruct((b, n, t), jnp.float32)

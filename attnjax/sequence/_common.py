@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import jax
@@ -10,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax._checks import check_broadcastable, check_qkv
+# One definition each, shared with the kernels (re-exported for the family).
+from pallas_kernels._rules import default_scale, round_up  # noqa: F401
 
 # The four attention patterns a mechanism may support.
 PATTERNS = ("noncausal_self", "causal_self", "noncausal_cross", "causal_cross")
@@ -27,8 +28,6 @@ def prepare_qkv(query, key, value, *, same_value_dim=False):
   return query, key, value, dims, unbatched
 
 
-def default_scale(scale: Optional[float], head_dim: int) -> float:
-  return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
 def key_padding_mask(mask, b: int, n: int, t: int, s: int, *, mechanism: str,
@@ -85,8 +84,6 @@ def reject(name: str, value, mechanism: str, why: str):
   raise NotImplementedError(f"{mechanism} does not support `{name}`: {why}")
 
 
-def round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
 
 
 def pattern_of(is_causal: bool, is_cross: bool) -> str:

@@ -15,6 +15,8 @@ import numpy as np
 
 from attnjax._numerics import masked_softmax  # noqa: F401  (re-exported to the spatial modules)
 from attnjax._checks import check_floating
+# One definition, shared with the kernels (re-exported for the family).
+from pallas_kernels._rules import default_scale  # noqa: F401
 
 
 def _is_int(v) -> bool:
@@ -108,10 +110,6 @@ def repeat_kv(x, num_heads: int):
   """[..., K, H] -> [..., N, H] by repeating each kv head N // K times."""
   k = x.shape[-2]
   return x if k == num_heads else jnp.repeat(x, num_heads // k, axis=-2)
-
-
-def default_scale(scale, head_dim: int) -> float:
-  return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
 def layer_scale(qk_scale, default: float, name: str = "qk_scale") -> float:
