@@ -13,7 +13,8 @@ from attnjax import masks
 from attnjax.softmax import (attention_weights, available_implementations,
                              chunked_dot_product_attention,
                              dot_product_attention,
-                             dot_product_attention_with_lse, register_backend)
+                             dot_product_attention_with_lse, merge_attentions,
+                             register_backend)
 from attnjax.nn import (MLP, MultiHeadAttention, TransformerBlock,
                         TransformerEncoder)
 from attnjax import analysis, distributed, sequence, spatial
@@ -42,7 +43,7 @@ __all__ = [
     # core
     "masks", "attention_weights", "available_implementations",
     "chunked_dot_product_attention", "dot_product_attention",
-    "dot_product_attention_with_lse", "register_backend",
+    "dot_product_attention_with_lse", "merge_attentions", "register_backend",
     "MLP", "MultiHeadAttention", "TransformerBlock", "TransformerEncoder",
     "analysis", "distributed", "sequence", "spatial",
     # sequence family

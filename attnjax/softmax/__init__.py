@@ -34,6 +34,7 @@ from attnjax.softmax._common import (AttentionCall, empty_result, prepare,
                                      restore_batch)
 from attnjax.softmax.chunked import chunked_attention
 from attnjax.softmax.cudnn import cudnn_attention
+from attnjax.softmax.merge import merge_attentions
 from attnjax.softmax.xla import attention_probs, xla_attention
 
 _BACKENDS: Dict[str, Callable] = {}
@@ -224,33 +225,48 @@ def dot_product_attention_with_lse(query, key, value, bias=None, mask=None, *,
   [..., T, N]. Useful to merge partial attentions (ring/split-KV) with
   `merge_attentions`.
   """
+  _check_lse_options(lse_layout, lse_gradient)
+  call, batch_shape = prepare(query, key, value, bias, mask, **kwargs)
+  out, lse = _run(call, implementation, need_lse=True)
+  lse = _lse_options(lse, lse_layout, lse_gradient)
+  return restore_batch(out, batch_shape), restore_batch(lse, batch_shape)
+
+
+def _check_lse_options(lse_layout, lse_gradient):
   if lse_layout not in ("BNT", "BTN"):
     raise ValueError(
         f"`lse_layout` must be 'BNT' or 'BTN', got {lse_layout!r}.")
   if not isinstance(lse_gradient, (bool, np.bool_)):
     raise ValueError(f"`lse_gradient` must be a bool, got {lse_gradient!r}.")
-  call, batch_shape = prepare(query, key, value, bias, mask, **kwargs)
-  out, lse = _run(call, implementation, need_lse=True)
+
+
+def _lse_options(lse, lse_layout, lse_gradient):
+  """[B, N, T] lse -> the layout / gradient asked for."""
   if not lse_gradient:
     lse = jax.lax.stop_gradient(lse)
-  if lse_layout == "BTN":
-    lse = jnp.swapaxes(lse, 1, 2)
-  return restore_batch(out, batch_shape), restore_batch(lse, batch_shape)
+  return jnp.swapaxes(lse, 1, 2) if lse_layout == "BTN" else lse
 
 
 def chunked_dot_product_attention(query, key, value, bias=None, mask=None, *,
                                   block_q: Optional[int] = None,
                                   block_kv: Optional[int] = None,
-                                  return_lse: bool = False, **kwargs):
+                                  return_lse: bool = False,
+                                  lse_layout: str = "BNT",
+                                  lse_gradient: bool = True, **kwargs):
   """`implementation='chunked'` with explicit block sizes.
 
   Same arguments as `dot_product_attention`; `block_q` / `block_kv` set the
   query and key/value block lengths (defaults per platform, see
   `attnjax.softmax.chunked.default_blocks`; capped at the sequence lengths). Peak memory grows with block_q * block_kv, not T * S.
+  `return_lse=True` also returns the lse, shaped and differentiable as
+  `lse_layout` / `lse_gradient` say (see `dot_product_attention_with_lse`).
   """
+  _check_lse_options(lse_layout, lse_gradient)
   call, batch_shape = prepare(query, key, value, bias, mask, **kwargs)
   out, lse = chunked_attention(call, block_q=block_q, block_kv=block_kv,
                                need_lse=return_lse)
+  if lse is not None:
+    lse = _lse_options(lse, lse_layout, lse_gradient)
   out, lse = restore_batch(out, batch_shape), restore_batch(lse, batch_shape)
   return (out, lse) if return_lse else out
 
@@ -274,5 +290,6 @@ __all__ = [
     "AttentionCall", "attention_weights", "available_implementations",
     "chunked_attention", "chunked_dot_product_attention",
     "dot_product_attention",
-    "dot_product_attention_with_lse", "register_backend", "xla_attention",
+    "dot_product_attention_with_lse", "merge_attentions", "register_backend",
+    "xla_attention",
 ]

@@ -329,7 +329,7 @@ def _chunked_bwd(cfg, res, cts):
 
   # D_i = rowsum(dO * O): [B, K, G, T].
   delta = jnp.einsum("bkgtd,bkgtd->bkgt", dout.astype(jnp.float32),
-                     out.astype(jnp.float32))
+                     out.astype(jnp.float32), precision=cfg.prec_pv)
   lse_safe = jnp.where(lse == MASK_VALUE, 0.0, lse)
   dlse = jnp.zeros_like(lse) if dlse is None else dlse.astype(jnp.float32)
   # ds = p * (dp - D + dlse): fold the two row terms into one.

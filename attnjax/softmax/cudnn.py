@@ -15,7 +15,9 @@ from attnjax.softmax._common import AttentionCall
 
 def cudnn_attention(call: AttentionCall, *, need_lse: bool = False):
   why = None
-  if jax.default_backend() != "gpu":
+  if call.extensions():   # jax.nn.dot_product_attention has none of these
+    why = f"jax.nn.dot_product_attention has no {', '.join(call.extensions())}"
+  elif jax.default_backend() != "gpu":
     why = f"cuDNN needs a GPU (default backend is {jax.default_backend()!r})"
   elif call.query.dtype not in (jnp.float16, jnp.bfloat16):
     why = f"cuDNN attention needs float16/bfloat16, got {call.query.dtype}"

@@ -15,6 +15,10 @@ from pallas_kernels.flash import flash_attention
 
 def pallas_attention(call: AttentionCall, need_lse: bool):
   """Backend entry: (out [B, T, N, Hv], lse [B, N, T] float32)."""
+  if call.extensions():   # soft cap, sinks, offsets, precision: not in the kernel
+    raise NotImplementedError(
+        f"implementation='pallas' does not support {', '.join(call.extensions())}; "
+        "use implementation='xla' or 'chunked'.")
   if call.dropout_rate > 0.0:
     raise NotImplementedError(
         "implementation='pallas' does not support attention dropout; use "

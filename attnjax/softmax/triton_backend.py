@@ -17,6 +17,8 @@ from pallas_kernels import triton_flash
 def triton_attention(call: AttentionCall, need_lse: bool):
   del need_lse
   why = triton_flash.why_unavailable()
+  if why is None and call.extensions():   # not in the kernel
+    why = f"no {', '.join(call.extensions())} (use implementation='chunked')"
   if why is None:
     h, hv = call.query.shape[-1], call.value.shape[-1]
     if call.dropout_rate > 0.0:
