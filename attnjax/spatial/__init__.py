@@ -25,6 +25,8 @@ from attnjax.spatial.cswin import (CSWinAttention,
                                    cross_shaped_window_attention,
                                    cross_shaped_window_attention_reference,
                                    stripe_attention)
+from attnjax.spatial.halo import (HaloAttention, halo_attention,
+                                  halo_attention_reference)
 from attnjax.spatial.neighborhood import (NeighborhoodAttention,
                                           neighborhood_attention,
                                           neighborhood_attention_reference,
@@ -72,4 +74,6 @@ __all__ = [
     # CrossViT
     "CrossViTAttention", "CrossViTFusion", "cls_cross_attention",
     "cls_cross_attention_reference",
+    # HaloNet
+    "HaloAttention", "halo_attention", "halo_attention_reference",
 ]

@@ -74,6 +74,7 @@ def _mechanisms(size):
           lambda q, k, v: sp.bi_level_routing_attention(q, k, v, nr, min(4, nr * nr)),
           min(4, nr * nr) * (-(-size // nr)) ** 2),
       "channel": (sp.channel_attention, None),
+      "halo_b8_h3": (lambda q, k, v: sp.halo_attention(q, k, v, 8, 3), 14 * 14),
       "gpsa": (lambda q, k, v: sp.gated_positional_attention(q, k, v, pw, pb, gate),
                s),
   }
@@ -94,6 +95,7 @@ def _gflops(name, kpq, size):
 FIT_MIN_SIZE = 28
 EXPONENT_LIMIT = 1.1
 LINEAR_IN_THEORY = ("neighborhood_k7", "dilated_neighborhood_k7_d2",
+                    "halo_b8_h3",
                     "window_w7", "shifted_window_w7", "grid_g7", "channel")
 
 

@@ -1,0 +1,54 @@
+"""Shared checks for the spatial-zoo mechanisms (issue 21): values and
+gradients against the plain-jnp reference under jit, vmap, bf16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+F32 = lambda x: x.astype(jnp.float32)
+
+
+def normal(key, shape, dtype=jnp.float32):
+  return jax.random.normal(jax.random.key(key), shape, dtype)
+
+
+def check_values_grads_jit_vmap(fn, ref, args, *, batched=(0, 1, 2),
+                                atol=2e-5):
+  """fn(*args) vs ref(*args): values under jit, grads w.r.t. `batched` args,
+  and vmap over a new leading axis of the `batched` args."""
+  out = jax.jit(fn)(*args)
+  want = ref(*args)
+  np.testing.assert_allclose(out, want, atol=atol, rtol=atol)
+  ct = normal(99, out.shape)
+  grad = lambda f: jax.jit(jax.grad(
+      lambda *a: jnp.sum(F32(f(*a)) * ct), argnums=tuple(batched)))(*args)
+  for a, b in zip(grad(fn), grad(ref)):
+    np.testing.assert_allclose(a, b, atol=5 * atol, rtol=5 * atol)
+  axes = tuple(0 if i in batched else None for i in range(len(args)))
+  vargs = tuple(a[None] if i in batched else a for i, a in enumerate(args))
+  vm = jax.vmap(fn, in_axes=axes)(*vargs)[0]
+  np.testing.assert_allclose(vm, out, atol=atol, rtol=atol)
+  return out
+
+
+def check_bf16(fn, ref, args, *, batched=(0, 1, 2), atol=6e-2):
+  """fn on bf16 copies of the `batched` args vs ref in f32."""
+  bargs = tuple(a.astype(jnp.bfloat16) if i in batched else a
+                for i, a in enumerate(args))
+  out = fn(*bargs)
+  assert out.dtype == jnp.bfloat16
+  fargs = tuple(F32(a) if i in batched else a for i, a in enumerate(bargs))
+  np.testing.assert_allclose(F32(out), ref(*fargs), atol=atol, rtol=atol)
+  g = jax.grad(lambda x: F32(fn(x, *bargs[1:])).sum())(bargs[0])
+  gr = jax.grad(lambda x: ref(x, *fargs[1:]).sum())(fargs[0])
+  np.testing.assert_allclose(F32(g), gr, atol=3 * atol, rtol=3 * atol)
+
+
+def softmax64(logits, ok):
+  """float64 NumPy masked softmax over the last axis; empty rows -> 0."""
+  logits = np.where(ok, logits, -np.inf)
+  m = np.max(logits, -1, keepdims=True)
+  m = np.where(np.isfinite(m), m, 0.0)
+  p = np.where(ok, np.exp(logits - m), 0.0)
+  s = p.sum(-1, keepdims=True)
+  return p / np.where(s > 0, s, 1.0)
