@@ -29,6 +29,10 @@ from attnjax.sequence.layers import (AgentAttention, EfficientAttention,
 from attnjax.sequence.linear import (FEATURE_MAPS, linear_attention,
                                      linear_attention_reference)
 from attnjax.sequence import lightning as _lightning
+from attnjax.sequence import based as _based
+from attnjax.sequence.based import (BasedAttention, based_attention,
+                                    based_attention_reference,
+                                    taylor_feature_map)
 from attnjax.sequence.lightning import (LightningAttention,
                                         lightning_attention,
                                         lightning_attention_reference,
@@ -60,11 +64,14 @@ SUPPORT = {
     "mixture_of_heads_attention": _moh.SUPPORT,
     "triplewise_attention": _higher_order.SUPPORT,
     "lightning_attention": _lightning.SUPPORT,
+    "based_attention": _based.SUPPORT,
 }
 
 __all__ = [
     "LightningAttention", "lightning_attention",
     "lightning_attention_reference", "retnet_decays",
+    "BasedAttention", "based_attention", "based_attention_reference",
+    "taylor_feature_map",
     "AgentAttention", "EfficientAttention", "FEATURE_MAPS", "LinearAttention",
     "MoBAAttention", "MoHAttention", "PATTERNS", "PerformerAttention",
     "RandomFeatures", "RoutingAttention", "SUPPORT", "SlidingWindowAttention",

@@ -78,6 +78,10 @@ def _mechanisms():
       "lightning_attention(decayed,causal)": (
           lambda q, k, v: sq.lightning_attention(
               q, k, v, sq.retnet_decays(q.shape[2])), True),
+      "based_attention(H=16 Taylor,w=64,causal)": (
+          lambda q, k, v: sq.based_attention(
+              q[..., :16], k[..., :16], v, window_size=64, is_causal=True),
+          True),
       "efficient_attention": (p(sq.efficient_attention), False),
       "performer_attention(F=128)": (
           p(sq.performer_attention, projection=proj), False),
