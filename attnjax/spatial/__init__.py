@@ -37,6 +37,9 @@ from attnjax.spatial.twins import (GlobalSubsampledAttention, HiLoAttention,
                                    pooled_attention,
                                    pooled_attention_reference,
                                    subsampled_attention)
+from attnjax.spatial.window3d import (WindowAttention3D, video_window_size,
+                                      window_3d_mask, window_attention_3d,
+                                      window_attention_3d_reference)
 from attnjax.spatial.window import (GridAttention, WindowAttention,
                                     grid_attention, grid_attention_reference,
                                     relative_position_index,
@@ -76,4 +79,7 @@ __all__ = [
     "cls_cross_attention_reference",
     # HaloNet
     "HaloAttention", "halo_attention", "halo_attention_reference",
+    # Video Swin 3D windows
+    "WindowAttention3D", "video_window_size", "window_3d_mask",
+    "window_attention_3d", "window_attention_3d_reference",
 ]
