@@ -75,10 +75,10 @@ def _mechanisms(size):
           min(4, nr * nr) * (-(-size // nr)) ** 2),
       "channel": (sp.channel_attention, None),
       "halo_b8_h3": (lambda q, k, v: sp.halo_attention(q, k, v, 8, 3), 14 * 14),
-      # the H x W map as a 4-frame clip of H/4 x W rows (same pixel count)
+      # the H x W map as a 2-frame clip of H/2 x W rows (same pixel count)
       "video_swin_w2x7x7_shift": (
           lambda q, k, v: sp.window_attention_3d(
-              *(x.reshape(x.shape[0], 4, -1, *x.shape[2:]) for x in (q, k, v)),
+              *(x.reshape(x.shape[0], 2, -1, *x.shape[2:]) for x in (q, k, v)),
               (2, 7, 7), shift_size=(1, 3, 3)).reshape(q.shape), 98),
       "gpsa": (lambda q, k, v: sp.gated_positional_attention(q, k, v, pw, pb, gate),
                s),
