@@ -51,6 +51,18 @@ def _rand(seed, shape, dtype, scale=1.0):
   return jnp.asarray(x, dtype)
 
 
+def _walk_eqns(jaxpr):
+  """Every equation of a jaxpr, sub-jaxprs (loops, custom_vjp) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for val in eqn.params.values():
+      for sub in (val if isinstance(val, (tuple, list)) else (val,)):
+        if hasattr(sub, "eqns"):
+          yield from _walk_eqns(sub)
+        elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          yield from _walk_eqns(sub.jaxpr)
+
+
 def _rel_err(a, b):
   """Relative Frobenius error, floored at |b| = 1.
 
@@ -71,6 +83,11 @@ class SoftmaxAttentionSuite:
   supports_segment_ids = True
   supports_value_head_dim = True
   bf16_only = False   # e.g. cuDNN
+  # Options beyond jax.nn's (a backend that lacks one must refuse it):
+  supports_soft_cap = True     # logits_soft_cap
+  supports_sinks = True        # sinks
+  supports_positions = True    # causal_alignment='bottom_right', q/kv_offset
+  supports_precision = True    # precision=
   strict_mode = None  # one of tests.strict_modes.STRICT_MODES, else $env
 
   @pytest.fixture(autouse=True)
@@ -329,11 +346,29 @@ class SoftmaxAttentionSuite:
       ref_kw = dict(q_lengths=ql, kv_lengths=kl, is_causal=True)
       j = np.arange(s)[None, :]
       dead = (j >= kl[:, None]) | (j >= ql[:, None])
+    elif kind in ("bottom_right_window", "offsets_per_batch"):
+      if not self.supports_positions:
+        pytest.skip("position offsets not supported")
+      if kind == "bottom_right_window":
+        # Query i at key position i + S - T: keys left of query 0's window
+        # are dead.
+        kw = dict(is_causal=True, causal_alignment="bottom_right",
+                  local_window_size=(2, 0))
+        ref_kw = dict(is_causal=True, bottom_right=True, window=(2, 0))
+      else:
+        qo = np.array([0, 3])
+        kw = dict(is_causal=True, q_offset=jnp.asarray(qo), kv_offset=2,
+                  local_window_size=(6, 6))
+        ref_kw = dict(is_causal=True, q_offset=qo, kv_offset=2, window=(6, 6))
+      from tests.reference_np import allowed_np
+      dead = ~allowed_np(t, s, batch=b, **ref_kw).any(axis=(1, 2))
     assert self.S > self.T + 1 and dead.any()
     return kw, ref_kw, mask, dead
 
   @pytest.mark.parametrize("kind", ["lengths", "bool_mask", "segments",
-                                    "causal", "window", "lengths_causal"])
+                                    "causal", "window", "lengths_causal",
+                                    "bottom_right_window",
+                                    "offsets_per_batch"])
   def test_masked_slot_invariance(self, kind):
     """NaN / Inf planted in key and value slots that no query may attend
     change no output and no gradient, and the gradients at those slots are
@@ -469,6 +504,19 @@ class SoftmaxAttentionSuite:
         ((q, k, v), dict(local_window_size=(-1, 2)), "local_window_size"),
         ((q, k, v), dict(key_value_seq_lengths=jnp.ones((3,), jnp.int32)),
          "key_value_seq_lengths"),
+        ((q, k, v), dict(logits_soft_cap=-1.0), "logits_soft_cap"),
+        ((q, k, v), dict(sinks=jnp.zeros((self.N + 1,))), "sinks"),
+        ((q, k, v), dict(sinks=jnp.zeros((self.N,), jnp.int32)), "sinks"),
+        ((q, k, v), dict(is_causal=True, causal_alignment="left"),
+         "causal_alignment"),
+        ((q, k, v), dict(is_causal=True, causal_alignment="bottom_right",
+                         q_offset=1), "q_offset"),
+        ((q, k, v), dict(is_causal=True, q_offset=jnp.zeros((3,), jnp.int32)),
+         "q_offset"),
+        ((q, k, v), dict(is_causal=True, kv_offset=jnp.asarray(1.5)),
+         "kv_offset"),
+        ((q, k, v), dict(precision="bogus"), "precision"),
+        ((q[None], k[None, :1], v[None, :1]), {}, "batch dims"),
     ]
     for args, kw, needle in cases:
       with pytest.raises(ValueError) as e:
@@ -483,9 +531,297 @@ class SoftmaxAttentionSuite:
       refusals.append(dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)))
     if not self.supports_bias:
       refusals.append(dict(bias=jnp.zeros((self.T, self.S))))
+    if not self.supports_soft_cap:
+      refusals.append(dict(logits_soft_cap=5.0))
+    if not self.supports_sinks:
+      refusals.append(dict(sinks=jnp.zeros((self.N,))))
+    if not self.supports_positions:
+      refusals += [dict(is_causal=True, causal_alignment="bottom_right"),
+                   dict(is_causal=True, q_offset=2),
+                   dict(local_window_size=3, kv_offset=jnp.asarray([1, 0]))]
+    if not self.supports_precision:
+      refusals.append(dict(precision="highest"))
     for kw in refusals:
       with pytest.raises(NotImplementedError):
         self.attention(q, k, v, **kw)
+
+  # ------------------------------------ options beyond jax.nn (issue 17)
+  def _check_option(self, dtype, q, k, v, bias=None, mask=None, sinks=None,
+                    kw=None, ref_kw=None):
+    """Values and gradients w.r.t. q, k, v (bias, sinks) under jax.jit
+    against the float64 reference."""
+    kw, ref_kw = dict(kw or {}), dict(ref_kw or {})
+    dout = _rand(97, q.shape[:-1] + (v.shape[-1],), jnp.float32)
+
+    def f(q, k, v, bias, sinks):
+      extra = {} if sinks is None else dict(sinks=sinks)
+      return self.attention(q, k, v, bias, mask, **kw, **extra)
+
+    def loss(*args):
+      return jnp.sum(f(*args).astype(jnp.float32) * dout)
+
+    args = (q, k, v, bias, sinks)
+    argnums = tuple(i for i, x in enumerate(args) if x is not None)
+    out = jax.jit(f)(*args)
+    grads = jax.jit(jax.grad(loss, argnums=argnums))(*args)
+    ref = attention_np(q, k, v, bias, mask=mask, sinks=sinks, dout=dout,
+                       **ref_kw)
+    assert out.dtype == q.dtype
+    atol, rtol = _tol(dtype)
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref["out"],
+                               atol=atol, rtol=rtol)
+    names = ["dq", "dk", "dv", "dbias", "dsinks"]
+    for i, g in zip(argnums, grads):
+      assert g.dtype == args[i].dtype, (names[i], g.dtype)
+      assert np.all(np.isfinite(np.asarray(g, np.float32))), names[i]
+      err = _rel_err(g, ref[names[i]])
+      assert err < _grad_tol(dtype), f"{names[i]}: relative error {err}"
+    return out, ref
+
+  def test_logits_soft_cap(self):
+    """cap * tanh((scale q.k + bias) / cap), values and grads (incl. the
+    bias), causal; the cap is small enough to change the result."""
+    if not self.supports_soft_cap:
+      pytest.skip("logits_soft_cap not supported")
+    dtype = self._dtypes()[0]
+    q, k, v = self._inputs(dtype, seed=40, scale=2.0)
+    bias = _rand(41, (1, self.N, self.T, self.S), jnp.float32) \
+        if self.supports_bias else None
+    _, ref = self._check_option(
+        dtype, q, k, v, bias, kw=dict(logits_soft_cap=2.0, is_causal=True),
+        ref_kw=dict(soft_cap=2.0, is_causal=True))
+    plain = attention_np(q, k, v, bias, is_causal=True)
+    assert np.abs(plain["out"] - ref["out"]).max() > 0.05   # the cap acts
+
+  def test_sinks(self):
+    """Per-head sink logits: values, grads w.r.t. q, k, v and the sinks; a
+    fully masked row gives zeros and (with the lse) lse = its sink."""
+    if not self.supports_sinks:
+      pytest.skip("sinks not supported")
+    dtype = self._dtypes()[0]
+    q, k, v = self._inputs(dtype, seed=42)
+    sinks = jnp.asarray(np.linspace(-1.0, 2.5, self.N), jnp.float32)
+    mask = np.ones((self.B, 1, self.T, self.S), bool)
+    mask[1, :, 4, :] = False
+    mask = jnp.asarray(mask)
+    out, ref = self._check_option(dtype, q, k, v, mask=mask, sinks=sinks)
+    assert np.all(np.asarray(out[1, 4], np.float32) == 0.0)
+    assert ref["p_sink"].mean() > 0.03      # the sinks take real mass
+    if self.supports_lse:
+      _, lse = self.attention_with_lse(q, k, v, mask=mask, sinks=sinks)
+      np.testing.assert_allclose(np.asarray(lse), ref["lse"],
+                                 atol=5e-4 if dtype == jnp.float32 else 5e-2)
+      np.testing.assert_allclose(np.asarray(lse[1, :, 4]), np.asarray(sinks),
+                                 atol=1e-6)
+
+  @pytest.mark.parametrize("case", ["bottom_right_t_gt_s", "offsets"])
+  def test_positions(self, case):
+    """Bottom-right alignment with T > S (the first T - S queries see
+    nothing: zeros) and static q/kv offsets with a window; values, grads."""
+    if not self.supports_positions:
+      pytest.skip("position offsets not supported")
+    dtype = self._dtypes()[0]
+    if case == "bottom_right_t_gt_s":
+      q, k, v = self._inputs(dtype, t=self.S, s=self.T, seed=43)
+      kw = dict(is_causal=True, causal_alignment="bottom_right")
+      ref_kw = dict(is_causal=True, bottom_right=True)
+    else:
+      q, k, v = self._inputs(dtype, seed=44)
+      kw = dict(is_causal=True, q_offset=7, kv_offset=3,
+                local_window_size=(5, 2))
+      ref_kw = dict(is_causal=True, q_offset=7, kv_offset=3, window=(5, 2))
+    if self._mode() == "debug_infs" and case == "bottom_right_t_gt_s":
+      pytest.skip("empty rows: their lse is -inf")
+    out, _ = self._check_option(dtype, q, k, v, kw=kw, ref_kw=ref_kw)
+    if case == "bottom_right_t_gt_s":
+      assert np.all(np.asarray(out[:, :self.S - self.T], np.float32) == 0.0)
+
+  def test_leading_batch_dims(self):
+    """[..., T, N, H] inputs: two batch dims, a bias broadcast over the
+    first, per-example kv lengths; values, grads and lse."""
+    dtype = self._dtypes()[0]
+    t, s, n, kh, h = 6, 9, self.N, self.K, self.H
+    q = _rand(50, (2, 3, t, n, h), dtype)
+    k = _rand(51, (2, 3, s, kh, h), dtype)
+    v = _rand(52, (2, 3, s, kh, h), dtype)
+    bias = _rand(53, (3, 1, t, s), jnp.float32) if self.supports_bias else None
+    lengths = np.array([[s, 4, 7], [2, s, 5]])
+    kw = dict(is_causal=True, key_value_seq_lengths=jnp.asarray(lengths))
+    dout = _rand(54, (2, 3, t, n, h), jnp.float32)
+    flat = lambda x: None if x is None else np.asarray(
+        x, np.float64).reshape((6,) + x.shape[2:])
+    fbias = None if bias is None else np.broadcast_to(
+        np.asarray(bias, np.float64), (2, 3, 1, t, s)).reshape(6, 1, t, s)
+    ref = attention_np(flat(q), flat(k), flat(v), fbias, is_causal=True,
+                       kv_lengths=lengths.reshape(6), dout=flat(dout))
+    out = self.attention(q, k, v, bias, **kw)
+    assert out.shape == (2, 3, t, n, h) and out.dtype == dtype
+    atol, rtol = _tol(dtype)
+    np.testing.assert_allclose(flat(out), ref["out"], atol=atol, rtol=rtol)
+    argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+    grads = jax.grad(lambda q, k, v, bias: jnp.sum(self.attention(
+        q, k, v, bias, **kw).astype(jnp.float32) * dout), argnums=argnums)(
+            q, k, v, bias)
+    for name, g in zip(("dq", "dk", "dv"), grads):
+      assert g.shape == {"dq": q, "dk": k, "dv": v}[name].shape
+      assert _rel_err(flat(g), ref[name]) < _grad_tol(dtype), name
+    if bias is not None:
+      rb = ref["dbias"].reshape(2, 3, 1, t, s).sum(0)
+      assert _rel_err(grads[3], rb) < _grad_tol(dtype), "dbias"
+    if self.supports_lse:
+      _, lse = self.attention_with_lse(q, k, v, bias, **kw)
+      assert lse.shape == (2, 3, n, t)
+      np.testing.assert_allclose(flat(lse), ref["lse"],
+                                 atol=5e-4 if dtype == jnp.float32 else 5e-2)
+
+  def test_precision(self):
+    """precision= reaches every matmul, forward and backward: a (q.k, p.v)
+    pair of different precisions shows up as exactly those two in the
+    jaxpr of the gradient; values and grads match the reference."""
+    if not self.supports_precision:
+      pytest.skip("precision not supported")
+    dtype = self._dtypes()[0]
+    q, k, v = self._inputs(dtype, seed=55)
+    self._check_option(dtype, q, k, v, kw=dict(precision="highest"))
+    f = lambda q, k, v: jnp.sum(self.attention(
+        q, k, v, is_causal=True, precision=("highest", "high")).astype(
+            jnp.float32))
+    jaxpr = jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+    precisions = [e.params["precision"] for e in _walk_eqns(jaxpr.jaxpr)
+                  if e.primitive.name == "dot_general"]
+    assert len(precisions) >= 6, precisions     # 2 forward, 4 backward
+    seen = {p for pair in precisions for p in (pair if isinstance(
+        pair, tuple) else (pair,))}
+    H, HI = jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGH
+    assert seen == {H, HI}, seen
+
+  def test_lse_layout_and_gradient(self):
+    """lse_layout='BTN' is the transpose and matches jax.nn's residual;
+    lse_gradient=True gives the reference gradient of the lse, False
+    none (stop-gradient, as jax.nn)."""
+    if not self.supports_lse:
+      pytest.skip("lse not supported")
+    dtype = self._dtypes()[0]
+    q, k, v = self._inputs(dtype, seed=56)
+    _, lse = self.attention_with_lse(q, k, v, is_causal=True)
+    _, btn = self.attention_with_lse(q, k, v, is_causal=True,
+                                     lse_layout="BTN", lse_gradient=False)
+    assert btn.shape == (self.B, self.T, self.N)
+    np.testing.assert_array_equal(np.asarray(btn),
+                                  np.swapaxes(np.asarray(lse), 1, 2))
+    if dtype != jnp.bfloat16:
+      _, res = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                            return_residual=True)
+      np.testing.assert_allclose(np.asarray(btn), np.asarray(res, np.float32),
+                                 atol=1e-4, rtol=1e-5)
+    dlse = _rand(57, (self.B, self.N, self.T), jnp.float32)
+    lse_of = lambda q, k, **kw: self.attention_with_lse(
+        q, k, v, is_causal=True, **kw)[1]
+    g = jax.grad(lambda q, k: jnp.sum(lse_of(q, k) * dlse), (0, 1))(q, k)
+    ref = attention_np(q, k, v, is_causal=True, dlse=dlse,
+                       dout=np.zeros(q.shape[:-1] + (v.shape[-1],)))
+    for name, gi in zip(("dq", "dk"), g):
+      assert _rel_err(gi, ref[name]) < _grad_tol(dtype), name
+    g0 = jax.grad(lambda q: jnp.sum(jnp.swapaxes(lse_of(
+        q, k, lse_layout="BTN", lse_gradient=False), 1, 2) * dlse))(q)
+    assert np.all(np.asarray(g0, np.float32) == 0.0)
+    with pytest.raises(ValueError, match="lse_layout"):
+      self.attention_with_lse(q, k, v, lse_layout="NTB")
+
+  def test_merge_attentions_equals_whole(self):
+    """Keys split in two parts (the second with kv_offset so causal masking
+    stays global, the sinks given to one part) and merged with
+    merge_attentions equal attention over all keys: values, lse (-inf rows
+    included) and gradients through the merge."""
+    if not self.supports_lse:
+      pytest.skip("lse not supported")
+    if self._mode() == "debug_infs":
+      pytest.skip("empty part rows have lse -inf")
+    dtype = self._dtypes()[0]
+    q, k, v = self._inputs(dtype, seed=58)
+    s1 = 10
+    causal = self.supports_positions
+    sinks = (jnp.asarray(np.linspace(-0.5, 1.0, self.N), jnp.float32)
+             if self.supports_sinks else None)
+    m = np.ones((1, 1, self.T, self.S), bool)
+    m[..., 5, :] = False                       # empty in both parts
+    mask = jnp.asarray(m)
+    dout = _rand(59, q.shape, jnp.float32)
+    dlse = _rand(60, (self.B, self.N, self.T), jnp.float32)
+
+    def merged(q, k, v, sinks):
+      kw1 = dict(is_causal=causal)
+      if sinks is not None:
+        kw1["sinks"] = sinks
+      kw2 = dict(is_causal=True, kv_offset=s1) if causal else {}
+      o1, l1 = self.attention_with_lse(q, k[:, :s1], v[:, :s1],
+                                       mask=mask[..., :s1], **kw1)
+      o2, l2 = self.attention_with_lse(q, k[:, s1:], v[:, s1:],
+                                       mask=mask[..., s1:], **kw2)
+      return attnjax.merge_attentions([o1, o2], [l1, l2])
+
+    out, lse = merged(q, k, v, sinks)
+    ref = attention_np(q, k, v, mask=m, is_causal=causal, sinks=sinks,
+                       dout=dout, dlse=dlse)
+    atol, rtol = _tol(dtype)
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref["out"],
+                               atol=atol, rtol=rtol)
+    assert np.all(np.asarray(out[:, 5], np.float32) == 0.0)
+    if sinks is None:
+      assert np.all(np.isneginf(np.asarray(lse[:, :, 5])))
+    fin = np.isfinite(ref["lse"])
+    np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), fin)
+    np.testing.assert_allclose(np.asarray(lse)[fin], ref["lse"][fin],
+                               atol=5e-4 if dtype == jnp.float32 else 5e-2)
+
+    def loss(q, k, v, sinks):
+      o, l = merged(q, k, v, sinks)
+      l = jnp.where(jnp.isfinite(l), l, 0.0)
+      return jnp.sum(o.astype(jnp.float32) * dout) + jnp.sum(l * dlse)
+
+    argnums = (0, 1, 2) if sinks is None else (0, 1, 2, 3)
+    grads = jax.grad(loss, argnums=argnums)(q, k, v, sinks)
+    for name, g in zip(("dq", "dk", "dv", "dsinks"), grads):
+      assert np.all(np.isfinite(np.asarray(g, np.float32))), name
+      assert _rel_err(g, ref[name]) < _grad_tol(dtype), name
+
+  @pytest.mark.parametrize("dtype", DTYPES)
+  def test_options_together_jit_vmap(self, dtype):
+    """Every option this backend claims at once (soft cap, sinks,
+    bottom-right window, precision): values and grads under jit in f32 and
+    bf16, vmap over unbatched inputs, vmap of the gradient."""
+    if dtype not in self._dtypes():
+      pytest.skip("dtype not served by this backend")
+    kw, ref_kw, sinks = {}, {}, None
+    if self.supports_soft_cap:
+      kw["logits_soft_cap"] = ref_kw["soft_cap"] = 3.0
+    if self.supports_sinks:
+      sinks = jnp.asarray(np.linspace(-1.0, 1.0, self.N), jnp.float32)
+    if self.supports_positions:
+      kw.update(is_causal=True, causal_alignment="bottom_right",
+                local_window_size=(6, 0))
+      ref_kw.update(is_causal=True, bottom_right=True, window=(6, 0))
+    if self.supports_precision:
+      kw["precision"] = "highest"
+    if not kw and sinks is None:
+      pytest.skip("none of the options is supported")
+    q, k, v = self._inputs(dtype, seed=61, scale=1.5)
+    out, _ = self._check_option(dtype, q, k, v, sinks=sinks, kw=kw,
+                                ref_kw=ref_kw)
+    if sinks is not None:
+      kw["sinks"] = sinks
+    f = functools.partial(self.attention, **kw)
+    vm = jax.vmap(f)(q, k, v)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(vm, np.float32),
+                               np.asarray(out, np.float32), atol=tol, rtol=tol)
+    loss = lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) ** 2)
+    stack = lambda x: jnp.stack([x, x[::-1]])
+    g = jax.vmap(jax.grad(loss))(stack(q), stack(k), stack(v))
+    g0 = jax.grad(loss)(q, k, v)
+    np.testing.assert_allclose(np.asarray(g[0], np.float32),
+                               np.asarray(g0, np.float32), atol=10 * tol,
+                               rtol=10 * tol)
 
   @hypothesis.settings(max_examples=4, deadline=None,
                        suppress_health_check=list(hypothesis.HealthCheck))

@@ -57,6 +57,8 @@ class TestCudnn(SoftmaxAttentionSuite):
   supports_lse = False
   supports_segment_ids = False
   supports_value_head_dim = False
+  supports_soft_cap = supports_sinks = False      # jax.nn has neither
+  supports_positions = supports_precision = False
 
 
 def test_cudnn_refuses_on_cpu_with_reason():
