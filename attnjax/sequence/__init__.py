@@ -28,8 +28,23 @@ from attnjax.sequence.layers import (AgentAttention, EfficientAttention,
                                      TriplewiseAttention)
 from attnjax.sequence.linear import (FEATURE_MAPS, linear_attention,
                                      linear_attention_reference)
+from attnjax.sequence import additive as _additive
+from attnjax.sequence.additive import (AdditiveAttention, PointerNetwork,
+                                      additive_attention,
+                                      additive_attention_reference,
+                                      pointer_attention,
+                                      pointer_attention_reference)
+from attnjax.sequence.graph_attention import (
+    GraphAttention, add_self_loops, gat_attention, gat_attention_reference,
+    gatv2_attention, gatv2_attention_reference)
+from attnjax.sequence.set_transformer import (
+    ISAB, MAB, PMA, SAB, init_mab_params, isab, isab_reference, mab,
+    mab_reference, pma, pma_reference, sab, sab_reference)
 from attnjax.sequence import lightning as _lightning
 from attnjax.sequence import based as _based
+from attnjax.sequence import power as _power
+from attnjax.sequence.power import (PowerAttention, power_attention,
+                                    power_attention_reference, power_layout)
 from attnjax.sequence.based import (BasedAttention, based_attention,
                                     based_attention_reference,
                                     taylor_feature_map)
@@ -65,13 +80,24 @@ SUPPORT = {
     "triplewise_attention": _higher_order.SUPPORT,
     "lightning_attention": _lightning.SUPPORT,
     "based_attention": _based.SUPPORT,
+    "power_attention": _power.SUPPORT,
+    "additive_attention": _additive.SUPPORT,
 }
 
 __all__ = [
+    "AdditiveAttention", "PointerNetwork", "additive_attention",
+    "additive_attention_reference", "pointer_attention",
+    "pointer_attention_reference",
+    "GraphAttention", "add_self_loops", "gat_attention",
+    "gat_attention_reference", "gatv2_attention", "gatv2_attention_reference",
+    "ISAB", "MAB", "PMA", "SAB", "init_mab_params", "isab", "isab_reference",
+    "mab", "mab_reference", "pma", "pma_reference", "sab", "sab_reference",
     "LightningAttention", "lightning_attention",
     "lightning_attention_reference", "retnet_decays",
     "BasedAttention", "based_attention", "based_attention_reference",
     "taylor_feature_map",
+    "PowerAttention", "power_attention", "power_attention_reference",
+    "power_layout",
     "AgentAttention", "EfficientAttention", "FEATURE_MAPS", "LinearAttention",
     "MoBAAttention", "MoHAttention", "PATTERNS", "PerformerAttention",
     "RandomFeatures", "RoutingAttention", "SUPPORT", "SlidingWindowAttention",

@@ -46,7 +46,7 @@ _TRIPLEWISE_LENS = (128, 256)
 # MoBA gathers top_k * block_size keys per query token (O(T top_k block H)
 # memory traffic) and routing/MoBA score every block for every query
 # (O(T^2 / block)); capped to keep the run short.
-_MAX_LEN = {"moba": 4096}
+_MAX_LEN = {"moba": 4096, "additive": 2048}
 # Mechanisms whose cost is linear in length in theory (the exponent target).
 # Routing and MoBA are not: their block scoring is O(T^2 / block).
 LINEAR_IN_THEORY = ("linear_attention", "efficient_attention",
@@ -82,6 +82,12 @@ def _mechanisms():
           lambda q, k, v: sq.based_attention(
               q[..., :16], k[..., :16], v, window_size=64, is_causal=True),
           True),
+      "additive_attention(causal)": (
+          lambda q, k, v: sq.additive_attention(
+              q, k, v, jnp.full((q.shape[2], q.shape[3]), 0.125, q.dtype),
+              is_causal=True), True),
+      "power_attention(block=128,causal)": (
+          p(sq.power_attention, block_size=128, is_causal=True), True),
       "efficient_attention": (p(sq.efficient_attention), False),
       "performer_attention(F=128)": (
           p(sq.performer_attention, projection=proj), False),
