@@ -19,6 +19,7 @@ B, T, N, K, H, HV = 2, 12, 4, 2, 8, 6
 S_CROSS = 9
 PROJ = sq.orthogonal_random_features(jax.random.key(7), 16, H)
 GATES = jax.nn.sigmoid(jax.random.normal(jax.random.key(8), (B, T, N)))
+W_ADD = jax.random.normal(jax.random.key(9), (N, H))
 
 
 def _tri(fn):
@@ -66,6 +67,10 @@ CASES = {
         _tri(functools.partial(sq.triplewise_attention, query_chunk=5,
                                key_chunk=4)),
         _tri(sq.triplewise_attention_reference), {}, False),
+    "additive_attention": (
+        functools.partial(sq.additive_attention, weight=W_ADD),
+        functools.partial(sq.additive_attention_reference, weight=W_ADD), {},
+        True),
 }
 
 

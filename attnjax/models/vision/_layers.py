@@ -242,3 +242,22 @@ def torch_bicubic_resize(x, size):
                  precision=jax.lax.Precision.HIGHEST)
   y = jnp.einsum("pw,bowc->bopc", mw, y, precision=jax.lax.Precision.HIGHEST)
   return y.astype(x.dtype)
+
+
+def stage_features(x, stages, downs, norm=None, pegs=None):
+  """The hierarchical backbones' `features` loop: each stage's blocks, the
+  feature map after every stage (the last one through `norm` when given),
+  then the stage's downsampling (`downs[i]`, None for none). `pegs[i]`, when
+  given and not None, is a positional-encoding generator added after the
+  stage's first block (Twins)."""
+  feats = []
+  for i, stage in enumerate(stages):
+    for j, blk in enumerate(stage):
+      x = blk(x)
+      if j == 0 and pegs is not None and pegs[i] is not None:
+        x = x + pegs[i](x)
+    last = i == len(stages) - 1
+    feats.append(norm(x) if last and norm is not None else x)
+    if downs[i] is not None:
+      x = downs[i](x)
+  return feats

@@ -34,6 +34,7 @@ from attnjax.spatial import (BiLevelRoutingAttention, ChannelAttention,
                              CSWinAttention, GlobalSubsampledAttention,
                              LocallyGroupedAttention, WindowAttention)
 from attnjax.models.vision._layers import (TORCH_LN_EPS, Backbone, Block,
+                                           stage_features,
                                            ClassifierHead, conv, gelu_exact,
                                            pad_to_multiple)
 
@@ -158,17 +159,7 @@ class Hierarchical(Backbone):
 
   def features(self, x):
     x = self.stem(x)
-    feats = []
-    for i, stage in enumerate(self.stages):
-      for j, blk in enumerate(stage):
-        x = blk(x)
-        if j == 0 and self.pegs[i] is not None:
-          x = x + self.pegs[i](x)
-      last = i == len(self.stages) - 1
-      feats.append(self.norm(x) if last and self.norm is not None else x)
-      if self.downs[i] is not None:
-        x = self.downs[i](x)
-    return feats
+    return stage_features(x, self.stages, self.downs, self.norm, self.pegs)
 
   def forward_features(self, x):
     return self.features(x)[-1]

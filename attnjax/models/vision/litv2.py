@@ -17,6 +17,7 @@ from flax import nnx
 
 from attnjax.spatial import HiLoAttention
 from attnjax.models.vision._layers import (TORCH_LN_EPS, Backbone, Block,
+                                           stage_features,
                                            ClassifierHead, ConvMLP, gelu_exact,
                                            pad_to_multiple)
 
@@ -63,14 +64,7 @@ class LITv2(Backbone):
 
   def features(self, x):
     x = self.patch_embed(x)
-    feats = []
-    for i, stage in enumerate(self.stages):
-      for blk in stage:
-        x = blk(x)
-      feats.append(self.norm(x) if i == len(self.stages) - 1 else x)
-      if self.downs[i] is not None:
-        x = self.downs[i](x)
-    return feats
+    return stage_features(x, self.stages, self.downs, self.norm)
 
   def forward_features(self, x):
     return self.features(x)[-1]

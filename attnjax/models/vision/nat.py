@@ -15,6 +15,7 @@ from flax import nnx
 
 from attnjax.spatial import NeighborhoodAttention
 from attnjax.models.vision._layers import (TORCH_LN_EPS, Backbone, Block,
+                                           stage_features,
                                            ClassifierHead, conv)
 
 
@@ -53,14 +54,7 @@ class NAT(Backbone):
 
   def features(self, x):
     x = self.tok_norm(self.tok2(self.tok1(x)))
-    feats = []
-    for i, stage in enumerate(self.stages):
-      for blk in stage:
-        x = blk(x)
-      feats.append(self.norm(x) if i == len(self.stages) - 1 else x)
-      if self.downs[i] is not None:
-        x = self.downs[i](x)
-    return feats
+    return stage_features(x, self.stages, self.downs, self.norm)
 
   def forward_features(self, x):
     return self.features(x)[-1]

@@ -14,6 +14,7 @@ from flax import nnx
 
 from attnjax.spatial import WindowAttention
 from attnjax.models.vision._layers import (TORCH_LN_EPS, Backbone, Block,
+                                           stage_features,
                                            ClassifierHead, pad_to_multiple)
 
 
@@ -70,14 +71,7 @@ class Swin(Backbone):
 
   def features(self, x):
     x = self.patch_norm(self.patch_embed(pad_to_multiple(x, self.patch_size)))
-    feats = []
-    for i, stage in enumerate(self.stages):
-      for blk in stage:
-        x = blk(x)
-      feats.append(self.norm(x) if i == len(self.stages) - 1 else x)
-      if self.merges[i] is not None:
-        x = self.merges[i](x)
-    return feats
+    return stage_features(x, self.stages, self.merges, self.norm)
 
   def forward_features(self, x):
     return self.features(x)[-1]
