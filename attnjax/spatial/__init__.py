@@ -14,6 +14,8 @@ from attnjax.spatial.biformer import (BiLevelRoutingAttention,
                                       region_routing)
 from attnjax.spatial.channel import (ChannelAttention, channel_attention,
                                      channel_attention_reference)
+from attnjax.spatial.coat import (FactorizedAttention, factorized_attention,
+                                  factorized_attention_reference)
 from attnjax.spatial.convit import (GPSA, convolutional_init,
                                     gated_positional_attention,
                                     gated_positional_attention_reference,
@@ -82,4 +84,7 @@ __all__ = [
     # Video Swin 3D windows
     "WindowAttention3D", "video_window_size", "window_3d_mask",
     "window_attention_3d", "window_attention_3d_reference",
+    # CoaT
+    "FactorizedAttention", "factorized_attention",
+    "factorized_attention_reference",
 ]

@@ -53,6 +53,7 @@ def _mechanisms(size):
   pb = jnp.zeros((HEADS,))
   gate = jnp.ones((HEADS,))
   nr = 7 if size >= 28 else 2
+  crpe = jnp.full((3, 3, HEADS, HEAD_DIM), 1.0 / 9)
   mechs = {
       "dense": (_dense, s),
       "dense_masked_na": (functools.partial(_dense, mask=na_mask), s),
@@ -80,6 +81,9 @@ def _mechanisms(size):
           lambda q, k, v: sp.window_attention_3d(
               *(x.reshape(x.shape[0], 2, -1, *x.shape[2:]) for x in (q, k, v)),
               (2, 7, 7), shift_size=(1, 3, 3)).reshape(q.shape), 98),
+      "coat_factorized_crpe3": (
+          lambda q, k, v: sp.factorized_attention(q, k, v, crpe_kernel=crpe),
+          None),
       "gpsa": (lambda q, k, v: sp.gated_positional_attention(q, k, v, pw, pb, gate),
                s),
   }
@@ -92,7 +96,7 @@ def _mechanisms(size):
 
 def _gflops(name, kpq, size):
   s = size * size
-  if name == "channel":
+  if name in ("channel", "coat_factorized_crpe3"):
     return 4 * s * HEAD_DIM * HEAD_DIM * HEADS / 1e9
   return 4 * s * kpq * HEADS * HEAD_DIM / 1e9
 
@@ -101,6 +105,7 @@ FIT_MIN_SIZE = 28
 EXPONENT_LIMIT = 1.1
 LINEAR_IN_THEORY = ("neighborhood_k7", "dilated_neighborhood_k7_d2",
                     "halo_b8_h3",
+                    "video_swin_w2x7x7_shift", "coat_factorized_crpe3",
                     "window_w7", "shifted_window_w7", "grid_g7", "channel")
 
 
