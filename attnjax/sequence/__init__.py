@@ -43,6 +43,9 @@ from attnjax.sequence.set_transformer import (
 from attnjax.sequence import lightning as _lightning
 from attnjax.sequence import based as _based
 from attnjax.sequence import power as _power
+from attnjax.sequence import mswa as _mswa
+from attnjax.sequence.mswa import (MSWAAttention, mswa_attention,
+                                   mswa_attention_reference, mswa_window_sizes)
 from attnjax.sequence.power import (PowerAttention, power_attention,
                                     power_attention_reference, power_layout)
 from attnjax.sequence.based import (BasedAttention, based_attention,
@@ -81,6 +84,7 @@ SUPPORT = {
     "lightning_attention": _lightning.SUPPORT,
     "based_attention": _based.SUPPORT,
     "power_attention": _power.SUPPORT,
+    "mswa_attention": _mswa.SUPPORT,
     "additive_attention": _additive.SUPPORT,
 }
 
@@ -98,6 +102,8 @@ __all__ = [
     "taylor_feature_map",
     "PowerAttention", "power_attention", "power_attention_reference",
     "power_layout",
+    "MSWAAttention", "mswa_attention", "mswa_attention_reference",
+    "mswa_window_sizes",
     "AgentAttention", "EfficientAttention", "FEATURE_MAPS", "LinearAttention",
     "MoBAAttention", "MoHAttention", "PATTERNS", "PerformerAttention",
     "RandomFeatures", "RoutingAttention", "SUPPORT", "SlidingWindowAttention",

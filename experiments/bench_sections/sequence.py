@@ -88,6 +88,9 @@ def _mechanisms():
               is_causal=True), True),
       "power_attention(block=128,causal)": (
           p(sq.power_attention, block_size=128, is_causal=True), True),
+      "mswa_attention(w=32..256 per head,causal)": (
+          p(sq.mswa_attention, window_sizes=sq.mswa_window_sizes(HEADS, 128),
+            is_causal=True), True),
       "efficient_attention": (p(sq.efficient_attention), False),
       "performer_attention(F=128)": (
           p(sq.performer_attention, projection=proj), False),
