@@ -71,6 +71,8 @@ CASES = {
         functools.partial(sq.additive_attention, weight=W_ADD),
         functools.partial(sq.additive_attention_reference, weight=W_ADD), {},
         True),
+    "lambda_attention": (sq.lambda_attention, sq.lambda_attention_reference,
+                         {}, True),
 }
 
 

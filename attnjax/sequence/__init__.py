@@ -29,6 +29,11 @@ from attnjax.sequence.layers import (AgentAttention, EfficientAttention,
 from attnjax.sequence.linear import (FEATURE_MAPS, linear_attention,
                                      linear_attention_reference)
 from attnjax.sequence import additive as _additive
+from attnjax.sequence import lambda_layer as _lambda_layer
+from attnjax.sequence.lambda_layer import (LambdaLayer, lambda_attention,
+                                          lambda_attention_2d,
+                                          lambda_attention_2d_reference,
+                                          lambda_attention_reference)
 from attnjax.sequence.additive import (AdditiveAttention, PointerNetwork,
                                       additive_attention,
                                       additive_attention_reference,
@@ -86,9 +91,12 @@ SUPPORT = {
     "power_attention": _power.SUPPORT,
     "mswa_attention": _mswa.SUPPORT,
     "additive_attention": _additive.SUPPORT,
+    "lambda_attention": _lambda_layer.SUPPORT,
 }
 
 __all__ = [
+    "LambdaLayer", "lambda_attention", "lambda_attention_2d",
+    "lambda_attention_2d_reference", "lambda_attention_reference",
     "AdditiveAttention", "PointerNetwork", "additive_attention",
     "additive_attention_reference", "pointer_attention",
     "pointer_attention_reference",

@@ -46,7 +46,7 @@ _TRIPLEWISE_LENS = (128, 256)
 # MoBA gathers top_k * block_size keys per query token (O(T top_k block H)
 # memory traffic) and routing/MoBA score every block for every query
 # (O(T^2 / block)); capped to keep the run short.
-_MAX_LEN = {"moba": 4096, "additive": 2048}
+_MAX_LEN = {"moba": 4096, "additive": 2048, "lambda": 8192}
 # Mechanisms whose cost is linear in length in theory (the exponent target).
 # Routing and MoBA are not: their block scoring is O(T^2 / block).
 LINEAR_IN_THEORY = ("linear_attention", "efficient_attention",
@@ -91,6 +91,10 @@ def _mechanisms():
       "mswa_attention(w=32..256 per head,causal)": (
           p(sq.mswa_attention, window_sizes=sq.mswa_window_sizes(HEADS, 128),
             is_causal=True), True),
+      "lambda_attention(content+local r=23)": (
+          lambda q, k, v: sq.lambda_attention(
+              q, k, v, position_embeddings=jnp.full((23, q.shape[3]), 0.01,
+                                                    q.dtype)), False),
       "efficient_attention": (p(sq.efficient_attention), False),
       "performer_attention(F=128)": (
           p(sq.performer_attention, projection=proj), False),
