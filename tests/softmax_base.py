@@ -386,6 +386,7 @@ class SoftmaxAttentionSuite:
                  (plant(k, 1e30), plant(v, -3e38))]
     dout = _rand(98, q.shape, jnp.float32)
 
+    @jax.jit   # one compile for the clean and the three planted runs
     def run(k, v):
       def loss(q, k, v):
         out = self.attention(q, k, v, None, mask, **kw)
@@ -654,13 +655,14 @@ class SoftmaxAttentionSuite:
         np.asarray(bias, np.float64), (2, 3, 1, t, s)).reshape(6, 1, t, s)
     ref = attention_np(flat(q), flat(k), flat(v), fbias, is_causal=True,
                        kv_lengths=lengths.reshape(6), dout=flat(dout))
-    out = self.attention(q, k, v, bias, **kw)
+    out = jax.jit(lambda q, k, v, bias: self.attention(q, k, v, bias, **kw))(
+        q, k, v, bias)
     assert out.shape == (2, 3, t, n, h) and out.dtype == dtype
     atol, rtol = _tol(dtype)
     np.testing.assert_allclose(flat(out), ref["out"], atol=atol, rtol=rtol)
     argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-    grads = jax.grad(lambda q, k, v, bias: jnp.sum(self.attention(
-        q, k, v, bias, **kw).astype(jnp.float32) * dout), argnums=argnums)(
+    grads = jax.jit(jax.grad(lambda q, k, v, bias: jnp.sum(self.attention(
+        q, k, v, bias, **kw).astype(jnp.float32) * dout), argnums=argnums))(
             q, k, v, bias)
     for name, g in zip(("dq", "dk", "dv"), grads):
       assert g.shape == {"dq": q, "dk": k, "dv": v}[name].shape
@@ -717,13 +719,14 @@ class SoftmaxAttentionSuite:
     dlse = _rand(57, (self.B, self.N, self.T), jnp.float32)
     lse_of = lambda q, k, **kw: self.attention_with_lse(
         q, k, v, is_causal=True, **kw)[1]
-    g = jax.grad(lambda q, k: jnp.sum(lse_of(q, k) * dlse), (0, 1))(q, k)
+    g = jax.jit(jax.grad(lambda q, k: jnp.sum(lse_of(q, k) * dlse),
+                         (0, 1)))(q, k)
     ref = attention_np(q, k, v, is_causal=True, dlse=dlse,
                        dout=np.zeros(q.shape[:-1] + (v.shape[-1],)))
     for name, gi in zip(("dq", "dk"), g):
       assert _rel_err(gi, ref[name]) < _grad_tol(dtype), name
-    g0 = jax.grad(lambda q: jnp.sum(jnp.swapaxes(lse_of(
-        q, k, lse_layout="BTN", lse_gradient=False), 1, 2) * dlse))(q)
+    g0 = jax.jit(jax.grad(lambda q: jnp.sum(jnp.swapaxes(lse_of(
+        q, k, lse_layout="BTN", lse_gradient=False), 1, 2) * dlse)))(q)
     assert np.all(np.asarray(g0, np.float32) == 0.0)
     with pytest.raises(ValueError, match="lse_layout"):
       self.attention_with_lse(q, k, v, lse_layout="NTB")
@@ -760,7 +763,7 @@ class SoftmaxAttentionSuite:
                                        mask=mask[..., s1:], **kw2)
       return attnjax.merge_attentions([o1, o2], [l1, l2])
 
-    out, lse = merged(q, k, v, sinks)
+    out, lse = jax.jit(merged)(q, k, v, sinks)
     ref = attention_np(q, k, v, mask=m, is_causal=causal, sinks=sinks,
                        dout=dout, dlse=dlse)
     atol, rtol = _tol(dtype)
@@ -780,7 +783,7 @@ class SoftmaxAttentionSuite:
       return jnp.sum(o.astype(jnp.float32) * dout) + jnp.sum(l * dlse)
 
     argnums = (0, 1, 2) if sinks is None else (0, 1, 2, 3)
-    grads = jax.grad(loss, argnums=argnums)(q, k, v, sinks)
+    grads = jax.jit(jax.grad(loss, argnums=argnums))(q, k, v, sinks)
     for name, g in zip(("dq", "dk", "dv", "dsinks"), grads):
       assert np.all(np.isfinite(np.asarray(g, np.float32))), name
       assert _rel_err(g, ref[name]) < _grad_tol(dtype), name
@@ -811,14 +814,14 @@ class SoftmaxAttentionSuite:
     if sinks is not None:
       kw["sinks"] = sinks
     f = functools.partial(self.attention, **kw)
-    vm = jax.vmap(f)(q, k, v)
+    vm = jax.jit(jax.vmap(f))(q, k, v)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(np.asarray(vm, np.float32),
                                np.asarray(out, np.float32), atol=tol, rtol=tol)
     loss = lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) ** 2)
     stack = lambda x: jnp.stack([x, x[::-1]])
-    g = jax.vmap(jax.grad(loss))(stack(q), stack(k), stack(v))
-    g0 = jax.grad(loss)(q, k, v)
+    g = jax.jit(jax.vmap(jax.grad(loss)))(stack(q), stack(k), stack(v))
+    g0 = jax.jit(jax.grad(loss))(q, k, v)
     np.testing.assert_allclose(np.asarray(g[0], np.float32),
                                np.asarray(g0, np.float32), atol=10 * tol,
                                rtol=10 * tol)
