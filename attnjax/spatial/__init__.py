@@ -34,6 +34,10 @@ from attnjax.spatial.neighborhood import (NeighborhoodAttention,
                                           neighborhood_attention_reference,
                                           neighborhood_mask,
                                           neighborhood_window_start)
+from attnjax.spatial.transnext import (AggregatedAttention,
+                                       adaptive_avg_pool, aggregated_attention,
+                                       aggregated_attention_reference,
+                                       pool_relative_coords)
 from attnjax.spatial.twins import (GlobalSubsampledAttention, HiLoAttention,
                                    LocallyGroupedAttention, average_pool,
                                    pooled_attention,
@@ -87,4 +91,7 @@ __all__ = [
     # CoaT
     "FactorizedAttention", "factorized_attention",
     "factorized_attention_reference",
+    # TransNeXt
+    "AggregatedAttention", "adaptive_avg_pool", "aggregated_attention",
+    "aggregated_attention_reference", "pool_relative_coords",
 ]

@@ -45,6 +45,14 @@ def _dense(q, k, v, mask=None):
   return out.reshape(q.shape)
 
 
+def _aggregated(q, k, v):
+  """TransNeXt aggregated attention, pooled tokens = 7x7 average of k, v."""
+  b, h, w, n, d = q.shape
+  pool = lambda x: sp.adaptive_avg_pool(x.reshape(b, h, w, n * d),
+                                        (7, 7)).reshape(b, 49, n, d)
+  return sp.aggregated_attention(q, k, v, pool(k), pool(v), 3)
+
+
 def _mechanisms(size):
   """name -> (fn(q, k, v), keys attended per query (for FLOPs))."""
   s = size * size
@@ -84,6 +92,7 @@ def _mechanisms(size):
       "coat_factorized_crpe3": (
           lambda q, k, v: sp.factorized_attention(q, k, v, crpe_kernel=crpe),
           None),
+      "transnext_aggregated_k3_p7": (_aggregated, 9 + 49),
       "gpsa": (lambda q, k, v: sp.gated_positional_attention(q, k, v, pw, pb, gate),
                s),
   }
@@ -106,6 +115,7 @@ EXPONENT_LIMIT = 1.1
 LINEAR_IN_THEORY = ("neighborhood_k7", "dilated_neighborhood_k7_d2",
                     "halo_b8_h3",
                     "video_swin_w2x7x7_shift", "coat_factorized_crpe3",
+                    "transnext_aggregated_k3_p7",
                     "window_w7", "shifted_window_w7", "grid_g7", "channel")
 
 
