@@ -71,6 +71,10 @@ CASES = {
         functools.partial(sq.additive_attention, weight=W_ADD),
         functools.partial(sq.additive_attention_reference, weight=W_ADD), {},
         True),
+    "key_driven_gqa": (
+        functools.partial(sq.key_driven_gqa, group_over="example"),
+        functools.partial(sq.key_driven_gqa_reference, group_over="example"),
+        {}, True),
     "lambda_attention": (sq.lambda_attention, sq.lambda_attention_reference,
                          {}, True),
 }

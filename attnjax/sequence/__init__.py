@@ -29,6 +29,10 @@ from attnjax.sequence.layers import (AgentAttention, EfficientAttention,
 from attnjax.sequence.linear import (FEATURE_MAPS, linear_attention,
                                      linear_attention_reference)
 from attnjax.sequence import additive as _additive
+from attnjax.sequence import key_driven_gqa as _key_driven_gqa
+from attnjax.sequence.key_driven_gqa import (
+    KeyDrivenGQAttention, allocate_query_heads, ema_key_norms, key_driven_gqa,
+    key_driven_gqa_reference, key_driven_head_groups, key_head_norms)
 from attnjax.sequence import lambda_layer as _lambda_layer
 from attnjax.sequence.lambda_layer import (LambdaLayer, lambda_attention,
                                           lambda_attention_2d,
@@ -91,12 +95,16 @@ SUPPORT = {
     "power_attention": _power.SUPPORT,
     "mswa_attention": _mswa.SUPPORT,
     "additive_attention": _additive.SUPPORT,
+    "key_driven_gqa": _key_driven_gqa.SUPPORT,
     "lambda_attention": _lambda_layer.SUPPORT,
 }
 
 __all__ = [
     "LambdaLayer", "lambda_attention", "lambda_attention_2d",
     "lambda_attention_2d_reference", "lambda_attention_reference",
+    "KeyDrivenGQAttention", "allocate_query_heads", "ema_key_norms",
+    "key_driven_gqa", "key_driven_gqa_reference", "key_driven_head_groups",
+    "key_head_norms",
     "AdditiveAttention", "PointerNetwork", "additive_attention",
     "additive_attention_reference", "pointer_attention",
     "pointer_attention_reference",

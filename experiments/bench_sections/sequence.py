@@ -95,6 +95,9 @@ def _mechanisms():
           lambda q, k, v: sq.lambda_attention(
               q, k, v, position_embeddings=jnp.full((23, q.shape[3]), 0.01,
                                                     q.dtype)), False),
+      "key_driven_gqa(2 kv heads,causal)": (
+          lambda q, k, v: sq.key_driven_gqa(q, k[:, :, :2], v[:, :, :2],
+                                            is_causal=True), True),
       "efficient_attention": (p(sq.efficient_attention), False),
       "performer_attention(F=128)": (
           p(sq.performer_attention, projection=proj), False),
