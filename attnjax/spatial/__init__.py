@@ -27,6 +27,8 @@ from attnjax.spatial.cswin import (CSWinAttention,
                                    cross_shaped_window_attention,
                                    cross_shaped_window_attention_reference,
                                    stripe_attention)
+from attnjax.spatial.focalnet import (FocalModulation, focal_modulation,
+                                      focal_modulation_reference)
 from attnjax.spatial.halo import (HaloAttention, halo_attention,
                                   halo_attention_reference)
 from attnjax.spatial.neighborhood import (NeighborhoodAttention,
@@ -43,6 +45,9 @@ from attnjax.spatial.twins import (GlobalSubsampledAttention, HiLoAttention,
                                    pooled_attention,
                                    pooled_attention_reference,
                                    subsampled_attention)
+from attnjax.spatial.van import (LargeKernelAttention, VANAttention,
+                                 large_kernel_attention,
+                                 large_kernel_attention_reference)
 from attnjax.spatial.window3d import (WindowAttention3D, video_window_size,
                                       window_3d_mask, window_attention_3d,
                                       window_attention_3d_reference)
@@ -94,4 +99,8 @@ __all__ = [
     # TransNeXt
     "AggregatedAttention", "adaptive_avg_pool", "aggregated_attention",
     "aggregated_attention_reference", "pool_relative_coords",
+    # VAN LKA, FocalNet
+    "LargeKernelAttention", "VANAttention", "large_kernel_attention",
+    "large_kernel_attention_reference", "FocalModulation", "focal_modulation",
+    "focal_modulation_reference",
 ]

@@ -53,6 +53,27 @@ def _aggregated(q, k, v):
   return sp.aggregated_attention(q, k, v, pool(k), pool(v), 3)
 
 
+def _lka(q, k, v):
+  """VAN LKA on the [B, H, W, heads * head_dim] map of q (k, v unused)."""
+  del k, v
+  c = HEADS * HEAD_DIM
+  x = q.reshape(*q.shape[:3], c)
+  ones = lambda *s: jnp.full(s, 1.0 / np.prod(s[:-1]), q.dtype)
+  out = sp.large_kernel_attention(x, ones(5, 5, c), None, ones(7, 7, c), None,
+                                  jnp.eye(c, dtype=q.dtype), None, dilation=3)
+  return out.reshape(q.shape)
+
+
+def _focal(q, k, v):
+  """FocalNet modulation: q, ctx = k, 3 gates from v's first channels."""
+  c = HEADS * HEAD_DIM
+  f = lambda x: x.reshape(*x.shape[:3], c)
+  ks = tuple(jnp.full((s, s, c), 1.0 / (s * s), q.dtype) for s in (3, 5))
+  out = sp.focal_modulation(f(q), f(k), f(v)[..., :3], ks,
+                            jnp.eye(c, dtype=q.dtype))
+  return out.reshape(q.shape)
+
+
 def _mechanisms(size):
   """name -> (fn(q, k, v), keys attended per query (for FLOPs))."""
   s = size * size
@@ -93,6 +114,8 @@ def _mechanisms(size):
           lambda q, k, v: sp.factorized_attention(q, k, v, crpe_kernel=crpe),
           None),
       "transnext_aggregated_k3_p7": (_aggregated, 9 + 49),
+      "van_lka_5_7d3": (_lka, None),
+      "focal_modulation_l2": (_focal, None),
       "gpsa": (lambda q, k, v: sp.gated_positional_attention(q, k, v, pw, pb, gate),
                s),
   }
@@ -105,6 +128,11 @@ def _mechanisms(size):
 
 def _gflops(name, kpq, size):
   s = size * size
+  if name in ("van_lka_5_7d3", "focal_modulation_l2"):
+    # multiply-adds of the depthwise convs and the 1x1 conv, x2 for FLOPs
+    c = HEADS * HEAD_DIM
+    taps = 25 + 49 if name == "van_lka_5_7d3" else 9 + 25
+    return 2 * s * c * (taps + c) / 1e9
   if name in ("channel", "coat_factorized_crpe3"):
     return 4 * s * HEAD_DIM * HEAD_DIM * HEADS / 1e9
   return 4 * s * kpq * HEADS * HEAD_DIM / 1e9
@@ -115,7 +143,8 @@ EXPONENT_LIMIT = 1.1
 LINEAR_IN_THEORY = ("neighborhood_k7", "dilated_neighborhood_k7_d2",
                     "halo_b8_h3",
                     "video_swin_w2x7x7_shift", "coat_factorized_crpe3",
-                    "transnext_aggregated_k3_p7",
+                    "transnext_aggregated_k3_p7", "van_lka_5_7d3",
+                    "focal_modulation_l2",
                     "window_w7", "shifted_window_w7", "grid_g7", "channel")
 
 

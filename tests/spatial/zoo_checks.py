@@ -52,3 +52,23 @@ def softmax64(logits, ok):
   p = np.where(ok, np.exp(logits - m), 0.0)
   s = p.sum(-1, keepdims=True)
   return p / np.where(s > 0, s, 1.0)
+
+
+def dwconv64(x, kernel, bias=None, dilation=1):
+  """'same' zero-padded depthwise conv in float64 via scipy.ndimage
+  (correlation, one channel at a time): x [B, H, W, C], kernel [k, k, C]."""
+  from scipy import ndimage
+  x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+  kh, kw, c = kernel.shape
+  dk = np.zeros(((kh - 1) * dilation + 1, (kw - 1) * dilation + 1, c))
+  dk[::dilation, ::dilation] = kernel
+  out = np.stack([np.stack([ndimage.correlate(x[b, :, :, ch], dk[:, :, ch],
+                                              mode="constant", cval=0.0)
+                            for ch in range(c)], -1)
+                  for b in range(x.shape[0])])
+  return out if bias is None else out + np.asarray(bias, np.float64)
+
+
+def gelu64(x):
+  from scipy.special import erf
+  return 0.5 * x * (1 + erf(x / np.sqrt(2)))
