@@ -53,6 +53,11 @@ from attnjax.sequence import lightning as _lightning
 from attnjax.sequence import based as _based
 from attnjax.sequence import power as _power
 from attnjax.sequence import mswa as _mswa
+from attnjax.sequence import routing_transformer as _routing_transformer
+from attnjax.sequence.routing_transformer import (
+    Centroids, RoutingTransformerAttention, init_centroids, kmeans_update,
+    routing_assignments, routing_transformer_attention,
+    routing_transformer_attention_reference)
 from attnjax.sequence.mswa import (MSWAAttention, mswa_attention,
                                    mswa_attention_reference, mswa_window_sizes)
 from attnjax.sequence.power import (PowerAttention, power_attention,
@@ -94,6 +99,7 @@ SUPPORT = {
     "based_attention": _based.SUPPORT,
     "power_attention": _power.SUPPORT,
     "mswa_attention": _mswa.SUPPORT,
+    "routing_transformer_attention": _routing_transformer.SUPPORT,
     "additive_attention": _additive.SUPPORT,
     "key_driven_gqa": _key_driven_gqa.SUPPORT,
     "lambda_attention": _lambda_layer.SUPPORT,
@@ -120,6 +126,9 @@ __all__ = [
     "power_layout",
     "MSWAAttention", "mswa_attention", "mswa_attention_reference",
     "mswa_window_sizes",
+    "Centroids", "RoutingTransformerAttention", "init_centroids",
+    "kmeans_update", "routing_assignments", "routing_transformer_attention",
+    "routing_transformer_attention_reference",
     "AgentAttention", "EfficientAttention", "FEATURE_MAPS", "LinearAttention",
     "MoBAAttention", "MoHAttention", "PATTERNS", "PerformerAttention",
     "RandomFeatures", "RoutingAttention", "SUPPORT", "SlidingWindowAttention",

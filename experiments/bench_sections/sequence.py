@@ -98,6 +98,10 @@ def _mechanisms():
       "key_driven_gqa(2 kv heads,causal)": (
           lambda q, k, v: sq.key_driven_gqa(q, k[:, :, :2], v[:, :, :2],
                                             is_causal=True), True),
+      "routing_transformer_attention(C=16,causal)": (
+          lambda q, k, v: sq.routing_transformer_attention(
+              q, k, v, sq.init_centroids(jax.random.key(0), 16, q.shape[-1]),
+              is_causal=True), True),
       "efficient_attention": (p(sq.efficient_attention), False),
       "performer_attention(F=128)": (
           p(sq.performer_attention, projection=proj), False),
