@@ -23,15 +23,43 @@ per-row shifts c to be found too), so at the default budget d_p = n - 1
 reaches ~1e-4, below 1e-5 only at d_p >= n, while the error stays bounded
 away from 0 for d_p < n - 1 (0.72 at d_p = 1, 3e-2 at d_p = 8 for n = 16).
 
-(b) Scaling. Single-layer associative recall (16 (key, value) tokens and a
-query key; predict the value) at fixed width D, built from
-`attnjax.models.rank_models.RecallTransformer` (attnjax.nn TransformerEncoder):
-standard multi-head attention (head size D / h) against fixed head size
-(`MultiHeadAttention(head_dim=p)`, the paper's remedy) as the number of
-heads h grows. Standard degrades once D / h is small (each head's query-key
-product has rank D / h); fixed head size does not. The paper shows this on
-BERT pre-training (LM1B / SQuAD / MNLI); a CPU-sized synthetic retrieval
-task stands in for it here.
+(b) Full-rank mixing task, parameter matched. G fixed random positive
+stochastic n x n matrices P_g (`mixing_matrices`); token j carries G
+Gaussian values v_j; the target of token i, channel g, is
+sum_j P_g[i, j] v_j^(g) (`mixing_batch`). The optimal one-layer model has
+one head per group whose attention matrix is P_g, and the centred logits
+log P_g - rowmean have rank n - 1 (`mix.target_logit_rank` checks it
+numerically), so a head of size < n - 1 cannot produce P_g (part (a)).
+Models: `attnjax.models.rank_models.HeadSizeTransformer` (pre-LN, one
+layer, GELU MLP 4x, learned positions, linear in/out). For each width D of
+`mix.widths` the standard model (head size D / h) runs at every h of
+`mix.heads`; its parameter count does not depend on h. The fixed-head-size
+model (head size `mix.fixed_head_size`, = n by default, the paper's
+remedy) runs at the same h with its width chosen by `matched_width` so its
+total parameter count matches the standard model's at width D (within a
+fraction of a percent; `params` in the results). Metric: normalised MSE
+(MSE / mean y^2) on a fixed evaluation set. Rank of the learned attention:
+on `mix.rank_examples` evaluation inputs, per head, the numerical rank of
+the row-centred logits (singular values above `mix.rank_rtol` times the
+largest; <= head size by construction, n - 1 needed), the effective rank
+(exp entropy of the normalised singular values, Roy & Vetterli) of the
+softmax matrices against that of P_g, and the attention match error
+mean_g min_h ||A_h - P_g||_F / ||P_g||_F (does some head learn P_g?).
+
+(c) Offline character-level language model (the paper's LM1B experiment
+scaled to a CPU). Corpus: the Python standard library's own top-level .py
+files (`stdlib_corpus`: sorted by name, every `lm.val_every`-th file held
+out for validation, bytes as tokens, vocabulary 256; no download; the
+Python version and a SHA-256 of each split are recorded, since the corpus
+differs between Python versions). Causal `HeadSizeTransformer` with
+context `lm.seq_len`, standard (width D, head size D / h) against fixed
+head size `lm.fixed_head_size` (= seq_len by default) at matched
+parameters, as in (b). Metric: validation bits per character on fixed
+non-overlapping windows.
+
+The associative-recall task of earlier versions was dropped: recall does
+not need rank-n attention (head size 8 < n = 17 reached 0.994 accuracy)
+and its "fixed" model had 3x the parameters of the standard one.
 
 Run (see experiments/configs/low_rank_bottleneck.py for all presets):
 
@@ -43,7 +71,7 @@ docs/distributed.md): the default "data:1" is the single-device run.
 inside the jitted loop, is sharded over the `data` axis
 (`sharding.constrain_batch`) and XLA all-reduces the gradients; parameters
 and Adam state are replicated, or sharded over `--config.fsdp_axis=data`
-(only arrays of >= 2**14 elements). config.recall.batch_size must be
+(only arrays of >= 2**14 elements). config.mix.batch_size and config.lm.batch_size must be
 divisible by the `data` axis size (the fit cells have no batch: their work
 is replicated). Other mesh axes are not used (the work is replicated over
 them). Numbers equal the single-device run up to float summation order
@@ -63,38 +91,61 @@ Outputs in --workdir:
                                   if none)
     fit.min_error_below_n         min rel_error over d_p < n
     fit.max_error_at_or_above_n   max rel_error over d_p >= n
-    recall.heads                  the h swept
-    recall.standard_accuracy      {"h=<h>": test accuracy, head size D/h}
-    recall.fixed_accuracy         {"h=<h>": test accuracy, head size p}
-    recall.standard_loss / fixed_loss   test cross-entropy, same keys
-    recall.standard_head_size     {"h=<h>": D / h}
-    recall.fixed_head_size        p
-    recall.params                 {"standard"|"fixed": {"h=<h>": count}}
-    recall.chance_accuracy        1 / num_values
+    mix.n, mix.groups, mix.target_logit_rank, mix.target_eff_rank
+                                  task size; rank n - 1 of the row-centred
+                                  log P_g (numerical, rtol) and mean
+                                  effective rank of the P_g
+    mix.rows                      one row per cell: kind ("standard" |
+                                  "fixed"), budget_width (the standard
+                                  width it is matched to), width, heads,
+                                  head_size, params, nmse, logit_rank_mean,
+                                  logit_rank_max, attn_eff_rank,
+                                  match_error, train_loss_final
+    lm.corpus                     python version, files, bytes and sha256
+                                  of the train / validation splits
+    lm.rows                       as mix.rows with val_bpc (validation bits
+                                  per character) instead of nmse and no
+                                  rank columns
     config, wall_time_s           (config includes mesh and fsdp_axis)
   fit_error.png      relative fit error vs head size d_p (log y), n marked
-  recall_scaling.png test accuracy vs heads, standard vs fixed head size
+  mix_vs_heads.png   normalised MSE vs heads, one curve per family/budget
+  mix_vs_params.png  normalised MSE vs parameters (the paper's Table 1 axis)
+  mix_rank.png       learned centred-logit rank vs heads (n - 1 marked)
+  lm_vs_params.png   validation bits/char vs parameters
+  lm_vs_heads.png    validation bits/char vs heads
   metrics.jsonl, cells/<cell>.json, checkpoints/<cell>/  (written by the
                      resumable `train_cells` driver of experiments/sweep.py,
                      shared with experiments/benefits_of_rank.py)
+
+Each of (a), (b), (c) is skipped when its sweep list (fit.head_sizes,
+mix.heads, lm.heads) is empty.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import os
+import sys
+import sysconfig
 import time
 from typing import Any, Dict, List
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import app
 from flax import nnx
 
-from attnjax.models.rank_models import (RecallTransformer,
-                                        associative_recall_batch)
+from attnjax.models.rank_models import (HeadSizeTransformer,
+                                        centred_logit_rank, effective_rank,
+                                        head_size_transformer_params,
+                                        matched_width, mixing_batch,
+                                        mixing_matrices)
 from attnjax.softmax import attention_weights
 from experiments import common, sharding, sweep
-from experiments.sweep import Cell, Stopped, count_params, ints, train_cells
+from experiments.sweep import Cell, Stopped, ints, train_cells
 
 
 EXACT_TOL = 1e-5
@@ -186,51 +237,195 @@ def fit_cells(cfg) -> List[Cell]:
 
 
 # ----------------------------------------------------------------------------
-# (b) Scaling: associative recall, standard vs fixed head size.
+# Parameter-matched standard / fixed-head-size families.
 # ----------------------------------------------------------------------------
 
-def recall_cells(cfg) -> List[Cell]:
-  r = cfg.recall
-  eval_batch = associative_recall_batch(
-      jax.random.fold_in(jax.random.key(cfg.seed), 11), int(r.eval_batch),
-      int(r.num_pairs), int(r.num_keys), int(r.num_values))
+def family(widths, heads, fixed_head_size: int, **model_kw):
+  """[(kind, budget_width, width, heads, head_dim or None, params)].
+
+  Standard: width D, head size D / h (h must divide D), for every D and h.
+  Fixed: head size `fixed_head_size`, width matched (`matched_width`) to
+  the standard model's parameter count at width D (which is the same for
+  every h).
+  """
+  rows = []
+  for d in widths:
+    budget = head_size_transformer_params(width=d, num_heads=1, **model_kw)
+    for h in heads:
+      if d % h == 0:
+        rows.append(("standard", d, d, h, None, budget))
+    for h in heads:
+      w = matched_width(budget, num_heads=h, head_dim=fixed_head_size,
+                        hi=4 * d, **model_kw)
+      rows.append(("fixed", d, w, h, fixed_head_size,
+                   head_size_transformer_params(
+                       width=w, num_heads=h, head_dim=fixed_head_size,
+                       **model_kw)))
+  return rows
+
+
+def _cell_name(prefix, kind, budget, h):
+  return f"{prefix}_{kind}_D{budget}_h{h}"
+
+
+# ----------------------------------------------------------------------------
+# (b) Full-rank mixing task.
+# ----------------------------------------------------------------------------
+
+def mix_targets(cfg):
+  m = cfg.mix
+  return mixing_matrices(jax.random.fold_in(jax.random.key(cfg.seed), 13),
+                         int(m.groups), int(m.n), float(m.logit_scale))
+
+
+def attention_match_error(attn, p):
+  """mean_g min_h mean_b ||attn[b, h] - P_g||_F / ||P_g||_F.
+
+  attn [B, H, n, n] (one layer's softmax matrices), p [G, n, n]."""
+  diff = attn[:, :, None] - p[None, None]                  # [B, H, G, n, n]
+  rel = (jnp.linalg.norm(diff, axis=(-2, -1))
+         / jnp.linalg.norm(p, axis=(-2, -1))[None, None])  # [B, H, G]
+  return jnp.mean(jnp.min(jnp.mean(rel, 0), axis=0))
+
+
+def mix_cells(cfg) -> List[Cell]:
+  m = cfg.mix
+  n, g = int(m.n), int(m.groups)
+  p = mix_targets(cfg)
+  ev_v, ev_y = mixing_batch(jax.random.fold_in(jax.random.key(cfg.seed), 17),
+                            p, int(m.eval_batch))
+  kw = dict(seq_len=n, out_dim=g, in_dim=g, num_layers=int(m.num_layers))
+  rtol, nr = float(m.rank_rtol), int(m.rank_examples)
   cells = []
-  for kind in ("standard", "fixed"):
-    for h in ints(r.heads):
-      head_dim = None if kind == "standard" else int(r.fixed_head_size)
-      seed = cfg.seed * 1_000_003 + 31 * h + (0 if head_dim is None else 7)
+  for kind, budget, width, h, hd, params in family(
+      ints(m.widths), ints(m.heads), int(m.fixed_head_size), **kw):
+    seed = cfg.seed * 1_000_003 + 31 * h + 7 * budget + (0 if hd is None
+                                                         else 5)
 
-      def make_model(h=h, head_dim=head_dim, seed=seed):
-        return RecallTransformer(
-            num_keys=int(r.num_keys), num_values=int(r.num_values),
-            width=int(r.width), num_heads=h, num_layers=int(r.num_layers),
-            head_dim=head_dim, rngs=nnx.Rngs(seed))
+    def make_model(width=width, h=h, hd=hd, seed=seed):
+      return HeadSizeTransformer(width=width, num_heads=h, head_dim=hd,
+                                 rngs=nnx.Rngs(seed), **kw)
 
-      def loss_fn(model, batch):
-        keys, values, query, answer = batch
-        logits = model(keys, values, query)
-        return optax.softmax_cross_entropy_with_integer_labels(
-            logits, answer).mean()
+    def loss_fn(model, batch):
+      v, y = batch
+      return jnp.mean((model(v) - y) ** 2)
 
-      def batch_fn(key):
-        return associative_recall_batch(key, int(r.batch_size),
-                                        int(r.num_pairs), int(r.num_keys),
-                                        int(r.num_values))
+    def batch_fn(key):
+      return mixing_batch(key, p, int(m.batch_size))
 
-      def eval_fn(model):
-        keys, values, query, answer = eval_batch
-        logits = model(keys, values, query)
-        return {"accuracy": jnp.mean(jnp.argmax(logits, -1) == answer),
-                "loss": optax.softmax_cross_entropy_with_integer_labels(
-                    logits, answer).mean()}
+    def eval_fn(model):
+      pred = model(ev_v)
+      logits = model.attention_logits(ev_v[:nr])[0]          # [B, H, n, n]
+      ranks = centred_logit_rank(logits, rtol)
+      attn = jax.nn.softmax(logits, axis=-1)
+      return {"nmse": jnp.mean((pred - ev_y) ** 2) / jnp.mean(ev_y ** 2),
+              "logit_rank_mean": jnp.mean(ranks.astype(jnp.float32)),
+              "logit_rank_max": jnp.max(ranks),
+              "attn_eff_rank": jnp.mean(effective_rank(attn)),
+              "match_error": attention_match_error(attn, p)}
 
-      model = make_model()
-      cells.append(Cell(
-          name=f"recall_{kind}_h{h}", make_model=make_model, loss_fn=loss_fn,
-          batch_fn=batch_fn, eval_fn=eval_fn, steps=int(r.steps),
-          lr=float(r.lr), seed=seed, warmup=int(r.warmup),
-          info={"kind": kind, "heads": h, "head_size": model.head_dim,
-                "params": count_params(model)}))
+    cells.append(Cell(
+        name=_cell_name("mix", kind, budget, h), make_model=make_model,
+        loss_fn=loss_fn, batch_fn=batch_fn, eval_fn=eval_fn,
+        steps=int(m.steps), lr=float(m.lr), seed=seed, warmup=int(m.warmup),
+        info={"kind": kind, "budget_width": budget, "width": width,
+              "heads": h, "head_size": width // h if hd is None else hd,
+              "params": params}))
+  return cells
+
+
+# ----------------------------------------------------------------------------
+# (c) Character-level LM on the Python standard library's source.
+# ----------------------------------------------------------------------------
+
+def stdlib_corpus(train_bytes: int, val_bytes: int, val_every: int,
+                  root: str = "") -> Dict[str, Any]:
+  """Deterministic byte-level corpus from the stdlib's top-level .py files.
+
+  Files `root`/*.py (default: `sysconfig.get_paths()["stdlib"]`), sorted by
+  name; file i goes to validation when i % val_every == val_every - 1, else
+  to training (a split by file: no text is shared). Each split is the
+  concatenation of its files (each followed by a NUL separator byte, which
+  stdlib sources do not contain), truncated to train_bytes / val_bytes.
+  Returns {"train", "val": uint8 arrays, "files": {"train", "val": names},
+  "sha256": {...}, "python": version, "root": root}.
+  """
+  if val_every < 2:
+    raise ValueError(f"`val_every` must be >= 2, got {val_every}.")
+  root = root or sysconfig.get_paths()["stdlib"]
+  paths = sorted(glob.glob(os.path.join(root, "*.py")))
+  if not paths:
+    raise ValueError(f"no .py files under {root!r}.")
+  split = {"train": [], "val": []}
+  for i, path in enumerate(paths):
+    split["val" if i % val_every == val_every - 1 else "train"].append(path)
+  out = {"files": {}, "sha256": {}, "python": sys.version.split()[0],
+         "root": root}
+  for name, budget in (("train", train_bytes), ("val", val_bytes)):
+    chunks, total, used = [], 0, []
+    for path in split[name]:
+      if total >= budget:
+        break
+      with open(path, "rb") as f:
+        data = f.read() + b"\0"
+      chunks.append(data)
+      used.append(os.path.basename(path))
+      total += len(data)
+    buf = b"".join(chunks)[:budget]
+    out[name] = np.frombuffer(buf, np.uint8).copy()
+    out["files"][name] = used
+    out["sha256"][name] = hashlib.sha256(buf).hexdigest()
+  return out
+
+
+def lm_windows(text, seq_len: int, count: int):
+  """The first `count` non-overlapping (seq_len + 1)-byte windows."""
+  w = seq_len + 1
+  count = min(count, len(text) // w)
+  return jnp.asarray(np.asarray(text[:count * w]).reshape(count, w),
+                     jnp.int32)
+
+
+def lm_loss(model, windows):
+  logits = model(windows[:, :-1])
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits, windows[:, 1:]).mean()
+
+
+def lm_cells(cfg, corpus) -> List[Cell]:
+  lm = cfg.lm
+  n = int(lm.seq_len)
+  train = jnp.asarray(corpus["train"], jnp.int32)
+  val = lm_windows(corpus["val"], n, int(lm.eval_windows))
+  kw = dict(seq_len=n, out_dim=256, vocab_size=256,
+            num_layers=int(lm.num_layers))
+  cells = []
+  for kind, budget, width, h, hd, params in family(
+      ints(lm.widths), ints(lm.heads), int(lm.fixed_head_size), **kw):
+    seed = cfg.seed * 1_000_003 + 37 * h + 11 * budget + (0 if hd is None
+                                                          else 3)
+
+    def make_model(width=width, h=h, hd=hd, seed=seed):
+      return HeadSizeTransformer(width=width, num_heads=h, head_dim=hd,
+                                 causal=True, rngs=nnx.Rngs(seed), **kw)
+
+    def batch_fn(key):
+      starts = jax.random.randint(key, (int(lm.batch_size),), 0,
+                                  train.shape[0] - n - 1)
+      return jax.vmap(lambda s: jax.lax.dynamic_slice(train, (s,),
+                                                      (n + 1,)))(starts)
+
+    def eval_fn(model):
+      return {"val_bpc": lm_loss(model, val) / jnp.log(2.0)}
+
+    cells.append(Cell(
+        name=_cell_name("lm", kind, budget, h), make_model=make_model,
+        loss_fn=lm_loss, batch_fn=batch_fn, eval_fn=eval_fn,
+        steps=int(lm.steps), lr=float(lm.lr), seed=seed,
+        warmup=int(lm.warmup),
+        info={"kind": kind, "budget_width": budget, "width": width,
+              "heads": h, "head_size": width // h if hd is None else hd,
+              "params": params}))
   return cells
 
 
@@ -239,10 +434,15 @@ def recall_cells(cfg) -> List[Cell]:
 # ----------------------------------------------------------------------------
 
 def make_mesh(cfg):
-  """The training mesh from `cfg.mesh`; checks the recall batch size
-  against `data` (the fit cells have no batch)."""
+  """The training mesh from `cfg.mesh`; checks the batch sizes against
+  `data` (the fit cells have no batch)."""
   return sweep.make_mesh(cfg.mesh, {
-      "config.recall.batch_size": cfg.recall.batch_size})
+      "config.mix.batch_size": cfg.mix.batch_size,
+      "config.lm.batch_size": cfg.lm.batch_size})
+
+
+def _rows(res, cells):
+  return [dict(res[c.name]) for c in cells]
 
 
 def run_study(cfg, workdir: str) -> Dict[str, Any]:
@@ -250,17 +450,21 @@ def run_study(cfg, workdir: str) -> Dict[str, Any]:
   # Multi-host: before any jax computation (no-op on a single host).
   if not jax.distributed.is_initialized():
     sharding.maybe_initialize_distributed()
-  f, r = cfg.fit, cfg.recall
+  f, m, lm = cfg.fit, cfg.mix, cfg.lm
   mesh = make_mesh(cfg)
-  fcells, rcells = fit_cells(cfg), recall_cells(cfg)
-  res = train_cells(workdir, fcells + rcells, chunk=int(cfg.chunk),
+  fcells = fit_cells(cfg)
+  mcells = mix_cells(cfg) if ints(m.heads) else []
+  corpus = (stdlib_corpus(int(lm.train_bytes), int(lm.val_bytes),
+                          int(lm.val_every)) if ints(lm.heads) else None)
+  lcells = lm_cells(cfg, corpus) if corpus is not None else []
+  res = train_cells(workdir, fcells + mcells + lcells, chunk=int(cfg.chunk),
                     ckpt_every=int(cfg.ckpt_every),
                     stop_after_steps=int(cfg.stop_after_steps),
                     desc="low_rank_bottleneck", mesh=mesh,
                     fsdp_axis=cfg.fsdp_axis or None)
   n = int(f.n)
   hs_list = ints(f.head_sizes)
-  fit = {"n": n, "d": int(f.d), "head_sizes": hs_list,
+  fit = {"n": n, "d": int(f.d), "head_sizes": hs_list, "tolerance": EXACT_TOL,
          "rel_error": {}, "max_abs_error": {}, "kl": {}}
   for hs in hs_list:
     row = res[f"fit_dp{hs}"]
@@ -272,59 +476,133 @@ def run_study(cfg, workdir: str) -> Dict[str, Any]:
   above = [fit["rel_error"][f"d_p={hs}"] for hs in hs_list if hs >= n]
   fit["min_error_below_n"] = min(below) if below else None
   fit["max_error_at_or_above_n"] = max(above) if above else None
+  out = {"fit": fit}
 
-  heads = ints(r.heads)
-  rec = {"heads": heads, "fixed_head_size": int(r.fixed_head_size),
-         "width": int(r.width), "chance_accuracy": 1.0 / int(r.num_values),
-         "standard_head_size": {f"h={h}": int(r.width) // h for h in heads},
-         "params": {"standard": {}, "fixed": {}}}
-  for kind in ("standard", "fixed"):
-    rec[f"{kind}_accuracy"] = {}
-    rec[f"{kind}_loss"] = {}
-    for h in heads:
-      row = res[f"recall_{kind}_h{h}"]
-      rec[f"{kind}_accuracy"][f"h={h}"] = row["accuracy"]
-      rec[f"{kind}_loss"][f"h={h}"] = row["loss"]
-      rec["params"][kind][f"h={h}"] = row["params"]
-  out = {"fit": fit, "recall": rec}
+  if mcells:
+    p = mix_targets(cfg)
+    out["mix"] = {
+        "n": int(m.n), "groups": int(m.groups),
+        "fixed_head_size": int(m.fixed_head_size),
+        "rank_rtol": float(m.rank_rtol),
+        "target_logit_rank": [int(r) for r in centred_logit_rank(
+            jnp.log(p), float(m.rank_rtol))],
+        "target_eff_rank": float(jnp.mean(effective_rank(p))),
+        "rows": _rows(res, mcells)}
+  if lcells:
+    out["lm"] = {
+        "seq_len": int(lm.seq_len), "fixed_head_size": int(lm.fixed_head_size),
+        "corpus": {"python": corpus["python"], "root": corpus["root"],
+                   "sha256": corpus["sha256"],
+                   "bytes": {k: int(len(corpus[k])) for k in ("train", "val")},
+                   "files": {k: len(v) for k, v in corpus["files"].items()}},
+        "rows": _rows(res, lcells)}
   make_figures(out, workdir)
   out["config"] = cfg.to_dict()
   out["wall_time_s"] = time.time() - t0
   return out
 
 
+def _family_curves(rows, xkey, ykey):
+  """{(kind, budget): (xs, ys)} sorted by x."""
+  curves = {}
+  for r in rows:
+    curves.setdefault((r["kind"], r["budget_width"]), []).append(
+        (r[xkey], r[ykey]))
+  return {k: tuple(zip(*sorted(v))) for k, v in sorted(curves.items())}
+
+
+def _plot_family(plt, workdir, name, rows, xkey, ykey, *, xlabel, ylabel,
+                 title, logy=False, logx2=False, hline=None, vline=None):
+  fig, ax = plt.subplots(figsize=(5.2, 3.6))
+  for (kind, budget), (xs, ys) in _family_curves(rows, xkey, ykey).items():
+    ax.plot(xs, ys, "o-" if kind == "standard" else "s--",
+            label=f"{kind}, budget = width-{budget} standard")
+  if hline is not None:
+    ax.axhline(hline[0], color="gray", ls=":", label=hline[1])
+  if vline is not None:
+    ax.axvline(vline[0], color="gray", ls=":", label=vline[1])
+  if logy:
+    ax.set_yscale("log")
+  if logx2:
+    ax.set_xscale("log", base=2)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend(fontsize=6)
+  common.save_figure(fig, workdir, name)
+
+
 def make_figures(out, workdir):
   plt = common.setup_matplotlib()
   fit = out["fit"]
-  fig, ax = plt.subplots(figsize=(4.8, 3.4))
   hs = fit["head_sizes"]
-  ax.plot(hs, [max(fit["rel_error"][f"d_p={h}"], 1e-8) for h in hs], "o-")
-  ax.axvline(fit["n"], color="gray", ls=":", label=f"n = {fit['n']}")
-  ax.axvline(fit["n"] - 1, color="gray", ls="--", lw=0.8,
-             label="n - 1 (softmax shift)")
-  ax.set_yscale("log")
-  ax.set_xlabel("head size d_p")
-  ax.set_ylabel("||P_hat - P||_F / ||P||_F")
-  ax.set_title(f"fitting random stochastic P, n={fit['n']}")
-  ax.legend(fontsize=7)
-  common.save_figure(fig, workdir, "fit_error")
+  if hs:
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    ax.plot(hs, [max(fit["rel_error"][f"d_p={h}"], 1e-8) for h in hs], "o-",
+            label="Adam fit (mean over problems)")
+    ax.axvline(fit["n"], color="gray", ls=":", label=f"n = {fit['n']}")
+    ax.axvline(fit["n"] - 1, color="gray", ls="--", lw=0.8,
+               label="n - 1 (softmax shift)")
+    ax.axhline(fit["tolerance"], color="red", ls=":", lw=0.8,
+               label=f"tolerance {fit['tolerance']:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("head size d_p")
+    ax.set_ylabel("||P_hat - P||_F / ||P||_F")
+    ax.set_title(f"fitting random stochastic P, n={fit['n']}")
+    ax.legend(fontsize=7)
+    common.save_figure(fig, workdir, "fit_error")
+  if "mix" in out:
+    mx = out["mix"]
+    rows = mx["rows"]
+    _plot_family(plt, workdir, "mix_vs_heads", rows, "heads", "nmse",
+                 xlabel="number of heads h", ylabel="normalised test MSE",
+                 title=f"full-rank mixing, n={mx['n']}, G={mx['groups']}",
+                 logy=True, logx2=True,
+                 vline=(mx["groups"], f"h = G = {mx['groups']}"))
+    _plot_family(plt, workdir, "mix_vs_params", rows, "params", "nmse",
+                 xlabel="parameters", ylabel="normalised test MSE",
+                 title="full-rank mixing vs parameters", logy=True)
+    _plot_family(plt, workdir, "mix_rank", rows, "heads", "logit_rank_max",
+                 xlabel="number of heads h",
+                 ylabel="max numerical rank of centred logits",
+                 title=f"learned attention rank (rtol {mx['rank_rtol']:g})",
+                 logx2=True, hline=(mx["n"] - 1, "n - 1 (target)"))
+  if "lm" in out:
+    lmo = out["lm"]
+    _plot_family(plt, workdir, "lm_vs_params", lmo["rows"], "params",
+                 "val_bpc", xlabel="parameters",
+                 ylabel="validation bits / char",
+                 title=f"stdlib char LM, context {lmo['seq_len']}")
+    _plot_family(plt, workdir, "lm_vs_heads", lmo["rows"], "heads",
+                 "val_bpc", xlabel="number of heads h",
+                 ylabel="validation bits / char",
+                 title=f"stdlib char LM, context {lmo['seq_len']}",
+                 logx2=True)
 
-  rec = out["recall"]
-  heads = rec["heads"]
-  if not heads:
-    return
-  fig, ax = plt.subplots(figsize=(4.8, 3.4))
-  ax.plot(heads, [rec["standard_accuracy"][f"h={h}"] for h in heads], "o-",
-          label=f"standard (head size {rec['width']}/h)")
-  ax.plot(heads, [rec["fixed_accuracy"][f"h={h}"] for h in heads], "s-",
-          label=f"fixed head size {rec['fixed_head_size']}")
-  ax.axhline(rec["chance_accuracy"], color="gray", ls=":", label="chance")
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel(f"number of heads h (width {rec['width']})")
-  ax.set_ylabel("recall test accuracy")
-  ax.set_title("associative recall, 1 layer")
-  ax.legend(fontsize=7)
-  common.save_figure(fig, workdir, "recall_scaling")
+
+def format_tables(res) -> str:
+  lines = []
+  fit = res["fit"]
+  for h in fit["head_sizes"]:
+    lines.append(f"fit n={fit['n']} d_p={h:<3d} rel_error="
+                 f"{fit['rel_error'][f'd_p={h}']:.2e}")
+  if "mix" in res:
+    lines.append("mix: kind      budget width heads head params  nmse      "
+                 "rank(max) eff_rank match")
+    for r in res["mix"]["rows"]:
+      lines.append(
+          f"mix: {r['kind']:<9s} {r['budget_width']:>6d} {r['width']:>5d} "
+          f"{r['heads']:>5d} {r['head_size']:>4d} {r['params']:>6d}  "
+          f"{r['nmse']:.2e}  {r['logit_rank_max']:>4.0f}      "
+          f"{r['attn_eff_rank']:5.2f}   {r['match_error']:.3f}")
+  if "lm" in res:
+    lines.append("lm: kind      budget width heads head params  val_bpc")
+    for r in res["lm"]["rows"]:
+      lines.append(
+          f"lm: {r['kind']:<9s} {r['budget_width']:>6d} {r['width']:>5d} "
+          f"{r['heads']:>5d} {r['head_size']:>4d} {r['params']:>7d}  "
+          f"{r['val_bpc']:.4f}")
+  return "\n".join(lines)
 
 
 def main(argv):
@@ -332,14 +610,7 @@ def main(argv):
   res, path = common.run_study_main(run_study, stopped=(Stopped,))
   if res is None:
     return
-  fit, rec = res["fit"], res["recall"]
-  for h in fit["head_sizes"]:
-    print(f"fit n={fit['n']} d_p={h:<3d} rel_error="
-          f"{fit['rel_error'][f'd_p={h}']:.2e}")
-  for h in rec["heads"]:
-    print(f"recall h={h:<3d} standard(head {rec['standard_head_size'][f'h={h}']})"
-          f" acc={rec['standard_accuracy'][f'h={h}']:.3f}  fixed(head "
-          f"{rec['fixed_head_size']}) acc={rec['fixed_accuracy'][f'h={h}']:.3f}")
+  print(format_tables(res))
   print(f"wrote {path} ({res['wall_time_s']:.0f}s)", flush=True)
 
 

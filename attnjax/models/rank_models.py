@@ -6,8 +6,10 @@ Two theory papers study what the per-head rank of the query-key product buys:
   (ICML 2020): with head size d_p < n a head cannot express every n x n
   attention matrix; setting the head size independently of the number of
   heads (``MultiHeadAttention(head_dim=p)``) removes the bottleneck.
-  Task here: single-layer associative recall (`associative_recall_batch`,
-  `RecallTransformer`).
+  Here: `HeadSizeTransformer` (head size independent of the width),
+  `head_size_transformer_params` / `matched_width` (parameter matching),
+  the full-rank mixing task (`mixing_matrices`, `mixing_batch`) and the
+  rank measures `centred_logit_rank`, `effective_rank`.
 * Amsel, Yehudai, Bruna, "On the Benefits of Rank in Attention Layers"
   (arXiv 2407.16153): each of N points on the unit sphere must output the
   point farthest from it (`farthest_point_targets`); one full-rank head
@@ -20,7 +22,7 @@ Two theory papers study what the per-head rank of the query-key product buys:
   closed-form error of H random rank-1 heads with fitted output weights
   (hard-attention, N -> infinity limit).
 
-Everything is built from `attnjax.nn` layers; nothing here trains.
+Built from `attnjax.nn` layers and `attnjax.softmax`; nothing here trains.
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnjax.nn import MultiHeadAttention, TransformerEncoder
+from attnjax.softmax import dot_product_attention
 
 __all__ = [
     "PostNormRankEncoder", "RankAttentionNet", "UnitScaleNorm",
-    "rank1_random_heads_mse", "sample_rank1_heads", "RecallTransformer", "associative_recall_batch",
+    "rank1_random_heads_mse", "sample_rank1_heads", "HeadSizeTransformer",
+    "head_size_transformer_params", "matched_width", "mixing_matrices",
+    "mixing_batch", "centred_logit_rank", "effective_rank",
     "farthest_point_targets", "sample_sphere", "sphere_batch",
 ]
 
@@ -287,70 +292,172 @@ def rank1_random_heads_mse(q, k, ridge: float = 0.0):
 
 
 # ----------------------------------------------------------------------------
-# Associative recall (used for the low-rank-bottleneck scaling study).
+# Head-size transformer and full-rank mixing task (Bhojanapalli et al. 2020).
 # ----------------------------------------------------------------------------
 
-def associative_recall_batch(key: jax.Array, batch: int, num_pairs: int,
-                             num_keys: int, num_values: int):
-  """A batch of single-step associative recall problems.
+def mixing_matrices(key: jax.Array, groups: int, n: int,
+                    logit_scale: float = 2.0) -> jax.Array:
+  """`groups` fixed random positive row-stochastic n x n matrices P_g.
 
-  Each example holds `num_pairs` (key, value) pairs with distinct keys drawn
-  from range(num_keys) and values from range(num_values), plus one query
-  key equal to one of the stored keys. The answer is that key's value.
-
-  Returns (keys [B, P] int32, values [B, P] int32, query [B] int32,
-  answer [B] int32).
+  Rows are softmax(logit_scale * N(0, 1)): the centred logits log P_g -
+  rowmean have rank n - 1 with probability 1, so a head reproduces P_g
+  exactly only if its query-key product has rank >= n - 1.
   """
-  if num_pairs > num_keys:
-    raise ValueError(f"`num_pairs` ({num_pairs}) must be <= `num_keys` "
-                     f"({num_keys}) (keys are distinct).")
-  kk, kv, kq = jax.random.split(key, 3)
-  keys = jax.vmap(lambda k: jax.random.permutation(k, num_keys)[:num_pairs])(
-      jax.random.split(kk, batch)).astype(jnp.int32)
-  values = jax.random.randint(kv, (batch, num_pairs), 0, num_values,
-                              dtype=jnp.int32)
-  pos = jax.random.randint(kq, (batch,), 0, num_pairs)
-  query = jnp.take_along_axis(keys, pos[:, None], axis=1)[:, 0]
-  answer = jnp.take_along_axis(values, pos[:, None], axis=1)[:, 0]
-  return keys, values, query, answer
+  if groups < 1 or n < 2:
+    raise ValueError(f"`groups` must be >= 1 and `n` >= 2; got "
+                     f"groups={groups}, n={n}.")
+  return jax.nn.softmax(
+      logit_scale * jax.random.normal(key, (groups, n, n)), axis=-1)
 
 
-class RecallTransformer(nnx.Module):
-  """Transformer for associative recall with a chosen head size.
+def mixing_batch(key: jax.Array, p: jax.Array, batch: int):
+  """Inputs v [B, n, G] ~ N(0, 1) and targets y[b, i, g] = sum_j P_g[i, j] v[b, j, g].
 
-  Token i < P is the pair (key_i, value_i) embedded as E_k[key_i] +
-  E_v[value_i]; the last token is the query E_k[query] + e_query. No
-  positions are needed (the task is permutation-invariant). A
-  `TransformerEncoder` (pre-norm) runs over the P + 1 tokens and the last
-  token's state is decoded to value logits.
+  Channel g of every token is mixed over positions by its own fixed matrix
+  P_g ([G, n, n] from `mixing_matrices`): the optimal attention layer has
+  one head per group whose attention matrix is P_g (full rank).
+  """
+  g, n, _ = p.shape
+  v = jax.random.normal(key, (batch, n, g))
+  return v, jnp.einsum("gij,bjg->big", p, v)
 
-  `head_dim=None` is the standard transformer (head size = width / heads);
-  an integer fixes the head size independently of the number of heads
-  (the Bhojanapalli et al. remedy).
+
+def centred_logit_rank(logits, rtol: float = 1e-3):
+  """Numerical rank of logits with each row's mean removed (softmax
+  ignores a per-row constant): number of singular values above
+  rtol * the largest, per matrix ([..., n, n] -> [...])."""
+  c = logits - jnp.mean(logits, axis=-1, keepdims=True)
+  s = jnp.linalg.svd(c.astype(jnp.float32), compute_uv=False)
+  return jnp.sum(s > rtol * s[..., :1], axis=-1)
+
+
+def effective_rank(m):
+  """Effective rank exp(H(sigma / sum sigma)) (Roy & Vetterli 2007) of
+  each [..., n, n] matrix: 1 for rank one, n for a multiple of the identity."""
+  s = jnp.linalg.svd(m.astype(jnp.float32), compute_uv=False)
+  q = s / jnp.sum(s, axis=-1, keepdims=True)
+  return jnp.exp(-jnp.sum(jnp.where(q > 0, q * jnp.log(
+      jnp.where(q > 0, q, 1.0)), 0.0), axis=-1))
+
+
+class _HeadSizeBlock(nnx.Module):
+  """Pre-LayerNorm block: h + Wo attn(LN h); h + MLP(LN h) (GELU).
+
+  Queries, keys and values have `num_heads` heads of `head_dim` features
+  each (4 * width * num_heads * head_dim attention weights), whatever the
+  width: the standard transformer is head_dim = width / num_heads.
   """
 
-  def __init__(self, *, num_keys: int, num_values: int, width: int,
-               num_heads: int, num_layers: int = 1,
-               head_dim: Optional[int] = None, mlp_dim: Optional[int] = None,
+  def __init__(self, width: int, num_heads: int, head_dim: int, mlp_dim: int,
+               causal: bool, rngs: nnx.Rngs):
+    self.num_heads, self.head_dim, self.causal = num_heads, head_dim, causal
+    inner = num_heads * head_dim
+    self.ln1 = nnx.LayerNorm(width, rngs=rngs)
+    self.wq = nnx.Linear(width, inner, use_bias=False, rngs=rngs)
+    self.wk = nnx.Linear(width, inner, use_bias=False, rngs=rngs)
+    self.wv = nnx.Linear(width, inner, use_bias=False, rngs=rngs)
+    self.wo = nnx.Linear(inner, width, use_bias=False, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(width, rngs=rngs)
+    self.fc1 = nnx.Linear(width, mlp_dim, rngs=rngs)
+    self.fc2 = nnx.Linear(mlp_dim, width, rngs=rngs)
+
+  def _split(self, x):
+    return x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim))
+
+  def logits(self, h):
+    """Scaled attention logits [B, heads, T, S] (before masking/softmax)."""
+    a = self.ln1(h)
+    q, k = self._split(self.wq(a)), self._split(self.wk(a))
+    return jnp.einsum("btnh,bsnh->bnts", q, k) * self.head_dim ** -0.5
+
+  def __call__(self, h):
+    a = self.ln1(h)
+    q, k, v = (self._split(w(a)) for w in (self.wq, self.wk, self.wv))
+    o = dot_product_attention(q, k, v, is_causal=self.causal)
+    h = h + self.wo(o.reshape(o.shape[:-2] + (-1,)))
+    return h + self.fc2(jax.nn.gelu(self.fc1(self.ln2(h))))
+
+
+class HeadSizeTransformer(nnx.Module):
+  """Transformer whose head size is set independently of its width.
+
+  Inputs are tokens [B, T] (`vocab_size` given: embedding table) or vectors
+  [B, T, in_dim] (linear embedding, no bias); a learned position embedding
+  [seq_len, width] is added; `num_layers` `_HeadSizeBlock`s; a final
+  LayerNorm and a linear readout to `out_dim` per token. `head_dim=None` is
+  the standard transformer (head size width / num_heads); an integer is
+  Bhojanapalli et al.'s fixed head size. `causal=True` for language models.
+  Attention runs through `attnjax.softmax.dot_product_attention`.
+  """
+
+  def __init__(self, *, seq_len: int, width: int, num_heads: int,
+               out_dim: int, head_dim: Optional[int] = None,
+               vocab_size: Optional[int] = None, in_dim: Optional[int] = None,
+               num_layers: int = 1, mlp_ratio: int = 4, causal: bool = False,
                rngs: nnx.Rngs):
-    if head_dim is None and width % num_heads:
+    if (vocab_size is None) == (in_dim is None):
+      raise ValueError(f"give exactly one of `vocab_size` and `in_dim`; got "
+                       f"vocab_size={vocab_size}, in_dim={in_dim}.")
+    if head_dim is None and (num_heads < 1 or width % num_heads):
       raise ValueError(f"`width` ({width}) must be divisible by `num_heads` "
                        f"({num_heads}) for the standard head size.")
-    self.num_keys, self.num_values, self.width = num_keys, num_values, width
+    if num_heads < 1 or num_layers < 1 or (head_dim is not None
+                                            and head_dim < 1):
+      raise ValueError(f"`num_heads`, `num_layers`, `head_dim` must be >= 1; "
+                       f"got {num_heads}, {num_layers}, {head_dim}.")
+    self.seq_len, self.width, self.num_heads = seq_len, width, num_heads
     self.head_dim = width // num_heads if head_dim is None else head_dim
-    init = nnx.initializers.normal(1.0)
-    self.key_embed = nnx.Embed(num_keys, width, embedding_init=init,
-                               rngs=rngs)
-    self.value_embed = nnx.Embed(num_values, width, embedding_init=init,
-                                 rngs=rngs)
-    self.query_marker = nnx.Param(init(rngs.params(), (width,)))
-    self.encoder = TransformerEncoder(
-        num_layers, width, num_heads, head_dim=self.head_dim,
-        mlp_dim=4 * width if mlp_dim is None else mlp_dim, rngs=rngs)
-    self.readout = nnx.Linear(width, num_values, rngs=rngs)
+    if vocab_size is not None:
+      self.embed = nnx.Embed(vocab_size, width, rngs=rngs)
+    else:
+      self.embed = nnx.Linear(in_dim, width, use_bias=False, rngs=rngs)
+    self.pos = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(),
+                                                      (seq_len, width)))
+    self.blocks = nnx.List([
+        _HeadSizeBlock(width, num_heads, self.head_dim, mlp_ratio * width,
+                       causal, rngs) for _ in range(num_layers)])
+    self.ln_f = nnx.LayerNorm(width, rngs=rngs)
+    self.readout = nnx.Linear(width, out_dim, rngs=rngs)
 
-  def __call__(self, keys, values, query):
-    pairs = self.key_embed(keys) + self.value_embed(values)     # [B, P, D]
-    q = self.key_embed(query) + self.query_marker[...]           # [B, D]
-    h = self.encoder(jnp.concatenate([pairs, q[:, None, :]], axis=1))
-    return self.readout(h[:, -1, :])
+  def _embed(self, x):
+    if x.shape[1] != self.seq_len:
+      raise ValueError(f"`x` must have seq_len={self.seq_len} positions, got "
+                       f"shape {x.shape}.")
+    return self.embed(x) + self.pos[...]
+
+  def __call__(self, x):
+    h = self._embed(x)
+    for b in self.blocks:
+      h = b(h)
+    return self.readout(self.ln_f(h))
+
+  def attention_logits(self, x):
+    """Per-layer attention logits, [layers, B, heads, T, S] (no mask)."""
+    h = self._embed(x)
+    out = []
+    for b in self.blocks:
+      out.append(b.logits(h))
+      h = b(h)
+    return jnp.stack(out)
+
+
+def head_size_transformer_params(*, seq_len: int, width: int, num_heads: int,
+                                 out_dim: int, head_dim: Optional[int] = None,
+                                 vocab_size: Optional[int] = None,
+                                 in_dim: Optional[int] = None,
+                                 num_layers: int = 1,
+                                 mlp_ratio: int = 4) -> int:
+  """Closed-form parameter count of `HeadSizeTransformer` (no model built)."""
+  p = width // num_heads if head_dim is None else head_dim
+  d, m = width, mlp_ratio * width
+  embed = (vocab_size if vocab_size is not None else in_dim) * d
+  block = 4 * d * num_heads * p + 2 * (2 * d) + d * m + m + m * d + d
+  return embed + seq_len * d + num_layers * block + 2 * d + d * out_dim + out_dim
+
+
+def matched_width(target: int, *, lo: int = 1, hi: int = 4096, **kw) -> int:
+  """Width whose `head_size_transformer_params(width=..., **kw)` is closest
+  to `target` (parameter matching of the fixed-head-size family)."""
+  best = min(range(lo, hi + 1), key=lambda w: (abs(
+      head_size_transformer_params(width=w, **kw) - target), w))
+  return best

@@ -1,60 +1,101 @@
 """Configs for experiments/low_rank_bottleneck.py (Bhojanapalli et al. 2020).
 
+Presets (`--config=experiments/configs/low_rank_bottleneck.py:<preset>`):
+  default  CPU-sized (about 15 min on an idle 2-core CPU): (a) fit n = 16
+           attention matrices with head size d_p in 1..24 (10k Adam steps);
+           (b) full-rank mixing, n = 16, G = 4 groups, standard widths
+           32/64 at heads 1..16 against fixed head size 16 at matched
+           parameters, 3000 steps; (c) stdlib character LM, context 32,
+           2 layers, standard width 64 at heads 1..16 against fixed head
+           size 32 at matched parameters, 2000 steps of batch 32.
+  paper    closer to the paper's regime (n = 128 contexts as in its BERT
+           runs, fixed head size = n; widths 256/512; accelerator-sized):
+           (a) n = 64; (b) n = 64, G = 8; (c) context 128, 4 layers,
+           20k steps of batch 64 on the whole stdlib.
+  tiny     seconds-long smoke test (CI / unit tests).
+
 Run commands (from the repository root):
 
-  # default (a few minutes on a 2-core CPU): (a) fit n = 16 attention
-  # matrices with head size d_p in 1..24; (b) associative recall, width 64,
-  # heads 1, 2, 8, 32, standard (64 / h) vs fixed head size 16
   python -m experiments.low_rank_bottleneck --workdir=/tmp/lrb_default
-  # larger sizes, closer to the paper's regime (n = 128-token contexts as in
-  # its BERT runs, fixed head size = n; accelerator-sized)
   python -m experiments.low_rank_bottleneck --workdir=/tmp/lrb_paper \
       --config=experiments/configs/low_rank_bottleneck.py:paper
-  # seconds-long smoke test (CI / unit tests)
   python -m experiments.low_rank_bottleneck --workdir=/tmp/lrb_tiny \
       --config=experiments/configs/low_rank_bottleneck.py:tiny
+  # one part only: an empty sweep list skips a part
+  python -m experiments.low_rank_bottleneck --workdir=/tmp/lrb_mix \
+      --config.fit.head_sizes= --config.lm.heads=
   # data parallel over every device (batch split over the `data` axis)
   python -m experiments.low_rank_bottleneck --workdir=/tmp/lrb_dp \
       --config.mesh=data:-1
 
-Any field can be overridden, e.g. `--config.heads=1,8,32 --config.steps=4000`.
-Re-running a command with the same --workdir resumes the interrupted cell
-from its last checkpoint, skips finished cells, and gives the same final
-numbers as an uninterrupted run.
+Any field can be overridden, e.g. `--config.mix.heads=4,16
+--config.mix.steps=6000`. Re-running a command with the same --workdir
+resumes the interrupted cell from its last checkpoint, skips finished
+cells, and gives the same final numbers as an uninterrupted run.
 """
 
 import ml_collections
 
 PRESETS = ("default", "paper", "tiny")
 
-# One line per field for `--helpfull` (experiments.common.describe_config);
-# fields not listed here take the comment next to them in get_config.
+# Sweep lists may be empty (the part is skipped).
+CONSTRAINTS = {"head_sizes": "ints>0*", "heads": "ints>0*",
+               "widths": "ints>0*", "groups": "int>0", "seq_len": "int>0",
+               "rank_examples": "int>0", "eval_windows": "int>0",
+               "train_bytes": "int>0", "val_bytes": "int>0",
+               "val_every": "int>0", "logit_scale": ">0", "rank_rtol": ">0"}
+
+# One line per field for `--helpfull` (experiments.common.describe_config).
 FIELD_DOCS = {
+    "preset": "name of the preset these values came from",
+    "chunk": "steps per jitted loop / metrics line",
     "ckpt_every": "checkpoint period in steps (a multiple of chunk)",
-    "seed": "base seed (fit problems, recall evaluation set, model inits, "
-            "data stream)",
+    "stop_after_steps": "> 0: simulated kill after that many steps (tests)",
+    "mesh": "device mesh, 'data:1' (one device) or 'data:-1' (data "
+            "parallel over all devices)",
+    "seed": "base seed (fit problems, mixing matrices, evaluation sets, "
+            "model inits, data streams)",
     "fsdp_axis": "'' (parameters replicated) or 'data' (shard parameters "
                  "and Adam moments >= 2**14 elements)",
-    "fit.head_sizes": "head sizes d_p (columns of W_q, W_k) fitted, one "
-                      "cell per value",
-    "fit.steps": "full-batch Adam steps per head size (cosine decay, no "
-                 "warm-up)",
-    "fit.lr": "peak Adam learning rate of the fits (cosine decay to 0)",
-    "recall.num_keys": "key vocabulary size (stored keys are distinct; "
-                       ">= num_pairs)",
-    "recall.num_values": "value vocabulary size (= number of output classes)",
-    "recall.width": "model width (embedding dim); standard head size = "
-                    "width / heads",
-    "recall.heads": "head counts swept, each trained with standard and "
-                    "with fixed head size",
-    "recall.num_layers": "transformer layers (MLP hidden width 4 * width)",
-    "recall.steps": "Adam training steps per recall cell",
-    "recall.batch_size": "fresh recall problems per training step",
-    "recall.lr": "peak Adam learning rate (linear warm-up, then cosine "
-                 "decay to 0)",
-    "recall.warmup": "linear warm-up steps before the cosine decay",
-    "recall.eval_batch": "held-out recall problems for the final accuracy "
-                         "and loss",
+    "fit.n": "(a) sequence length n of the fitted attention matrices",
+    "fit.d": "(a) input embedding dim (>= n so X has rank n)",
+    "fit.head_sizes": "(a) head sizes d_p (columns of W_q, W_k) fitted, "
+                      "one cell per value ('' skips part (a))",
+    "fit.trials": "(a) independent (X, P) problems per head size",
+    "fit.logit_scale": "(a) P rows = softmax(logit_scale * N(0, 1))",
+    "fit.steps": "(a) full-batch Adam steps per head size (cosine decay)",
+    "fit.lr": "(a) peak Adam learning rate of the fits",
+    "mix.n": "(b) sequence length n of the mixing task",
+    "mix.groups": "(b) number G of value channels, each mixed by its own "
+                  "random stochastic P_g",
+    "mix.logit_scale": "(b) P_g rows = softmax(logit_scale * N(0, 1))",
+    "mix.widths": "(b) widths D of the standard models = the parameter "
+                  "budgets",
+    "mix.heads": "(b) head counts h, for both families ('' skips part (b))",
+    "mix.fixed_head_size": "(b) head size of the fixed family (paper: n)",
+    "mix.num_layers": "(b) transformer layers (rank is measured in layer 0)",
+    "mix.steps": "(b) Adam steps per cell",
+    "mix.batch_size": "(b) fresh mixing problems per step",
+    "mix.lr": "(b) peak Adam learning rate (warm-up, then cosine to 0)",
+    "mix.warmup": "(b) linear warm-up steps",
+    "mix.eval_batch": "(b) held-out problems for the normalised MSE",
+    "mix.rank_examples": "(b) evaluation inputs whose attention ranks are "
+                         "measured",
+    "mix.rank_rtol": "(b) numerical rank: singular values > rank_rtol * "
+                     "the largest",
+    "lm.seq_len": "(c) context length n of the character LM",
+    "lm.widths": "(c) widths D of the standard models = parameter budgets",
+    "lm.heads": "(c) head counts h, both families ('' skips part (c))",
+    "lm.fixed_head_size": "(c) head size of the fixed family (paper: n)",
+    "lm.num_layers": "(c) transformer layers",
+    "lm.steps": "(c) Adam steps per cell",
+    "lm.batch_size": "(c) random training windows per step",
+    "lm.lr": "(c) peak Adam learning rate (warm-up, then cosine to 0)",
+    "lm.warmup": "(c) linear warm-up steps",
+    "lm.eval_windows": "(c) non-overlapping validation windows scored",
+    "lm.train_bytes": "(c) bytes of stdlib source used for training",
+    "lm.val_bytes": "(c) bytes of held-out stdlib source (other files)",
+    "lm.val_every": "(c) every val_every-th file (sorted) is held out",
 }
 
 
@@ -65,41 +106,51 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.preset = preset
   c.seed = 0
-  c.chunk = 100                # steps per jitted loop / metrics line
-  c.ckpt_every = 500           # multiple of chunk
-  c.stop_after_steps = 0       # > 0: simulated kill after that many steps
-
-  # Devices (experiments/sharding.py): "data:1" = one device (default,
-  # bit-identical to the single-device run); "data:-1" / "data:4" = data
-  # parallel (the batch is split over `data`); fsdp_axis="data" also shards
-  # the large (>= 2**14 elements) parameters and Adam moments over it.
+  c.chunk = 100
+  c.ckpt_every = 500
+  c.stop_after_steps = 0
   c.mesh = "data:1"
   c.fsdp_axis = ""
 
-  # (a) Representation: fit softmax(X W_q W_k^T X^T) to given stochastic P.
   c.fit = ml_collections.ConfigDict()
-  c.fit.n = 16                 # sequence length
-  c.fit.d = 32                 # input embedding dim (>= n so X has rank n)
+  c.fit.n = 16
+  c.fit.d = 32
   c.fit.head_sizes = "1,2,4,8,12,14,15,16,20,24"
-  c.fit.trials = 8             # independent (X, P) pairs per head size
-  c.fit.logit_scale = 2.0      # P rows = softmax(scale * N(0, 1) logits)
+  c.fit.trials = 8
+  c.fit.logit_scale = 2.0
   c.fit.steps = 10000
   c.fit.lr = 3e-2
 
-  # (b) Scaling: single-layer associative recall at fixed width.
-  c.recall = ml_collections.ConfigDict()
-  c.recall.num_pairs = 16      # context: 16 (key, value) tokens + 1 query
-  c.recall.num_keys = 64
-  c.recall.num_values = 64
-  c.recall.width = 64
-  c.recall.heads = "1,2,8,32"
-  c.recall.fixed_head_size = 16   # the paper's remedy: head size ~ n
-  c.recall.num_layers = 1
-  c.recall.steps = 400
-  c.recall.batch_size = 128
-  c.recall.lr = 3e-3
-  c.recall.warmup = 40
-  c.recall.eval_batch = 4096
+  c.mix = ml_collections.ConfigDict()
+  c.mix.n = 16
+  c.mix.groups = 4
+  c.mix.logit_scale = 2.0
+  c.mix.widths = "32,64"
+  c.mix.heads = "1,2,4,8,16"
+  c.mix.fixed_head_size = 16
+  c.mix.num_layers = 1
+  c.mix.steps = 3000
+  c.mix.batch_size = 64
+  c.mix.lr = 3e-3
+  c.mix.warmup = 100
+  c.mix.eval_batch = 1024
+  c.mix.rank_examples = 64
+  c.mix.rank_rtol = 1e-3
+
+  c.lm = ml_collections.ConfigDict()
+  c.lm.seq_len = 32
+  c.lm.widths = "64"
+  c.lm.heads = "1,2,4,8,16"
+  c.lm.fixed_head_size = 32
+  c.lm.num_layers = 2
+  c.lm.steps = 2000
+  c.lm.batch_size = 32
+  c.lm.lr = 3e-3
+  c.lm.warmup = 100
+  c.lm.eval_windows = 2048
+  c.lm.train_bytes = 2_000_000
+  c.lm.val_bytes = 300_000
+  c.lm.val_every = 10
 
   if preset == "paper":
     c.ckpt_every = 2000
@@ -108,17 +159,24 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.fit.d = 128
     c.fit.head_sizes = "1,4,16,32,48,56,62,63,64,80"
     c.fit.steps = 20000
-    c.recall.num_pairs = 127     # 128-token sequences, as in the BERT runs
-    c.recall.num_keys = 512
-    c.recall.num_values = 512
-    c.recall.width = 256
-    c.recall.heads = "1,2,4,8,16,32,64"
-    c.recall.fixed_head_size = 128
-    c.recall.num_layers = 2
-    c.recall.steps = 50000
-    c.recall.batch_size = 256
-    c.recall.lr = 1e-3
-    c.recall.warmup = 400
+    c.mix.n = 64
+    c.mix.groups = 8
+    c.mix.widths = "256,512"
+    c.mix.heads = "1,2,4,8,16,32,64"
+    c.mix.fixed_head_size = 64
+    c.mix.steps = 20000
+    c.mix.batch_size = 256
+    c.lm.seq_len = 128
+    c.lm.widths = "256,512"
+    c.lm.heads = "1,2,4,8,16,32"
+    c.lm.fixed_head_size = 128
+    c.lm.num_layers = 4
+    c.lm.steps = 20000
+    c.lm.batch_size = 64
+    c.lm.lr = 1e-3
+    c.lm.warmup = 1000
+    c.lm.train_bytes = 100_000_000     # the whole stdlib (~4 MB)
+    c.lm.val_bytes = 100_000_000
   elif preset == "tiny":
     c.chunk = 10
     c.ckpt_every = 20
@@ -127,14 +185,25 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.fit.head_sizes = "1,4"
     c.fit.trials = 2
     c.fit.steps = 40
-    c.recall.num_pairs = 4
-    c.recall.num_keys = 8
-    c.recall.num_values = 8
-    c.recall.width = 8
-    c.recall.heads = "1,4"
-    c.recall.fixed_head_size = 4
-    c.recall.steps = 20
-    c.recall.batch_size = 16
-    c.recall.eval_batch = 64
-    c.recall.warmup = 5
+    c.mix.n = 4
+    c.mix.groups = 2
+    c.mix.widths = "8"
+    c.mix.heads = "2,8"
+    c.mix.fixed_head_size = 4
+    c.mix.steps = 20
+    c.mix.batch_size = 16
+    c.mix.warmup = 5
+    c.mix.eval_batch = 64
+    c.mix.rank_examples = 8
+    c.lm.seq_len = 8
+    c.lm.widths = "8"
+    c.lm.heads = "1,4"
+    c.lm.fixed_head_size = 8
+    c.lm.num_layers = 1
+    c.lm.steps = 20
+    c.lm.batch_size = 8
+    c.lm.warmup = 5
+    c.lm.eval_windows = 64
+    c.lm.train_bytes = 20_000
+    c.lm.val_bytes = 5_000
   return c
