@@ -20,6 +20,9 @@ from attnjax.spatial.convit import (GPSA, convolutional_init,
                                     gated_positional_attention,
                                     gated_positional_attention_reference,
                                     relative_position_features)
+from attnjax.spatial.crossformer import (CrossScaleEmbedding, DynamicPosBias,
+                                         LSDAttention, lsda_attention,
+                                         lsda_attention_reference)
 from attnjax.spatial.crossvit import (CrossViTAttention, CrossViTFusion,
                                       cls_cross_attention,
                                       cls_cross_attention_reference)
@@ -103,4 +106,7 @@ __all__ = [
     "LargeKernelAttention", "VANAttention", "large_kernel_attention",
     "large_kernel_attention_reference", "FocalModulation", "focal_modulation",
     "focal_modulation_reference",
+    # CrossFormer
+    "CrossScaleEmbedding", "DynamicPosBias", "LSDAttention", "lsda_attention",
+    "lsda_attention_reference",
 ]

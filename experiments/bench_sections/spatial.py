@@ -116,6 +116,10 @@ def _mechanisms(size):
       "transnext_aggregated_k3_p7": (_aggregated, 9 + 49),
       "van_lka_5_7d3": (_lka, None),
       "focal_modulation_l2": (_focal, None),
+      "crossformer_sda_g7": (lambda q, k, v: sp.lsda_attention(q, k, v, 7), 49),
+      "crossformer_lda_i7": (
+          lambda q, k, v: sp.lsda_attention(q, k, v, 7, mode="lda"),
+          (-(-size // 7)) ** 2),
       "gpsa": (lambda q, k, v: sp.gated_positional_attention(q, k, v, pw, pb, gate),
                s),
   }
@@ -144,7 +148,7 @@ LINEAR_IN_THEORY = ("neighborhood_k7", "dilated_neighborhood_k7_d2",
                     "halo_b8_h3",
                     "video_swin_w2x7x7_shift", "coat_factorized_crpe3",
                     "transnext_aggregated_k3_p7", "van_lka_5_7d3",
-                    "focal_modulation_l2",
+                    "focal_modulation_l2", "crossformer_sda_g7",
                     "window_w7", "shifted_window_w7", "grid_g7", "channel")
 
 
