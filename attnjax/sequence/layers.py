@@ -111,13 +111,13 @@ class PerformerAttention(MultiHeadAttention):
     self.chunk_size = chunk_size
     self.projection = RandomFeatures(orthogonal_random_features(
         rngs.params(), num_features, self.head_dim, orthogonal=orthogonal))
-    self.attention_fn = self._attend
 
   def redraw(self, rng) -> None:
     self.projection.value = orthogonal_random_features(
         rng, self.num_features, self.head_dim, orthogonal=self.orthogonal)
 
-  def _attend(self, q, k, v, **kwargs):
+  def attend(self, q, k, v, **kwargs):
+    """FAVOR+ with this layer's current projection (the attend hook)."""
     return performer_attention(q, k, v, self.projection.value,
                                chunk_size=self.chunk_size, **kwargs)
 
@@ -150,22 +150,21 @@ class MoHAttention(MultiHeadAttention):
 
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None,
                bias=None, is_causal: bool = False, return_aux: bool = False,
-               attention_kwargs: Optional[dict] = None, **kwargs):
+               attention_kwargs: Optional[dict] = None, attention_fn=None,
+               **kwargs):
     gates, loss = moh_gates(self.router(inputs_q),
                             num_shared_heads=self.num_shared_heads,
                             num_active_heads=self.num_active_heads)
-    base = self.attention_fn
+    base = self.attend if attention_fn is None else attention_fn
 
     def gated(q, k, v, **kw):
       return mixture_of_heads_attention(q, k, v, gates, attention_fn=base, **kw)
 
-    self.attention_fn = gated
-    try:
-      y = super().__call__(inputs_q, inputs_k, inputs_v, mask=mask, bias=bias,
-                           is_causal=is_causal,
-                           attention_kwargs=attention_kwargs, **kwargs)
-    finally:
-      self.attention_fn = base
+    # The gates reach the heads through the per-call attention_fn: the layer
+    # itself is never modified during the call.
+    y = super().__call__(inputs_q, inputs_k, inputs_v, mask=mask, bias=bias,
+                         is_causal=is_causal, attention_fn=gated,
+                         attention_kwargs=attention_kwargs, **kwargs)
     self.sow(nnx.Intermediate, "load_balance_loss", loss)
     if return_aux:
       return y, {"load_balance_loss": loss, "gates": gates}

@@ -2,8 +2,10 @@
 
 Nothing here computes attention: the token mixers are the layers of
 `attnjax.nn`, `attnjax.spatial` and `attnjax.sequence`, wrapped in the pre-norm
-residual `Block`. `Block` can record an attention map of its mixer
-(`attention_maps.record_attention`), computed by `attention_maps.layer_map`.
+residual `Block`. A `Block` built (or viewed, `nnx.with_attributes`) with
+`record=True` sows its mixer's attention map, computed by
+`attention_maps.layer_map`; `attention_maps.attention_maps` does this on a
+view of the model, never on the model itself.
 """
 
 from __future__ import annotations
@@ -39,14 +41,16 @@ class Block(nnx.Module):
   """Pre-norm residual block: x + mixer(norm1(x)); x + MLP(norm2(x)).
 
   Works on tokens [B, T, C] or maps [B, H, W, C] (whatever `mixer` takes).
-  `mlp_ratio=0` drops the MLP. With `self.record = True` the block sows the
-  mixer's attention map as `nnx.Intermediate` "attention_map".
+  `mlp_ratio=0` drops the MLP. With `record=True` (a static option, set at
+  construction or on a view) the block sows the mixer's attention map as
+  `nnx.Intermediate` "attention_map" (collect it with `nnx.capture`).
   """
 
   def __init__(self, dim: int, mixer: nnx.Module, *, mlp_ratio: float = 4.0,
                activation: Callable = gelu_exact, norm_eps: float = 1e-5,
                pos_conv: int = 0, pos_conv_mlp: int = 0,
-               mlp: Optional[nnx.Module] = None, rngs: nnx.Rngs):
+               mlp: Optional[nnx.Module] = None, record: bool = False,
+               rngs: nnx.Rngs):
     # pos_conv=k: x + dwconv_k(x) before the mixer (DaViT CPE, BiFormer);
     # pos_conv_mlp=k: the same before the MLP (DaViT). Maps only.
     self.cpe = (conv(dim, dim, pos_conv, groups=dim, rngs=rngs)
@@ -65,7 +69,7 @@ class Block(nnx.Module):
     else:
       self.norm2 = None
       self.mlp = None
-    self.record = False
+    self.record = record
 
   def mix(self, h, **mixer_kw):
     return self.attn(h, **mixer_kw)
@@ -261,3 +265,4 @@ def stage_features(x, stages, downs, norm=None, pegs=None):
     if downs[i] is not None:
       x = downs[i](x)
   return feats
+

@@ -1,13 +1,17 @@
 """Attention maps out of any attnjax vision model, for visualisation.
 
-`attention_maps(model, images)` runs the model once with every `Block`
-recording its mixer's attention probabilities and returns
+`attention_maps(model, images)` runs a recording view of the model once
+(`nnx.with_attributes(model, only=Block, record=True)`: new module objects
+sharing the model's arrays; the model itself is never modified) under
+`nnx.capture`, every `Block` sowing its mixer's attention probabilities, and
+returns
 `{block_path: [B, heads, T, S]}` (T = S = tokens of that block's input,
 row-major over the map; ViT-style models include the cls token).
 
 How a layer's map is obtained (`layer_map`):
-* `attnjax.MultiHeadAttention` with the default softmax primitive: the
-  layer's own `sow_weights=True` (i.e. `attnjax.attention_weights`).
+* `attnjax.MultiHeadAttention` with the default softmax primitive:
+  `attnjax.attention_weights` of the layer's projected queries and keys
+  (what its `sow_weights=True` records).
 * any other mechanism whose output is a convex combination of values
   (window / shifted window / grid / neighborhood attention, agent attention,
   mixture-of-heads, ...): the layer's own primitive is called with one-hot
@@ -27,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from attnjax.nn import MultiHeadAttention
-from attnjax.softmax import dot_product_attention
+from attnjax.softmax import attention_weights, dot_product_attention
 from attnjax import spatial as _spatial
 
 _LAYER_MAPS = {}
@@ -55,13 +59,10 @@ def _probe_to_map(out, spatial_shape):
 
 @register_layer_map(MultiHeadAttention)
 def _mha_map(layer, x):
-  if type(layer) is MultiHeadAttention and layer.attention_fn is dot_product_attention:
-    layer(x, sow_weights=True)
-    w = layer.attention_weights.get_value()
-    del layer.attention_weights
-    return w[-1] if isinstance(w, tuple) else w
   q, k, _ = layer.project_qkv(x)
-  fn = layer.attention_fn
+  if type(layer) is MultiHeadAttention and layer.attention_fn is dot_product_attention:
+    return attention_weights(q, k)
+  fn = layer.attend                      # the layer's own attention
   if hasattr(layer, "router"):           # MoH: gates from the router
     from attnjax.sequence import moh_gates, mixture_of_heads_attention
     gates, _ = moh_gates(layer.router(x),
@@ -122,23 +123,22 @@ def layer_map(layer, x, **mixer_kw):
 
 
 def attention_maps(model, images) -> Dict[str, jax.Array]:
-  """{path: [B, heads, T, S]} for every attention Block of `model`."""
+  """{path: [B, heads, T, S]} for every attention Block of `model`.
+
+  The model is not modified: a view with `record=True` on its Blocks runs
+  under `nnx.capture`, which collects the sown maps (and MoH losses, dropped
+  here) without storing anything in any module.
+  """
   from attnjax.models.vision._layers import Block
-  blocks = [(p, m) for p, m in nnx.iter_graph(model)
-            if isinstance(m, Block) and m.attn is not None]
-  for _, m in blocks:
-    m.record = True
-  try:
-    model(images)
-  finally:
-    for _, m in blocks:
-      m.record = False
+  view = nnx.with_attributes(model, only=Block, record=True,
+                             raise_if_not_found=False)
+  _, sown = nnx.capture(view, nnx.Intermediate)(images)
   out = {}
-  for path, m in blocks:
-    if hasattr(m, "attention_map"):
-      v = m.attention_map.get_value()
-      out["/".join(str(p) for p in path)] = v[-1] if isinstance(v, tuple) else v
-  nnx.pop(model, nnx.Intermediate)   # leave no sown state (maps, MoH losses)
+  for path, v in nnx.to_flat_state(sown):
+    if path and path[-1] == "attention_map":
+      v = v.get_value() if isinstance(v, nnx.Variable) else v
+      out["/".join(str(p) for p in path[:-1])] = (
+          v[-1] if isinstance(v, tuple) else v)
   return out
 
 
