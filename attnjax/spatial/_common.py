@@ -112,6 +112,20 @@ def repeat_kv(x, num_heads: int):
   return x if k == num_heads else jnp.repeat(x, num_heads // k, axis=-2)
 
 
+def heads_and_scale(dim: int, num_heads: int, qk_scale=None, *,
+                    scale_dim: int = None) -> Tuple[int, float]:
+  """A spatial layer's (head_dim, logit scale): checks `dim % num_heads == 0`
+  (ValueError naming both) and returns dim // num_heads and
+  `layer_scale(qk_scale, scale_dim ** -0.5)`, scale_dim defaulting to the
+  head dim (BiFormer scales by the full width)."""
+  if dim % num_heads:
+    raise ValueError(
+        f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
+  head_dim = dim // num_heads
+  return head_dim, layer_scale(
+      qk_scale, (head_dim if scale_dim is None else scale_dim) ** -0.5)
+
+
 def layer_scale(qk_scale, default: float, name: str = "qk_scale") -> float:
   """A layer's logit scale: `default` when None, else the given finite real
   number (0.0 is honoured: uniform attention, not the default)."""

@@ -16,11 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnjax.spatial._common import (check_channels_last, layer_scale,
-    check_spatial_qkv, default_scale,
-                                     dense_attention_reference,
-                                     flatten_spatial, masked_softmax,
-                                     repeat_kv)
+from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
+                                     default_scale, dense_attention_reference,
+                                     flatten_spatial, heads_and_scale,
+                                     masked_softmax, repeat_kv)
 
 __all__ = ["axial_attention", "axial_attention_reference", "AxialAttention"]
 
@@ -99,9 +98,6 @@ class AxialAttention(nnx.Module):
                combine: str = "sequential", is_causal: bool = False,
                qkv_bias: bool = True, qk_scale: Optional[float] = None,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
     if combine not in ("sequential", "sum"):
       raise ValueError(
           f"`combine` must be 'sequential' or 'sum', got {combine!r}.")
@@ -109,8 +105,7 @@ class AxialAttention(nnx.Module):
     self.combine = combine
     self.is_causal = is_causal
     self.num_heads = num_heads
-    self.head_dim = dim // num_heads
-    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
+    self.head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
     self.axes = nnx.List([
         _AxisAttention(dim, num_heads, qkv_bias, dtype, param_dtype, rngs)
         for _ in range(spatial_dims)])

@@ -22,11 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnjax.spatial._common import (check_channels_last, layer_scale,
-    check_spatial_qkv, default_scale,
-                                     dense_attention_reference,
-                                     flatten_spatial, masked_softmax,
-                                     repeat_kv)
+from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
+                                     default_scale, dense_attention_reference,
+                                     flatten_spatial, heads_and_scale,
+                                     masked_softmax, repeat_kv)
 from attnjax.spatial.window import _merge, _split
 
 __all__ = ["bi_level_routing_attention", "bi_level_routing_attention_reference",
@@ -147,14 +146,11 @@ class BiLevelRoutingAttention(nnx.Module):
                topk: int = 4, *, side_dwconv: int = 5,
                qk_scale: Optional[float] = None, qkv_bias: bool = True,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
     self.num_heads = num_heads
-    self.head_dim = dim // num_heads
+    self.head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale,
+                                                scale_dim=dim)
     self.num_regions = num_regions
     self.topk = topk
-    self.scale = layer_scale(qk_scale, dim ** -0.5)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, **kw)
     self.wo = nnx.Linear(dim, dim, **kw)

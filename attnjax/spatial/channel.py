@@ -15,10 +15,10 @@ from typing import Optional
 import jax.numpy as jnp
 from flax import nnx
 
-from attnjax.spatial._common import (check_channels_last, layer_scale,
-    check_spatial_qkv, default_scale,
-                                     dense_attention_reference,
-                                     flatten_spatial, masked_softmax)
+from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
+                                     default_scale, dense_attention_reference,
+                                     flatten_spatial, heads_and_scale,
+                                     masked_softmax)
 
 __all__ = ["channel_attention", "channel_attention_reference",
            "ChannelAttention"]
@@ -63,12 +63,8 @@ class ChannelAttention(nnx.Module):
   def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = True,
                qk_scale: Optional[float] = None, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
     self.num_heads = num_heads
-    self.head_dim = dim // num_heads
-    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
+    self.head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, **kw)
     self.proj = nnx.Linear(dim, dim, **kw)

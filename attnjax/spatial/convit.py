@@ -23,10 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnjax.spatial._common import (check_channels_last, layer_scale,
-    check_spatial_qkv, default_scale,
-                                     flatten_spatial, masked_softmax,
-                                     repeat_kv)
+from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
+                                     default_scale, flatten_spatial,
+                                     heads_and_scale, masked_softmax, repeat_kv)
 
 __all__ = ["gated_positional_attention", "gated_positional_attention_reference",
            "relative_position_features", "convolutional_init", "GPSA"]
@@ -132,12 +131,8 @@ class GPSA(nnx.Module):
                qk_scale: Optional[float] = None, locality_strength: float = 1.0,
                use_local_init: bool = True, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
     self.num_heads = num_heads
-    self.head_dim = dim // num_heads
-    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
+    self.head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.qk = nnx.Linear(dim, 2 * dim, use_bias=qkv_bias, **kw)
     self.v = nnx.Linear(dim, dim, use_bias=qkv_bias, **kw)

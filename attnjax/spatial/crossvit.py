@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 
 from attnjax._checks import check_rank
-from attnjax.spatial._common import (check_channels_last, layer_scale,
-    check_spatial_qkv, default_scale,
+from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
+                                     default_scale, heads_and_scale,
                                      masked_softmax, repeat_kv)
 
 __all__ = ["cls_cross_attention", "cls_cross_attention_reference",
@@ -73,12 +73,8 @@ class CrossViTAttention(nnx.Module):
   def __init__(self, dim: int, num_heads: int = 8, *, qkv_bias: bool = False,
                qk_scale: Optional[float] = None, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
     self.num_heads = num_heads
-    self.head_dim = dim // num_heads
-    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
+    self.head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.wq = nnx.Linear(dim, dim, use_bias=qkv_bias, **kw)
     self.wk = nnx.Linear(dim, dim, use_bias=qkv_bias, **kw)

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnjax.spatial._common import (check_channels_last, layer_scale,
-    check_spatial_qkv, default_scale,
-                                     dense_attention_reference,
-                                     flatten_spatial, repeat_kv, to_tuple)
+from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
+                                     default_scale, dense_attention_reference,
+                                     flatten_spatial, heads_and_scale,
+                                     repeat_kv)
 from attnjax.spatial.window import _merge, _split, window_attention
 
 __all__ = ["stripe_attention", "cross_shaped_window_attention",
@@ -199,10 +199,11 @@ class CSWinAttention(nnx.Module):
                last_stage: bool = False, qkv_bias: bool = True,
                qk_scale: Optional[float] = None, lepe_kernel_size: int = 3,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads or (not last_stage and num_heads % 2):
+    self.head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
+    if not last_stage and num_heads % 2:
       raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}), "
-          f"and num_heads even unless last_stage.")
+          f"`num_heads` ({num_heads}) must be even unless last_stage (half "
+          f"the heads take horizontal stripes, half vertical).")
     if (isinstance(lepe_kernel_size, (bool, np.bool_)) or
         not isinstance(lepe_kernel_size, (int, np.integer)) or
         lepe_kernel_size < 1 or lepe_kernel_size % 2 == 0):
@@ -214,10 +215,8 @@ class CSWinAttention(nnx.Module):
       raise ValueError(
           f"`stripe_width` must be a positive int, got {stripe_width!r}.")
     self.num_heads = num_heads
-    self.head_dim = dim // num_heads
     self.stripe_width = int(stripe_width)
     self.last_stage = last_stage
-    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype,

@@ -26,11 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnjax.spatial._common import (check_channels_last, layer_scale,
-    check_spatial_qkv, default_scale,
-                                     dense_attention_reference,
-                                     flatten_spatial, masked_softmax,
-                                     repeat_kv, to_tuple)
+from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
+                                     default_scale, dense_attention_reference,
+                                     flatten_spatial, heads_and_scale,
+                                     masked_softmax, repeat_kv, to_tuple)
 from attnjax.spatial.window import WindowAttention, _split, window_attention
 
 __all__ = ["subsampled_attention", "pooled_attention",
@@ -136,12 +135,8 @@ class GlobalSubsampledAttention(nnx.Module):
   def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, *,
                qkv_bias: bool = True, qk_scale: Optional[float] = None,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
     self.num_heads = num_heads
-    self.head_dim = dim // num_heads
-    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
+    self.head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
     self.sr_ratio = sr_ratio
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q = nnx.Linear(dim, dim, use_bias=qkv_bias, **kw)
@@ -185,15 +180,11 @@ class HiLoAttention(nnx.Module):
                alpha: float = 0.5, *, qkv_bias: bool = False,
                qk_scale: Optional[float] = None, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
     if not 0.0 <= alpha <= 1.0:
       raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
-    head_dim = dim // num_heads
+    head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
     self.head_dim = head_dim
     self.window_size = window_size
-    self.scale = layer_scale(qk_scale, head_dim ** -0.5)
     self.l_heads = int(num_heads * alpha)
     self.h_heads = num_heads - self.l_heads
     if window_size == 1:

@@ -37,11 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnjax.spatial._common import (check_channels_last, layer_scale,
-    check_spatial_qkv, default_scale,
-                                     dense_attention_reference,
-                                     flatten_spatial, masked_softmax,
-                                     repeat_kv, to_tuple)
+from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
+                                     default_scale, dense_attention_reference,
+                                     flatten_spatial, heads_and_scale,
+                                     masked_softmax, repeat_kv, to_tuple)
 
 __all__ = [
     "window_attention", "window_attention_reference", "grid_attention",
@@ -360,16 +359,12 @@ class WindowAttention(nnx.Module):
                qk_scale: Optional[float] = None, use_rpb: bool = True,
                spatial_dims: int = 2, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
     self.spatial_dims = spatial_dims
     self.window_size = to_tuple("window_size", window_size, spatial_dims)
     self.shift_size = to_tuple("shift_size", shift_size, spatial_dims,
                                minimum=0)
     self.num_heads = num_heads
-    self.head_dim = dim // num_heads
-    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
+    self.head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype,
