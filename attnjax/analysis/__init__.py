@@ -1,5 +1,27 @@
-"""Attention-pattern analysis: merged KQ/OV matrix metrics (`kq_ov`)."""
+"""Attention-pattern analysis.
 
-from attnjax.analysis import kq_ov
+* `kq_ov`: merged KQ/OV matrix metrics.
+* `head_stats`: entropy, effective rank, sink scores / sink rate, head
+  divergence, head importance of recorded attention maps.
+* `rollout`: attention rollout and attention flow (ViTs).
+* `token_pruning`: budgeted attention-guided token selection (HiRED-style).
 
-__all__ = ["kq_ov"]
+Maps come from `attnjax.models.vision.attention_maps(model, images)`
+({block path: [B, heads, T, S]}).
+"""
+
+from attnjax.analysis import head_stats, kq_ov, rollout, token_pruning
+from attnjax.analysis.head_stats import (attention_entropy, effective_rank,
+                                         head_divergence, head_entropy,
+                                         head_importance, ordered_layers,
+                                         sink_rate, sink_scores)
+from attnjax.analysis.rollout import (attention_flow, attention_rollout,
+                                      fuse_heads)
+from attnjax.analysis.token_pruning import (allocate_budget, cls_attention,
+                                            drop_tokens, select_tokens)
+
+__all__ = ["kq_ov", "head_stats", "rollout", "token_pruning",
+           "attention_entropy", "effective_rank", "head_divergence",
+           "head_entropy", "head_importance", "ordered_layers", "sink_rate",
+           "sink_scores", "attention_flow", "attention_rollout", "fuse_heads",
+           "allocate_budget", "cls_attention", "drop_tokens", "select_tokens"]
