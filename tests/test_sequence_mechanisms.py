@@ -20,6 +20,10 @@ S_CROSS = 9
 PROJ = sq.orthogonal_random_features(jax.random.key(7), 16, H)
 GATES = jax.nn.sigmoid(jax.random.normal(jax.random.key(8), (B, T, N)))
 W_ADD = jax.random.normal(jax.random.key(9), (N, H))
+RC_KW = dict(rel_embeddings=jax.random.normal(jax.random.key(10), (5, N, H)),
+             conv_q=jax.random.normal(jax.random.key(11), (3, N, H)),
+             conv_k=jax.random.normal(jax.random.key(12), (3, K, H)),
+             conv_v=jax.random.normal(jax.random.key(13), (3, K, HV)))
 
 
 def _tri(fn):
@@ -71,6 +75,9 @@ CASES = {
         functools.partial(sq.additive_attention, weight=W_ADD),
         functools.partial(sq.additive_attention_reference, weight=W_ADD), {},
         True),
+    "rcmha_attention": (functools.partial(sq.rcmha_attention, **RC_KW),
+                        functools.partial(sq.rcmha_attention_reference,
+                                          **RC_KW), {}, True),
     "key_driven_gqa": (
         functools.partial(sq.key_driven_gqa, group_over="example"),
         functools.partial(sq.key_driven_gqa_reference, group_over="example"),

@@ -29,6 +29,9 @@ from attnjax.sequence.layers import (AgentAttention, EfficientAttention,
 from attnjax.sequence.linear import (FEATURE_MAPS, linear_attention,
                                      linear_attention_reference)
 from attnjax.sequence import additive as _additive
+from attnjax.sequence import rcmha as _rcmha
+from attnjax.sequence.rcmha import (RCMHAttention, rcmha_attention,
+                                    rcmha_attention_reference)
 from attnjax.sequence import key_driven_gqa as _key_driven_gqa
 from attnjax.sequence.key_driven_gqa import (
     KeyDrivenGQAttention, allocate_query_heads, ema_key_norms, key_driven_gqa,
@@ -101,6 +104,7 @@ SUPPORT = {
     "mswa_attention": _mswa.SUPPORT,
     "routing_transformer_attention": _routing_transformer.SUPPORT,
     "additive_attention": _additive.SUPPORT,
+    "rcmha_attention": _rcmha.SUPPORT,
     "key_driven_gqa": _key_driven_gqa.SUPPORT,
     "lambda_attention": _lambda_layer.SUPPORT,
 }
@@ -111,6 +115,7 @@ __all__ = [
     "KeyDrivenGQAttention", "allocate_query_heads", "ema_key_norms",
     "key_driven_gqa", "key_driven_gqa_reference", "key_driven_head_groups",
     "key_head_norms",
+    "RCMHAttention", "rcmha_attention", "rcmha_attention_reference",
     "AdditiveAttention", "PointerNetwork", "additive_attention",
     "additive_attention_reference", "pointer_attention",
     "pointer_attention_reference",

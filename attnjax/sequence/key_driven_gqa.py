@@ -128,6 +128,13 @@ def _xla_backend(config, query, key, value, groups, kwargs):
     idx = groups[:, None, :, None]
     kx = jnp.take_along_axis(key, idx, axis=2)
     vx = jnp.take_along_axis(value, idx, axis=2)
+  if query.dtype != jnp.float32:
+    # Low-precision inputs are attended in float32: XLA:CPU fails to run the
+    # bf16 x bf16 -> f32 dot it emits after the per-example gather
+    # ("Unsupported element type for DotThunk"); outputs keep query.dtype.
+    f = jnp.float32
+    return dot_product_attention(query.astype(f), kx.astype(f), vx.astype(f),
+                                 **kwargs).astype(query.dtype)
   return dot_product_attention(query, kx, vx, **kwargs)
 
 

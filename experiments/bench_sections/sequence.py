@@ -46,7 +46,7 @@ _TRIPLEWISE_LENS = (128, 256)
 # MoBA gathers top_k * block_size keys per query token (O(T top_k block H)
 # memory traffic) and routing/MoBA score every block for every query
 # (O(T^2 / block)); capped to keep the run short.
-_MAX_LEN = {"moba": 4096, "additive": 2048, "lambda": 8192}
+_MAX_LEN = {"moba": 4096, "additive": 2048, "rcmha": 4096, "lambda": 8192}
 # Mechanisms whose cost is linear in length in theory (the exponent target).
 # Routing and MoBA are not: their block scoring is O(T^2 / block).
 LINEAR_IN_THEORY = ("linear_attention", "efficient_attention",
@@ -101,6 +101,13 @@ def _mechanisms():
       "routing_transformer_attention(C=16,causal)": (
           lambda q, k, v: sq.routing_transformer_attention(
               q, k, v, sq.init_centroids(jax.random.key(0), 16, q.shape[-1]),
+              is_causal=True), True),
+      "rcmha_attention(w=3,M=16,causal)": (
+          lambda q, k, v: sq.rcmha_attention(
+              q, k, v, jnp.full((33,) + q.shape[2:], 0.01, q.dtype),
+              conv_q=jnp.full((3,) + q.shape[2:], 0.3, q.dtype),
+              conv_k=jnp.full((3,) + k.shape[2:], 0.3, k.dtype),
+              conv_v=jnp.full((3,) + v.shape[2:], 0.3, v.dtype),
               is_causal=True), True),
       "efficient_attention": (p(sq.efficient_attention), False),
       "performer_attention(F=128)": (
