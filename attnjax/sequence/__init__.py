@@ -56,6 +56,9 @@ from attnjax.sequence import lightning as _lightning
 from attnjax.sequence import based as _based
 from attnjax.sequence import power as _power
 from attnjax.sequence import mswa as _mswa
+from attnjax.sequence import fast as _fast
+from attnjax.sequence.fast import (FASTAttention, fast_attention,
+                                   fast_attention_reference, fastmax_features)
 from attnjax.sequence import routing_transformer as _routing_transformer
 from attnjax.sequence.routing_transformer import (
     Centroids, RoutingTransformerAttention, init_centroids, kmeans_update,
@@ -103,6 +106,7 @@ SUPPORT = {
     "power_attention": _power.SUPPORT,
     "mswa_attention": _mswa.SUPPORT,
     "routing_transformer_attention": _routing_transformer.SUPPORT,
+    "fast_attention": _fast.SUPPORT,
     "additive_attention": _additive.SUPPORT,
     "rcmha_attention": _rcmha.SUPPORT,
     "key_driven_gqa": _key_driven_gqa.SUPPORT,
@@ -134,6 +138,8 @@ __all__ = [
     "Centroids", "RoutingTransformerAttention", "init_centroids",
     "kmeans_update", "routing_assignments", "routing_transformer_attention",
     "routing_transformer_attention_reference",
+    "FASTAttention", "fast_attention", "fast_attention_reference",
+    "fastmax_features",
     "AgentAttention", "EfficientAttention", "FEATURE_MAPS", "LinearAttention",
     "MoBAAttention", "MoHAttention", "PATTERNS", "PerformerAttention",
     "RandomFeatures", "RoutingAttention", "SUPPORT", "SlidingWindowAttention",

@@ -109,6 +109,9 @@ def _mechanisms():
               conv_k=jnp.full((3,) + k.shape[2:], 0.3, k.dtype),
               conv_v=jnp.full((3,) + v.shape[2:], 0.3, v.dtype),
               is_causal=True), True),
+      "fast_attention(order2,H=16,causal)": (
+          lambda q, k, v: sq.fast_attention(q[..., :16], k[..., :16], v,
+                                            is_causal=True), True),
       "efficient_attention": (p(sq.efficient_attention), False),
       "performer_attention(F=128)": (
           p(sq.performer_attention, projection=proj), False),
