@@ -17,6 +17,9 @@ from attnjax.softmax import (attention_weights, available_implementations,
                              register_backend)
 from attnjax.nn import (MLP, MultiHeadAttention, TransformerBlock,
                         TransformerEncoder)
+from attnjax import positions
+from attnjax.positions import (ALiBi, Rotary, alibi_bias, alibi_slopes,
+                               apply_rope, apply_rope_2d)
 from attnjax import analysis, distributed, sequence, spatial
 from attnjax.sequence import (
     AgentAttention, EfficientAttention, LinearAttention, MoBAAttention,
@@ -46,6 +49,9 @@ __all__ = [
     "dot_product_attention_with_lse", "merge_attentions", "register_backend",
     "MLP", "MultiHeadAttention", "TransformerBlock", "TransformerEncoder",
     "analysis", "distributed", "sequence", "spatial",
+    # positions (attnjax.positions)
+    "positions", "ALiBi", "Rotary", "alibi_bias", "alibi_slopes", "apply_rope",
+    "apply_rope_2d",
     # sequence family
     "AgentAttention", "EfficientAttention", "LinearAttention", "MoBAAttention",
     "MoHAttention", "PerformerAttention", "RoutingAttention",

@@ -2,5 +2,7 @@
 
 from attnjax.nn.attention import MultiHeadAttention
 from attnjax.nn.transformer import MLP, TransformerBlock, TransformerEncoder
+from attnjax.positions import ALiBi, PositionEncoding, Rotary
 
-__all__ = ["MLP", "MultiHeadAttention", "TransformerBlock", "TransformerEncoder"]
+__all__ = ["ALiBi", "MLP", "MultiHeadAttention", "PositionEncoding", "Rotary",
+           "TransformerBlock", "TransformerEncoder"]
