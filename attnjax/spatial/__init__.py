@@ -39,6 +39,8 @@ from attnjax.spatial.neighborhood import (NeighborhoodAttention,
                                           neighborhood_attention_reference,
                                           neighborhood_mask,
                                           neighborhood_window_start)
+from attnjax.spatial.strip import (CubicAttention, StripAttention,
+                                   strip_attention, strip_attention_reference)
 from attnjax.spatial.transnext import (AggregatedAttention,
                                        adaptive_avg_pool, aggregated_attention,
                                        aggregated_attention_reference,
@@ -109,4 +111,7 @@ __all__ = [
     # CrossFormer
     "CrossScaleEmbedding", "DynamicPosBias", "LSDAttention", "lsda_attention",
     "lsda_attention_reference",
+    # SANet strip attention
+    "CubicAttention", "StripAttention", "strip_attention",
+    "strip_attention_reference",
 ]

@@ -74,6 +74,15 @@ def _focal(q, k, v):
   return out.reshape(q.shape)
 
 
+def _strip(q, k, v):
+  """SANet cubic attention core: horizontal then vertical 7-tap strips."""
+  del k, v
+  x = q.reshape(*q.shape[:3], HEADS * HEAD_DIM)
+  w = jnp.full((q.shape[0], 1, 7), 1.0 / 7, q.dtype)
+  y = sp.strip_attention(sp.strip_attention(x, w, axis="w"), w, axis="h")
+  return y.reshape(q.shape)
+
+
 def _mechanisms(size):
   """name -> (fn(q, k, v), keys attended per query (for FLOPs))."""
   s = size * size
@@ -90,6 +99,9 @@ def _mechanisms(size):
                           49),
       "dilated_neighborhood_k7_d2": (
           lambda q, k, v: sp.neighborhood_attention(q, k, v, 7, dilation=2), 49),
+      # GNA: query blocks of 4 x 4 share their leader's 7 x 7 window
+      "strided_neighborhood_k7_s4": (
+          lambda q, k, v: sp.neighborhood_attention(q, k, v, 7, stride=4), 49),
       "window_w7": (lambda q, k, v: sp.window_attention(q, k, v, 7), 49),
       "shifted_window_w7": (
           lambda q, k, v: sp.window_attention(q, k, v, 7, shift_size=3), 49),
@@ -120,6 +132,7 @@ def _mechanisms(size):
       "crossformer_lda_i7": (
           lambda q, k, v: sp.lsda_attention(q, k, v, 7, mode="lda"),
           (-(-size // 7)) ** 2),
+      "strip_k7_hw": (_strip, None),
       "gpsa": (lambda q, k, v: sp.gated_positional_attention(q, k, v, pw, pb, gate),
                s),
   }
@@ -132,6 +145,8 @@ def _mechanisms(size):
 
 def _gflops(name, kpq, size):
   s = size * size
+  if name == "strip_k7_hw":
+    return 2 * s * HEADS * HEAD_DIM * 14 / 1e9
   if name in ("van_lka_5_7d3", "focal_modulation_l2"):
     # multiply-adds of the depthwise convs and the 1x1 conv, x2 for FLOPs
     c = HEADS * HEAD_DIM
@@ -145,10 +160,11 @@ def _gflops(name, kpq, size):
 FIT_MIN_SIZE = 28
 EXPONENT_LIMIT = 1.1
 LINEAR_IN_THEORY = ("neighborhood_k7", "dilated_neighborhood_k7_d2",
+                    "strided_neighborhood_k7_s4",
                     "halo_b8_h3",
                     "video_swin_w2x7x7_shift", "coat_factorized_crpe3",
                     "transnext_aggregated_k3_p7", "van_lka_5_7d3",
-                    "focal_modulation_l2", "crossformer_sda_g7",
+                    "focal_modulation_l2", "crossformer_sda_g7", "strip_k7_hw",
                     "window_w7", "shifted_window_w7", "grid_g7", "channel")
 
 
