@@ -12,6 +12,9 @@ Sections (`--sections`, comma-separated) are the modules of
              fwd and fwd+bwd, exponent fits of time vs length.
   spatial    image mechanisms vs dense attention (attnjax.spatial), fwd and
              fwd+bwd, exponent fits of time vs pixels.
+  four_pattern  CAB's four patterns (noncausal/causal x self/cross) for every
+             mechanism in attnjax.sequence.SUPPORT: support, fwd time and
+             memory vs softmax attention over lengths.
 
 Every timing is a median over `--repeats` calls after compilation, taken
 round-robin with the calls it is compared with (one process), so that load
@@ -79,6 +82,9 @@ flags.DEFINE_string("linear_lens", "",
                     "(default 1024,4096,16384,65536).")
 flags.DEFINE_string("spatial_sizes", "",
                     "Spatial section image sides (default 14,28,56,112).")
+flags.DEFINE_string("four_pattern_lens", "",
+                    "four_pattern section query lengths (default "
+                    "1024,2048,4096; quick 128,256; cross: S = T/2).")
 flags.DEFINE_string("crossover_lens", "",
                     "Crossover section lengths (default 256..4096).")
 flags.DEFINE_bool("write_crossover", False,
@@ -132,7 +138,8 @@ def format_table(rows) -> str:
     return "(no rows)"
   preferred = ["section", "name", "impl", "mode", "causal", "batch", "heads",
                "head_dim", "seq_len", "image_size", "time_ms", "mem_mb",
-               "gflops", "gflops_per_s", "ratio_vs_matmul", "ratio_vs_jax_nn",
+               "gflops", "gflops_per_s", "pattern", "kv_len", "supported",
+               "mem_ratio_vs_softmax", "ratio_vs_matmul", "ratio_vs_jax_nn",
                "ratio_vs_softmax", "ratio_vs_dense", "ratio_chunked_over_xla",
                "auto", "exponent", "fit_range", "note"]
   keys = [k for k in preferred if any(k in r for r in rows)]
@@ -198,7 +205,7 @@ def main(argv):
                 ("sections", "quick", "dtype", "seq_lens", "head_dims",
                  "batch_sizes", "heads", "causal", "modes", "impls", "repeats",
                  "sequence_lens", "linear_lens", "spatial_sizes",
-                 "crossover_lens")},
+                 "crossover_lens", "four_pattern_lens")},
       "rows": all_rows,
       "targets": all_targets,
   })
