@@ -14,7 +14,8 @@ so each rule is written once:
   * `MASK_VALUE`: the finite stand-in for -inf on masked logits;
   * `default_scale`, `cdiv`, `round_up`;
   * `divide_or_zero`: the normalisation of the linear-attention family
-    (num / den where den != 0, else 0; no epsilon unless the caller adds one).
+    (num / den where den != 0, else 0; no epsilon unless the caller adds one),
+    and `LINEAR_FEATURE_MAPS`, its named feature maps.
 
 It lives in `pallas_kernels` because kernels must not import attnjax; it is
 private to the two packages (not part of either public API).
@@ -161,6 +162,14 @@ def check_qkv(query, key, value, *, allow_unbatched: bool = True,
         f"of `key`/`value`) for grouped-query attention: shapes "
         f"query={tuple(query.shape)}, key={tuple(key.shape)}.")
   return b, t, n, s, kh, h, hv
+
+
+# Named feature maps phi of kernelized (linear) attention.
+LINEAR_FEATURE_MAPS = {
+    "elu_plus_one": lambda x: jax.nn.elu(x) + 1.0,
+    "relu": jax.nn.relu,
+    "identity": lambda x: x,
+}
 
 
 def divide_or_zero(num, den):

@@ -3,7 +3,11 @@
     o_t = phi(q_t)^T S_t / (phi(q_t)^T z_t),  S_t = sum_{s<=t} phi(k_s) v_s^T,
                                               z_t = sum_{s<=t} phi(k_s)
 
-(normalize=False drops the denominator). One program per (batch, head) walks
+(normalize=False drops the denominator; a row whose denominator is 0 gives
+0: `_rules.divide_or_zero`, the rule `attnjax.linear_attention` uses, so with
+the default eps=0 the kernel computes exactly that op's causal form and
+`causal_linear_attention_reference` agrees with
+`attnjax.sequence.linear_attention_reference`). One program per (batch, head) walks
 the sequence in chunks of `chunk_size`: the intra-chunk part is a masked
 (lower-triangular) block product, the inter-chunk part reads the carried
 state S [Dk, Dv] and z [Dk], which is then updated with the chunk. Work is
@@ -26,14 +30,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._rules import (LINEAR_FEATURE_MAPS, divide_or_zero,
+                                   round_up)
 from pallas_kernels._util import (check_float, check_rank, compiler_params,
-                                  resolve_interpret, round_up, target_platform)
+                                  resolve_interpret, target_platform)
 
-_FEATURE_MAPS = {
-    "elu_plus_one": lambda x: jax.nn.elu(x) + 1.0,
-    "relu": jax.nn.relu,
-    "identity": lambda x: x,
-}
+_FEATURE_MAPS = LINEAR_FEATURE_MAPS
 
 
 def _kernel(q_ref, k_ref, v_ref, o_ref, *, chunk, normalize, eps):
@@ -58,9 +60,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, *, chunk, normalize, eps):
     if normalize:
       den = (jnp.sum(a, axis=1, keepdims=True)
              + jnp.sum(q * z, axis=1, keepdims=True))
-      den = den + eps
-      ok = den != 0.0           # no key mass (e.g. a zero query row): 0
-      num = jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+      num = divide_or_zero(num, den + eps)   # no key mass: 0
     o_ref[sl, :] = num.astype(o_ref.dtype)
     s = s + lax.dot_general(k, v, (((0,), (0,)), ((), ())),
                             preferred_element_type=jnp.float32)
@@ -104,9 +104,7 @@ def _chunked_jnp(q, k, v, chunk, normalize, eps):
         "bnqd,bndv->bnqv", qi, s)
     if normalize:
       den = a.sum(-1) + jnp.einsum("bnqd,bnd->bnq", qi, z)
-      den = den[..., None] + eps
-      ok = den != 0.0
-      num = jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+      num = divide_or_zero(num, den[..., None] + eps)
     s = s + jnp.einsum("bnkd,bnkv->bndv", ki, vi)
     z = z + ki.sum(2)
     return (s, z), num
@@ -157,7 +155,7 @@ def _check(query, key, value, feature_map):
 
 def causal_linear_attention(query, key, value, *,
                             feature_map="elu_plus_one",
-                            normalize: bool = True, eps: float = 1e-6,
+                            normalize: bool = True, eps: float = 0.0,
                             chunk_size: int = 64,
                             interpret: Optional[bool] = None):
   """Causal (normalized) linear attention, [B, T, N, D] layout.
@@ -166,9 +164,9 @@ def causal_linear_attention(query, key, value, *,
     query, key: [B, T, N, Dk]; value: [B, T, N, Dv].
     feature_map: 'elu_plus_one' (default), 'relu', 'identity' or a callable,
       applied to query and key.
-    normalize: divide by phi(q_t) . sum_{s<=t} phi(k_s) (+ eps); a row
-      whose divisor is exactly 0 (e.g. eps=0 and a zero query) gives 0, as
-      `attnjax.linear_attention`.
+    normalize: divide by phi(q_t) . sum_{s<=t} phi(k_s) (+ eps, default 0);
+      a row whose divisor is exactly 0 (e.g. a zero query) gives 0, as
+      `attnjax.linear_attention` (`_rules.divide_or_zero`).
     chunk_size: positions per chunk (rounded to a multiple of 8 and clipped
       to the padded length); T need not be a multiple.
     interpret: Pallas interpret mode; None -> True on CPU.
@@ -199,7 +197,7 @@ def causal_linear_attention(query, key, value, *,
 def causal_linear_attention_reference(query, key, value, *,
                                       feature_map="elu_plus_one",
                                       normalize: bool = True,
-                                      eps: float = 1e-6):
+                                      eps: float = 0.0):
   """Quadratic plain-jnp definition (explicit causal [T, T] weights)."""
   phi = _check(query, key, value, feature_map)
   q = phi(query.astype(jnp.float32))
@@ -210,7 +208,5 @@ def causal_linear_attention_reference(query, key, value, *,
   out = jnp.einsum("bnts,bsnv->btnv", a, value.astype(jnp.float32),
                    precision=lax.Precision.HIGHEST)
   if normalize:
-    den = jnp.swapaxes(a.sum(-1), 1, 2)[..., None] + eps
-    ok = den != 0.0
-    out = jnp.where(ok, out / jnp.where(ok, den, 1.0), 0.0)
+    out = divide_or_zero(out, jnp.swapaxes(a.sum(-1), 1, 2)[..., None] + eps)
   return out.astype(value.dtype)

@@ -58,3 +58,31 @@ def test_causality_and_errors():
     la.causal_linear_attention(q, k, v, feature_map="nope")
   with pytest.raises(ValueError, match="chunk_size"):
     la.causal_linear_attention(q, k, v, chunk_size=0)
+
+
+@pytest.mark.parametrize("fm", ["relu", "elu_plus_one"])
+def test_one_reference_per_op(fm):
+  """The kernel, its reference and attnjax's linear_attention_reference
+  compute the same causal normalized attention (one normalisation rule:
+  num / den, 0 where den == 0, no epsilon), including a row with no key
+  mass (relu of an all-negative query: den == 0 -> zeros)."""
+  from attnjax.sequence import linear_attention, linear_attention_reference
+  q, k, v = _rand(7, (1, 19, 2, 8)), _rand(8, (1, 19, 2, 8)), _rand(
+      9, (1, 19, 2, 8))
+  # Small features (relu): the denominators are ~1e-3, so an epsilon of
+  # 1e-6 (the kernel's old default) would show at the tolerance below.
+  q, k = 0.03 * q, 0.03 * k
+  q = q.at[:, 5].set(-jnp.abs(q[:, 5]) - 0.01)    # relu(q_5) == 0
+  ref = linear_attention_reference(q, k, v, feature_map=fm, is_causal=True)
+  kern_ref = la.causal_linear_attention_reference(q, k, v, feature_map=fm)
+  kern = la.causal_linear_attention(q, k, v, feature_map=fm, chunk_size=8)
+  via_op = linear_attention(q, k, v, feature_map=fm, is_causal=True,
+                            chunk_size=8, implementation="pallas")
+  for got in (kern_ref, kern, via_op):
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-6)
+  if fm == "relu":
+    assert np.all(np.asarray(kern)[:, 5] == 0.0)
+    assert np.all(np.asarray(ref)[:, 5] == 0.0)
+    with_eps = la.causal_linear_attention_reference(q, k, v, feature_map=fm,
+                                                    eps=1e-6)
+    assert not np.allclose(with_eps, ref, rtol=2e-5, atol=2e-6)

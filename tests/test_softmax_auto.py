@@ -87,12 +87,12 @@ def test_dispatch_follows_the_rule(monkeypatch):
   monkeypatch.setattr(_auto, "load_table", lambda path=None: table)
   used = []
   for name in ("xla", "chunked"):
-    fn = sm._BACKENDS[name]
-    monkeypatch.setitem(sm._BACKENDS, name,
-                        lambda call, need_lse, fn=fn, name=name:
-                        (used.append(name), fn(call, need_lse))[1])
+    fn = sm.OP.backend(name)
+    monkeypatch.setitem(sm.OP._backends, name,
+                        lambda cfg, call, need_lse, fn=fn, name=name:
+                        (used.append(name), fn(cfg, call, need_lse))[1])
   if jax.default_backend() == "gpu":
-    monkeypatch.setitem(sm._BACKENDS, "cudnn", _refuse)
+    monkeypatch.setitem(sm.OP._backends, "cudnn", _refuse)
   ks = jax.random.split(jax.random.key(0), 3)
   for s, causal, want in [(40, False, "xla"), (48, False, "chunked"),
                           (20, True, "xla"), (24, True, "chunked")]:
@@ -105,5 +105,5 @@ def test_dispatch_follows_the_rule(monkeypatch):
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
 
 
-def _refuse(call, need_lse):
+def _refuse(cfg, call, need_lse):
   raise NotImplementedError("refused in this test")

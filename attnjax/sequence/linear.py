@@ -25,22 +25,23 @@ O(L (C + F) F Hv), forward and backward: linear in the padded length L.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+import dataclasses
+from typing import Callable, ClassVar, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax._checks import check_implementation, pallas_refuses
+from pallas_kernels._rules import LINEAR_FEATURE_MAPS, divide_or_zero
+
+from attnjax._checks import pallas_refuses
+from attnjax._dispatch import BackendConfig, Op
 from attnjax.sequence import _common
 
 FeatureMap = Union[str, Callable[[jax.Array], jax.Array]]
 
-FEATURE_MAPS = {
-    "elu_plus_one": lambda x: jax.nn.elu(x) + 1.0,
-    "relu": jax.nn.relu,
-    "identity": lambda x: x,
-}
+# The named feature maps: one table, shared with the kernel.
+FEATURE_MAPS = LINEAR_FEATURE_MAPS
 
 DEFAULT_CHUNK_SIZE = 64
 _TOKENS_PER_STEP = 512
@@ -82,9 +83,11 @@ def _features(query, key, feature_map, kv_mask):
 
 
 def _finish(num, den, normalize, scale, dtype):
+  """The output from numerator [..., Hv] and denominator [...]: num / den
+  (0 where den == 0: the rule `divide_or_zero` the kernel shares), or
+  scale * num unnormalized."""
   if normalize:
-    ok = den != 0
-    out = jnp.where(ok[..., None], num / jnp.where(ok, den, 1.0)[..., None], 0.0)
+    out = divide_or_zero(num, den[..., None])
   else:
     out = num * scale
   return out.astype(dtype)
@@ -128,30 +131,39 @@ def _log_decay(decay, n, is_causal):
   return jnp.broadcast_to(jnp.log(d).reshape(-1), (n,))
 
 
-def _pallas_causal(query, key, value, phi, kv_mask, is_causal, normalize,
-                   scale, chunk_size, dims):
-  """linear_attention through the Pallas causal chunked kernel."""
-  b, t, n, s, k, h, hv = dims
-  if not is_causal:
-    raise pallas_refuses("linear_attention", "is the causal kernel (the "
-                         "non-causal form is two matmuls)")
-  if t != s:
-    raise pallas_refuses("linear_attention",
-                         f"needs q_len == kv_len, got {t} and {s}")
-  from pallas_kernels import linear_attention as pallas_linear
-  # Features in float32, as the XLA path; padded keys get zero features.
-  fq = phi(query.astype(jnp.float32))
-  fk = phi(key.astype(jnp.float32))
-  if kv_mask is not None:
-    fk = jnp.where(kv_mask[:, :, None, None], fk, 0.0)
-  fk = jnp.repeat(fk, n // k, axis=2)
-  v = jnp.repeat(value, n // k, axis=2)
-  out = pallas_linear.causal_linear_attention(
-      fq, fk, v.astype(jnp.float32), feature_map="identity",
-      normalize=normalize, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE)
-  if not normalize:
-    out = out * scale
-  return out.astype(query.dtype)
+@dataclasses.dataclass(frozen=True)
+class Xla(BackendConfig):
+  """`implementation='xla'`: the chunk-wise scan below (all options)."""
+  backend: ClassVar[str] = "xla"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pallas(BackendConfig):
+  """`implementation='pallas'`: `pallas_kernels.causal_linear_attention`
+  (causal self-attention, T == S, no decay); interpret=None means Pallas
+  interpret mode on CPU."""
+  backend: ClassVar[str] = "pallas"
+  interpret: Optional[bool] = None
+
+
+class LinearCall(NamedTuple):
+  """A validated linear_attention call, as its backends receive it."""
+  query: jax.Array            # [B, T, N, H]
+  key: jax.Array              # [B, S, K, H] (masked slots zeroed)
+  value: jax.Array            # [B, S, K, Hv] (masked slots zeroed)
+  kv_mask: Optional[jax.Array]  # [B, S] bool key-padding mask, or None
+  phi: Callable               # the feature map
+  is_causal: bool
+  normalize: bool
+  scale: float
+  chunk_size: Optional[int]
+  log_decay: Optional[jax.Array]  # [N] float32 (<= 0), or None
+  dims: tuple                 # (B, T, N, S, K, H, Hv)
+
+
+# The op: None/'auto' runs 'xla' (the kernel is used when asked for by name
+# or config; it has not been measured against the scan on an accelerator).
+OP = Op("linear_attention", auto_order=lambda call: ["xla"])
 
 
 def linear_attention(query, key, value, *, feature_map: FeatureMap = "elu_plus_one",
@@ -159,7 +171,7 @@ def linear_attention(query, key, value, *, feature_map: FeatureMap = "elu_plus_o
                      scale: Optional[float] = None,
                      chunk_size: Optional[int] = None, mask=None, bias=None,
                      dropout_rate: float = 0.0, dropout_rng=None,
-                     implementation: Optional[str] = None, decay=None):
+                     implementation=None, decay=None):
   """Kernelized linear attention.
 
   Args:
@@ -179,9 +191,11 @@ def linear_attention(query, key, value, *, feature_map: FeatureMap = "elu_plus_o
       (True = attend). Query-dependent masks raise NotImplementedError.
     bias, dropout_rate: accepted for `MultiHeadAttention` compatibility;
       anything but None/0 raises NotImplementedError.
-    implementation: None / 'xla' (below) or 'pallas': the causal chunked
-      kernel `pallas_kernels.causal_linear_attention` (intra-chunk block
-      product + carried state; causal self-attention, T == S, only).
+    implementation: None/'auto' (= 'xla'), 'xla' (below), 'pallas' or
+      `Pallas(interpret=...)`: the causal chunked kernel
+      `pallas_kernels.causal_linear_attention` (intra-chunk block product +
+      carried state; causal self-attention, T == S, no decay), or a
+      sequence of these tried in order (`attnjax._dispatch`).
     decay: optional per-head decay lambda in (0, 1], a scalar or [N]
       (causal only): key j is weighted by lambda**(i - j), RetNet's retention
       and Lightning Attention-2's decayed form. Computed tiled: inside a
@@ -192,40 +206,87 @@ def linear_attention(query, key, value, *, feature_map: FeatureMap = "elu_plus_o
     [B, T, N, Hv] in query.dtype.
   """
   del dropout_rng
-  impl = check_implementation(implementation, "linear_attention")
+  OP.resolve(implementation)            # bad values raise before any work
   query, key, value, dims, unbatched, kv_mask = _validate(
       query, key, value, mask, chunk_size, is_causal, bias, dropout_rate)
-  b, t, n, s, k, h, hv = dims
   phi = resolve_feature_map(feature_map)
   _features(query[:, :1], key[:, :1], phi, None)      # validates phi's shapes
-  scale = 1.0 if scale is None else float(scale)
-  log_decay = None if decay is None else _log_decay(decay, n, is_causal)
-  if impl == "pallas" and decay is not None:
+  log_decay = None if decay is None else _log_decay(decay, dims[2], is_causal)
+  call = LinearCall(query, key, value, kv_mask, phi, bool(is_causal),
+                    bool(normalize), 1.0 if scale is None else float(scale),
+                    chunk_size, log_decay, dims)
+  out = OP(implementation, call)
+  return out[0] if unbatched else out
+
+
+def _pallas_backend(config: Optional[Pallas], call: LinearCall):
+  """linear_attention through the Pallas causal chunked kernel."""
+  b, t, n, s, k, h, hv = call.dims
+  if call.log_decay is not None:
     raise pallas_refuses("linear_attention", "has no `decay`")
-  if impl == "pallas":
-    out = _pallas_causal(query, key, value, phi, kv_mask, is_causal,
-                         normalize, scale, chunk_size, dims)
-    return out[0] if unbatched else out
-  c = chunk_size or DEFAULT_CHUNK_SIZE
-  # Work in groups of about _TOKENS_PER_STEP positions (whole chunks when
-  # causal), sliced from the inputs inside a loop, so that the feature maps
-  # and products of a group stay in cache: memory traffic is one read of the
-  # inputs and one write of the output, and time stays linear in length.
-  if is_causal:
+  if not call.is_causal:
+    raise pallas_refuses("linear_attention", "is the causal kernel (the "
+                         "non-causal form is two matmuls)")
+  if t != s:
+    raise pallas_refuses("linear_attention",
+                         f"needs q_len == kv_len, got {t} and {s}")
+  from pallas_kernels import linear_attention as pallas_linear
+  # Features in float32, as the XLA path; padded keys get zero features.
+  fq, fk = _features(call.query, call.key, call.phi, call.kv_mask)
+  fk = jnp.repeat(fk, n // k, axis=2)
+  v = jnp.repeat(call.value, n // k, axis=2)
+  # eps=0: the kernel then normalises exactly as `_finish` (divide_or_zero).
+  out = pallas_linear.causal_linear_attention(
+      fq, fk, v.astype(jnp.float32), feature_map="identity",
+      normalize=call.normalize, eps=0.0,
+      chunk_size=call.chunk_size or DEFAULT_CHUNK_SIZE,
+      interpret=None if config is None else config.interpret)
+  if not call.normalize:
+    out = out * call.scale
+  return out.astype(call.query.dtype)
+
+
+class _Plan(NamedTuple):
+  """Static sizes of the XLA scan: groups of `step` positions (whole chunks
+  of `c` when causal), padded lengths tq/tk, feature size f, state width d
+  (Hv + 1 with the normaliser's column)."""
+  c: int
+  step: int
+  tq: int
+  tk: int
+  f: int
+  d: int
+
+
+def _plan(call: LinearCall) -> _Plan:
+  """Work in groups of about _TOKENS_PER_STEP positions (whole chunks when
+  causal), sliced from the inputs inside a loop, so that the feature maps
+  and products of a group stay in cache: memory traffic is one read of the
+  inputs and one write of the output, and time stays linear in length."""
+  b, t, n, s, k, h, hv = call.dims
+  c = call.chunk_size or DEFAULT_CHUNK_SIZE
+  if call.is_causal:
     c = min(c, max(t, s))
     step = c * max(1, min(_TOKENS_PER_STEP // c, -(-max(t, s) // c)))
-    length = _common.round_up(max(t, s), step)
-    tq = tk = length
+    tq = tk = _common.round_up(max(t, s), step)
   else:
     step = min(_TOKENS_PER_STEP, max(t, s))
     tq, tk = _common.round_up(t, step), _common.round_up(s, step)
-  valid = jnp.arange(tk) < s
-  valid = valid[None] if kv_mask is None else valid[None] & jnp.pad(
-      kv_mask[:, :tk], ((0, 0), (0, max(0, tk - s))))
-  valid = jnp.broadcast_to(valid, (b, tk))
-  d = hv + 1 if normalize else hv
-  g = n // k
-  f = _features(query[:, :1], key[:, :1], phi, None)[0].shape[-1]
+  f = _features(call.query[:, :1], call.key[:, :1], call.phi,
+                None)[0].shape[-1]
+  return _Plan(c, step, tq, tk, f, hv + 1 if call.normalize else hv)
+
+
+def _xla_backend(config: Optional[Xla], call: LinearCall):
+  """The chunk-wise scan (module docstring): non-causal, causal, decayed."""
+  del config
+  b, t, n, s, k, h, hv = call.dims
+  plan = _plan(call)
+  step, g = plan.step, n // k
+  valid = jnp.arange(plan.tk) < s
+  valid = valid[None] if call.kv_mask is None else valid[None] & jnp.pad(
+      call.kv_mask[:, :plan.tk], ((0, 0), (0, max(0, plan.tk - s))))
+  valid = jnp.broadcast_to(valid, (b, plan.tk))
 
   def groups(x, length):
     """[B, L, ...] -> [L // step, B, step, ...] (padded with zeros to L)."""
@@ -234,67 +295,92 @@ def linear_attention(query, key, value, *, feature_map: FeatureMap = "elu_plus_o
     x = x.reshape((b, length // step, step) + x.shape[2:])
     return jnp.moveaxis(x, 1, 0)
 
-  # The loops below scan over groups given as scanned inputs and emit each
-  # group's output as a scanned output (nothing full-size is carried), so the
-  # reverse-mode loop also touches each group once: forward and backward are
-  # both linear in length.
+  # The loops scan over groups given as scanned inputs and emit each
+  # group's output as a scanned output (nothing full-size is carried), so
+  # the reverse-mode loop also touches each group once: forward and backward
+  # are both linear in length.
   def key_feats(kg, vg, ok):
-    fk = jnp.where(ok[:, :, None, None], phi(kg.astype(jnp.float32)), 0.0)
+    fk = jnp.where(ok[:, :, None, None], call.phi(kg.astype(jnp.float32)),
+                   0.0)
     vg = jnp.where(ok[:, :, None, None], vg.astype(jnp.float32), 0.0)
-    if normalize:
+    if call.normalize:
       vg = jnp.concatenate([vg, jnp.ones(vg.shape[:-1] + (1,), vg.dtype)], -1)
     return fk, vg                                   # [b,L,k,f], [b,L,k,d]
 
   def query_feats(qg):
-    fq = phi(qg.astype(jnp.float32))
-    return fq.reshape(b, step, k, g, f)
+    fq = call.phi(qg.astype(jnp.float32))
+    return fq.reshape(b, step, k, g, plan.f)
 
   def finish(nd):                                   # [b,L,k,g,d]
-    num, den = (nd[..., :-1], nd[..., -1]) if normalize else (nd, None)
-    return _finish(num, den, normalize, scale, query.dtype).reshape(
-        b, step, n, hv)
+    num, den = (nd[..., :-1], nd[..., -1]) if call.normalize else (nd, None)
+    return _finish(num, den, call.normalize, call.scale,
+                   call.query.dtype).reshape(b, step, n, hv)
 
-  kx = (groups(key, tk), groups(value, tk), groups(valid, tk))
-  if not is_causal:
-    def acc_kv(kv, xs):
-      fk, vg = key_feats(*xs)
-      return kv + jnp.einsum("blkf,blkd->bkfd", fk, vg), None
-    kv, _ = jax.lax.scan(acc_kv, jnp.zeros((b, k, f, d), jnp.float32), kx)
-
-    def write(_, qg):
-      nd = jnp.einsum("blkgf,bkfd->blkgd", query_feats(qg), kv)
-      return None, finish(nd)
-    _, out = jax.lax.scan(write, None, groups(query, tq))
+  qx = groups(call.query, plan.tq)
+  kx = (groups(call.key, plan.tk), groups(call.value, plan.tk),
+        groups(valid, plan.tk))
+  shape = (b, k, g, plan.f, plan.d)
+  if not call.is_causal:
+    out = _noncausal_scan(qx, kx, query_feats, key_feats, finish, shape)
+  elif call.log_decay is None:
+    step_fn = _causal_step(plan.c, step // plan.c, query_feats, key_feats,
+                           finish, shape)
+    _, out = jax.lax.scan(step_fn, jnp.zeros((b, k, plan.f, plan.d),
+                                             jnp.float32), (qx,) + kx)
   else:
-    tril = jnp.tril(jnp.ones((c, c), dtype=bool))
-    nch = step // c
+    step_fn = _decayed_step(call.log_decay.reshape(k, g), plan.c,
+                            step // plan.c, query_feats, key_feats, finish,
+                            shape)
+    _, out = jax.lax.scan(step_fn, jnp.zeros(shape, jnp.float32),
+                          (qx,) + kx)
+  out = jnp.moveaxis(out, 0, 1).reshape(b, plan.tq, n, hv)
+  return out[:, :t]
 
-    def causal_step(state, xs):
-      qg, kg, vg, ok = xs
-      fq, (fk, vg) = query_feats(qg), key_feats(kg, vg, ok)
-      fq = fq.reshape(b, nch, c, k, g, f)
-      fk = fk.reshape(b, nch, c, k, f)
-      vg = vg.reshape(b, nch, c, k, d)
-      scores = jnp.einsum("bpikgf,bpjkf->bpkgij", fq, fk)
-      scores = jnp.where(tril, scores, 0.0)
-      nd = jnp.einsum("bpkgij,bpjkd->bpikgd", scores, vg)
-      kv = jnp.einsum("bpjkf,bpjkd->bpkfd", fk, vg)
-      prev = state[:, None] + jnp.cumsum(kv, axis=1) - kv
-      nd = nd + jnp.einsum("bpikgf,bpkfd->bpikgd", fq, prev)
-      nd = nd.reshape(b, step, k, g, d)
-      return state + jnp.sum(kv, axis=1), finish(nd)
 
-    if log_decay is None:
-      _, out = jax.lax.scan(causal_step, jnp.zeros((b, k, f, d), jnp.float32),
-                            (groups(query, tq),) + kx)
-    else:
-      step_fn = _decayed_step(log_decay.reshape(k, g), c, nch, query_feats,
-                              key_feats, finish, (b, k, g, f, d))
-      _, out = jax.lax.scan(step_fn, jnp.zeros((b, k, g, f, d), jnp.float32),
-                            (groups(query, tq),) + kx)
-  out = jnp.moveaxis(out, 0, 1).reshape(b, tq, n, hv)
-  out = out[:, :t]
-  return out[0] if unbatched else out
+def _noncausal_scan(qx, kx, query_feats, key_feats, finish, shape):
+  """Accumulate sum_j phi(k_j)^T [v_j, 1] over key groups, then read it
+  with every query group."""
+  b, k, g, f, d = shape
+
+  def acc_kv(kv, xs):
+    fk, vg = key_feats(*xs)
+    return kv + jnp.einsum("blkf,blkd->bkfd", fk, vg), None
+  kv, _ = jax.lax.scan(acc_kv, jnp.zeros((b, k, f, d), jnp.float32), kx)
+
+  def write(_, qg):
+    nd = jnp.einsum("blkgf,bkfd->blkgd", query_feats(qg), kv)
+    return None, finish(nd)
+  _, out = jax.lax.scan(write, None, qx)
+  return out
+
+
+def _causal_step(c, nch, query_feats, key_feats, finish, shape):
+  """Scan step of causal linear attention (Lightning Attention-2): a group
+  of `nch` chunks of `c` positions; masked quadratic form inside a chunk,
+  the carried state [B, K, F, D] across chunks."""
+  b, k, g, f, d = shape
+  tril = jnp.tril(jnp.ones((c, c), dtype=bool))
+
+  def step(state, xs):
+    qg, kg, vg, ok = xs
+    fq, (fk, vg) = query_feats(qg), key_feats(kg, vg, ok)
+    fq = fq.reshape(b, nch, c, k, g, f)
+    fk = fk.reshape(b, nch, c, k, f)
+    vg = vg.reshape(b, nch, c, k, d)
+    scores = jnp.einsum("bpikgf,bpjkf->bpkgij", fq, fk)
+    scores = jnp.where(tril, scores, 0.0)
+    nd = jnp.einsum("bpkgij,bpjkd->bpikgd", scores, vg)
+    kv = jnp.einsum("bpjkf,bpjkd->bpkfd", fk, vg)
+    prev = state[:, None] + jnp.cumsum(kv, axis=1) - kv
+    nd = nd + jnp.einsum("bpikgf,bpkfd->bpikgd", fq, prev)
+    nd = nd.reshape(b, nch * c, k, g, d)
+    return state + jnp.sum(kv, axis=1), finish(nd)
+
+  return step
+
+
+OP.register("xla", _xla_backend, config_type=Xla)
+OP.register("pallas", _pallas_backend, config_type=Pallas)
 
 
 def _decayed_step(a, c, nch, query_feats, key_feats, finish, shape):

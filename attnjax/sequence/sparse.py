@@ -15,14 +15,16 @@ References: `attnjax.dot_product_attention` with the equivalent dense mask.
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import ClassVar, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from attnjax import masks as masks_lib
-from attnjax._checks import check_implementation, normalize_window
+from attnjax._checks import normalize_window
+from attnjax._dispatch import BackendConfig, Op
 from attnjax.sequence import _common
 from attnjax.sequence._gather import gathered_attention
 from attnjax.softmax import dot_product_attention
@@ -34,6 +36,55 @@ SUPPORT_SLIDING_WINDOW = {
 SUPPORT_BLOCK_SPARSE = dict(SUPPORT_SLIDING_WINDOW)
 
 DEFAULT_BLOCK = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Xla(BackendConfig):
+  """`implementation='xla'`: gathered key blocks (both ops)."""
+  backend: ClassVar[str] = "xla"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pallas(BackendConfig):
+  """`implementation='pallas'`: the flash kernels (both ops); interpret=None
+  means Pallas interpret mode on CPU."""
+  backend: ClassVar[str] = "pallas"
+  interpret: Optional[bool] = None
+
+
+class BandCall(NamedTuple):
+  """A validated sliding_window_attention call, as its backends get it."""
+  query: jax.Array
+  key: jax.Array
+  value: jax.Array
+  kv_mask: Optional[jax.Array]   # [B, S] bool, or None
+  left: int
+  right: int                     # 0 when causal
+  is_causal: bool
+  scale: float
+  block_size: Optional[int]
+
+
+class LayoutCall(NamedTuple):
+  """A validated block_sparse_attention call, as its backends get it."""
+  query: jax.Array
+  key: jax.Array
+  value: jax.Array
+  kv_mask: Optional[jax.Array]
+  layout: jax.Array              # bool [B|1, N|1, nq_blocks, nk_blocks]
+  raw_layout: object             # as given (concrete or traced)
+  block_q: int
+  block_kv: int
+  is_causal: bool
+  scale: float
+  max_blocks_per_row: Optional[int]
+
+
+# None/'auto' runs 'xla' for both (the kernels are used when asked for).
+SLIDING_WINDOW_OP = Op("sliding_window_attention",
+                       auto_order=lambda call: ["xla"])
+BLOCK_SPARSE_OP = Op("block_sparse_attention",
+                     auto_order=lambda call: ["xla"])
 
 
 def _common_checks(query, key, value, mask, bias, dropout_rate, mechanism):
@@ -57,7 +108,7 @@ def sliding_window_attention(query, key, value, window_size, *,
                              block_size: Optional[int] = None, mask=None,
                              bias=None, dropout_rate: float = 0.0,
                              dropout_rng=None,
-                             implementation: Optional[str] = None):
+                             implementation=None):
   """Local softmax attention over a band of keys, linear in sequence length.
 
   Args:
@@ -68,37 +119,56 @@ def sliding_window_attention(query, key, value, window_size, *,
     scale: default 1/sqrt(H).
     block_size: query/key block length (default min(64, left + right + 1)).
     mask: key-padding mask broadcastable to [B, 1, 1, S].
-    implementation: None / 'xla' (gathered key blocks, below) or 'pallas'
-      (`pallas_kernels.flash_attention` with the window: key tiles outside
-      the band are never visited; `block_size` is then its tile size).
+    implementation: None/'auto' (= 'xla'), 'xla' (gathered key blocks),
+      'pallas' or `Pallas(interpret=...)` (`pallas_kernels.flash_attention`
+      with the window: key tiles outside the band are never visited;
+      `block_size` is then its tile size), or a sequence of these tried in
+      order (`attnjax._dispatch`).
 
   Returns:
     [B, T, N, Hv] in query.dtype; rows with no key in reach are zeros.
   """
   del dropout_rng
-  impl = check_implementation(implementation, "sliding_window_attention")
+  SLIDING_WINDOW_OP.resolve(implementation)
   query, key, value, dims, unbatched, kv_mask = _common_checks(
       query, key, value, mask, bias, dropout_rate, "sliding_window_attention")
-  b, t, n, s, k, h, hv = dims
+  h = dims[5]
   if window_size is None:
     raise ValueError("`window_size` must be an int or (left, right), got None.")
   left, right = normalize_window(window_size)
   if is_causal:
     right = 0
-  if impl == "pallas":
-    from pallas_kernels import flash as pallas_flash
-    sizes = None
-    if block_size is not None:
-      bs = _common.check_positive_int("block_size", block_size)
-      sizes = pallas_flash.BlockSizes(bs, bs, bs, bs)
-    out = pallas_flash.flash_attention(
-        query, key, value, local_window_size=(left, right),
-        scale=_common.default_scale(scale, h), block_sizes=sizes,
-        mask=None if kv_mask is None else kv_mask[:, None, None, :])
-    return out[0] if unbatched else out
-  bs = (max(1, min(DEFAULT_BLOCK, left + right + 1)) if block_size is None
-        else block_size)
-  bs = _common.check_positive_int("block_size", bs)
+  if block_size is not None:
+    _common.check_positive_int("block_size", block_size)
+  call = BandCall(query, key, value, kv_mask, left, right, bool(is_causal),
+                  _common.default_scale(scale, h), block_size)
+  out = SLIDING_WINDOW_OP(implementation, call)
+  return out[0] if unbatched else out
+
+
+def _band_pallas(config: Optional[Pallas], call: BandCall):
+  """pallas_kernels.flash_attention with the window: key tiles outside the
+  band are never visited; `block_size` is its tile size."""
+  from pallas_kernels import flash as pallas_flash
+  sizes = None
+  if call.block_size is not None:
+    bs = int(call.block_size)
+    sizes = pallas_flash.BlockSizes(bs, bs, bs, bs)
+  return pallas_flash.flash_attention(
+      call.query, call.key, call.value,
+      local_window_size=(call.left, call.right), scale=call.scale,
+      block_sizes=sizes,
+      mask=None if call.kv_mask is None else call.kv_mask[:, None, None, :],
+      interpret=None if config is None else config.interpret)
+
+
+def _band_xla(config: Optional[Xla], call: BandCall):
+  """Gathers, per query block, the key blocks its band touches."""
+  del config
+  left, right = call.left, call.right
+  t, s = call.query.shape[1], call.key.shape[1]
+  bs = (max(1, min(DEFAULT_BLOCK, left + right + 1))
+        if call.block_size is None else int(call.block_size))
   nqb, nkb = -(-t // bs), -(-s // bs)
   # Key blocks touching [a*bs - left, a*bs + bs - 1 + right].
   top = min(nkb, (bs - 1 + left + right) // bs + 2)
@@ -107,11 +177,14 @@ def sliding_window_attention(query, key, value, window_size, *,
   first = jnp.clip((jnp.arange(nqb) * bs - left) // bs, 0, nkb - top)
   idx = first[:, None] + jnp.arange(top)[None, :]
   valid = jnp.ones(idx.shape, bool)
-  out = gathered_attention(
-      query, key, value, idx[None, None], valid[None, None], block_q=bs,
-      block_k=bs, scale=_common.default_scale(scale, h), is_causal=is_causal,
-      window=(left, right), kv_mask=kv_mask)
-  return out[0] if unbatched else out
+  return gathered_attention(
+      call.query, call.key, call.value, idx[None, None], valid[None, None],
+      block_q=bs, block_k=bs, scale=call.scale, is_causal=call.is_causal,
+      window=(left, right), kv_mask=call.kv_mask)
+
+
+SLIDING_WINDOW_OP.register("xla", _band_xla, config_type=Xla)
+SLIDING_WINDOW_OP.register("pallas", _band_pallas, config_type=Pallas)
 
 
 def sliding_window_attention_reference(query, key, value, window_size, *,
@@ -161,7 +234,7 @@ def block_sparse_attention(query, key, value, layout, block_size, *,
                            max_blocks_per_row: Optional[int] = None, mask=None,
                            bias=None, dropout_rate: float = 0.0,
                            dropout_rng=None,
-                           implementation: Optional[str] = None):
+                           implementation=None):
   """Softmax attention restricted to the True blocks of `layout`.
 
   Args:
@@ -175,29 +248,48 @@ def block_sparse_attention(query, key, value, layout, block_size, *,
       only its first `max_blocks_per_row`), else the densest row of the
       layout; a concrete layout with a denser row raises ValueError.
     mask: key-padding mask broadcastable to [B, 1, 1, S].
-    implementation: None / 'xla' (gathered key blocks, below) or 'pallas'
-      (`pallas_kernels.block_sparse_attention`: the flash kernels loop over
-      each tile's True blocks only; `max_blocks_per_row` is not needed).
+    implementation: None/'auto' (= 'xla'), 'xla' (gathered key blocks),
+      'pallas' or `Pallas(interpret=...)` (`pallas_kernels.block_sparse_attention`:
+      the flash kernels loop over each tile's True blocks only;
+      `max_blocks_per_row` is not needed), or a sequence of these tried in
+      order (`attnjax._dispatch`).
 
   Returns:
     [B, T, N, Hv] in query.dtype; rows with nothing to attend to are zeros.
   """
   del dropout_rng
-  impl = check_implementation(implementation, "block_sparse_attention")
+  BLOCK_SPARSE_OP.resolve(implementation)
   query, key, value, dims, unbatched, kv_mask = _common_checks(
       query, key, value, mask, bias, dropout_rate, "block_sparse_attention")
   b, t, n, s, k, h, hv = dims
   bq, bk = _block_sizes(block_size)
   nqb, nkb = -(-t // bq), -(-s // bk)
-  raw_layout = layout
-  layout = _layout_4d(layout, b, n, nqb, nkb)
-  if impl == "pallas":
-    from pallas_kernels import block_sparse as pallas_bs
-    out = pallas_bs.block_sparse_attention(
-        query, key, value, layout, block_q=bq, block_kv=bk,
-        is_causal=is_causal, scale=_common.default_scale(scale, h),
-        mask=None if kv_mask is None else kv_mask[:, None, None, :])
-    return out[0] if unbatched else out
+  call = LayoutCall(query, key, value, kv_mask,
+                    _layout_4d(layout, b, n, nqb, nkb), layout, bq, bk,
+                    bool(is_causal), _common.default_scale(scale, h),
+                    max_blocks_per_row)
+  out = BLOCK_SPARSE_OP(implementation, call)
+  return out[0] if unbatched else out
+
+
+def _layout_pallas(config: Optional[Pallas], call: LayoutCall):
+  """pallas_kernels.block_sparse_attention: the flash kernels loop over
+  each tile's True blocks only (`max_blocks_per_row` is not needed)."""
+  from pallas_kernels import block_sparse as pallas_bs
+  return pallas_bs.block_sparse_attention(
+      call.query, call.key, call.value, call.layout, block_q=call.block_q,
+      block_kv=call.block_kv, is_causal=call.is_causal, scale=call.scale,
+      mask=None if call.kv_mask is None else call.kv_mask[:, None, None, :],
+      interpret=None if config is None else config.interpret)
+
+
+def _layout_xla(config: Optional[Xla], call: LayoutCall):
+  """Gathers, per query block, its True key blocks (at most
+  `max_blocks_per_row`)."""
+  del config
+  layout, raw_layout = call.layout, call.raw_layout
+  nkb = layout.shape[-1]
+  max_blocks_per_row = call.max_blocks_per_row
   traced = isinstance(raw_layout, jax.core.Tracer)
   densest = None if traced else int(np.max(np.sum(np.asarray(raw_layout), -1),
                                            initial=0))
@@ -219,11 +311,14 @@ def block_sparse_attention(query, key, value, layout, block_size, *,
           jnp.arange(nkb).reshape(1, 1, 1, nkb))
   _, idx = jax.lax.top_k(prio, top)
   valid = jnp.take_along_axis(layout, idx, axis=-1)
-  out = gathered_attention(
-      query, key, value, idx, valid, block_q=bq, block_k=bk,
-      scale=_common.default_scale(scale, h), is_causal=is_causal,
-      kv_mask=kv_mask)
-  return out[0] if unbatched else out
+  return gathered_attention(
+      call.query, call.key, call.value, idx, valid, block_q=call.block_q,
+      block_k=call.block_kv, scale=call.scale, is_causal=call.is_causal,
+      kv_mask=call.kv_mask)
+
+
+BLOCK_SPARSE_OP.register("xla", _layout_xla, config_type=Xla)
+BLOCK_SPARSE_OP.register("pallas", _layout_pallas, config_type=Pallas)
 
 
 def block_sparse_attention_reference(query, key, value, layout, block_size, *,

@@ -14,106 +14,74 @@ Backends (`implementation=`):
   'triton'   Triton kernels through jax-triton (GPU only).
   None       the best backend able to serve the call on this platform.
 
-A backend that cannot serve a call raises NotImplementedError saying why.
-Backends are functions `fn(call: AttentionCall, need_lse: bool) -> (out, lse)`
-registered with `register_backend`.
+`implementation=` also takes a config object carrying a backend's tuning,
+`Xla()`, `Chunked(block_q, block_kv)`, `Cudnn()`, `Pallas(block_q, block_kv,
+block_q_bwd, block_kv_bwd, interpret)`, `Triton(block_q, block_kv,
+num_warps, num_stages, interpret)`, or a sequence of names/configs tried in
+order (e.g. `[Pallas(block_q=64), 'xla']`). A backend that cannot serve a
+call raises NotImplementedError saying why; the next candidate is tried and,
+when none serves, one NotImplementedError lists every refusal. This is the
+one dispatch of every attnjax op (`attnjax._dispatch`); `OP` is this op's.
+
+Backends are `fn(config, call: AttentionCall, need_lse) -> (out, lse)`
+registered with `OP.register` (see `attnjax.softmax.backends`), or
+`fn(call, need_lse)` registered with `register_backend`.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from attnjax._checks import as_array
-from attnjax.softmax import _auto
+from attnjax.softmax import _auto  # noqa: F401  (tests patch its table)
 from attnjax.softmax._common import (AttentionCall, empty_result, prepare,
                                      restore_batch)
 from attnjax.softmax.chunked import chunked_attention
 from attnjax.softmax.cudnn import cudnn_attention
 from attnjax.softmax.merge import merge_attentions
 from attnjax.softmax.xla import attention_probs, xla_attention
+from attnjax.softmax.backends import (OP, Chunked, Cudnn, Pallas, Triton,
+                                      Xla)
 
-_BACKENDS: Dict[str, Callable] = {}
-# Backends whose code lives outside attnjax.softmax: imported on first use;
-# importing the module registers the backend.
-_LAZY_BACKENDS = {
-    "pallas": "attnjax.softmax.pallas_backend",
-    "triton": "attnjax.softmax.triton_backend",
-}
+def register_backend(name: str, fn: Callable, *,
+                     overwrite: bool = False) -> None:
+  """Registers `fn(call, need_lse) -> (out, lse)` as `implementation=name`.
 
+  `call` is an `AttentionCall`; `fn` returns out [B, T, N, Hv] and, when
+  `need_lse`, lse [B, N, T] float32 (a backend returning None then is
+  treated as refusing the call), and raises NotImplementedError for calls it
+  cannot serve. An existing name raises ValueError unless `overwrite=True`.
+  Backends that take a config object register on `attnjax.softmax.OP`
+  directly (`OP.register(name, fn(config, call, need_lse), config_type=...)`).
+  """
+  def backend(config, call, need_lse):
+    del config
+    out, lse = fn(call, need_lse)
+    if need_lse and lse is None:
+      raise NotImplementedError(
+          f"implementation={name!r} does not return the log-sum-exp.")
+    return out, lse
 
-def register_backend(name: str, fn: Callable) -> None:
-  """Registers `fn(call, need_lse) -> (out, lse)` as `implementation=name`."""
-  _BACKENDS[name] = fn
-
-
-register_backend("xla", lambda call, need_lse: xla_attention(call, need_lse))
-register_backend("chunked", lambda call, need_lse: chunked_attention(
-    call, need_lse=need_lse))
-register_backend("cudnn", lambda call, need_lse: cudnn_attention(
-    call, need_lse=need_lse))
+  OP.register(name, backend, overwrite=overwrite)
 
 
 def available_implementations():
   """Names accepted by `implementation=` (some may still refuse a call)."""
-  return sorted(set(_BACKENDS) | set(_LAZY_BACKENDS))
+  return OP.names()
 
 
-def _get_backend(name: str) -> Callable:
-  if name not in _BACKENDS and name in _LAZY_BACKENDS:
-    try:
-      importlib.import_module(_LAZY_BACKENDS[name])
-    except ImportError as e:
-      raise NotImplementedError(
-          f"implementation={name!r} is unavailable here: {e}") from e
-  if name not in _BACKENDS:
-    raise ValueError(
-        f"`implementation` must be one of {available_implementations()} or "
-        f"None, got {name!r}.")
-  return _BACKENDS[name]
-
-
-def _auto_order(call: AttentionCall):
-  # 'xla' vs 'chunked' first: the measured per-platform crossover rule.
-  fallback = _auto.call_order(call)
-  # The Pallas and Triton kernels are chosen only when asked for by name:
-  # they are verified in interpret mode on CPU but have not yet been run on a
-  # GPU/TPU in CI, so the automatic path uses the backends that have been.
-  if jax.default_backend() == "gpu":
-    return ["cudnn"] + fallback
-  return fallback
-
-
-def _run(call: AttentionCall, implementation: Optional[str], need_lse: bool):
-  if implementation is not None:
-    backend = _get_backend(implementation)   # unknown names raise first
+def _run(call: AttentionCall, implementation, need_lse: bool):
+  OP.resolve(implementation)           # unknown names raise first
   if 0 in call.shape:
     # Batch 0, zero-length sequences, no heads, empty head dims: the result
     # is fully determined (zeros, lse -inf); every backend agrees by
     # construction and no kernel sees an empty grid.
     return empty_result(call, need_lse)
-  if implementation is not None:
-    out, lse = backend(call, need_lse)
-    if need_lse and lse is None:
-      raise NotImplementedError(
-          f"implementation={implementation!r} does not return the log-sum-exp.")
-    return out, lse
-  reasons = []
-  for name in _auto_order(call):
-    try:
-      out, lse = _get_backend(name)(call, need_lse)
-    except NotImplementedError as e:
-      reasons.append(str(e))
-      continue
-    if need_lse and lse is None:
-      continue
-    return out, lse
-  raise NotImplementedError("no backend can serve this call: " +
-                            "; ".join(reasons))
+  return OP(implementation, call, need_lse)
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *,
@@ -253,22 +221,24 @@ def chunked_dot_product_attention(query, key, value, bias=None, mask=None, *,
                                   return_lse: bool = False,
                                   lse_layout: str = "BNT",
                                   lse_gradient: bool = True, **kwargs):
-  """`implementation='chunked'` with explicit block sizes.
+  """Alias of `dot_product_attention(..., implementation=Chunked(block_q,
+  block_kv))` (with `return_lse`, of `dot_product_attention_with_lse`).
 
   Same arguments as `dot_product_attention`; `block_q` / `block_kv` set the
   query and key/value block lengths (defaults per platform, see
-  `attnjax.softmax.chunked.default_blocks`; capped at the sequence lengths). Peak memory grows with block_q * block_kv, not T * S.
+  `attnjax.softmax.chunked.default_blocks`; capped at the sequence
+  lengths). Peak memory grows with block_q * block_kv, not T * S.
   `return_lse=True` also returns the lse, shaped and differentiable as
   `lse_layout` / `lse_gradient` say (see `dot_product_attention_with_lse`).
   """
+  config = Chunked(block_q=block_q, block_kv=block_kv)
+  if return_lse:
+    return dot_product_attention_with_lse(
+        query, key, value, bias, mask, implementation=config,
+        lse_layout=lse_layout, lse_gradient=lse_gradient, **kwargs)
   _check_lse_options(lse_layout, lse_gradient)
-  call, batch_shape = prepare(query, key, value, bias, mask, **kwargs)
-  out, lse = chunked_attention(call, block_q=block_q, block_kv=block_kv,
-                               need_lse=return_lse)
-  if lse is not None:
-    lse = _lse_options(lse, lse_layout, lse_gradient)
-  out, lse = restore_batch(out, batch_shape), restore_batch(lse, batch_shape)
-  return (out, lse) if return_lse else out
+  return dot_product_attention(query, key, value, bias, mask,
+                               implementation=config, **kwargs)
 
 
 def attention_weights(query, key, bias=None, mask=None, **kwargs):
@@ -287,6 +257,7 @@ def attention_weights(query, key, bias=None, mask=None, **kwargs):
 
 
 __all__ = [
+    "OP", "Chunked", "Cudnn", "Pallas", "Triton", "Xla",
     "AttentionCall", "attention_weights", "available_implementations",
     "chunked_attention", "chunked_dot_product_attention",
     "dot_product_attention",
