@@ -297,8 +297,8 @@ def test_layers_plug_into_multihead_attention(cls, kw, causal):
   x = jax.random.normal(jax.random.key(1), (2, 12, 16))
   y = nnx.jit(lambda m, x: m(x, is_causal=causal))(layer, x)
   q, k, v = layer.project_qkv(x)
-  want = layer.out(layer.attention_fn(q, k, v, is_causal=True) if causal
-                   else layer.attention_fn(q, k, v))
+  want = layer.out(layer.attend(q, k, v, is_causal=True) if causal
+                   else layer.attend(q, k, v))
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
   if causal:
     y2 = layer(x.at[:, 9:].set(3.0), is_causal=True)
