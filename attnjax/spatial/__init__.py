@@ -30,10 +30,18 @@ from attnjax.spatial.cswin import (CSWinAttention,
                                    cross_shaped_window_attention,
                                    cross_shaped_window_attention_reference,
                                    stripe_attention)
+from attnjax.spatial.dcal import (GlobalLocalCrossAttention,
+                                  global_local_cross_attention,
+                                  global_local_cross_attention_reference,
+                                  select_local_queries)
 from attnjax.spatial.focalnet import (FocalModulation, focal_modulation,
                                       focal_modulation_reference)
 from attnjax.spatial.halo import (HaloAttention, halo_attention,
                                   halo_attention_reference)
+from attnjax.spatial.hat import (OverlappingCrossAttention,
+                                 overlap_window_size,
+                                 overlapping_cross_attention,
+                                 overlapping_cross_attention_reference)
 from attnjax.spatial.neighborhood import (NeighborhoodAttention,
                                           neighborhood_attention,
                                           neighborhood_attention_reference,
@@ -114,4 +122,9 @@ __all__ = [
     # SANet strip attention
     "CubicAttention", "StripAttention", "strip_attention",
     "strip_attention_reference",
+    # DCAL GLCA, HAT OCAB
+    "GlobalLocalCrossAttention", "global_local_cross_attention",
+    "global_local_cross_attention_reference", "select_local_queries",
+    "OverlappingCrossAttention", "overlap_window_size",
+    "overlapping_cross_attention", "overlapping_cross_attention_reference",
 ]

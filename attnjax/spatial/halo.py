@@ -75,7 +75,9 @@ def _rel_table(rel, n):
 
 
 def _xla(config, query, key, value, *, block, halo, rel_h, rel_w, key_mask,
-         scale):
+         scale, window_bias=None):
+  """`window_bias` (internal, used by HAT's OCAB): an additive logit bias
+  [N, bh, bw, wh, ww] indexed by (query in block, key in window)."""
   del config
   b_, hgt, wid, n, d = query.shape
   (bh, bw), (hh, hw) = block, halo
@@ -120,6 +122,8 @@ def _xla(config, query, key, value, *, block, halo, rel_h, rel_w, key_mask,
       t = jnp.einsum("bijyxnd,nxXd->bijnyxX", qb, r.astype(qb.dtype),
                      preferred_element_type=jnp.float32)
       logits = logits + t[..., None, :]
+  if window_bias is not None:
+    logits = logits + window_bias.astype(jnp.float32)[None, None, None]
   shp = logits.shape
   logits = logits.reshape(*shp[:6], wh * ww)
   ok = ok.reshape(ok.shape[:3] + (1, 1, 1, wh * ww))

@@ -133,6 +133,13 @@ def _mechanisms(size):
           lambda q, k, v: sp.lsda_attention(q, k, v, 7, mode="lda"),
           (-(-size // 7)) ** 2),
       "strip_k7_hw": (_strip, None),
+      "hat_ocab_m7_mo11": (
+          lambda q, k, v: sp.overlapping_cross_attention(q, k, v, 7, 11), 121),
+      "dcal_glca_top10pct": (
+          lambda q, k, v: sp.global_local_cross_attention(
+              *(x.reshape(x.shape[0], -1, *x.shape[-2:]) for x in (q, k, v)),
+              q[..., 0, 0].reshape(q.shape[0], -1), max(1, s // 10))[0],
+          s // 10),
       "gpsa": (lambda q, k, v: sp.gated_positional_attention(q, k, v, pw, pb, gate),
                s),
   }
@@ -165,6 +172,7 @@ LINEAR_IN_THEORY = ("neighborhood_k7", "dilated_neighborhood_k7_d2",
                     "video_swin_w2x7x7_shift", "coat_factorized_crpe3",
                     "transnext_aggregated_k3_p7", "van_lka_5_7d3",
                     "focal_modulation_l2", "crossformer_sda_g7", "strip_k7_hw",
+                    "hat_ocab_m7_mo11",
                     "window_w7", "shifted_window_w7", "grid_g7", "channel")
 
 
