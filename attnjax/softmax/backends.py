@@ -31,6 +31,7 @@ import dataclasses
 from typing import ClassVar, Optional
 
 import jax
+import numpy as np
 
 from attnjax._dispatch import BackendConfig, Op
 from attnjax.softmax import _auto
@@ -40,6 +41,18 @@ from attnjax.softmax import xla as xla_lib
 from attnjax.softmax._common import AttentionCall
 
 __all__ = ["OP", "Chunked", "Cudnn", "Pallas", "Triton", "Xla"]
+
+
+def _check_sizes(config, names):
+  """Config fields `names` must be None or positive ints (checked when the
+  config is built, so a bad size is refused even for an empty call)."""
+  for name in names:
+    v = getattr(config, name)
+    if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(
+        v, (int, np.integer)) or v <= 0):
+      raise ValueError(
+          f"`{name}` ({type(config).__name__}.{name}) must be a positive "
+          f"int or None, got {v!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +74,9 @@ class Chunked(BackendConfig):
   block_q: Optional[int] = None
   block_kv: Optional[int] = None
 
+  def __post_init__(self):
+    _check_sizes(self, ("block_q", "block_kv"))
+
 
 @dataclasses.dataclass(frozen=True)
 class Cudnn(BackendConfig):
@@ -81,6 +97,10 @@ class Pallas(BackendConfig):
   block_q_bwd: Optional[int] = None
   block_kv_bwd: Optional[int] = None
   interpret: Optional[bool] = None
+
+  def __post_init__(self):
+    _check_sizes(self, ("block_q", "block_kv", "block_q_bwd",
+                        "block_kv_bwd"))
 
 
 @dataclasses.dataclass(frozen=True)
