@@ -29,6 +29,9 @@ from attnjax.sequence.layers import (AgentAttention, EfficientAttention,
 from attnjax.sequence.linear import (FEATURE_MAPS, linear_attention,
                                      linear_attention_reference)
 from attnjax.sequence import additive as _additive
+from attnjax.sequence.gaussian_adaptive import (
+    GaussianAdaptiveAttention, gaussian_adaptive_attention,
+    gaussian_adaptive_attention_reference, gaussian_adaptive_weights)
 from attnjax.sequence import rcmha as _rcmha
 from attnjax.sequence.rcmha import (RCMHAttention, rcmha_attention,
                                     rcmha_attention_reference)
@@ -120,6 +123,8 @@ __all__ = [
     "key_driven_gqa", "key_driven_gqa_reference", "key_driven_head_groups",
     "key_head_norms",
     "RCMHAttention", "rcmha_attention", "rcmha_attention_reference",
+    "GaussianAdaptiveAttention", "gaussian_adaptive_attention",
+    "gaussian_adaptive_attention_reference", "gaussian_adaptive_weights",
     "AdditiveAttention", "PointerNetwork", "additive_attention",
     "additive_attention_reference", "pointer_attention",
     "pointer_attention_reference",

@@ -112,6 +112,10 @@ def _mechanisms():
       "fast_attention(order2,H=16,causal)": (
           lambda q, k, v: sq.fast_attention(q[..., :16], k[..., :16], v,
                                             is_causal=True), True),
+      "gaussian_adaptive_attention(on v,causal)": (
+          lambda q, k, v: sq.gaussian_adaptive_attention(
+              v, jnp.zeros(v.shape[2:], v.dtype),
+              jnp.full(v.shape[2:], 2.0, v.dtype), is_causal=True), True),
       "efficient_attention": (p(sq.efficient_attention), False),
       "performer_attention(F=128)": (
           p(sq.performer_attention, projection=proj), False),
