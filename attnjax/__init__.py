@@ -28,6 +28,12 @@ from attnjax.sequence import (
     efficient_attention, linear_attention, mixture_of_heads_attention,
     moba_attention, moh_gates, orthogonal_random_features, performer_attention,
     routing_attention, sliding_window_attention, triplewise_attention)
+from attnjax.sequence import (  # issue 20: zoo B
+    ISAB, MAB, PMA, SAB, AdditiveAttention, GaussianAdaptiveAttention,
+    GraphAttention, KeyDrivenGQAttention, LambdaLayer, PointerNetwork,
+    RCMHAttention, additive_attention, gat_attention, gatv2_attention,
+    gaussian_adaptive_attention, isab, key_driven_gqa, lambda_attention,
+    lambda_attention_2d, mab, pma, pointer_attention, rcmha_attention, sab)
 from attnjax.spatial import (
     GPSA, AxialAttention, BiLevelRoutingAttention, ChannelAttention,
     CrossViTAttention, CrossViTFusion, CSWinAttention,
@@ -60,6 +66,12 @@ __all__ = [
     "mixture_of_heads_attention", "moba_attention", "moh_gates",
     "orthogonal_random_features", "performer_attention", "routing_attention",
     "sliding_window_attention", "triplewise_attention",
+    "ISAB", "MAB", "PMA", "SAB", "AdditiveAttention",
+    "GaussianAdaptiveAttention", "GraphAttention", "KeyDrivenGQAttention",
+    "LambdaLayer", "PointerNetwork", "RCMHAttention", "additive_attention",
+    "gat_attention", "gatv2_attention", "gaussian_adaptive_attention", "isab",
+    "key_driven_gqa", "lambda_attention", "lambda_attention_2d", "mab", "pma",
+    "pointer_attention", "rcmha_attention", "sab",
     # spatial family
     "GPSA", "AxialAttention", "BiLevelRoutingAttention", "ChannelAttention",
     "CrossViTAttention", "CrossViTFusion", "CSWinAttention",
