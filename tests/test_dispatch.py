@@ -228,3 +228,46 @@ def test_register_backend_refuses_silent_overwrite():
   finally:
     sm.OP.unregister("_spy")
   assert "_spy" not in attnjax.available_implementations()
+
+
+# ---------------------------------------------------------------------------
+# The family ops share the semantics: None/'auto' is auto ('xla' here), a
+# kernel's refusal falls through a sequence, a config of another op is a
+# ValueError naming `implementation`.
+# ---------------------------------------------------------------------------
+
+def test_family_ops_share_the_semantics():
+  from attnjax.sequence import linear as lin
+  from attnjax.sequence import sparse
+  ops = _dispatch.list_ops()
+  for name in ("dot_product_attention", "linear_attention",
+               "sliding_window_attention", "block_sparse_attention"):
+    assert "xla" in ops[name], (name, ops)
+  q, k, v = _qkv(t=16)
+  ref = lin.linear_attention(q, k, v, implementation="xla")
+  for impl in (None, "auto", lin.Xla(), ["xla"]):
+    np.testing.assert_array_equal(
+        lin.linear_attention(q, k, v, implementation=impl), ref)
+  # The kernel is causal-only: refused alone, skipped in a sequence.
+  with pytest.raises(NotImplementedError, match="causal kernel"):
+    lin.linear_attention(q, k, v, implementation=lin.Pallas(interpret=True))
+  np.testing.assert_array_equal(lin.linear_attention(
+      q, k, v, implementation=[lin.Pallas(interpret=True), "xla"]), ref)
+  with pytest.raises(ValueError, match="implementation"):
+    lin.linear_attention(q, k, v, implementation=sm.Chunked())
+  with pytest.raises(ValueError, match="implementation"):
+    lin.linear_attention(q, k, v, implementation="chunked")
+  band = sparse.sliding_window_attention(q, k, v, 3, implementation="xla")
+  np.testing.assert_array_equal(
+      sparse.sliding_window_attention(q, k, v, 3), band)
+  np.testing.assert_allclose(
+      band, sparse.sliding_window_attention_reference(q, k, v, 3),
+      rtol=2e-5, atol=2e-5)
+  layout = np.tril(np.ones((2, 2), bool))
+  blocks = sparse.block_sparse_attention(q, k, v, layout, 8,
+                                         implementation="auto")
+  np.testing.assert_allclose(
+      blocks, sparse.block_sparse_attention_reference(q, k, v, layout, 8),
+      rtol=2e-5, atol=2e-5)
+  with pytest.raises(ValueError, match="implementation"):
+    sparse.block_sparse_attention(q, k, v, layout, 8, implementation="nope")
