@@ -60,6 +60,10 @@ from attnjax.sequence import based as _based
 from attnjax.sequence import power as _power
 from attnjax.sequence import mswa as _mswa
 from attnjax.sequence import fast as _fast
+from attnjax.sequence import multipole as _multipole
+from attnjax.sequence.multipole import (MultipoleAttention, default_levels,
+                                        multipole_attention,
+                                        multipole_attention_reference)
 from attnjax.sequence.fast import (FASTAttention, fast_attention,
                                    fast_attention_reference, fastmax_features)
 from attnjax.sequence import routing_transformer as _routing_transformer
@@ -110,6 +114,7 @@ SUPPORT = {
     "mswa_attention": _mswa.SUPPORT,
     "routing_transformer_attention": _routing_transformer.SUPPORT,
     "fast_attention": _fast.SUPPORT,
+    "multipole_attention": _multipole.SUPPORT,
     "additive_attention": _additive.SUPPORT,
     "rcmha_attention": _rcmha.SUPPORT,
     "key_driven_gqa": _key_driven_gqa.SUPPORT,
@@ -145,6 +150,8 @@ __all__ = [
     "routing_transformer_attention_reference",
     "FASTAttention", "fast_attention", "fast_attention_reference",
     "fastmax_features",
+    "MultipoleAttention", "default_levels", "multipole_attention",
+    "multipole_attention_reference",
     "AgentAttention", "EfficientAttention", "FEATURE_MAPS", "LinearAttention",
     "MoBAAttention", "MoHAttention", "PATTERNS", "PerformerAttention",
     "RandomFeatures", "RoutingAttention", "SUPPORT", "SlidingWindowAttention",

@@ -116,6 +116,8 @@ def _mechanisms():
           lambda q, k, v: sq.gaussian_adaptive_attention(
               v, jnp.zeros(v.shape[2:], v.dtype),
               jnp.full(v.shape[2:], 2.0, v.dtype), is_causal=True), True),
+      "multipole_attention(w=64)": (
+          p(sq.multipole_attention, window_size=64), False),
       "efficient_attention": (p(sq.efficient_attention), False),
       "performer_attention(F=128)": (
           p(sq.performer_attention, projection=proj), False),
