@@ -245,8 +245,9 @@ def attention_weights(query, key, bias=None, mask=None, **kwargs):
   """Softmax attention probabilities [B, N, T, S] (float32), for analysis.
 
   Accepts the masking keywords of `dot_product_attention` (scale, is_causal,
-  local_window_size, seq lengths, segment ids). Rows with nothing to attend to
-  are all-zero.
+  local_window_size, seq lengths, segment ids, causal_alignment, offsets) and
+  logits_soft_cap / sinks (with sinks a row sums to 1 minus the sink's
+  share). Rows with nothing to attend to are all-zero.
   """
   key = as_array("key", key)
   value = jnp.zeros(jnp.shape(key)[:-1] + (1,), getattr(key, "dtype",
