@@ -34,6 +34,9 @@ from attnjax.spatial.dcal import (GlobalLocalCrossAttention,
                                   global_local_cross_attention,
                                   global_local_cross_attention_reference,
                                   select_local_queries)
+from attnjax.spatial.ela import (EfficientLocalAttention,
+                                 efficient_local_attention,
+                                 efficient_local_attention_reference)
 from attnjax.spatial.focalnet import (FocalModulation, focal_modulation,
                                       focal_modulation_reference)
 from attnjax.spatial.halo import (HaloAttention, halo_attention,
@@ -53,11 +56,14 @@ from attnjax.spatial.transnext import (AggregatedAttention,
                                        adaptive_avg_pool, aggregated_attention,
                                        aggregated_attention_reference,
                                        pool_relative_coords)
+from attnjax.spatial.triplet import (TripletAttention, triplet_attention,
+                                     triplet_attention_reference)
 from attnjax.spatial.twins import (GlobalSubsampledAttention, HiLoAttention,
                                    LocallyGroupedAttention, average_pool,
                                    pooled_attention,
                                    pooled_attention_reference,
                                    subsampled_attention)
+from attnjax.spatial.ulsam import ULSAM, ulsam, ulsam_reference
 from attnjax.spatial.van import (LargeKernelAttention, VANAttention,
                                  large_kernel_attention,
                                  large_kernel_attention_reference)
@@ -127,4 +133,9 @@ __all__ = [
     "global_local_cross_attention_reference", "select_local_queries",
     "OverlappingCrossAttention", "overlap_window_size",
     "overlapping_cross_attention", "overlapping_cross_attention_reference",
+    # CNN attention modules: triplet, ELA, ULSAM
+    "TripletAttention", "triplet_attention", "triplet_attention_reference",
+    "EfficientLocalAttention", "efficient_local_attention",
+    "efficient_local_attention_reference", "ULSAM", "ulsam",
+    "ulsam_reference",
 ]

@@ -83,6 +83,33 @@ def _strip(q, k, v):
   return y.reshape(q.shape)
 
 
+def _cnn_map(q):
+  return q.reshape(*q.shape[:3], HEADS * HEAD_DIM)
+
+
+def _triplet(q, k, v):
+  del k, v
+  out = sp.triplet_attention(_cnn_map(q), jnp.full((3, 7, 7, 2), 0.01, q.dtype),
+                             jnp.ones((3,)), jnp.zeros((3,)))
+  return out.reshape(q.shape)
+
+
+def _ela(q, k, v):
+  del k, v
+  c = HEADS * HEAD_DIM
+  out = sp.efficient_local_attention(_cnn_map(q), jnp.full((7, c), 0.1, q.dtype),
+                                     jnp.ones((c,)), jnp.zeros((c,)), 16)
+  return out.reshape(q.shape)
+
+
+def _ulsam(q, k, v):
+  del k, v
+  c = HEADS * HEAD_DIM
+  one = jnp.ones((c,), q.dtype)
+  out = sp.ulsam(_cnn_map(q), one, 0 * one, one / c, jnp.zeros((4,)), 4)
+  return out.reshape(q.shape)
+
+
 def _mechanisms(size):
   """name -> (fn(q, k, v), keys attended per query (for FLOPs))."""
   s = size * size
@@ -140,6 +167,9 @@ def _mechanisms(size):
               *(x.reshape(x.shape[0], -1, *x.shape[-2:]) for x in (q, k, v)),
               q[..., 0, 0].reshape(q.shape[0], -1), max(1, s // 10))[0],
           s // 10),
+      "triplet_k7": (_triplet, None),
+      "ela_k7": (_ela, None),
+      "ulsam_g4": (_ulsam, None),
       "gpsa": (lambda q, k, v: sp.gated_positional_attention(q, k, v, pw, pb, gate),
                s),
   }
@@ -152,6 +182,9 @@ def _mechanisms(size):
 
 def _gflops(name, kpq, size):
   s = size * size
+  if name in ("triplet_k7", "ela_k7", "ulsam_g4"):
+    # elementwise modules: ~ a few multiply-adds per element (+ small convs)
+    return 2 * s * HEADS * HEAD_DIM * 4 / 1e9
   if name == "strip_k7_hw":
     return 2 * s * HEADS * HEAD_DIM * 14 / 1e9
   if name in ("van_lka_5_7d3", "focal_modulation_l2"):
@@ -172,7 +205,7 @@ LINEAR_IN_THEORY = ("neighborhood_k7", "dilated_neighborhood_k7_d2",
                     "video_swin_w2x7x7_shift", "coat_factorized_crpe3",
                     "transnext_aggregated_k3_p7", "van_lka_5_7d3",
                     "focal_modulation_l2", "crossformer_sda_g7", "strip_k7_hw",
-                    "hat_ocab_m7_mo11",
+                    "hat_ocab_m7_mo11", "triplet_k7", "ela_k7", "ulsam_g4",
                     "window_w7", "shifted_window_w7", "grid_g7", "channel")
 
 
