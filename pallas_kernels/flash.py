@@ -113,9 +113,10 @@ class _Cfg:
   platform: str        # target platform: 'cpu' | 'gpu' | 'tpu'
   heads_major: bool    # arrays are [B, N, L, H] (else [B, L, N, H])
   groups: int          # query heads per kv head
-  # Fused neighborhood attention (see neighborhood.py): None, or
-  # (nt1, th, tw, (k0, k1), (d0, d1), (l0, l1), (causal0, causal1)).
-  na: Optional[tuple] = None
+  # Fused neighborhood attention: None, or a NeighborhoodTiling
+  # (pallas_kernels/neighborhood.py), whose methods give the in-tile mask and
+  # the tiles a tile visits (group_lengths, valid, bounds).
+  na: Optional[object] = None
 
 
 # ----------------------------------------------------------------------------
@@ -188,63 +189,20 @@ def _select_i32(pred, a, b):
 
 
 def _na_group_lengths(cfg):
-  """In-group lengths (n0, n1) of this program's dilation group."""
-  _, _, _, _, (d0, d1), (l0, l1), _ = cfg.na
-  bg = pl.program_id(0)
-  g0 = (bg // d1) % d0
-  g1 = bg % d1
-  return (l0 - g0 + d0 - 1) // d0, (l1 - g1 + d1 - 1) // d1
-
-
-def _na_start(q, k, n, causal):
-  """First key of query q's window (in-group index), NATTEN semantics."""
-  if causal:
-    return jnp.maximum(q - k + 1, 0)
-  return jnp.clip(q - k // 2, 0, n - k)
+  """In-group lengths of this program's dilation group (neighborhood mode;
+  the rule lives in `cfg.na`, a pallas_kernels.neighborhood.NeighborhoodTiling)."""
+  return cfg.na.group_lengths(pl.program_id(0))
 
 
 def _na_valid(cfg, shape, q_start, k_start, na_n):
   """Neighborhood mask of a (query tile, key tile) pair."""
-  nt1, th, tw, (k0, k1), _, _, (c0, c1) = cfg.na
-  n0, n1 = na_n
-  tsz = th * tw
-  qt, kt = q_start // tsz, k_start // tsz
-  qe = lax.broadcasted_iota(jnp.int32, shape, 0)
-  ke = lax.broadcasted_iota(jnp.int32, shape, 1)
-  qr = (qt // nt1) * th + qe // tw
-  qc = (qt % nt1) * tw + qe % tw
-  kr = (kt // nt1) * th + ke // tw
-  kc = (kt % nt1) * tw + ke % tw
-  ok = (kr < n0) & (kc < n1)
-  for qp, kp, ksz, n, causal in ((qr, kr, k0, n0, c0), (qc, kc, k1, n1, c1)):
-    st = _na_start(qp, ksz, n, causal)
-    hi = qp if causal else st + ksz - 1
-    ok = ok & (kp >= st) & (kp <= hi)
-  return ok
+  return cfg.na.valid(shape, q_start, k_start, na_n)
 
 
 def _na_bounds(cfg, tile, inverse, na_n):
   """(0, count, j_of_t) over the key tiles a query tile can see (or, when
   `inverse`, the query tiles that can see a key tile)."""
-  nt1, th, tw, (k0, k1), _, _, (c0, c1) = cfg.na
-  n0, n1 = na_n
-  a, b = tile // nt1, tile % nt1
-  ranges = []
-  for pos0, size, ksz, n, causal in ((a * th, th, k0, n0, c0),
-                                     (b * tw, tw, k1, n1, c1)):
-    first = pos0
-    last = jnp.minimum(pos0 + size - 1, n - 1)
-    if not inverse:
-      lo = _na_start(first, ksz, n, causal)
-      hi = last if causal else _na_start(last, ksz, n, causal) + ksz - 1
-    else:  # a query sees keys within distance ksz - 1 (and not ahead if causal)
-      lo = first if causal else jnp.maximum(first - (ksz - 1), 0)
-      hi = jnp.minimum(last + ksz - 1, n - 1)
-    cnt = _select_i32(first < n, hi // size - lo // size + 1, 0)
-    ranges.append((lo // size, cnt))
-  (r0, nr), (c0_, nc) = ranges
-  nc_safe = jnp.maximum(nc, 1)
-  return 0, nr * nc, lambda t: (r0 + t // nc_safe) * nt1 + c0_ + t % nc_safe
+  return cfg.na.bounds(tile, inverse, na_n)
 
 
 def _table_head(cnt_ref):

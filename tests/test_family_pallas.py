@@ -70,9 +70,6 @@ def test_neighborhood_layer_and_refusals():
   with pytest.raises(NotImplementedError, match="rpb"):
     neighborhood_attention(q, q, q, 3, rpb=jnp.zeros((2, 5, 5)),
                            implementation="pallas")
-  q3 = _rand(rng, (1, 5, 5, 5, 2, 8))
-  with pytest.raises(NotImplementedError, match="3 spatial dims"):
-    neighborhood_attention(q3, q3, q3, 3, implementation="pallas")
   with pytest.raises(ValueError, match="implementation"):
     neighborhood_attention(q, q, q, 3, implementation="cuda")
 

@@ -73,6 +73,11 @@ CASES = {
         lambda q, k, v: nb.neighborhood_attention(q, k, v, (5, 7),
                                                   dilation=(2, 1)),
         _qkv((1, 30, 45, 2, 32)), 1, 3),
+    "neighborhood_3d_strided": (
+        lambda q, k, v: nb.neighborhood_attention(
+            q, k, v, (3, 5, 5), stride=(1, 2, 2), dilation=(1, 2, 1),
+            is_causal=(True, False, False)),
+        _qkv((1, 6, 16, 20, 2, 64)), 1, 3),
     "causal_linear": (lambda q, k, v: la.causal_linear_attention(q, k, v),
                       _qkv((1, 1000, 4, 64)), 1, None),
 }

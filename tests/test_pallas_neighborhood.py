@@ -26,8 +26,9 @@ CASES = {
     # name: (dtype, q shape, kv heads, kwargs, tile)
     "1d_dilated_gqa_f32": (jnp.float32, (2, 23, 4, 8), 2,
                            dict(kernel_size=5, dilation=2), (8,)),
-    "2d_dilated_f32": (jnp.float32, (1, 11, 13, 2, 8), 2,
-                       dict(kernel_size=(3, 5), dilation=(2, 1)), (4, 4)),
+    "2d_dilated_strided_f32": (jnp.float32, (1, 11, 13, 2, 8), 2,
+                               dict(kernel_size=(3, 5), dilation=(2, 1),
+                                    stride=(1, 3)), (4, 4)),
     "2d_causal_row_bf16": (jnp.bfloat16, (1, 9, 10, 2, 8), 1,
                            dict(kernel_size=(3, 4), is_causal=(True, False),
                                 dilation=(1, 2)), (2, 4)),
@@ -62,6 +63,39 @@ def test_values_and_grads_vs_reference(name):
   for a, b in zip(g, gr):
     assert a.dtype == dtype
     assert _rel(a, b) < (1e-4 if dtype == jnp.float32 else 5e-2)
+
+
+def test_3d_kernel_values_lse_and_grads_vs_float64():
+  """The fused 3D kernel (stride, dilation, a causal axis, GQA, ragged tiles)
+  against the float64 NATTEN oracle: output and log-sum-exp; gradients of
+  sum(out * co) + sum(lse * cl) against the dense plain-jnp reference; then
+  bfloat16 values with the default tiles."""
+  from attnjax.spatial.neighborhood import neighborhood_attention_reference
+  from tests.spatial.test_neighborhood_features import oracle
+  kw = dict(kernel_size=(3, 2, 3), stride=(2, 1, 3), dilation=(1, 2, 1),
+            is_causal=(False, True, False))
+  q = _rand(0, (1, 4, 5, 6, 4, 8))
+  k, v = _rand(1, (1, 4, 5, 6, 2, 8)), _rand(2, (1, 4, 5, 6, 2, 8))
+  kern = lambda q, k, v: nb.neighborhood_attention(
+      q, k, v, tile_size=(2, 2, 4), return_lse=True, **kw)
+  out, lse = jax.jit(kern)(q, k, v)
+  want_out, want_lse = oracle(q, k, v, kw["kernel_size"], kw["stride"],
+                              kw["dilation"], kw["is_causal"])
+  np.testing.assert_allclose(out, want_out, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(lse, want_lse, atol=1e-5, rtol=1e-5)
+  co, cl = _rand(3, out.shape), _rand(4, lse.shape)
+  loss = lambda fn: lambda q, k, v: (lambda o, l: jnp.sum(o * co) + jnp.sum(
+      l * cl))(*fn(q, k, v))
+  g = jax.jit(jax.grad(loss(kern), (0, 1, 2)))(q, k, v)
+  gr = jax.grad(loss(lambda q, k, v: neighborhood_attention_reference(
+      q, k, v, return_lse=True, **kw)), (0, 1, 2))(q, k, v)
+  for a, b in zip(g, gr):
+    assert _rel(a, b) < 1e-5
+  bf = lambda x: x.astype(jnp.bfloat16)
+  out = nb.neighborhood_attention(bf(q), bf(k), bf(v), **kw)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), want_out,
+                             atol=3e-2, rtol=3e-2)
 
 
 def test_only_reachable_tiles_are_visited():

@@ -11,6 +11,7 @@ from flax import nnx
 from attnjax.spatial import (NeighborhoodAttention, neighborhood_attention,
                              neighborhood_attention_reference,
                              neighborhood_mask, neighborhood_window_start)
+from attnjax.spatial.neighborhood import NeighborhoodXLA
 
 
 def _natten_window_start(index, length, kernel, dilation):
@@ -101,7 +102,8 @@ def test_values_and_grads_float32(spatial, kernel, dilation, causal, use_rpb,
   q, k, v = _inputs(spatial)
   rpb = _rpb(2, kernel) if use_rpb else None
   kw = dict(dilation=dilation, is_causal=causal)
-  out = neighborhood_attention(q, k, v, kernel, rpb=rpb, tile_size=tile, **kw)
+  out = neighborhood_attention(q, k, v, kernel, rpb=rpb,
+                               implementation=NeighborhoodXLA(tile), **kw)
   ref = neighborhood_attention_reference(q, k, v, kernel, rpb=rpb, **kw)
   np.testing.assert_allclose(out, ref, atol=2e-6, rtol=2e-6)
 
@@ -112,7 +114,8 @@ def test_values_and_grads_float32(spatial, kernel, dilation, causal, use_rpb,
 
   argnums = (0, 1, 2, 3) if use_rpb else (0, 1, 2)
   g = jax.grad(lambda *a: loss(
-      lambda *b, **c: neighborhood_attention(*b, tile_size=tile, **c), *a),
+      lambda *b, **c: neighborhood_attention(
+          *b, implementation=NeighborhoodXLA(tile), **c), *a),
                argnums=argnums)(q, k, v, rpb)
   gr = jax.grad(lambda *a: loss(neighborhood_attention_reference, *a),
                 argnums=argnums)(q, k, v, rpb)

@@ -1,119 +1,168 @@
-"""Neighborhood attention (NAT / DiNAT), 1-3 spatial dims, NATTEN semantics.
+"""Neighborhood attention (NAT / DiNAT / GNA), 1-3 spatial dims, NATTEN semantics.
 
-Definition, per spatial axis of length L with kernel size K, dilation d
-(NATTEN requires K * d <= L):
+Definition, per spatial axis of length L with kernel size K, stride s and
+dilation d (NATTEN requires K * d <= L and 1 <= s <= K):
 
 * Dilation groups. Position i belongs to group g = i % d; the group is the
   sub-sequence g, g + d, g + 2d, ... of length n_g = ceil((L - g) / d), and
   i has in-group index i' = i // d. Attention never leaves the group.
+* Stride (Generalized Neighborhood Attention). In-group queries are grouped
+  in blocks of s; every query of a block uses the window of the block's
+  leader: its centre query min(b*s + s // 2, n_g - 1) (right of centre for
+  even s), or its last query min(b*s + s - 1, n_g - 1) when causal. s = 1 is
+  plain neighborhood attention, s = K blocked (Swin-style) window attention.
 * Non-causal window. Query i' sees the K consecutive in-group keys starting
-  at clamp(i' - K // 2, 0, n_g - K): centred where possible and shifted inward
-  at the borders, so every query sees exactly K keys per axis (K**ndim total).
-  For even K the window has K // 2 keys before the query and K // 2 - 1 after.
+  at clamp(leader - K // 2, 0, n_g - K): centred where possible and shifted
+  inward at the borders, so every query sees exactly K keys per axis (K**ndim
+  total). For even K the window has K // 2 keys before the centre and
+  K // 2 - 1 after.
 * Causal window (per axis). Query i' sees in-group keys
-  max(i' - K + 1, 0) .. i': no shift, so early queries see fewer keys.
+  max(leader - K + 1, 0) .. i': never a key ahead of the query, so early
+  queries see fewer keys.
 * Multi-dim. The neighbourhood is the Cartesian product of the per-axis
-  windows.
+  windows. The rule itself is written once, in `pallas_kernels._rules`
+  (`na_window`), and used by this module, the kernels and the tests' oracle
+  mask.
 * Relative position bias `rpb` [heads, 2K_1 - 1, ..., 2K_n - 1]: the logit of
-  query i and key j gets rpb[h, (j'_1 - i'_1) + K_1 - 1, ...] (in-group offsets;
-  NATTEN's table layout, so NAT/DiNAT weights load directly).
+  query i and key j gets rpb[h, (j'_1 - i'_1) + K_1 - 1, ...] (in-group
+  offsets; NATTEN's table layout, so NAT/DiNAT weights load directly). Kept
+  here although NATTEN >= 0.20 dropped it; every stride <= K keeps the
+  offsets inside the table.
+* Additional keys/values [B, M, K, H] / [B, M, K, Hv] (NATTEN's
+  `additional_keys/values`): every query also attends to these M tokens (no
+  bias); the two attentions are merged exactly through their log-sum-exps.
+* `return_lse`: also returns the log-sum-exp of the (scaled, biased) logits
+  over everything the query attended to, float32 [B, *spatial, N] (NATTEN's
+  layout), differentiable.
 
-Implementation ('xla'): queries are cut, within each dilation group, into
+Backends (`implementation=`, see attnjax._dispatch): 'xla' (the tiled XLA
+computation below; config `NeighborhoodXLA(tile_size=...)`) and 'pallas' (the
+fused kernel `pallas_kernels.neighborhood_attention`, 1-3D, no `rpb`; config
+`NeighborhoodPallas(tile_size=..., interpret=..., heads_major=...)`). None /
+'auto' runs 'xla' (the kernel's speed against it has not been measured on an
+accelerator yet, so it is not picked automatically).
+
+The 'xla' computation: queries are cut, within each dilation group, into
 tiles of `tile_size` positions per axis; the union of their windows is a
-contiguous run of at most tile + K - 1 keys per axis, gathered once per tile.
-Attention is computed per tile over that run with a static mask, so memory
-and FLOPs grow linearly in the number of pixels (never the S x S matrix).
-`neighborhood_attention_reference` builds the dense [S, S] mask from the
-definition and runs plain masked attention; it is the test oracle.
+contiguous run of keys per axis (at most tile + K + s - 2), gathered once per
+tile. Attention is computed per tile over that run with a static mask, so
+memory and FLOPs grow linearly in the number of pixels (never the S x S
+matrix). `neighborhood_attention_reference` builds the dense [S, S] mask from
+the definition and runs plain masked attention; it is the test oracle.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import ClassVar, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnjax._checks import check_implementation, pallas_refuses
-from attnjax.spatial._common import (check_channels_last, layer_scale,
-    check_spatial_qkv, default_scale,
-                                     dense_attention_reference,
-                                     flatten_spatial, masked_softmax,
-                                     repeat_kv, to_bool_tuple, to_tuple)
+from attnjax._dispatch import BackendConfig, Op
+from attnjax._numerics import NEG
+from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
+                                     default_scale, flatten_spatial,
+                                     heads_and_scale, repeat_kv,
+                                     to_bool_tuple, to_tuple)
+from pallas_kernels._rules import na_window
 
 __all__ = [
     "neighborhood_attention", "neighborhood_attention_reference",
     "neighborhood_mask", "neighborhood_window_start", "NeighborhoodAttention",
+    "NeighborhoodXLA", "NeighborhoodPallas", "NeighborhoodParams",
 ]
 
 
+# ----------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class NeighborhoodParams:
+  """Validated per-axis window arguments of one call (hashable, static)."""
+  spatial: Tuple[int, ...]
+  kernel_size: Tuple[int, ...]
+  stride: Tuple[int, ...]
+  dilation: Tuple[int, ...]
+  is_causal: Tuple[bool, ...]
+
+  @property
+  def ndim(self) -> int:
+    return len(self.spatial)
+
+  def axes(self):
+    """Per axis (length, kernel_size, stride, dilation, is_causal)."""
+    return zip(self.spatial, self.kernel_size, self.stride, self.dilation,
+               self.is_causal)
+
+  @classmethod
+  def make(cls, spatial, kernel_size, stride=1, dilation=1, is_causal=False
+           ) -> "NeighborhoodParams":
+    """Validates (ValueError naming the argument, axis and sizes)."""
+    spatial = tuple(int(s) for s in spatial)
+    nd = len(spatial)
+    ks = to_tuple("kernel_size", kernel_size, nd, minimum=1)
+    st = to_tuple("stride", stride, nd, minimum=1)
+    dl = to_tuple("dilation", dilation, nd, minimum=1)
+    ca = to_bool_tuple("is_causal", is_causal, nd)
+    for a, (l, k, s, d) in enumerate(zip(spatial, ks, st, dl)):
+      if k * d > l:
+        raise ValueError(
+            f"kernel_size * dilation must be <= the input size on every "
+            f"spatial axis; axis {a}: kernel_size={k}, dilation={d}, size={l} "
+            f"(spatial shape {spatial}).")
+      if s > k:
+        raise ValueError(
+            f"`stride` must be <= `kernel_size` on every spatial axis; axis "
+            f"{a}: stride={s}, kernel_size={k}.")
+    return cls(spatial, ks, st, dl, ca)
+
+
 def neighborhood_window_start(length: int, kernel_size: int, dilation: int = 1,
-                              is_causal: bool = False):
+                              is_causal: bool = False, stride: int = 1):
   """numpy int [length]: first key (absolute index) each query attends to.
 
   Keys are start, start + d, ..., K of them (non-causal) or up to the query
   itself (causal).
   """
   (length,) = to_tuple("length", length, 1)
-  (kernel_size,) = to_tuple("kernel_size", kernel_size, 1)
-  (dilation,) = to_tuple("dilation", dilation, 1)
-  if kernel_size * dilation > length:
-    raise ValueError(
-        f"kernel_size * dilation must be <= `length`: kernel_size="
-        f"{kernel_size}, dilation={dilation}, length={length}.")
+  p = NeighborhoodParams.make((length,), kernel_size, stride, dilation,
+                              is_causal)
+  (k,), (s,), (d,), (c,) = p.kernel_size, p.stride, p.dilation, p.is_causal
   i = np.arange(length)
-  g, ip = i % dilation, i // dilation
-  n_g = (length - g + dilation - 1) // dilation
-  if is_causal:
-    sp = np.maximum(ip - kernel_size + 1, 0)
-  else:
-    sp = np.clip(ip - kernel_size // 2, 0, n_g - kernel_size)
-  return g + dilation * sp
+  g, ip = i % d, i // d
+  first, _ = na_window(ip, (length - g + d - 1) // d, k, s, c)
+  return g + d * first
 
 
-def _axis_mask(length, kernel_size, dilation, is_causal):
-  """numpy bool [L, L] and int rel-offset index [L, L] for one axis."""
-  start = neighborhood_window_start(length, kernel_size, dilation, is_causal)
-  i = np.arange(length)[:, None]
-  j = np.arange(length)[None, :]
-  same_group = (j % dilation) == (i % dilation)
-  jp, ip, sp = j // dilation, i // dilation, start[:, None] // dilation
-  if is_causal:
-    inside = (jp >= sp) & (jp <= ip)
-  else:
-    inside = (jp >= sp) & (jp < sp + kernel_size)
+def _axis_mask(length, kernel_size, stride, dilation, is_causal):
+  """numpy bool [L, L] and int in-group offset index [L, L] for one axis."""
+  d = dilation
+  i = np.arange(length)
+  first, last = na_window(i // d, (length - i % d + d - 1) // d, kernel_size,
+                          stride, is_causal)
+  jp, ip = i[None, :] // d, i[:, None] // d
+  same_group = (i[None, :] % d) == (i[:, None] % d)
+  inside = (jp >= first[:, None]) & (jp <= last[:, None])
   rel = np.clip(jp - ip + kernel_size - 1, 0, 2 * kernel_size - 2)
   return same_group & inside, rel
 
 
-def _normalize_args(spatial_shape, kernel_size, dilation, is_causal):
-  nd = len(spatial_shape)
-  ks = to_tuple("kernel_size", kernel_size, nd, minimum=1)
-  dl = to_tuple("dilation", dilation, nd, minimum=1)
-  ca = to_bool_tuple("is_causal", is_causal, nd)
-  for a, (l, k, d) in enumerate(zip(spatial_shape, ks, dl)):
-    if k * d > l:
-      raise ValueError(
-          f"kernel_size * dilation must be <= the input size on every spatial "
-          f"axis; axis {a}: kernel_size={k}, dilation={d}, size={l} (spatial "
-          f"shape {tuple(spatial_shape)}).")
-  return ks, dl, ca
-
-
 def neighborhood_mask(spatial_shape: Sequence[int], kernel_size, dilation=1,
-                      is_causal=False) -> np.ndarray:
+                      is_causal=False, stride=1) -> np.ndarray:
   """Dense numpy bool [S, S] (S = prod(spatial_shape), row-major) mask.
 
   True where query (row) attends key (column) under NATTEN semantics.
   """
-  spatial_shape = tuple(int(s) for s in spatial_shape)
-  ks, dl, ca = _normalize_args(spatial_shape, kernel_size, dilation, is_causal)
+  p = NeighborhoodParams.make(spatial_shape, kernel_size, stride, dilation,
+                              is_causal)
   m = np.ones((1, 1), bool)
-  for l, k, d, c in zip(spatial_shape, ks, dl, ca):
-    ma, _ = _axis_mask(l, k, d, c)
+  for l, k, s, d, c in p.axes():
+    ma, _ = _axis_mask(l, k, s, d, c)
     m = (m[:, None, :, None] & ma[None, :, None, :]).reshape(
         m.shape[0] * l, m.shape[1] * l)
   return m
@@ -127,245 +176,459 @@ def _check_rpb(rpb, num_heads, ks):
         f"{tuple(rpb.shape)}.")
 
 
+def _check_additional(query, key, additional_keys, additional_values):
+  """Validates the extra tokens: [B, M, K, H] / [B, M, K, Hv]."""
+  if (additional_keys is None) != (additional_values is None):
+    raise ValueError(
+        "`additional_keys` and `additional_values` must be given together, "
+        f"got additional_keys={type(additional_keys).__name__}, "
+        f"additional_values={type(additional_values).__name__}.")
+  if additional_keys is None:
+    return
+  ak, av = additional_keys, additional_values
+  b, kh, h = query.shape[0], key.shape[-2], query.shape[-1]
+  shapes = (f"query={tuple(query.shape)}, key={tuple(key.shape)}, "
+            f"additional_keys={tuple(ak.shape)}, "
+            f"additional_values={tuple(av.shape)}")
+  if (ak.ndim != 4 or av.ndim != 4 or ak.shape[0] != b or av.shape[0] != b
+      or ak.shape[1] != av.shape[1] or ak.shape[2] != kh or av.shape[2] != kh
+      or ak.shape[3] != h):
+    raise ValueError(
+        "`additional_keys`/`additional_values` must be [batch, tokens, "
+        "kv_heads, head_dim] / [batch, tokens, kv_heads, v_head_dim] with the "
+        f"batch, kv heads and head_dim of `key`, got {shapes}.")
+  for nm, x in (("additional_keys", ak), ("additional_values", av)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"`{nm}` must be floating point, got dtype {x.dtype}.")
+
+
+# ----------------------------------------------------------------------------
+# Reference (test oracle): dense [S, S + M] attention from the definition
+# ----------------------------------------------------------------------------
+
+def _dense_rpb_bias(rpb, p: NeighborhoodParams):
+  """bias[h, S, S] from the table (in-group offsets per axis)."""
+  nd, spatial = p.ndim, p.spatial
+  idx = []
+  for a, (l, k, s, d, c) in enumerate(p.axes()):
+    r = _axis_mask(l, k, s, d, c)[1]
+    shape = [1] * (2 * nd)
+    shape[a], shape[nd + a] = r.shape
+    idx.append(np.broadcast_to(r.reshape(shape), spatial + spatial))
+  n, size = rpb.shape[0], int(np.prod(spatial))
+  bias = rpb.astype(jnp.float32)[(slice(None),) + tuple(idx)]
+  return bias.reshape(n, size, size)
+
+
 def neighborhood_attention_reference(query, key, value, kernel_size, *,
-                                     dilation=1, is_causal=False, scale=None,
-                                     rpb=None):
-  """Dense masked attention with the definition's [S, S] mask (test oracle)."""
+                                     stride=1, dilation=1, is_causal=False,
+                                     scale=None, rpb=None,
+                                     additional_keys=None,
+                                     additional_values=None,
+                                     return_lse: bool = False):
+  """Dense masked attention with the definition's [S, S] mask (test oracle).
+
+  Additional tokens are extra key columns (always visible, no bias), so this
+  does not use the log-sum-exp merge of `neighborhood_attention`.
+  """
   nd, n, _ = check_spatial_qkv(query, key, value)
-  spatial = tuple(query.shape[1:1 + nd])
-  ks, dl, ca = _normalize_args(spatial, kernel_size, dilation, is_causal)
-  mask = jnp.asarray(neighborhood_mask(spatial, ks, dl, ca))
-  bias = None
+  p = NeighborhoodParams.make(query.shape[1:1 + nd], kernel_size, stride,
+                              dilation, is_causal)
+  _check_additional(query, key, additional_keys, additional_values)
+  scale = default_scale(scale, query.shape[-1])
+  b, size = query.shape[0], int(np.prod(p.spatial))
+  q = flatten_spatial(query).astype(jnp.float32)
+  k = repeat_kv(flatten_spatial(key), n).astype(jnp.float32)
+  v = repeat_kv(flatten_spatial(value), n).astype(jnp.float32)
+  mask = jnp.asarray(neighborhood_mask(p.spatial, p.kernel_size, p.dilation,
+                                       p.is_causal, p.stride))
+  bias = jnp.zeros((n, size, size), jnp.float32)
   if rpb is not None:
-    _check_rpb(rpb, n, ks)
-    rels = [_axis_mask(l, k, d, c)[1] for l, k, d, c in zip(spatial, ks, dl, ca)]
-    # bias[h, q_1..q_n, k_1..k_n] = rpb[h, rel_1[q_1, k_1], ..., rel_n[q_n, k_n]]
-    idx = []
-    for a, r in enumerate(rels):
-      shape = [1] * (2 * nd)
-      shape[a], shape[nd + a] = r.shape
-      idx.append(np.broadcast_to(r.reshape(shape), spatial + spatial))
-    s = int(np.prod(spatial))
-    bias = rpb.astype(jnp.float32)[(slice(None),) + tuple(idx)]
-    bias = bias.reshape(n, s, s)[None]
-  out = dense_attention_reference(
-      flatten_spatial(query), flatten_spatial(key), flatten_spatial(value),
-      mask[None, None], bias, scale=default_scale(scale, query.shape[-1]))
-  return out.reshape(query.shape[:-1] + value.shape[-1:])
+    _check_rpb(rpb, n, p.kernel_size)
+    bias = _dense_rpb_bias(rpb, p)
+  if additional_keys is not None:
+    m = additional_keys.shape[1]
+    k = jnp.concatenate(
+        [k, repeat_kv(additional_keys, n).astype(jnp.float32)], axis=1)
+    v = jnp.concatenate(
+        [v, repeat_kv(additional_values, n).astype(jnp.float32)], axis=1)
+    mask = jnp.concatenate([mask, jnp.ones((size, m), bool)], axis=1)
+    bias = jnp.concatenate([bias, jnp.zeros((n, size, m), jnp.float32)], -1)
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k) * scale + bias[None]
+  logits = jnp.where(mask, logits, NEG)
+  lse = jax.nn.logsumexp(logits, axis=-1, where=mask)
+  probs = jnp.where(mask, jnp.exp(logits - lse[..., None]), 0.0)
+  out = jnp.einsum("bnts,bsnh->btnh", probs, v).astype(query.dtype)
+  out = out.reshape(query.shape[:-1] + value.shape[-1:])
+  if not return_lse:
+    return out
+  return out, jnp.moveaxis(lse, 1, -1).reshape(b, *p.spatial, n)
+
+
+# ----------------------------------------------------------------------------
+# Backend 'xla': tiled computation
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AxisPlan:
+  """Static tiling of one axis (positions are in-group indices).
+
+  group_len: padded in-group length ceil(L / d); num_tiles x tile query
+  positions per group; `run` keys gathered per tile, starting at
+  key_index[g, t, 0]; mask/rel [d, num_tiles, tile, run]: the window mask and
+  the rpb offset index of every (query, gathered key) pair.
+  """
+  group_len: int
+  num_tiles: int
+  tile: int
+  run: int
+  key_index: np.ndarray
+  mask: np.ndarray
+  rel: np.ndarray
 
 
 @functools.lru_cache(maxsize=256)
-def _axis_plan(length, kernel_size, dilation, is_causal, tile):
-  """Static tiling of one axis.
-
-  Returns (lg, ntiles, tile, kt, kidx [d, nT, kt], mask [d, nT, tile, kt],
-  rel [d, nT, tile, kt]); positions are in-group indices.
-  """
+def _axis_plan(length, kernel_size, stride, dilation, is_causal, tile
+               ) -> AxisPlan:
   d, k = dilation, kernel_size
   lg = -(-length // d)
   tile = max(1, min(tile, lg))
   nt = -(-lg // tile)
-  kt = min(tile + k - 1, lg)
-  kidx = np.zeros((d, nt, kt), np.int32)
-  mask = np.zeros((d, nt, tile, kt), bool)
-  rel = np.zeros((d, nt, tile, kt), np.int32)
+  windows = []        # (g, t, queries, valid, first, last)
+  run = 1
   for g in range(d):
     n_g = -(-(length - g) // d)
     for t in range(nt):
       q = np.arange(t * tile, t * tile + tile)
       valid = q < n_g
       qc = np.minimum(q, n_g - 1)
-      if is_causal:
-        st = np.maximum(qc - k + 1, 0)
-        en = qc + 1
-      else:
-        st = np.clip(qc - k // 2, 0, n_g - k)
-        en = st + k
-      ks = min(int(st[0]), lg - kt)
-      cols = ks + np.arange(kt)
-      kidx[g, t] = cols
-      mask[g, t] = (valid[:, None] & (cols[None, :] >= st[:, None]) &
-                    (cols[None, :] < en[:, None]))
-      rel[g, t] = np.clip(cols[None, :] - qc[:, None] + k - 1, 0, 2 * k - 2)
-  return lg, nt, tile, kt, kidx, mask, rel
+      first, last = na_window(qc, n_g, k, stride, is_causal)
+      windows.append((g, t, qc, valid, first, last))
+      run = max(run, int(last.max()) - int(first.min()) + 1)
+  run = min(run, lg)
+  kidx = np.zeros((d, nt, run), np.int32)
+  mask = np.zeros((d, nt, tile, run), bool)
+  rel = np.zeros((d, nt, tile, run), np.int32)
+  for g, t, qc, valid, first, last in windows:
+    cols = min(int(first.min()), lg - run) + np.arange(run)
+    kidx[g, t] = cols
+    mask[g, t] = (valid[:, None] & (cols[None, :] >= first[:, None]) &
+                  (cols[None, :] <= last[:, None]))
+    rel[g, t] = np.clip(cols[None, :] - qc[:, None] + k - 1, 0, 2 * k - 2)
+  return AxisPlan(lg, nt, tile, run, kidx, mask, rel)
 
 
-def _axis_layout(arr, a, nd, lead):
-  """Places per-axis array dims [d, nT, (T), (kt)] into the joint layout.
-
-  Joint layout: [d_1..d_n, nT_1..nT_n, T_1..T_n, kt_1..kt_n] (`lead` = 2 for
-  kidx-free arrays of rank 4; the trailing groups only where present).
-  """
-  groups = arr.ndim
-  shape = [1] * (groups * nd)
-  for gi in range(groups):
+def _axis_layout(arr, a, nd):
+  """Places per-axis array dims [d, nT, (T), (run)] into the joint layout
+  [d_1..d_n, nT_1..nT_n, T_1..T_n, run_1..run_n] (size 1 on other axes)."""
+  shape = [1] * (arr.ndim * nd)
+  for gi in range(arr.ndim):
     shape[gi * nd + a] = arr.shape[gi]
-  del lead
   return arr.reshape(shape)
 
 
-def neighborhood_attention(query, key, value, kernel_size, *, dilation=1,
-                           is_causal=False, scale: Optional[float] = None,
-                           rpb=None, tile_size=None,
-                           implementation: Optional[str] = None):
+def _tile_queries(query, plans, dl):
+  """[B, *spatial, N, H] -> [B, d.., nT.., N, T.., H] (zero-padded)."""
+  nd, b = len(plans), query.shape[0]
+  spatial = query.shape[1:1 + nd]
+  pads = [(0, 0)] + [(0, p.num_tiles * p.tile * d - l)
+                     for p, d, l in zip(plans, dl, spatial)] + [(0, 0)] * 2
+  q = jnp.pad(query, pads)
+  shape = [b]
+  for p, d in zip(plans, dl):
+    shape += [p.num_tiles, p.tile, d]
+  q = q.reshape(*shape, *query.shape[-2:])
+  perm = ([0] + [3 + 3 * a for a in range(nd)] + [1 + 3 * a for a in range(nd)]
+          + [1 + 3 * nd] + [2 + 3 * a for a in range(nd)] + [2 + 3 * nd])
+  return q.transpose(perm)
+
+
+def _gather_key_runs(x, plans, dl):
+  """[B, *spatial, N, C] -> [B, d.., nT.., N, run.., C]: each query tile's
+  key run, gathered axis by axis."""
+  nd, b = len(plans), x.shape[0]
+  spatial = x.shape[1:1 + nd]
+  pads = [(0, 0)] + [(0, p.group_len * d - l)
+                     for p, d, l in zip(plans, dl, spatial)] + [(0, 0)] * 2
+  x = jnp.pad(x, pads)
+  shape = [b]
+  for p, d in zip(plans, dl):
+    shape += [p.group_len, d]
+  x = x.reshape(*shape, *x.shape[-2:])
+  # x: [B, (lg, d)*nd, N, C]; processed axes become (d, nT, run) triples.
+  for a, (p, d) in enumerate(zip(plans, dl)):
+    grp = np.arange(d, dtype=np.int32)[:, None, None]
+    x = x[(slice(None),) * (1 + 3 * a) + (p.key_index, grp)]
+  perm = ([0] + [1 + 3 * a for a in range(nd)] + [2 + 3 * a for a in range(nd)]
+          + [1 + 3 * nd] + [3 + 3 * a for a in range(nd)] + [2 + 3 * nd])
+  return x.transpose(perm)
+
+
+def _joint(plans, dl):
+  """Full joint-layout shape and (tile size, run size) in elements."""
+  full = tuple(dl) + tuple(p.num_tiles for p in plans) + tuple(
+      p.tile for p in plans) + tuple(p.run for p in plans)
+  return (full, int(np.prod([p.tile for p in plans])),
+          int(np.prod([p.run for p in plans])))
+
+
+def _joint_mask(plans, dl):
+  """numpy bool [G, 1, tq, tk] (G = groups x tiles) in the joint layout."""
+  nd = len(plans)
+  full, tq, tk = _joint(plans, dl)
+  mask = None
+  for a, p in enumerate(plans):
+    ma = _axis_layout(p.mask, a, nd)
+    mask = ma if mask is None else (mask & ma)
+  return np.broadcast_to(mask, full).reshape(-1, 1, tq, tk)
+
+
+def _joint_bias(rpb, plans, dl):
+  """float32 [G, N, tq, tk] rpb bias in the joint layout."""
+  nd = len(plans)
+  full, tq, tk = _joint(plans, dl)
+  idx = tuple(np.broadcast_to(_axis_layout(p.rel, a, nd), full)
+              for a, p in enumerate(plans))
+  bias = rpb.astype(jnp.float32)[(slice(None),) + idx]  # [N, *full]
+  return bias.reshape(rpb.shape[0], -1, tq, tk).transpose(1, 0, 2, 3)
+
+
+def _untile(x, plans, dl, spatial):
+  """[B, d.., nT.., N, T.., C] -> [B, *spatial, N, C] (crops the padding)."""
+  nd, b = len(plans), x.shape[0]
+  n, c = x.shape[1 + 2 * nd], x.shape[-1]
+  perm = [0]
+  for a in range(nd):
+    perm += [1 + nd + a, 2 + 2 * nd + a, 1 + a]
+  perm += [1 + 2 * nd, 2 + 3 * nd]
+  x = x.transpose(perm)
+  x = x.reshape(b, *[p.num_tiles * p.tile * d for p, d in zip(plans, dl)],
+                n, c)
+  return x[(slice(None),) + tuple(slice(0, l) for l in spatial)]
+
+
+def _tiled_softmax_attention(q, k, v, mask, bias, scale):
+  """Per-tile masked attention: q [B, G, N, tq, H], k/v [B, G, N, tk, *],
+  mask [G, 1, tq, tk] -> (out float32 [B, G, N, tq, Hv], lse [B, G, N, tq]).
+
+  Rows with nothing to attend (tile padding) give zeros and lse = NEG."""
+  logits = jnp.einsum("bgnqh,bgnkh->bgnqk", q, k,
+                      preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias[None]
+  ok = jnp.asarray(mask)[None]
+  logits = jnp.where(ok, logits, NEG)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(m > 0.5 * NEG, m, 0.0))
+  e = jnp.where(ok, jnp.exp(logits - m), 0.0)
+  s = jnp.sum(e, axis=-1, keepdims=True)
+  has = s > 0
+  s_safe = jnp.where(has, s, 1.0)
+  probs = e / s_safe
+  out = jnp.einsum("bgnqk,bgnkh->bgnqh", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  lse = jnp.where(has, m + jnp.log(s_safe), NEG)[..., 0]
+  return out, lse
+
+
+def _xla_tiles(config, nd, ks):
+  if config is None or config.tile_size is None:
+    return tuple(max(k, 4) for k in ks)
+  return to_tuple("tile_size", config.tile_size, nd)
+
+
+def _xla_backend(config, query, key, value, params, scale, rpb):
+  """(out [B, *spatial, N, Hv] query.dtype, lse float32 [B, *spatial, N])."""
+  p, n = params, query.shape[-2]
+  nd, dl = p.ndim, p.dilation
+  tiles = _xla_tiles(config, nd, p.kernel_size)
+  plans = [_axis_plan(l, k, s, d, c, t)
+           for (l, k, s, d, c), t in zip(p.axes(), tiles)]
+  key, value = repeat_kv(key, n), repeat_kv(value, n)
+  b, h, hv = query.shape[0], query.shape[-1], value.shape[-1]
+  q = _tile_queries(query, plans, dl)
+  k = _gather_key_runs(key, plans, dl)
+  v = _gather_key_runs(value, plans, dl)
+  lead = k.shape[:1 + 2 * nd]
+  _, tq, tk = _joint(plans, dl)
+  bias = None if rpb is None else _joint_bias(rpb, plans, dl)
+  out, lse = _tiled_softmax_attention(
+      q.reshape(b, -1, n, tq, h), k.reshape(b, -1, n, tk, h),
+      v.reshape(b, -1, n, tk, hv), _joint_mask(plans, dl), bias, scale)
+  tshape = [pl.tile for pl in plans]
+  out = _untile(out.astype(query.dtype).reshape(*lead, n, *tshape, hv),
+                plans, dl, p.spatial)
+  lse = _untile(lse.reshape(*lead, n, *tshape, 1), plans, dl, p.spatial)
+  return out, lse[..., 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class NeighborhoodXLA(BackendConfig):
+  """'xla' backend tuning: query tile per axis (int or tuple; None: max(K, 4)
+  per axis). Results do not depend on it."""
+  backend: ClassVar[str] = "xla"
+  tile_size: Optional[object] = None
+
+
+# ----------------------------------------------------------------------------
+# Backend 'pallas': the fused kernel (pallas_kernels/neighborhood.py)
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class NeighborhoodPallas(BackendConfig):
+  """'pallas' backend tuning: `tile_size` pixels per axis of one kernel tile
+  (None: the kernel's per-platform default), `interpret` (None: True on
+  CPU), `heads_major` (None: the kernel's per-platform layout)."""
+  backend: ClassVar[str] = "pallas"
+  tile_size: Optional[object] = None
+  interpret: Optional[bool] = None
+  heads_major: Optional[bool] = None
+
+
+def _pallas_backend(config, query, key, value, params, scale, rpb):
+  if rpb is not None:
+    raise NotImplementedError(
+        "neighborhood_attention(implementation='pallas') takes no relative "
+        "position bias `rpb` (use 'xla')")
+  from pallas_kernels import neighborhood as pallas_na
+  config = config or NeighborhoodPallas()
+  p = params
+  return pallas_na.neighborhood_attention(
+      query, key, value, p.kernel_size, stride=p.stride, dilation=p.dilation,
+      is_causal=p.is_causal, scale=scale, tile_size=config.tile_size,
+      interpret=config.interpret, heads_major=config.heads_major,
+      return_lse=True)
+
+
+# Auto order: 'xla' (serves every call). The fused kernel is not chosen
+# automatically: it is interpreted on CPU, and its speed against 'xla' has
+# not been measured on an accelerator here; pass implementation='pallas'.
+NEIGHBORHOOD_OP = Op("neighborhood_attention")
+NEIGHBORHOOD_OP.register("xla", _xla_backend, config_type=NeighborhoodXLA)
+NEIGHBORHOOD_OP.register("pallas", _pallas_backend,
+                         config_type=NeighborhoodPallas)
+
+
+# ----------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------
+
+def _dense_attention_lse(query, key, value, scale):
+  """Plain attention of [B, *spatial, N, H] queries over [B, M, K, H] tokens:
+  (out float32 [B, *spatial, N, Hv], lse float32 [B, *spatial, N]); M = 0
+  gives zeros and lse = NEG."""
+  n = query.shape[-2]
+  k = repeat_kv(key, n)
+  v = repeat_kv(value, n)
+  logits = jnp.einsum("b...nh,bmnh->b...nm", query, k,
+                      preferred_element_type=jnp.float32) * scale
+  if key.shape[1] == 0:
+    lse = jnp.full(logits.shape[:-1], NEG, jnp.float32)
+    return jnp.zeros(query.shape[:-1] + value.shape[-1:], jnp.float32), lse
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  probs = jnp.exp(logits - lse[..., None])
+  out = jnp.einsum("b...nm,bmnh->b...nh", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out, lse
+
+
+def _merge_two(out_a, lse_a, out_b, lse_b):
+  """Exact softmax merge of two attentions over disjoint key sets."""
+  m = jax.lax.stop_gradient(jnp.maximum(lse_a, lse_b))
+  wa, wb = jnp.exp(lse_a - m), jnp.exp(lse_b - m)
+  tot = wa + wb
+  out = (wa[..., None] * out_a.astype(jnp.float32)
+         + wb[..., None] * out_b.astype(jnp.float32)) / tot[..., None]
+  return out, m + jnp.log(tot)
+
+
+def neighborhood_attention(query, key, value, kernel_size, *, stride=1,
+                           dilation=1, is_causal=False,
+                           scale: Optional[float] = None, rpb=None,
+                           additional_keys=None, additional_values=None,
+                           return_lse: bool = False, implementation=None):
   """Neighborhood attention with NATTEN semantics (see module docstring).
 
   Args:
     query: [B, *spatial, N, H] with 1, 2 or 3 spatial dims.
     key, value: [B, *spatial, K, H] / [B, *spatial, K, Hv]; N % K == 0 (GQA).
     kernel_size: int or per-axis tuple; kernel_size * dilation <= size.
+    stride: int or per-axis tuple, 1 <= stride <= kernel_size (GNA).
     dilation: int or per-axis tuple.
     is_causal: bool or per-axis tuple.
     scale: logit scale, default 1/sqrt(H).
     rpb: optional relative position bias [N, 2K_1 - 1, ...] (NATTEN layout).
-    tile_size: query tile per axis for the blocked computation (int or tuple;
-      default max(kernel_size, 4); with 'pallas', the kernel's tile in
-      pixels per axis, default 8 x 16). Results do not depend on it.
-    implementation: None / 'xla' (the tiled XLA computation below) or
-      'pallas' (the fused kernel `pallas_kernels.neighborhood_attention`,
-      which visits only the key tiles a query tile can reach; 1D and 2D,
-      no `rpb`; interpret mode on CPU).
+    additional_keys, additional_values: optional [B, M, K, H] / [B, M, K, Hv]
+      tokens every query also attends to (merged through the log-sum-exp).
+    return_lse: also return the log-sum-exp, float32 [B, *spatial, N].
+    implementation: None / 'auto', 'xla', 'pallas', a `NeighborhoodXLA` /
+      `NeighborhoodPallas` config, or a sequence of these (attnjax._dispatch).
 
   Returns:
-    [B, *spatial, N, Hv] in query.dtype.
+    [B, *spatial, N, Hv] in query.dtype (and the lse when `return_lse`).
   """
   nd, n, _ = check_spatial_qkv(query, key, value)
-  spatial = tuple(query.shape[1:1 + nd])
-  ks, dl, ca = _normalize_args(spatial, kernel_size, dilation, is_causal)
-  if check_implementation(implementation,
-                          "neighborhood_attention") == "pallas":
-    if rpb is not None:
-      raise pallas_refuses("neighborhood_attention",
-                           "takes no relative position bias `rpb`")
-    if nd > 2:
-      raise pallas_refuses("neighborhood_attention",
-                           f"covers 1D and 2D, got {nd} spatial dims")
-    from pallas_kernels import neighborhood as pallas_na
-    tiles = None if tile_size is None else to_tuple("tile_size", tile_size, nd)
-    return pallas_na.neighborhood_attention(
-        query, key, value, ks, dilation=dl, is_causal=ca, scale=scale,
-        tile_size=tiles if nd == 2 or tiles is None else tiles[0])
-  if tile_size is None:
-    tiles = tuple(max(k, 4) for k in ks)
-  else:
-    tiles = to_tuple("tile_size", tile_size, nd)
+  params = NeighborhoodParams.make(query.shape[1:1 + nd], kernel_size, stride,
+                                   dilation, is_causal)
+  _check_additional(query, key, additional_keys, additional_values)
   if rpb is not None:
-    _check_rpb(rpb, n, ks)
+    _check_rpb(rpb, n, params.kernel_size)
   scale = default_scale(scale, query.shape[-1])
-  key, value = repeat_kv(key, n), repeat_kv(value, n)
-  b, h, hv = query.shape[0], query.shape[-1], value.shape[-1]
-  plans = [_axis_plan(l, k, d, c, t)
-           for l, k, d, c, t in zip(spatial, ks, dl, ca, tiles)]
+  out, lse = NEIGHBORHOOD_OP(implementation, query, key, value, params,
+                             scale, rpb)
+  if additional_keys is not None:
+    extra = _dense_attention_lse(query, additional_keys, additional_values,
+                                 scale)
+    out, lse = _merge_two(out, lse, *extra)
+    out = out.astype(query.dtype)
+  return (out, lse) if return_lse else out
 
-  # Queries: pad each axis to nT * T * d, split into [nT, T, d].
-  pads = [(0, 0)] + [(0, p[1] * p[2] * d - l)
-                     for p, d, l in zip(plans, dl, spatial)] + [(0, 0)] * 2
-  q = jnp.pad(query, pads)
-  shape = [b]
-  for p, d in zip(plans, dl):
-    shape += [p[1], p[2], d]
-  q = q.reshape(*shape, n, h)
-  # -> [B, d..., nT..., N, T..., H]
-  perm = ([0] + [3 + 3 * a for a in range(nd)] + [1 + 3 * a for a in range(nd)]
-          + [1 + 3 * nd] + [2 + 3 * a for a in range(nd)] + [2 + 3 * nd])
-  q = q.transpose(perm)
 
-  # Keys/values: pad each axis to lg * d, split [lg, d], gather the tile runs.
-  def gather(x):
-    pads = [(0, 0)] + [(0, p[0] * d - l)
-                       for p, d, l in zip(plans, dl, spatial)] + [(0, 0)] * 2
-    x = jnp.pad(x, pads)
-    shape = [b]
-    for p, d in zip(plans, dl):
-      shape += [p[0], d]
-    x = x.reshape(*shape, n, x.shape[-1])
-    # x: [B, (lg, d)*nd, N, C]; gather axis by axis (processed axes become
-    # (d, nT, kt) triples).
-    for a, (p, d) in enumerate(zip(plans, dl)):
-      kidx = p[4]
-      grp = np.arange(d, dtype=np.int32)[:, None, None]
-      x = x[(slice(None),) * (1 + 3 * a) + (kidx, grp)]
-    # x: [B, (d, nT, kt)*nd, N, C] -> [B, d..., nT..., N, kt..., C]
-    perm = ([0] + [1 + 3 * a for a in range(nd)] + [2 + 3 * a for a in range(nd)]
-            + [1 + 3 * nd] + [3 + 3 * a for a in range(nd)] + [2 + 3 * nd])
-    return x.transpose(perm)
-
-  k = gather(key)
-  v = gather(value)
-  lead = k.shape[:1 + 2 * nd]
-  tq = int(np.prod([p[2] for p in plans]))
-  tk = int(np.prod([p[3] for p in plans]))
-  qf = q.reshape(b, -1, n, tq, h)
-  kf = k.reshape(b, -1, n, tk, h)
-  vf = v.reshape(b, -1, n, tk, hv)
-  logits = jnp.einsum("bgnqh,bgnkh->bgnqk", qf, kf,
-                      preferred_element_type=jnp.float32) * scale
-
-  # Static mask in the joint layout [d.., nT.., T.., kt..] -> [G, 1, tq, tk].
-  mask = None
-  for a, p in enumerate(plans):
-    ma = _axis_layout(p[5], a, nd, 0)
-    mask = ma if mask is None else (mask & ma)
-  full = tuple(dl) + tuple(p[1] for p in plans) + tuple(
-      p[2] for p in plans) + tuple(p[3] for p in plans)
-  mask = np.broadcast_to(mask, full).reshape(-1, 1, tq, tk)
-
-  if rpb is not None:
-    idx = tuple(np.broadcast_to(_axis_layout(p[6], a, nd, 0), full)
-                for a, p in enumerate(plans))
-    bias = rpb.astype(jnp.float32)[(slice(None),) + idx]  # [N, *full]
-    bias = bias.reshape(n, -1, tq, tk).transpose(1, 0, 2, 3)
-    logits = logits + bias[None]
-  probs = masked_softmax(logits, jnp.asarray(mask)[None])
-  out = jnp.einsum("bgnqk,bgnkh->bgnqh", probs.astype(value.dtype), vf,
-                   preferred_element_type=jnp.float32).astype(query.dtype)
-
-  # [B, d.., nT.., N, T.., Hv] -> [B, (nT, T, d)..., N, Hv] -> crop.
-  out = out.reshape(*lead, n, *[p[2] for p in plans], hv)
-  perm = [0]
-  for a in range(nd):
-    perm += [1 + nd + a, 2 + 2 * nd + a, 1 + a]
-  perm += [1 + 2 * nd, 2 + 3 * nd]
-  out = out.transpose(perm)
-  out = out.reshape(b, *[p[1] * p[2] * d for p, d in zip(plans, dl)], n, hv)
-  return out[(slice(None),) + tuple(slice(0, l) for l in spatial)]
-
+# ----------------------------------------------------------------------------
+# Layer
+# ----------------------------------------------------------------------------
 
 class NeighborhoodAttention(nnx.Module):
-  """NAT / DiNAT neighborhood attention layer on channels-last feature maps.
+  """NAT / DiNAT / GNA neighborhood attention layer on channels-last maps.
 
   Parameters as NATTEN's NeighborhoodAttention{1,2,3}D: `qkv` Linear(dim,
   3 dim, bias=qkv_bias), `rpb` [num_heads, 2K-1 per axis] when `use_rpb`
   (zero-initialized here; NAT uses trunc_normal(0.02)), `proj`
   Linear(dim, dim). Input [B, *spatial, dim] with `len(kernel_size)` spatial
-  dims (an int kernel_size means 2D). `implementation='pallas'` runs the
-  fused kernel (1D/2D, needs use_rpb=False).
+  dims (an int kernel_size means 2D). `stride` as in
+  `neighborhood_attention`. `implementation` as there ('pallas' needs
+  use_rpb=False). `__call__(x, context=None)`: `context` [B, M, dim] tokens
+  are projected with the key/value part of `qkv` and attended to by every
+  query besides its neighbourhood (NATTEN's additional keys/values).
 
   Inputs smaller than kernel_size * dilation on an axis: NAT zero-pads the
   map (and attends to the padding); here the dilation is reduced to
-  max(1, size // kernel) and, if still too small, the kernel to the size (the
-  central part of the rpb table is used), which equals attention over all
-  valid positions of that axis.
+  max(1, size // kernel) and, if still too small, the kernel to the size
+  (the central part of the rpb table is used; stride is capped at the
+  kernel), which equals attention over all valid positions of that axis.
+  `window_for(spatial)` gives the window arguments a call uses.
   """
 
-  def __init__(self, dim: int, num_heads: int, kernel_size=7, *, dilation=1,
-               is_causal=False, qkv_bias: bool = True, use_rpb: bool = True,
-               qk_scale: Optional[float] = None, spatial_dims: Optional[int] = None,
-               implementation: Optional[str] = None,
+  def __init__(self, dim: int, num_heads: int, kernel_size=7, *, stride=1,
+               dilation=1, is_causal=False, qkv_bias: bool = True,
+               use_rpb: bool = True, qk_scale: Optional[float] = None,
+               spatial_dims: Optional[int] = None, implementation=None,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
+    self.head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
     if spatial_dims is None:
       spatial_dims = 2 if isinstance(kernel_size, int) else len(kernel_size)
     self.spatial_dims = spatial_dims
     self.implementation = implementation
     self.kernel_size = to_tuple("kernel_size", kernel_size, spatial_dims)
+    self.stride = to_tuple("stride", stride, spatial_dims)
     self.dilation = to_tuple("dilation", dilation, spatial_dims)
     self.is_causal = to_bool_tuple("is_causal", is_causal, spatial_dims)
+    for a, (k, s) in enumerate(zip(self.kernel_size, self.stride)):
+      if s > k:
+        raise ValueError(
+            f"`stride` must be <= `kernel_size` on every axis; axis {a}: "
+            f"stride={s}, kernel_size={k}.")
     self.num_heads = num_heads
-    self.head_dim = dim // num_heads
-    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype,
@@ -377,26 +640,43 @@ class NeighborhoodAttention(nnx.Module):
     else:
       self.rpb = None
 
-  def __call__(self, x):
-    nd = self.spatial_dims
-    check_channels_last(x, self.qkv.in_features, nd)
-    spatial = x.shape[1:1 + nd]
-    ks, dl = [], []
-    for l, k, d in zip(spatial, self.kernel_size, self.dilation):
+  def window_for(self, spatial) -> Tuple[tuple, tuple, tuple, tuple]:
+    """(kernel_size, stride, dilation, rpb index) used on a map of `spatial`
+    size (the small-input rule above; rpb index: the slices of the table)."""
+    ks, st, dl, sl = [], [], [], []
+    for l, k, s, d in zip(spatial, self.kernel_size, self.stride,
+                          self.dilation):
+      kf = k
       if k * d > l:
         d = max(1, l // k)
         k = min(k, l)
       ks.append(k)
+      st.append(min(s, k))
       dl.append(d)
+      sl.append(slice(kf - k, kf + k - 1))
+    return tuple(ks), tuple(st), tuple(dl), (slice(None),) + tuple(sl)
+
+  def __call__(self, x, context=None):
+    nd = self.spatial_dims
+    check_channels_last(x, self.qkv.in_features, nd)
+    ks, st, dl, rpb_index = self.window_for(x.shape[1:1 + nd])
     qkv = self.qkv(x).reshape(*x.shape[:-1], 3, self.num_heads, self.head_dim)
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    rpb = None
-    if self.rpb is not None:
-      rpb = self.rpb[...]
-      sl = tuple(slice(kf - ke, kf + ke - 1)
-                 for kf, ke in zip(self.kernel_size, ks))
-      rpb = rpb[(slice(None),) + sl]
-    out = neighborhood_attention(q, k, v, tuple(ks), dilation=tuple(dl),
+    rpb = None if self.rpb is None else self.rpb[...][rpb_index]
+    extra = {}
+    if context is not None:
+      dim = self.qkv.in_features
+      if (context.ndim != 3 or context.shape[0] != x.shape[0]
+          or context.shape[-1] != dim):
+        raise ValueError(
+            f"`context` must be [batch, tokens, dim={dim}] with the batch of "
+            f"`x` {tuple(x.shape)}, got {tuple(context.shape)}.")
+      ckv = self.qkv(context).reshape(*context.shape[:-1], 3, self.num_heads,
+                                      self.head_dim)
+      extra = dict(additional_keys=ckv[..., 1, :, :],
+                   additional_values=ckv[..., 2, :, :])
+    out = neighborhood_attention(q, k, v, ks, stride=st, dilation=dl,
                                  is_causal=self.is_causal, scale=self.scale,
-                                 rpb=rpb, implementation=self.implementation)
+                                 rpb=rpb, implementation=self.implementation,
+                                 **extra)
     return self.proj(out.reshape(x.shape))
