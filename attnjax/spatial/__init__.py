@@ -50,6 +50,10 @@ from attnjax.spatial.neighborhood import (NeighborhoodAttention,
                                           neighborhood_attention_reference,
                                           neighborhood_mask,
                                           neighborhood_window_start)
+from attnjax.spatial.spherical import (SphericalAttention,
+                                       sphere_grid, sphere_quadrature_weights,
+                                       spherical_attention,
+                                       spherical_attention_reference)
 from attnjax.spatial.strip import (CubicAttention, StripAttention,
                                    strip_attention, strip_attention_reference)
 from attnjax.spatial.transnext import (AggregatedAttention,
@@ -138,4 +142,7 @@ __all__ = [
     "EfficientLocalAttention", "efficient_local_attention",
     "efficient_local_attention_reference", "ULSAM", "ulsam",
     "ulsam_reference",
+    # attention on the sphere
+    "SphericalAttention", "sphere_grid", "sphere_quadrature_weights",
+    "spherical_attention", "spherical_attention_reference",
 ]

@@ -170,6 +170,7 @@ def _mechanisms(size):
       "triplet_k7": (_triplet, None),
       "ela_k7": (_ela, None),
       "ulsam_g4": (_ulsam, None),
+      "spherical_equiangular": (sp.spherical_attention, s),
       "gpsa": (lambda q, k, v: sp.gated_positional_attention(q, k, v, pw, pb, gate),
                s),
   }
