@@ -69,6 +69,18 @@ def _band_layout(s, block=128, band=3):
 def _mechanisms():
   proj = sq.orthogonal_random_features(jax.random.key(1), 2 * HEAD_DIM,
                                        HEAD_DIM)
+  width = HEADS * HEAD_DIM
+  st_in = sq.init_mab_params(jax.random.key(2), width)
+  st_out = sq.init_mab_params(jax.random.key(3), width)
+  inducing = jax.random.normal(jax.random.key(4), (16, width))
+  gat_a = jax.random.normal(jax.random.key(5), (HEADS, HEAD_DIM)) / 8
+
+  def band_edges(n, radius=8):
+    # every node receives from its 2 * radius + 1 nearest positions
+    i = np.repeat(np.arange(n), 2 * radius + 1)
+    j = np.clip(i + np.tile(np.arange(-radius, radius + 1), n), 0, n - 1)
+    return np.stack([j, i], axis=1).astype(np.int32)
+
   p = functools.partial
   # name -> (fn(q, k, v), causal)
   return {
@@ -118,6 +130,14 @@ def _mechanisms():
               jnp.full(v.shape[2:], 2.0, v.dtype), is_causal=True), True),
       "multipole_attention(w=64)": (
           p(sq.multipole_attention, window_size=64), False),
+      "isab(16 inducing,width 256)": (
+          lambda q, k, v: sq.isab(v.reshape(v.shape[:2] + (-1,)), inducing,
+                                  st_in, st_out, num_heads=HEADS), False),
+      "gat_attention(band graph,17 in-edges/node)": (
+          # the barrier keeps XLA from constant-folding edge gathers
+          lambda q, k, v: sq.gat_attention(
+              q[0], gat_a, gat_a, jax.lax.optimization_barrier(
+                  jnp.asarray(band_edges(q.shape[1])))), False),
       "efficient_attention": (p(sq.efficient_attention), False),
       "performer_attention(F=128)": (
           p(sq.performer_attention, projection=proj), False),
