@@ -64,6 +64,8 @@ from flax import nnx
 
 from attnjax._dispatch import BackendConfig, Op
 from attnjax._numerics import NEG
+from attnjax.softmax import dot_product_attention_with_lse
+from attnjax.softmax.merge import merge_attentions
 from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
                                      default_scale, flatten_spatial,
                                      heads_and_scale, repeat_kv,
@@ -513,33 +515,18 @@ NEIGHBORHOOD_OP.register("pallas", _pallas_backend,
 # Public function
 # ----------------------------------------------------------------------------
 
-def _dense_attention_lse(query, key, value, scale):
-  """Plain attention of [B, *spatial, N, H] queries over [B, M, K, H] tokens:
-  (out float32 [B, *spatial, N, Hv], lse float32 [B, *spatial, N]); M = 0
-  gives zeros and lse = NEG."""
-  n = query.shape[-2]
-  k = repeat_kv(key, n)
-  v = repeat_kv(value, n)
-  logits = jnp.einsum("b...nh,bmnh->b...nm", query, k,
-                      preferred_element_type=jnp.float32) * scale
-  if key.shape[1] == 0:
-    lse = jnp.full(logits.shape[:-1], NEG, jnp.float32)
-    return jnp.zeros(query.shape[:-1] + value.shape[-1:], jnp.float32), lse
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  probs = jnp.exp(logits - lse[..., None])
-  out = jnp.einsum("b...nm,bmnh->b...nh", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  return out, lse
-
-
-def _merge_two(out_a, lse_a, out_b, lse_b):
-  """Exact softmax merge of two attentions over disjoint key sets."""
-  m = jax.lax.stop_gradient(jnp.maximum(lse_a, lse_b))
-  wa, wb = jnp.exp(lse_a - m), jnp.exp(lse_b - m)
-  tot = wa + wb
-  out = (wa[..., None] * out_a.astype(jnp.float32)
-         + wb[..., None] * out_b.astype(jnp.float32)) / tot[..., None]
-  return out, m + jnp.log(tot)
+def _with_additional_tokens(out, lse, query, additional_keys,
+                            additional_values, scale):
+  """Merges the neighbourhood attention (out, lse) with plain attention of
+  the same queries over the extra tokens, through the log-sum-exps (the one
+  merge rule, `attnjax.softmax.merge_attentions`)."""
+  extra_out, extra_lse = dot_product_attention_with_lse(
+      flatten_spatial(query), additional_keys, additional_values,
+      scale=scale, lse_layout="BTN")
+  extra_out = extra_out.reshape(out.shape)
+  extra_lse = extra_lse.reshape(lse.shape)
+  return merge_attentions([out, extra_out], [lse, extra_lse],
+                          lse_layout="BTN")
 
 
 def neighborhood_attention(query, key, value, kernel_size, *, stride=1,
@@ -577,10 +564,8 @@ def neighborhood_attention(query, key, value, kernel_size, *, stride=1,
   out, lse = NEIGHBORHOOD_OP(implementation, query, key, value, params,
                              scale, rpb)
   if additional_keys is not None:
-    extra = _dense_attention_lse(query, additional_keys, additional_values,
-                                 scale)
-    out, lse = _merge_two(out, lse, *extra)
-    out = out.astype(query.dtype)
+    out, lse = _with_additional_tokens(out, lse, query, additional_keys,
+                                       additional_values, scale)
   return (out, lse) if return_lse else out
 
 
