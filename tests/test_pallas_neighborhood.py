@@ -98,6 +98,32 @@ def test_3d_kernel_values_lse_and_grads_vs_float64():
                              atol=3e-2, rtol=3e-2)
 
 
+def test_through_the_op_with_additional_tokens_and_lse():
+  """attnjax's neighborhood_attention with NeighborhoodPallas: stride,
+  extra tokens merged through the kernel's lse, vs the float64 oracle;
+  gradient through the merge vs the dense reference."""
+  from attnjax.spatial.neighborhood import (NeighborhoodPallas,
+                                            neighborhood_attention,
+                                            neighborhood_attention_reference)
+  from tests.spatial.test_neighborhood_features import oracle
+  q, k, v = (_rand(i, (1, 19, 2, 8)) for i in range(3))
+  ak, av = _rand(3, (1, 3, 2, 8)), _rand(4, (1, 3, 2, 8))
+  kw = dict(stride=2, additional_keys=ak, additional_values=av,
+            return_lse=True)
+  fn = lambda q: neighborhood_attention(
+      q, k, v, 5, implementation=NeighborhoodPallas(tile_size=8), **kw)
+  out, lse = jax.jit(fn)(q)
+  want_out, want_lse = oracle(q, k, v, 5, 2, ak=ak, av=av)
+  np.testing.assert_allclose(out, want_out, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(lse, want_lse, atol=1e-5, rtol=1e-5)
+  loss = lambda f: lambda q: (lambda o, l: jnp.sum(jnp.sin(o)) + jnp.sum(
+      l))(*f(q))
+  g = jax.jit(jax.grad(loss(fn)))(q)
+  gr = jax.grad(loss(lambda q: neighborhood_attention_reference(
+      q, k, v, 5, **kw)))(q)
+  assert _rel(g, gr) < 1e-5
+
+
 def test_only_reachable_tiles_are_visited():
   # 1D, L=64, K=3, tiles of 8: query tiles 0-1 reach key tiles 0-2 only, so
   # NaNs planted in values from position 24 on never reach them (a dense
