@@ -46,10 +46,14 @@ from attnjax.spatial.hat import (OverlappingCrossAttention,
                                  overlapping_cross_attention,
                                  overlapping_cross_attention_reference)
 from attnjax.spatial.neighborhood import (NeighborhoodAttention,
+                                          NeighborhoodPallas, NeighborhoodXLA,
                                           neighborhood_attention,
                                           neighborhood_attention_reference,
                                           neighborhood_mask,
                                           neighborhood_window_start)
+from attnjax.spatial.ptv3 import (SerializedAttention, serialize,
+                                  serialized_attention,
+                                  serialized_attention_reference)
 from attnjax.spatial.spherical import (SphericalAttention,
                                        sphere_grid, sphere_quadrature_weights,
                                        spherical_attention,
@@ -83,7 +87,8 @@ from attnjax.spatial.window import (GridAttention, WindowAttention,
 
 __all__ = [
     # neighborhood (NAT / DiNAT)
-    "NeighborhoodAttention", "neighborhood_attention",
+    "NeighborhoodAttention", "NeighborhoodPallas", "NeighborhoodXLA",
+    "neighborhood_attention",
     "neighborhood_attention_reference", "neighborhood_mask",
     "neighborhood_window_start",
     # window / shifted window (Swin), block / grid (MaxViT)
@@ -145,4 +150,7 @@ __all__ = [
     # attention on the sphere
     "SphericalAttention", "sphere_grid", "sphere_quadrature_weights",
     "spherical_attention", "spherical_attention_reference",
+    # Point Transformer V3
+    "SerializedAttention", "serialize", "serialized_attention",
+    "serialized_attention_reference",
 ]

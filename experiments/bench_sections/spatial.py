@@ -110,6 +110,18 @@ def _ulsam(q, k, v):
   return out.reshape(q.shape)
 
 
+def _ptv3(q, k, v):
+  """PTv3 patch attention on the pixels as points (x, y, 0), Hilbert order."""
+  b, h, w, n, d = q.shape
+  yy, xx = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")
+  coords = jnp.stack([xx, yy, 0 * xx], -1).reshape(1, h * w, 3).astype(
+      jnp.float32)
+  f = lambda x: x.reshape(b, h * w, n, d)
+  out = sp.serialized_attention(f(q), f(k), f(v), jnp.broadcast_to(
+      coords, (b, h * w, 3)), min(64, h * w), order="hilbert")
+  return out.reshape(q.shape)
+
+
 def _mechanisms(size):
   """name -> (fn(q, k, v), keys attended per query (for FLOPs))."""
   s = size * size
@@ -171,6 +183,7 @@ def _mechanisms(size):
       "ela_k7": (_ela, None),
       "ulsam_g4": (_ulsam, None),
       "spherical_equiangular": (sp.spherical_attention, s),
+      "ptv3_hilbert_p64": (_ptv3, min(64, s)),
       "gpsa": (lambda q, k, v: sp.gated_positional_attention(q, k, v, pw, pb, gate),
                s),
   }
@@ -207,6 +220,7 @@ LINEAR_IN_THEORY = ("neighborhood_k7", "dilated_neighborhood_k7_d2",
                     "transnext_aggregated_k3_p7", "van_lka_5_7d3",
                     "focal_modulation_l2", "crossformer_sda_g7", "strip_k7_hw",
                     "hat_ocab_m7_mo11", "triplet_k7", "ela_k7", "ulsam_g4",
+                    "ptv3_hilbert_p64",
                     "window_w7", "shifted_window_w7", "grid_g7", "channel")
 
 
