@@ -43,6 +43,17 @@ from attnjax.spatial import (
     cross_shaped_window_attention, gated_positional_attention, grid_attention,
     neighborhood_attention, neighborhood_mask, resize_relative_position_bias,
     window_attention)
+from attnjax.spatial import (  # spatial zoo (issue 21)
+    AggregatedAttention, CubicAttention, EfficientLocalAttention,
+    FactorizedAttention, FocalModulation, GlobalLocalCrossAttention,
+    HaloAttention, LargeKernelAttention, LSDAttention,
+    OverlappingCrossAttention, SerializedAttention, SphericalAttention,
+    StripAttention, TripletAttention, ULSAM, VANAttention, WindowAttention3D,
+    aggregated_attention, efficient_local_attention, factorized_attention,
+    focal_modulation, global_local_cross_attention, halo_attention,
+    large_kernel_attention, lsda_attention, overlapping_cross_attention,
+    serialized_attention, spherical_attention, strip_attention,
+    triplet_attention, ulsam, window_attention_3d)
 from attnjax.distributed import (ring_attention, sequence_parallel_attention_fn,
                                  ulysses_attention)
 
@@ -81,6 +92,17 @@ __all__ = [
     "cross_shaped_window_attention", "gated_positional_attention",
     "grid_attention", "neighborhood_attention", "neighborhood_mask",
     "resize_relative_position_bias", "window_attention",
+    "AggregatedAttention", "CubicAttention", "EfficientLocalAttention",
+    "FactorizedAttention", "FocalModulation", "GlobalLocalCrossAttention",
+    "HaloAttention", "LargeKernelAttention", "LSDAttention",
+    "OverlappingCrossAttention", "SerializedAttention", "SphericalAttention",
+    "StripAttention", "TripletAttention", "ULSAM", "VANAttention",
+    "WindowAttention3D", "aggregated_attention", "efficient_local_attention",
+    "factorized_attention", "focal_modulation",
+    "global_local_cross_attention", "halo_attention",
+    "large_kernel_attention", "lsda_attention", "overlapping_cross_attention",
+    "serialized_attention", "spherical_attention", "strip_attention",
+    "triplet_attention", "ulsam", "window_attention_3d",
     # distributed
     "ring_attention", "sequence_parallel_attention_fn", "ulysses_attention",
 ]
