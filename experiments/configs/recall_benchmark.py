@@ -1,0 +1,98 @@
+"""Configs for `experiments.recall_benchmark` (Zoology's MQAR).
+
+Run:
+  python -m experiments.recall_benchmark --workdir=/tmp/mqar \
+      --config=experiments/configs/recall_benchmark.py:default
+
+Presets:
+  default  CPU sizes: vocab 64, sequence length 32 with 4 key-value pairs
+           (T/8), widths 32 and 64, two layers, every mechanism in
+           MECHANISMS (18 cells), 1500 steps of batch 64 per cell. Sized
+           for about 15 minutes on an idle 2-core CPU (per cell ~15-30 s
+           of compilation + 1500 steps); on this project's shared machine
+           (load ~20) a width-64 cell took 3-4 minutes (see
+           docs/results/recall_benchmark.md). Longer sequences:
+           --config.seq_lens=32,64.
+  paper    Zoology's MQAR sizes (Arora et al. 2023, Fig. 2): vocab 8192,
+           sequence lengths 64..512 with T/16 pairs... 64 pairs, widths
+           64..512, two layers; hours on CPU, minutes per cell on a GPU.
+  tiny     for tests (seconds): softmax only, vocab 16, T = 16, 2 pairs.
+"""
+
+import ml_collections
+
+PRESETS = ("default", "paper", "tiny")
+MECHANISMS = ("softmax", "linear", "based", "sliding_window", "performer",
+              "mswa", "lightning", "power", "routing_transformer")
+CHOICES = {"mechanisms": MECHANISMS}
+FIELD_DOCS = {
+    "vocab": "token vocabulary: keys from [1, vocab/2), values from "
+             "[vocab/2, vocab); 0 is never used",
+    "seq_lens": "sequence lengths T swept (one cell per T, width, mechanism)",
+    "pairs_per_len": "key-value pairs D = T // pairs_per_len (Zoology: D "
+                     "grows with T)",
+    "widths": "model widths d swept",
+    "num_layers": "mixer + MLP blocks (Zoology: 2)",
+    "head_dim": "per-head size of every mixer (heads = width // head_dim)",
+    "window": "window of sliding_window and Based's exact window; MSWA's base",
+    "num_features": "Performer random features",
+    "mechanisms": "sequence mixers compared (one model per mechanism)",
+    "steps": "training steps per cell (fresh batches every step)",
+    "eval_examples": "held-out examples for the accuracy (fixed seed)",
+}
+
+
+def get_config(preset: str = "default") -> ml_collections.ConfigDict:
+  preset = preset or "default"
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}: choose one of "
+                     f"{', '.join(PRESETS)}.")
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.seed = 0
+  c.vocab = 64
+  c.seq_lens = (32,)
+  c.pairs_per_len = 8
+  c.widths = (32, 64)
+  c.num_layers = 2
+  c.head_dim = 16
+  c.window = 8
+  c.num_features = 64
+  c.mechanisms = MECHANISMS
+  c.steps = 1500
+  c.batch_size = 64
+  c.lr = 3e-3
+  c.warmup = 50
+  c.chunk = 50
+  c.ckpt_every = 500
+  c.eval_examples = 512
+  c.stop_after_steps = 0
+  c.mesh = "data:1"
+  if preset == "paper":
+    c.vocab = 8192
+    c.seq_lens = (64, 128, 256, 512)
+    c.pairs_per_len = 8
+    c.widths = (64, 128, 256, 512)
+    c.window = 64
+    c.num_features = 256
+    c.steps = 20000
+    c.batch_size = 64
+    c.lr = 1e-3
+    c.warmup = 1000
+    c.chunk = 100
+    c.ckpt_every = 1000
+    c.eval_examples = 3000
+  elif preset == "tiny":
+    c.vocab = 16
+    c.seq_lens = (16,)
+    c.pairs_per_len = 8
+    c.widths = (32,)
+    c.mechanisms = ("softmax",)
+    c.steps = 300
+    c.batch_size = 32
+    c.lr = 3e-3
+    c.warmup = 20
+    c.chunk = 50
+    c.ckpt_every = 100
+    c.eval_examples = 256
+  return c
