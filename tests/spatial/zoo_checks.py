@@ -26,7 +26,7 @@ def check_values_grads_jit_vmap(fn, ref, args, *, batched=(0, 1, 2),
     np.testing.assert_allclose(a, b, atol=5 * atol, rtol=5 * atol)
   axes = tuple(0 if i in batched else None for i in range(len(args)))
   vargs = tuple(a[None] if i in batched else a for i, a in enumerate(args))
-  vm = jax.vmap(fn, in_axes=axes)(*vargs)[0]
+  vm = jax.jit(jax.vmap(fn, in_axes=axes))(*vargs)[0]
   np.testing.assert_allclose(vm, out, atol=atol, rtol=atol)
   return out
 
