@@ -20,7 +20,6 @@ from flax import nnx
 from attnjax.spatial.neighborhood import (NeighborhoodAttention,
                                           NeighborhoodPallas, NeighborhoodXLA,
                                           neighborhood_attention,
-                                          neighborhood_attention_reference,
                                           neighborhood_mask,
                                           neighborhood_window_start)
 from pallas_kernels._rules import na_query_reach, na_window
