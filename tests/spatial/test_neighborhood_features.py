@@ -241,6 +241,16 @@ def test_bfloat16_values_and_vmap():
   np.testing.assert_allclose(np.asarray(out, np.float32), want_out,
                              atol=3e-2, rtol=3e-2)
   np.testing.assert_allclose(lse, want_lse, atol=3e-2, rtol=3e-2)
+  # bfloat16 gradients (through the lse merge) vs float32 ones.
+  loss = lambda q, k, v, ak, av: (lambda o, l: jnp.sum(
+      o.astype(jnp.float32)) + jnp.sum(l))(*fn(q, k, v, ak, av))
+  f32 = lambda x: x.astype(jnp.float32)
+  g = jax.jit(jax.grad(loss, (0, 1, 2, 3, 4)))(q, k, v, ak, av)
+  gr = jax.jit(jax.grad(loss, (0, 1, 2, 3, 4)))(*map(f32, (q, k, v, ak, av)))
+  for a, b in zip(g, gr):
+    assert a.dtype == jnp.bfloat16
+    err = np.linalg.norm(np.asarray(a, np.float32) - b) / np.linalg.norm(b)
+    assert err < 3e-2, err
 
 
 def test_no_additional_tokens_is_plain_and_empty_set_gives_no_nan():
