@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
-import pytest
 
-from tests.multidevice import forced_devices_env
+from tests.multidevice import assert_data_mesh_checked, run_forced
 
 from experiments import icl_regression as icl
 from experiments.configs.icl_regression import get_config
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 
 # The tiny preset, with two models (H=2 softmax, H=1 linear) to keep the
 # scanned training step cheap to compile.
@@ -38,21 +33,13 @@ def _cfg(**kw):
   return c
 
 
-_env = forced_devices_env
-
 
 def _binary(workdir, devices, **kw):
   args = [f"--config.{k}={v}" for k, v in {**OVERRIDES, **kw}.items()]
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.icl_regression",
-       f"--workdir={workdir}",
-       "--config=experiments/configs/icl_regression.py:tiny"] + args,
-      env=_env(devices), cwd=ROOT, capture_output=True, text=True,
-      timeout=600)
-  if proc.returncode != 0:
-    pytest.fail(f"icl_regression {args} on {devices} devices failed:\n"
-                f"{proc.stdout}\n{proc.stderr[-6000:]}")
-  return proc.stdout
+  return "\n".join(run_forced(
+      "-m", "experiments.icl_regression", f"--workdir={workdir}",
+      "--config=experiments/configs/icl_regression.py:tiny", *args,
+      devices=devices))
 
 
 def _numbers(res):
@@ -131,11 +118,4 @@ chunk = icl._make_chunk(c, task, stack, tx, mesh)
 hlo = chunk.lower(init['p'], init['o'], jnp.asarray(0), 2).compile().as_text()
 print('all-reduce' in hlo and 'all-reduce', flush=True)
 """
-  proc = subprocess.run([sys.executable, "-c", code], env=_env(4), cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  err = [l for l in proc.stdout.splitlines() if l.startswith("ValueError")]
-  assert err and "config.mesh" in err[0] and "batch_size" in err[0], \
-      proc.stdout
-  lines = proc.stdout.splitlines()
-  assert "mesh {'data': 4}" in lines and "all-reduce" in lines, proc.stdout
+  assert_data_mesh_checked(run_forced("-c", code, devices=4, timeout=300))

@@ -13,23 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
-import pytest
 
-from tests.multidevice import forced_devices_env
+from tests.multidevice import assert_data_mesh_checked, run_forced
 
 from experiments import benefits_of_rank as study
 from experiments.configs.benefits_of_rank import get_config
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 RTOL = 1e-4
 
-
-_env = forced_devices_env
 
 
 # Runs in the 4-device subprocess: the batch-size check, then the compiled
@@ -71,16 +64,9 @@ def test_data4_matches_one_device_and_batch_is_sharded(tmp_path):
   assert ref["config"]["mesh"] == "data:1"
 
   d4 = tmp_path / "d4"
-  proc = subprocess.run([sys.executable, "-c", _CODE, str(d4)], env=_env(4),
-                        cwd=ROOT, capture_output=True, text=True, timeout=600)
-  if proc.returncode != 0:
-    pytest.fail(f"4-device run failed:\n{proc.stdout}\n{proc.stderr[-6000:]}")
-  lines = proc.stdout.splitlines()
-  assert "devices 4" in lines, proc.stdout
-  err = [l for l in lines if l.startswith("ValueError")]
-  assert err and "config.mesh" in err[0] and "config.batch_size" in err[0], \
-      proc.stdout
-  assert "mesh {'data': 4}" in lines and "all-reduce" in lines, proc.stdout
+  lines = run_forced("-c", _CODE, str(d4), devices=4)
+  assert "devices 4" in lines, lines
+  assert_data_mesh_checked(lines)
 
   with open(d4 / "results.json") as f:
     res4 = json.load(f)
