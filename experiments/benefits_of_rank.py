@@ -213,9 +213,7 @@ def rank1_curve(cfg) -> Dict[str, Dict[str, float]]:
   return out
 
 
-def make_mesh(cfg):
-  """The training mesh from `cfg.mesh`; checks batch_size against `data`."""
-  return sweep.make_mesh(cfg.mesh, {"config.batch_size": cfg.batch_size})
+make_mesh = sharding.mesh_from_config("batch_size")
 
 
 def validate(cfg):
