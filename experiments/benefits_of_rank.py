@@ -105,7 +105,7 @@ from flax import nnx
 from attnjax.models.rank_models import (PostNormRankEncoder, RankAttentionNet,
                                         rank1_random_heads_mse,
                                         sample_rank1_heads, sphere_batch)
-from experiments import common, sharding, sweep
+from experiments import common, sharding
 from experiments.sweep import Cell, Stopped, count_params, ints, train_cells
 
 ARCHS = ("postnorm", "prenorm")
