@@ -235,8 +235,7 @@ def validate(cfg):
 
 def run_study(cfg, workdir: str) -> Dict[str, Any]:
   t0 = time.time()
-  if not jax.distributed.is_initialized():
-    sharding.maybe_initialize_distributed()
+  sharding.maybe_initialize_distributed()     # idempotent; no-op on one host
   validate(cfg)
   d = int(cfg.dim)
   mesh = make_mesh(cfg)

@@ -668,8 +668,7 @@ def make_runs(cfg, task) -> List[Run]:
 def run_study(cfg, workdir: str) -> dict:
   t0 = time.time()
   # Multi-host: before any jax computation (no-op on a single host).
-  if not jax.distributed.is_initialized():
-    sharding.maybe_initialize_distributed()
+  sharding.maybe_initialize_distributed()     # idempotent; no-op on one host
   task = Task(cfg)
   d, T = cfg.d, cfg.num_tasks
   heads, lin_heads = _ints(cfg.heads), _ints(cfg.linear_heads)
