@@ -440,6 +440,18 @@ def parse_preset(arg: Optional[str], presets: Sequence[str], *,
   return base, mods
 
 
+def new_config(arg: Optional[str], presets: Sequence[str], *,
+               default: Optional[str] = None, aliases=None):
+  """The start of every study's `get_config(preset)`: a ConfigDict whose
+  `preset` field is the validated preset name (`parse_preset`; `aliases`
+  maps other accepted names to presets, e.g. {"default": "cpu"})."""
+  import ml_collections
+  arg = (aliases or {}).get(arg, arg)
+  c = ml_collections.ConfigDict()
+  c.preset = parse_preset(arg, presets, default=default)[0]
+  return c
+
+
 # Generic constraints, by field name (the last dotted component), applied to
 # every study config that has such a field. A config module may add or
 # override them with CONSTRAINTS = {name: kind} and restrict a field (or

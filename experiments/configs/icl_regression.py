@@ -113,11 +113,9 @@ FIELD_DOCS = {
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-  preset = preset or "default"
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}.")
-  c = ml_collections.ConfigDict()
-  c.preset = preset
+  from experiments.common import new_config
+  c = new_config(preset, PRESETS, default="default")
+  preset = c.preset
   c.seed = 0
   # Data (paper: d = 5, L = 40, sigma^2 = 0.1, x ~ N(0, I), beta ~ N(0, I/d)).
   c.d = 5
