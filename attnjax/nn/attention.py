@@ -144,12 +144,16 @@ class MultiHeadAttention(nnx.Module):
     dropout_rate: attention-weight dropout passed to attention_fn.
     broadcast_dropout: one dropout mask shared over batch and heads (as
       flax's default); False (attnjax's default) draws independent masks.
+      Passed as `broadcast_dropout=True` to an attention function that takes
+      it; otherwise the call is vmapped over batch and heads with one
+      dropout key.
     deterministic: default of the call's `deterministic` (no dropout).
     decode: default of the call's `decode` (KV-cache decoding).
     positions: a `attnjax.positions.PositionEncoding` (`Rotary`, `ALiBi`).
     normalize_qk: LayerNorm (no bias) on queries and keys per head.
     dtype, param_dtype, precision: of the projections (precision is also
-      passed to attention_fn when set).
+      passed to the attention function when it takes a `precision`
+      keyword).
     kernel_init, out_kernel_init, bias_init, out_bias_init: initializers
       (out_* default to the q/k/v ones).
     qkv_promote_dtype, out_promote_dtype, ln_promote_dtype: flax's dtype

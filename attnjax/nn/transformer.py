@@ -10,6 +10,7 @@ from flax import nnx
 
 from attnjax._checks import check_int, check_rate
 from attnjax.nn.attention import MultiHeadAttention
+from attnjax.positions import PositionEncoding
 from attnjax.softmax import dot_product_attention
 
 
@@ -52,8 +53,9 @@ class MLP(nnx.Module):
 class TransformerBlock(nnx.Module):
   """Pre-norm block: x + Attn(Norm(x)); x + MLP(Norm(x)).
 
-  `attention_fn`, `num_kv_heads` and `head_dim` are forwarded to
-  `MultiHeadAttention`; `mlp_dim=0` gives an attention-only block.
+  `attention_fn`, `num_kv_heads`, `head_dim` and `positions` (e.g.
+  `attnjax.Rotary()`) are forwarded to `MultiHeadAttention`; `mlp_dim=0`
+  gives an attention-only block.
   """
 
   def __init__(self, d_model: int, num_heads: int, *,
@@ -64,6 +66,7 @@ class TransformerBlock(nnx.Module):
                dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0,
                norm: str = "layernorm", use_bias: bool = True,
                activation: Callable[[jax.Array], jax.Array] = nnx.gelu,
+               positions: Optional[PositionEncoding] = None,
                dtype: Optional[Any] = None, param_dtype: Any = jnp.float32,
                rngs: nnx.Rngs):
     d_model = check_int("d_model", d_model, min_value=1)
@@ -76,7 +79,7 @@ class TransformerBlock(nnx.Module):
     self.attn = MultiHeadAttention(
         num_heads, d_model, num_kv_heads=num_kv_heads, head_dim=head_dim,
         attention_fn=attention_fn, dropout_rate=attention_dropout_rate,
-        use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        positions=positions, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.drop = nnx.Dropout(dropout_rate, rngs=rngs)
     if mlp_dim > 0:
       self.norm2 = _norm(norm, d_model, dtype, param_dtype, rngs)

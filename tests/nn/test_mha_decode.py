@@ -131,3 +131,17 @@ def test_axial_rotary_layer_option():
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
   with pytest.raises(ValueError, match="positions"):
     attnjax.MultiHeadAttention(2, 8, positions="rope", rngs=nnx.Rngs(0))
+
+
+def test_transformer_block_forwards_positions():
+  blk = attnjax.TransformerBlock(8, 2, mlp_dim=0, positions=P.ALiBi("causal"),
+                                 rngs=nnx.Rngs(0))
+  assert blk.attn.positions == P.ALiBi("causal")
+  x = jax.random.normal(jax.random.key(7), (1, 5, 8))
+  h = blk.norm1(x)
+  q, k, v = blk.attn.project_qkv(h)
+  bias = P.alibi_bias(2, 5)[None]
+  want = x + blk.attn.out(attnjax.dot_product_attention(q, k, v, bias=bias,
+                                                        is_causal=True))
+  np.testing.assert_allclose(np.asarray(blk(x, is_causal=True)),
+                             np.asarray(want), atol=1e-5)
