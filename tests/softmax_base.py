@@ -631,8 +631,6 @@ class SoftmaxAttentionSuite:
       kw = dict(is_causal=True, q_offset=7, kv_offset=3,
                 local_window_size=(5, 2))
       ref_kw = dict(is_causal=True, q_offset=7, kv_offset=3, window=(5, 2))
-    if self._mode() == "debug_infs" and case == "bottom_right_t_gt_s":
-      pytest.skip("empty rows: their lse is -inf")
     out, _, _ = self._check_option(dtype, q, k, v, kw=kw, ref_kw=ref_kw)
     if case == "bottom_right_t_gt_s":
       assert np.all(np.asarray(out[:, :self.S - self.T], np.float32) == 0.0)
