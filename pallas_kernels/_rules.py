@@ -158,8 +158,8 @@ def check_qkv(query, key, value, *, allow_unbatched: bool = True,
         f"value={tuple(value.shape)}.")
   if kh == 0 or n % kh != 0:
     raise ValueError(
-        f"`query` heads ({n}) must be a multiple of kv heads ({kh}, the heads "
-        f"of `key`/`value`) for grouped-query attention: shapes "
+        f"`query` heads ({n}) must be a multiple of the kv heads of "
+        f"`key`/`value` ({kh}) for grouped-query attention: shapes "
         f"query={tuple(query.shape)}, key={tuple(key.shape)}.")
   return b, t, n, s, kh, h, hv
 

@@ -354,6 +354,16 @@ def _noncausal_scan(qx, kx, query_feats, key_feats, finish, shape):
   return out
 
 
+def _chunk_feats(xs, query_feats, key_feats, shape, nch, c):
+  """A scanned group's features cut into `nch` chunks of `c` positions:
+  phi(q) [B, P, C, K, G, F], phi(k) [B, P, C, K, F], [v, 1] [B, P, C, K, D]."""
+  b, k, g, f, d = shape
+  qg, kg, vg, ok = xs
+  fq, (fk, vg) = query_feats(qg), key_feats(kg, vg, ok)
+  return (fq.reshape(b, nch, c, k, g, f), fk.reshape(b, nch, c, k, f),
+          vg.reshape(b, nch, c, k, d))
+
+
 def _causal_step(c, nch, query_feats, key_feats, finish, shape):
   """Scan step of causal linear attention (Lightning Attention-2): a group
   of `nch` chunks of `c` positions; masked quadratic form inside a chunk,
@@ -362,11 +372,7 @@ def _causal_step(c, nch, query_feats, key_feats, finish, shape):
   tril = jnp.tril(jnp.ones((c, c), dtype=bool))
 
   def step(state, xs):
-    qg, kg, vg, ok = xs
-    fq, (fk, vg) = query_feats(qg), key_feats(kg, vg, ok)
-    fq = fq.reshape(b, nch, c, k, g, f)
-    fk = fk.reshape(b, nch, c, k, f)
-    vg = vg.reshape(b, nch, c, k, d)
+    fq, fk, vg = _chunk_feats(xs, query_feats, key_feats, shape, nch, c)
     scores = jnp.einsum("bpikgf,bpjkf->bpkgij", fq, fk)
     scores = jnp.where(tril, scores, 0.0)
     nd = jnp.einsum("bpkgij,bpjkd->bpikgd", scores, vg)
@@ -407,11 +413,7 @@ def _decayed_step(a, c, nch, query_feats, key_feats, finish, shape):
   through = jnp.exp(c * nch * a)                              # [k, g]
 
   def step(state, xs):
-    qg, kg, vg, ok = xs
-    fq, (fk, vg) = query_feats(qg), key_feats(kg, vg, ok)
-    fq = fq.reshape(b, nch, c, k, g, f)
-    fk = fk.reshape(b, nch, c, k, f)
-    vg = vg.reshape(b, nch, c, k, d)
+    fq, fk, vg = _chunk_feats(xs, query_feats, key_feats, shape, nch, c)
     scores = jnp.einsum("bpikgf,bpjkf->bpkgij", fq, fk) * intra
     nd = jnp.einsum("bpkgij,bpjkd->bpikgd", scores, vg)
     # Chunk states decayed to each chunk's last position.
