@@ -20,20 +20,11 @@ from attnjax import sequence as sq
 from attnjax import spatial as sp
 from tests.strict_modes import STRICT_MODES, strict_mode
 
-# Cases still failing at the deadline of H2's issue-15 work (rank/dtype
-# fixes pending; CSWin's functional form and CrossViTFusion were fixed). Non-strict xfail: a case that passes is
-# reported as XPASS, so the list can be pruned.
-KNOWN_STRICT_FAILURES = {
-    ("moba_attention", "rank_promotion"),
-    ("gated_positional_attention", "rank_promotion"),
-    ("gated_positional_attention", "dtype_promotion"),
-    ("gated_positional_attention", "debug_infs"),
-    ("pooled_attention", "rank_promotion"),
-    ("CSWinAttention", "rank_promotion"),
-    ("GPSA", "rank_promotion"),
-    ("HiLoAttention", "rank_promotion"),
-    ("MoBAAttention", "rank_promotion"),
-}
+# Cases known to fail under a strict mode (non-strict xfail: a case that
+# passes is reported as XPASS, so the list can be pruned). Empty: MoBA's
+# gate (own-block mask), average_pool's window counts (pooled attention,
+# HiLo) and GPSA's gate were given explicit ranks (issue 15).
+KNOWN_STRICT_FAILURES = frozenset()
 
 
 def _params(names):
@@ -133,7 +124,7 @@ SP_PRIMITIVES = {
     "channel_attention": lambda q, k, v: sp.channel_attention(q, k, v),
     "gated_positional_attention": lambda q, k, v:
         sp.gated_positional_attention(
-            q, k, v, jnp.ones((2, 3)), jnp.zeros((2,)), jnp.zeros((2,))),
+            q, k, v, jnp.ones((3, 2)), jnp.zeros((2,)), jnp.zeros((2,))),
     "cls_cross_attention": lambda q, k, v: sp.cls_cross_attention(
         q.reshape(1, 16, 2, 4)[:, :1], k.reshape(1, 16, 2, 4),
         v.reshape(1, 16, 2, 4)),

@@ -76,7 +76,7 @@ def moba_gate_scores(query, key, block_size: int, *, is_causal: bool,
   if is_causal:
     allowed = allowed & (blk * block_size <= pos)[None, None]
   scores = jnp.where(allowed, scores, _common.NEG)
-  own = (blk == pos // block_size) & (cnt > 0)[:, None, :]    # [b, t, nkb]
+  own = (blk == pos // block_size)[None] & (cnt > 0)[:, None, :]  # [b, t, nkb]
   return jnp.where(own[:, None], _common.POS, scores)
 
 

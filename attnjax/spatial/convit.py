@@ -69,7 +69,7 @@ def gated_positional_attention(query, key, value, pos_weight, pos_bias, gate,
   content = masked_softmax(jnp.einsum("bqnh,bknh->bnqk", q, k,
                                       preferred_element_type=jnp.float32)
                            * scale)
-  sg = jax.nn.sigmoid(gate.astype(jnp.float32))[:, None, None]
+  sg = jax.nn.sigmoid(gate.astype(jnp.float32))[None, :, None, None]
   attn = (1.0 - sg) * content + sg * jax.nn.softmax(pos, -1)[None]
   out = jnp.einsum("bnqk,bknh->bqnh", attn.astype(v.dtype), v,
                    preferred_element_type=jnp.float32).astype(query.dtype)

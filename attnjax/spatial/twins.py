@@ -81,7 +81,7 @@ def average_pool(x, pool_size):
   axes = tuple(range(1 + nd, 1 + 2 * nd))
   cnt = vs.sum(axis=tuple(range(nd, 2 * nd)))
   tot = xs.sum(axis=axes)
-  cnt = cnt.reshape(cnt.shape + (1,) * (tot.ndim - 1 - nd))
+  cnt = cnt.reshape((1,) + cnt.shape + (1,) * (tot.ndim - 1 - nd))
   return (tot / cnt).astype(x.dtype)
 
 
