@@ -69,9 +69,10 @@ def merge_attentions(outs: Sequence[jax.Array], lses: Sequence[jax.Array], *,
   as_btn = (lambda l: jnp.swapaxes(l, -1, -2)) if lse_layout == "BNT" else (
       lambda l: l)
   lse_all = jnp.stack([as_btn(l.astype(jnp.float32)) for l in lses])
-  m = jnp.max(lse_all, axis=0)
+  m = jnp.max(lse_all, axis=0, keepdims=True)               # [1, ..., T, N]
   m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
   w = jnp.exp(lse_all - m)                                   # [P, ..., T, N]
+  m = m[0]
   total = jnp.sum(w, axis=0)
   has = total > 0.0
   safe = jnp.where(has, total, 1.0)

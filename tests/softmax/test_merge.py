@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import attnjax
+from tests.strict_modes import strict_mode
 
 
 def _merge_np(outs, lses):
@@ -71,7 +72,9 @@ def test_matches_reference_with_neg_inf_parts_and_rows():
 
 def test_huge_magnitudes_are_stable_and_layouts_agree():
   outs, lses = _parts(2, scale=3e4)    # exp would overflow without the shift
-  out, lse = attnjax.merge_attentions(outs, lses)
+  # Also under the strict JAX modes (explicit ranks and dtypes).
+  with strict_mode("rank_promotion"), strict_mode("dtype_promotion"):
+    out, lse = attnjax.merge_attentions(outs, lses)
   ref_out, ref_lse = _merge_np(outs, lses)
   np.testing.assert_allclose(np.asarray(out), ref_out, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=1e-6)
