@@ -34,6 +34,12 @@ from attnjax.sequence import (  # issue 20: zoo B
     RCMHAttention, additive_attention, gat_attention, gatv2_attention,
     gaussian_adaptive_attention, isab, key_driven_gqa, lambda_attention,
     lambda_attention_2d, mab, pma, pointer_attention, rcmha_attention, sab)
+from attnjax.sequence import (  # issue 20: zoo A
+    BasedAttention, FASTAttention, LightningAttention, MSWAAttention,
+    MultipoleAttention, PowerAttention, RoutingTransformerAttention,
+    based_attention, fast_attention, kmeans_update, lightning_attention,
+    mswa_attention, multipole_attention, power_attention, power_layout,
+    routing_transformer_attention)
 from attnjax.spatial import (
     GPSA, AxialAttention, BiLevelRoutingAttention, ChannelAttention,
     CrossViTAttention, CrossViTFusion, CSWinAttention,
@@ -83,6 +89,11 @@ __all__ = [
     "gat_attention", "gatv2_attention", "gaussian_adaptive_attention", "isab",
     "key_driven_gqa", "lambda_attention", "lambda_attention_2d", "mab", "pma",
     "pointer_attention", "rcmha_attention", "sab",
+    "BasedAttention", "FASTAttention", "LightningAttention", "MSWAAttention",
+    "MultipoleAttention", "PowerAttention", "RoutingTransformerAttention",
+    "based_attention", "fast_attention", "kmeans_update",
+    "lightning_attention", "mswa_attention", "multipole_attention",
+    "power_attention", "power_layout", "routing_transformer_attention",
     # spatial family
     "GPSA", "AxialAttention", "BiLevelRoutingAttention", "ChannelAttention",
     "CrossViTAttention", "CrossViTFusion", "CSWinAttention",

@@ -13,9 +13,13 @@ Presets:
            (load ~20) a width-64 cell took 3-4 minutes (see
            docs/results/recall_benchmark.md). Longer sequences:
            --config.seq_lens=32,64.
-  paper    Zoology's MQAR sizes (Arora et al. 2023, Fig. 2): vocab 8192,
-           sequence lengths 64..512 with T/16 pairs... 64 pairs, widths
-           64..512, two layers; hours on CPU, minutes per cell on a GPU.
+  paper    Zoology's Figure 2 sizes (HazyResearch/zoology,
+           zoology/experiments/paper_configs/iclr24_zoology_figure2/
+           configs.py): vocab 8192, (T, pairs) = (64, 4), (128, 8),
+           (256, 16), widths 64..512, two layers, batch 256. Zoology trains
+           100k fixed examples for many epochs and reports the best of four
+           learning rates (1e-4..1e-2); here 20k steps of fresh batches at
+           one lr (sweep --config.lr for theirs). Hours on CPU.
   tiny     for tests (seconds): softmax only, vocab 16, T = 16, 2 pairs.
 """
 
@@ -70,13 +74,13 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   c.mesh = "data:1"
   if preset == "paper":
     c.vocab = 8192
-    c.seq_lens = (64, 128, 256, 512)
-    c.pairs_per_len = 8
+    c.seq_lens = (64, 128, 256)
+    c.pairs_per_len = 16
     c.widths = (64, 128, 256, 512)
-    c.window = 64
+    c.window = 16
     c.num_features = 256
     c.steps = 20000
-    c.batch_size = 64
+    c.batch_size = 256
     c.lr = 1e-3
     c.warmup = 1000
     c.chunk = 100

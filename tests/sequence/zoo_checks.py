@@ -38,7 +38,8 @@ def check_grads(fn, ref, q, k, v, *, rtol=1e-4, atol=1e-5, **kw):
     return jnp.sum(f(q, k, v, **kw) * w)
 
   g1 = jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2)))(q, k, v)
-  g2 = jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2))(q, k, v)
+  g2 = jax.jit(jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2)))(
+      q, k, v)
   for a, b in zip(g1, g2):
     assert bool(jnp.all(jnp.isfinite(a)))
     np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
@@ -49,7 +50,8 @@ def check_bf16(fn, ref, q, k, v, *, tol=4e-2, **kw):
   got = jax.jit(functools.partial(fn, **kw))(bf(q), bf(k), bf(v))
   assert got.dtype == jnp.bfloat16
   f32 = lambda x: x.astype(jnp.float32)
-  want = ref(f32(bf(q)), f32(bf(k)), f32(bf(v)), **kw)
+  want = jax.jit(functools.partial(ref, **kw))(f32(bf(q)), f32(bf(k)),
+                                               f32(bf(v)))
   np.testing.assert_allclose(f32(got), want, atol=tol, rtol=tol)
   g = jax.jit(jax.grad(lambda q: jnp.sum(
       fn(q, bf(k), bf(v), **kw).astype(jnp.float32))))(bf(q))
@@ -58,8 +60,8 @@ def check_bf16(fn, ref, q, k, v, *, tol=4e-2, **kw):
 
 def check_vmap(fn, q, k, v, **kw):
   f = functools.partial(fn, **kw)
-  np.testing.assert_allclose(jax.jit(jax.vmap(f))(q, k, v), f(q, k, v),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(jax.vmap(f))(q, k, v),
+                             jax.jit(f)(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 def check_masked_rows(fn, ref, q, k, v, lengths=(7, 0), **kw):
@@ -68,7 +70,7 @@ def check_masked_rows(fn, ref, q, k, v, lengths=(7, 0), **kw):
   valid = jnp.arange(s)[None, :] < jnp.asarray(lengths)[:, None]
   mask = valid[:, None, None, :]
   got = jax.jit(functools.partial(fn, mask=mask, **kw))(q, k, v)
-  want = ref(q, k, v, mask=mask, **kw)
+  want = jax.jit(functools.partial(ref, mask=mask, **kw))(q, k, v)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   for i, n in enumerate(lengths):
     if n == 0:
