@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels._util import cdiv, resolve_interpret, target_platform
-from pallas_kernels.flash import (BlockSizes, _flash_entry, check_inputs,
+from pallas_kernels.flash import (BlockSizes, check_inputs, flash_entry,
                                   mha_reference)
 
 
@@ -108,7 +108,7 @@ def block_sparse_attention(query, key, value, block_layout, *, block_q: int,
       bq, bk = bq // rq, bk // rk
       layout = jnp.repeat(jnp.repeat(layout, rq, axis=2), rk, axis=3)
       layout = layout[:, :, :cdiv(t, bq), :cdiv(s, bk)]
-  out, lse = _flash_entry(
+  out, lse = flash_entry(
       query, key, value, bias=bias, mask=mask, is_causal=is_causal,
       scale=scale, local_window_size=local_window_size,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,

@@ -29,6 +29,18 @@ heads in front ([B, N, T, H]) so that each tile's last two dims are
 
 Softmax statistics are float32 whatever the input dtype; outputs are in the
 query dtype; a query row with nothing to attend to gives zeros (lse = -inf).
+
+Internal entry points, for the other kernels of this package (block_sparse,
+neighborhood), not for users:
+
+  FlashConfig   the kernels' static configuration (scale, band, tiles,
+                layout, platform, GQA groups, optional neighbourhood mode).
+  flash_core    the differentiable kernel call on padded arrays for a
+                FlashConfig (custom_vjp: forward kernel, dQ and dK/dV
+                kernels); returns (out, lse with the finite sentinel).
+  flash_entry   validation + padding + masked-slot zeroing + flash_core,
+                from user-layout arrays; `flash_attention` and
+                `block_sparse_attention` are thin fronts over it.
 """
 
 from __future__ import annotations
@@ -100,7 +112,8 @@ class BlockSizes:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Cfg:
+class FlashConfig:
+  """Static configuration of one flash kernel call (see `flash_core`)."""
   scale: float
   left: float          # query i sees keys >= i - left (inf: unbounded)
   right: float         # query i sees keys <= i + right (inf: unbounded)
@@ -307,7 +320,7 @@ def _fwd_kernel(*refs, cfg, flags, s_pad):
   l_safe = jnp.where(has, l, 1.0)
   o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
   # Empty rows: the finite sentinel _NEG (no inf inside the kernels, so
-  # jax.debug_infs holds); _flash_entry turns it into -inf for callers that
+  # jax.debug_infs holds); flash_entry turns it into -inf for callers that
   # ask for the lse.
   lse_ref[...] = jnp.where(has, m + jnp.log(l_safe), _NEG)
 
@@ -648,6 +661,21 @@ def _flash_bwd(cfg, res, cts):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def flash_core(cfg: FlashConfig, q, k, v, *, bias=None, mask=None,
+               qseg=None, kvseg=None, kv_tables=None, q_tables=None):
+  """The differentiable kernel call (internal entry point, see the module
+  docstring).
+
+  q [B, Tp, N, H] / k, v [B, Sp, K, H|Hv] (or heads-major [B, N, Tp, H] when
+  `cfg.heads_major`), lengths padded to multiples of the tiles; optional
+  bias/mask [B|1, N|1, Tp|1, Sp|1] (mask int8), segment ids qseg
+  [B, Tp, 1] / kvseg [B, 1, Sp], block-sparse tables. Returns (out, lse
+  [B, N, Tp, 1] float32 with `MASK_VALUE` on rows with nothing to attend
+  to). Differentiable in q, k, v and bias.
+  """
+  return _flash(cfg, q, k, v, bias, mask, qseg, kvseg, kv_tables, q_tables)
+
+
 # ----------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------
@@ -706,11 +734,14 @@ def _pad_head_dims(cfg) -> bool:
   return cfg.platform == "gpu" and not cfg.interpret
 
 
-def _flash_entry(query, key, value, *, bias, mask, is_causal, scale,
+def flash_entry(query, key, value, *, bias, mask, is_causal, scale,
                  local_window_size, q_segment_ids, kv_segment_ids,
                  block_sizes, interpret, heads_major, tables=None,
                  tile_sizes=None, need_lse=True):
-  """Shared by flash_attention and block_sparse_attention.
+  """Internal entry point shared by flash_attention and
+  block_sparse_attention (see the module docstring): validates user-layout
+  arrays, pads them to the tiles, zeroes key/value slots no query can see,
+  and runs `flash_core`.
 
   Returns (out, lse); lse is -inf on rows with nothing to attend to, or None
   when not `need_lse` (then no inf is produced anywhere).
@@ -752,10 +783,11 @@ def _flash_entry(query, key, value, *, bias, mask, is_causal, scale,
     bk_b = min(block_sizes.block_kv_bwd, ck)
   tp = round_up(t, lcm(bq, bq_b))
   sp = round_up(s, lcm(bk, bk_b))
-  cfg = _Cfg(scale=float(scale), left=float(left), right=float(right),
-             kv_len=s, bq=bq, bk=bk, bq_bwd=bq_b, bk_bwd=bk_b,
-             interpret=interpret, platform=target_platform(),
-             heads_major=bool(heads_major), groups=n // nkv)
+  cfg = FlashConfig(scale=float(scale), left=float(left),
+                    right=float(right), kv_len=s, bq=bq, bk=bk, bq_bwd=bq_b,
+                    bk_bwd=bk_b, interpret=interpret,
+                    platform=target_platform(),
+                    heads_major=bool(heads_major), groups=n // nkv)
   target = (b, n, t, s)
 
   def pad_ts(x, fill):
@@ -862,7 +894,7 @@ def flash_attention(query, key, value, *, is_causal: bool = False,
   Returns:
     out [B, T, N, Hv] in query.dtype (and lse when return_lse).
   """
-  out, lse = _flash_entry(
+  out, lse = flash_entry(
       query, key, value, bias=bias, mask=mask, is_causal=is_causal,
       scale=scale, local_window_size=local_window_size,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,

@@ -37,7 +37,7 @@ from pallas_kernels._rules import (cdiv, default_scale, na_group_length,
                                    na_query_reach, na_window)
 from pallas_kernels._util import (check_float, next_pow2, resolve_interpret,
                                   target_platform)
-from pallas_kernels.flash import _Cfg, _flash, mha_reference
+from pallas_kernels.flash import FlashConfig, flash_core, mha_reference
 
 __all__ = ["NeighborhoodTiling", "neighborhood_attention",
            "neighborhood_attention_reference", "neighborhood_mask_np",
@@ -50,7 +50,7 @@ def _prod(xs) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class NeighborhoodTiling:
-  """The neighbourhood mode of the flash kernels (their `_Cfg.na`).
+  """The neighbourhood mode of the flash kernels (their `FlashConfig.na`).
 
   Arrays seen by the kernels are [B * prod(dilation), prod(num_tiles) *
   prod(tile), ...]: dilation groups in the batch dim (row-major over axes),
@@ -269,7 +269,7 @@ def _na_run(cfg, spatial, d, lg, tile, nt, q, k, v):
   q, k, v = (_to_tiles(x, d, lg, tile, nt) for x in (q, k, v))
   if cfg.heads_major:
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-  out, lse = _flash(cfg, q, k, v, None, None, None, None, None, None)
+  out, lse = flash_core(cfg, q, k, v)
   if cfg.heads_major:
     out = jnp.swapaxes(out, 1, 2)
   lse = jnp.swapaxes(lse, 1, 2)                       # [Bg, Tp, N, 1]
@@ -312,13 +312,14 @@ def neighborhood_attention(query, key, value, kernel_size, *, stride=1,
   if heads_major is None:
     heads_major = interpret or target_platform() != "gpu"
   tsz = _prod(tile)
-  cfg = _Cfg(scale=default_scale(scale, query.shape[-1]),
-             left=math.inf, right=math.inf,
-             kv_len=_prod(nt) * tsz, bq=tsz, bk=tsz, bq_bwd=tsz,
-             bk_bwd=tsz, interpret=interpret, platform=target_platform(),
-             heads_major=bool(heads_major),
-             groups=query.shape[-2] // key.shape[-2],
-             na=NeighborhoodTiling(nt, tile, ks, st, dl, spatial, ca))
+  cfg = FlashConfig(scale=default_scale(scale, query.shape[-1]),
+                    left=math.inf, right=math.inf,
+                    kv_len=_prod(nt) * tsz, bq=tsz, bk=tsz, bq_bwd=tsz,
+                    bk_bwd=tsz, interpret=interpret,
+                    platform=target_platform(),
+                    heads_major=bool(heads_major),
+                    groups=query.shape[-2] // key.shape[-2],
+                    na=NeighborhoodTiling(nt, tile, ks, st, dl, spatial, ca))
   out, lse = _na_run(cfg, spatial, dl, lg, tile, nt, query, key, value)
   return (out, lse) if return_lse else out
 
