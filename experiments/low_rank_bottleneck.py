@@ -43,8 +43,8 @@ layer, GELU MLP 4x, learned positions, linear in/out). For each width D of
 model (head size `mix.fixed_head_size`, = n by default, the paper's
 remedy) runs at the same h with its width chosen by `matched_width` so its
 total parameter count matches the standard model's at width D (within a
-fraction of a percent; `params` in the results). Metric: normalised MSE
-(MSE / mean y^2) on a fixed evaluation set. Rank of the learned attention:
+few percent, widths being integers; `params` in the results). Metric:
+normalised MSE (MSE / mean y^2) on a fixed evaluation set. Rank of the learned attention:
 on `mix.rank_examples` evaluation inputs, per head, the numerical rank of
 the row-centred logits (singular values above `mix.rank_rtol` times the
 largest; <= head size by construction, n - 1 needed), the effective rank
