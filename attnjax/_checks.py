@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The q/k/v layout check, integer scalars and window normalisation are rules
-# the kernels share: one definition, in pallas_kernels/_rules.py.
-from pallas_kernels._rules import (check_floating, check_qkv, check_rank,  # noqa: F401
+# The q/k/v layout check, segment ids, integer scalars and window
+# normalisation are rules the kernels share: one definition, in
+# pallas_kernels/_rules.py. (Backend choice is attnjax._dispatch.)
+from pallas_kernels._rules import (check_floating, check_ids,  # noqa: F401
+                                   check_qkv, check_rank, check_segment_ids,
                                    is_int, normalize_window)
 
 
@@ -94,42 +96,9 @@ def check_scale(name: str, scale):
   return v
 
 
-def check_implementation(implementation, mechanism: str,
-                         allowed=("xla", "pallas")) -> str:
-  """None -> 'xla'; validates the name (ValueError naming the argument)."""
-  if implementation is None:
-    return "xla"
-  if implementation not in allowed:
-    raise ValueError(
-        f"`implementation` of {mechanism} must be one of {list(allowed)} or "
-        f"None, got {implementation!r}.")
-  return implementation
-
-
 def pallas_refuses(mechanism: str, why: str):
   """NotImplementedError for an argument the Pallas kernel does not take."""
   return NotImplementedError(
       f"{mechanism}(implementation='pallas') {why}; use implementation='xla'.")
 
 
-def check_ids(name: str, ids, batch: int, length: int):
-  """Int array [batch, length] -> int32, else ValueError naming `name`."""
-  ids = jnp.asarray(ids)
-  if ids.shape != (batch, length) or not jnp.issubdtype(ids.dtype,
-                                                        jnp.integer):
-    raise ValueError(
-        f"`{name}` must be an int array of shape {(batch, length)}, got "
-        f"{ids.shape} ({ids.dtype}).")
-  return ids.astype(jnp.int32)
-
-
-def check_segment_ids(q_segment_ids, kv_segment_ids, batch: int, q_len: int,
-                      kv_len: int):
-  """Both or neither; -> (int32 [B, T], int32 [B, S]) or (None, None)."""
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError(
-        "give both `q_segment_ids` and `kv_segment_ids`, or neither.")
-  if q_segment_ids is None:
-    return None, None
-  return (check_ids("q_segment_ids", q_segment_ids, batch, q_len),
-          check_ids("kv_segment_ids", kv_segment_ids, batch, kv_len))

@@ -4,6 +4,8 @@ This module is the bottom of the import graph: it imports only jax and
 numpy, and both `attnjax` and `pallas_kernels` import their rules from here,
 so each rule is written once:
 
+  * `check_segment_ids` / `check_ids`: packed-sequence segment ids
+    (both or neither, int [B, T] / [B, S] -> int32);
   * `check_qkv`: the query/key/value layout check ([B, T, N, H] /
     [B, S, K, H] / [B, S, K, Hv], N % K == 0), ValueError naming the argument
     and the shapes;
@@ -170,6 +172,29 @@ LINEAR_FEATURE_MAPS = {
     "relu": jax.nn.relu,
     "identity": lambda x: x,
 }
+
+
+def check_ids(name: str, ids, batch: int, length: int):
+  """Int array [batch, length] -> int32, else ValueError naming `name`."""
+  ids = jnp.asarray(ids)
+  if ids.shape != (batch, length) or not jnp.issubdtype(ids.dtype,
+                                                        jnp.integer):
+    raise ValueError(
+        f"`{name}` must be an int array of shape {(batch, length)}, got "
+        f"{ids.shape} ({ids.dtype}).")
+  return ids.astype(jnp.int32)
+
+
+def check_segment_ids(q_segment_ids, kv_segment_ids, batch: int, q_len: int,
+                      kv_len: int):
+  """Both or neither; -> (int32 [B, T], int32 [B, S]) or (None, None)."""
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError(
+        "give both `q_segment_ids` and `kv_segment_ids`, or neither.")
+  if q_segment_ids is None:
+    return None, None
+  return (check_ids("q_segment_ids", q_segment_ids, batch, q_len),
+          check_ids("kv_segment_ids", kv_segment_ids, batch, kv_len))
 
 
 def divide_or_zero(num, den):

@@ -57,8 +57,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._rules import (KV_PAD_SEGMENT, MASK_VALUE, Q_PAD_SEGMENT,
-                                   cdiv, check_qkv, default_scale,
-                                   normalize_window, round_up)
+                                   cdiv, check_qkv, check_segment_ids,
+                                   default_scale, normalize_window, round_up)
 from pallas_kernels._util import (check_float, compiler_params, lcm,
                                   next_pow2, resolve_interpret,
                                   target_platform)
@@ -806,24 +806,12 @@ def flash_entry(query, key, value, *, bias, mask, is_causal, scale,
           f"`mask` must be boolean (True = attend), got dtype {mask.dtype}.")
     mask = pad_ts(mask.astype(jnp.int8), 0)
   qseg = kvseg = None
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("give both `q_segment_ids` and `kv_segment_ids` or neither.")
+  q_segment_ids, kv_segment_ids = check_segment_ids(
+      q_segment_ids, kv_segment_ids, b, t, s)
   if q_segment_ids is not None:
-    q_segment_ids = jnp.asarray(q_segment_ids)
-    kv_segment_ids = jnp.asarray(kv_segment_ids)
-    if q_segment_ids.shape != (b, t) or not jnp.issubdtype(
-        q_segment_ids.dtype, jnp.integer):
-      raise ValueError(
-          f"`q_segment_ids` must be an int array of shape {(b, t)}, got "
-          f"{q_segment_ids.shape} ({q_segment_ids.dtype}).")
-    if kv_segment_ids.shape != (b, s) or not jnp.issubdtype(
-        kv_segment_ids.dtype, jnp.integer):
-      raise ValueError(
-          f"`kv_segment_ids` must be an int array of shape {(b, s)}, got "
-          f"{kv_segment_ids.shape} ({kv_segment_ids.dtype}).")
-    qseg = jnp.pad(q_segment_ids.astype(jnp.int32), ((0, 0), (0, tp - t)),
+    qseg = jnp.pad(q_segment_ids, ((0, 0), (0, tp - t)),
                    constant_values=Q_PAD_SEGMENT)[:, :, None]
-    kvseg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, sp - s)),
+    kvseg = jnp.pad(kv_segment_ids, ((0, 0), (0, sp - s)),
                     constant_values=KV_PAD_SEGMENT)[:, None, :]
   live = _kv_live(
       None if mask is None else mask[:, :, :t, :s] != 0,
