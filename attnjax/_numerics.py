@@ -22,7 +22,7 @@ def masked_softmax(logits, ok=None, axis=-1):
   logits = logits.astype(jnp.float32)
   if ok is not None:
     logits = jnp.where(ok, logits, NEG)
-  m = jnp.max(logits, axis=axis, keepdims=True)
+  m = jnp.max(logits, axis=axis, keepdims=True, initial=NEG)  # empty axis ok
   m = jax.lax.stop_gradient(jnp.where(m > 0.5 * NEG, m, 0.0))
   p = jnp.exp(logits - m)
   if ok is not None:

@@ -28,6 +28,23 @@ def prepare_qkv(query, key, value, *, same_value_dim=False):
   return query, key, value, dims, unbatched
 
 
+def empty_output(dims, dtype, unbatched: bool = False):
+  """Zeros [B, T, N, Hv] of `dtype` ([T, N, Hv] if unbatched) when batch,
+  q_len or kv_len is 0 (dims = (B, T, N, S, K, H, Hv)); None otherwise.
+
+  An empty key set gives zero rows, as `attnjax.dot_product_attention` does,
+  and an empty batch or query length an empty result; the output does not
+  depend on the inputs, so their gradients are zeros of their shapes.
+  Mechanisms call it after validating their arguments, before any work
+  (reductions, block counts and modulos over an empty axis would fail).
+  """
+  b, t, n, s, _, _, hv = dims
+  if b and t and s:
+    return None
+  out = jnp.zeros((b, t, n, hv), dtype)
+  return out[0] if unbatched else out
+
+
 
 
 def key_padding_mask(mask, b: int, n: int, t: int, s: int, *, mechanism: str,

@@ -116,6 +116,10 @@ def triplewise_attention(query, key1, value1, key2, value2, *,
   kh, hv = k1.shape[2], v1.shape[3]
   g = n // kh
   s1, s2 = k1.shape[1], k2.shape[1]
+  empty = _common.empty_output((b, t, n, min(s1, s2), kh, h, hv), query.dtype,
+                               unbatched)
+  if empty is not None:                 # no pair at all: zero rows
+    return empty
   scale = _common.default_scale(scale, h)
   f32 = jnp.float32
   cq, cj = min(query_chunk, t), min(key_chunk, s1)

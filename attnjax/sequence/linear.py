@@ -212,6 +212,8 @@ def linear_attention(query, key, value, *, feature_map: FeatureMap = "elu_plus_o
   phi = resolve_feature_map(feature_map)
   _features(query[:, :1], key[:, :1], phi, None)      # validates phi's shapes
   log_decay = None if decay is None else _log_decay(decay, dims[2], is_causal)
+  if (empty := _common.empty_output(dims, query.dtype, unbatched)) is not None:
+    return empty
   call = LinearCall(query, key, value, kv_mask, phi, bool(is_causal),
                     bool(normalize), 1.0 if scale is None else float(scale),
                     chunk_size, log_decay, dims)

@@ -101,6 +101,8 @@ def moba_attention(query, key, value, *, block_size: int = 64, top_k: int = 3,
   query, key, value, dims, unbatched, kv_mask, block_size, top_k = _check(
       query, key, value, mask, block_size, top_k, bias, dropout_rate)
   b, t, n, s, k, h, hv = dims
+  if (empty := _common.empty_output(dims, query.dtype, unbatched)) is not None:
+    return empty
   nkb = -(-s // block_size)
   scores = jax.lax.stop_gradient(
       moba_gate_scores(query, key, block_size, is_causal=is_causal,

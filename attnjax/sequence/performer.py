@@ -250,6 +250,8 @@ def performer_attention(query, key, value, projection, *, is_causal: bool = Fals
   del dropout_rng
   query, lq, lk, value, kv_mask, unbatched, dims = _prepare(
       query, key, value, projection, mask, scale, bias, dropout_rate)
+  if (empty := _common.empty_output(dims, query.dtype, unbatched)) is not None:
+    return empty
   b, t, n, s, k, h, hv = dims
   # [v, 1] gives numerator and normalizer in one pass; the division is
   # guarded here.

@@ -109,6 +109,8 @@ def routing_attention(query, key, value, *, region_size: int = 64,
   query, key, value, dims, unbatched, kv_mask, region_size, top_k = _check(
       query, key, value, mask, region_size, top_k, bias, dropout_rate)
   b, t, n, s, k, h, hv = dims
+  if (empty := _common.empty_output(dims, query.dtype, unbatched)) is not None:
+    return empty
   a = jax.lax.stop_gradient(routing_scores(query, key, region_size,
                                            is_causal=is_causal, kv_mask=kv_mask))
   vals, idx = jax.lax.top_k(a, min(top_k, a.shape[-1]))

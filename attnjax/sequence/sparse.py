@@ -142,6 +142,8 @@ def sliding_window_attention(query, key, value, window_size, *,
     _common.check_positive_int("block_size", block_size)
   call = BandCall(query, key, value, kv_mask, left, right, bool(is_causal),
                   _common.default_scale(scale, h), block_size)
+  if (empty := _common.empty_output(dims, query.dtype, unbatched)) is not None:
+    return empty
   out = SLIDING_WINDOW_OP(implementation, call)
   return out[0] if unbatched else out
 
@@ -268,6 +270,8 @@ def block_sparse_attention(query, key, value, layout, block_size, *,
                     _layout_4d(layout, b, n, nqb, nkb), layout, bq, bk,
                     bool(is_causal), _common.default_scale(scale, h),
                     max_blocks_per_row)
+  if (empty := _common.empty_output(dims, query.dtype, unbatched)) is not None:
+    return empty
   out = BLOCK_SPARSE_OP(implementation, call)
   return out[0] if unbatched else out
 
