@@ -4,6 +4,7 @@ masked-slot invariance, grads, bf16, vmap (group_over='example'), errors,
 the layer."""
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attnjax.sequence import key_driven_gqa as kd
+# the module (attnjax.sequence.key_driven_gqa is the function of that name)
+kd = importlib.import_module("attnjax.sequence.key_driven_gqa")
 
 B, T, S, N, K, H, HV = 2, 7, 5, 6, 3, 4, 3
 
