@@ -393,3 +393,26 @@ def test_values_and_grads_vs_reference(dtype, is_causal):
     err = np.linalg.norm(np.asarray(a, np.float64) - np.asarray(r)) / (
         np.linalg.norm(np.asarray(r)))
     assert err < 5e-2, err
+
+
+def test_triton_config_reaches_the_kernel_through_dispatch(triton_pkg,
+                                                           monkeypatch):
+  """dot_product_attention(implementation=Triton(...)): the config's tiles
+  and interpret flag reach triton_flash_attention (Triton's CPU interpreter
+  here), and the result matches the XLA backend."""
+  import attnjax
+  from attnjax.softmax import Triton
+  seen = []
+  real = tf.triton_flash_attention
+  monkeypatch.setattr(tf, "triton_flash_attention", lambda *a, **kw: (
+      seen.append({k: kw[k] for k in ("block_q", "block_kv", "interpret")}),
+      real(*a, **kw))[1])
+  rng = np.random.default_rng(5)
+  q, k, v, _, _ = _case(rng, 1, 33, 40, 2, 1, 16, jnp.float32)
+  got = attnjax.dot_product_attention(
+      q, k, v, is_causal=True,
+      implementation=Triton(block_q=16, block_kv=32, interpret=True))
+  assert seen == [{"block_q": 16, "block_kv": 32, "interpret": True}]
+  ref = attnjax.dot_product_attention(q, k, v, is_causal=True,
+                                      implementation="xla")
+  np.testing.assert_allclose(got, ref, atol=2e-5, rtol=2e-5)
