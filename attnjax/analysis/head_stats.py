@@ -26,7 +26,6 @@ from typing import Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 __all__ = ["attention_entropy", "head_entropy", "effective_rank",
            "sink_scores", "sink_rate", "head_divergence", "head_importance",

@@ -33,9 +33,10 @@ import numpy as np
 from flax import nnx
 
 from attnjax._dispatch import Op
-from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
-                                     default_scale, flatten_spatial,
-                                     layer_scale, masked_softmax, repeat_kv)
+from attnjax.spatial._common import (heads_and_scale, check_channels_last,
+                                     check_spatial_qkv, default_scale,
+                                     flatten_spatial, masked_softmax,
+                                     repeat_kv)
 
 __all__ = ["factorized_attention", "factorized_attention_reference",
            "FactorizedAttention", "FACTORIZED_ATTENTION"]
@@ -181,11 +182,8 @@ class FactorizedAttention(nnx.Module):
                windows: Optional[Dict[int, int]] = None, use_crpe: bool = True,
                qkv_bias: bool = False, qk_scale: Optional[float] = None,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
-    self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
+    self.dim, self.num_heads = dim, num_heads
+    self.head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype,

@@ -32,10 +32,11 @@ import numpy as np
 from flax import nnx
 
 from attnjax._dispatch import Op
-from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
-                                     default_scale, dense_attention_reference,
-                                     flatten_spatial, layer_scale,
-                                     masked_softmax, repeat_kv, to_tuple)
+from attnjax.spatial._common import (heads_and_scale, check_channels_last,
+                                     check_spatial_qkv, default_scale,
+                                     dense_attention_reference,
+                                     flatten_spatial, masked_softmax,
+                                     repeat_kv, to_tuple)
 
 __all__ = ["lsda_attention", "lsda_attention_reference", "LSDAttention",
            "DynamicPosBias", "CrossScaleEmbedding", "LSDA_ATTENTION"]
@@ -213,14 +214,11 @@ class LSDAttention(nnx.Module):
   def __init__(self, dim: int, num_heads: int, size=7, *, mode: str = "sda",
                qkv_bias: bool = True, qk_scale: Optional[float] = None,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
     if mode not in ("sda", "lda"):
       raise ValueError(f"`mode` must be 'sda' or 'lda', got {mode!r}.")
-    self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+    self.dim, self.num_heads = dim, num_heads
+    self.head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
     self.size, self.mode = to_tuple("size", size, 2), mode
-    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, **kw)
     self.proj = nnx.Linear(dim, dim, **kw)

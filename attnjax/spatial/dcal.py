@@ -27,8 +27,8 @@ import numpy as np
 from flax import nnx
 
 from attnjax._dispatch import Op
-from attnjax.spatial._common import (check_spatial_qkv, default_scale,
-                                     dense_attention_reference, layer_scale,
+from attnjax.spatial._common import (heads_and_scale, check_spatial_qkv,
+                                     default_scale, dense_attention_reference,
                                      masked_softmax, repeat_kv)
 
 __all__ = ["global_local_cross_attention",
@@ -123,14 +123,11 @@ class GlobalLocalCrossAttention(nnx.Module):
   def __init__(self, dim: int, num_heads: int, *, local_ratio: float = 0.1,
                qkv_bias: bool = True, qk_scale: Optional[float] = None,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
     if not 0 < local_ratio <= 1:
       raise ValueError(f"`local_ratio` must be in (0, 1], got {local_ratio}.")
-    self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+    self.dim, self.num_heads = dim, num_heads
+    self.head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
     self.local_ratio = local_ratio
-    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, **kw)
     self.proj = nnx.Linear(dim, dim, **kw)

@@ -34,10 +34,11 @@ import numpy as np
 from flax import nnx
 
 from attnjax._dispatch import Op
-from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
-                                     default_scale, dense_attention_reference,
-                                     flatten_spatial, layer_scale,
-                                     masked_softmax, repeat_kv, to_tuple)
+from attnjax.spatial._common import (heads_and_scale, check_channels_last,
+                                     check_spatial_qkv, default_scale,
+                                     dense_attention_reference,
+                                     flatten_spatial, masked_softmax,
+                                     repeat_kv, to_tuple)
 
 __all__ = ["halo_attention", "halo_attention_reference", "HaloAttention",
            "HALO_ATTENTION"]
@@ -208,13 +209,10 @@ class HaloAttention(nnx.Module):
                halo_size: int = 3, *, qkv_bias: bool = False,
                qk_scale: Optional[float] = None, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
-    self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+    self.dim, self.num_heads = dim, num_heads
+    self.head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
     self.block_size = to_tuple("block_size", block_size, 2)
     self.halo_size = to_tuple("halo_size", halo_size, 2, minimum=0)
-    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
     lin = lambda o: nnx.Linear(dim, o, use_bias=qkv_bias, dtype=dtype,
                                param_dtype=param_dtype, rngs=rngs)
     self.q, self.kv = lin(dim), lin(2 * dim)

@@ -24,9 +24,9 @@ from flax import nnx
 
 from attnjax._dispatch import Op
 from attnjax.spatial import halo as _halo
-from attnjax.spatial._common import (check_channels_last, default_scale,
-                                     dense_attention_reference,
-                                     flatten_spatial, layer_scale)
+from attnjax.spatial._common import (heads_and_scale, check_channels_last,
+                                     default_scale, dense_attention_reference,
+                                     flatten_spatial)
 
 __all__ = ["overlapping_cross_attention",
            "overlapping_cross_attention_reference", "overlap_window_size",
@@ -143,13 +143,10 @@ class OverlappingCrossAttention(nnx.Module):
                overlap_ratio: float = 0.5, qkv_bias: bool = True,
                qk_scale: Optional[float] = None, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
-    self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+    self.dim, self.num_heads = dim, num_heads
+    self.head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
     self.window_size = window_size
     self.overlap_size = overlap_window_size(window_size, overlap_ratio)
-    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, **kw)
     self.proj = nnx.Linear(dim, dim, **kw)

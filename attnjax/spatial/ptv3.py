@@ -35,8 +35,8 @@ import numpy as np
 from flax import nnx
 
 from attnjax._dispatch import Op
-from attnjax.spatial._common import (check_spatial_qkv, default_scale,
-                                     dense_attention_reference, layer_scale,
+from attnjax.spatial._common import (heads_and_scale, check_spatial_qkv,
+                                     default_scale, dense_attention_reference,
                                      masked_softmax, repeat_kv)
 
 __all__ = ["serialize", "serialized_attention",
@@ -230,15 +230,12 @@ class SerializedAttention(nnx.Module):
                patch_offset: int = 0, qkv_bias: bool = True,
                qk_scale: Optional[float] = None, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
     if order not in ORDERS:
       raise ValueError(f"`order` must be one of {ORDERS}, got {order!r}.")
-    self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+    self.dim, self.num_heads = dim, num_heads
+    self.head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
     self.patch_size, self.order, self.grid_size = patch_size, order, grid_size
     self.depth, self.patch_offset = depth, patch_offset
-    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, **kw)
     self.proj = nnx.Linear(dim, dim, **kw)

@@ -37,9 +37,10 @@ import numpy as np
 from flax import nnx
 
 from attnjax._dispatch import Op
-from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
-                                     default_scale, flatten_spatial,
-                                     layer_scale, masked_softmax, repeat_kv)
+from attnjax.spatial._common import (heads_and_scale, check_channels_last,
+                                     check_spatial_qkv, default_scale,
+                                     flatten_spatial, masked_softmax,
+                                     repeat_kv)
 
 __all__ = ["spherical_attention", "spherical_attention_reference",
            "sphere_quadrature_weights", "sphere_grid", "SphericalAttention",
@@ -188,13 +189,10 @@ class SphericalAttention(nnx.Module):
   def __init__(self, dim: int, num_heads: int, *, grid: str = "equiangular",
                qkv_bias: bool = True, qk_scale: Optional[float] = None,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
     sphere_grid(4, grid)                         # validates the name
-    self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+    self.dim, self.num_heads = dim, num_heads
+    self.head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
     self.grid = grid
-    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, **kw)
     self.proj = nnx.Linear(dim, dim, **kw)

@@ -34,7 +34,6 @@ in pixels (`k^2` neighbours gathered per pixel, `P` pooled keys).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +42,8 @@ from flax import nnx
 
 from attnjax._dispatch import Op
 from attnjax.spatial._common import (check_channels_last, check_floating,
-                                     masked_softmax, to_tuple)
+                                     heads_and_scale, masked_softmax,
+                                     to_tuple)
 
 __all__ = ["aggregated_attention", "aggregated_attention_reference",
            "AggregatedAttention", "adaptive_avg_pool", "pool_relative_coords",
@@ -307,12 +307,10 @@ class AggregatedAttention(nnx.Module):
   def __init__(self, dim: int, num_heads: int, *, window_size: int = 3,
                pool_size=7, pretrain_size=None, qkv_bias: bool = True,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
     if window_size % 2 != 1:
       raise ValueError(f"`window_size` must be odd, got {window_size}.")
-    self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+    self.dim, self.num_heads = dim, num_heads
+    self.head_dim, _ = heads_and_scale(dim, num_heads)
     self.window_size = window_size
     self.pool_size = to_tuple("pool_size", pool_size, 2)
     self.pretrain_size = (None if pretrain_size is None

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnjax._dispatch import Op
-from attnjax.spatial._common import check_channels_last, check_floating
+from attnjax.spatial._common import check_floating
 
 __all__ = ["triplet_attention", "triplet_attention_reference",
            "TripletAttention", "TRIPLET_ATTENTION"]

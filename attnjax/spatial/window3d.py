@@ -31,11 +31,12 @@ import numpy as np
 from flax import nnx
 
 from attnjax._dispatch import Op
-from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
-                                     default_scale, dense_attention_reference,
-                                     flatten_spatial, layer_scale,
-                                     masked_softmax, merge_windows,
-                                     partition_windows, repeat_kv, to_tuple)
+from attnjax.spatial._common import (heads_and_scale, check_channels_last,
+                                     check_spatial_qkv, default_scale,
+                                     dense_attention_reference,
+                                     flatten_spatial, masked_softmax,
+                                     merge_windows, partition_windows,
+                                     repeat_kv, to_tuple)
 
 __all__ = ["window_attention_3d", "window_attention_3d_reference",
            "window_3d_mask", "video_window_size", "WindowAttention3D",
@@ -211,16 +212,13 @@ class WindowAttention3D(nnx.Module):
                shift_size=0, qkv_bias: bool = True,
                qk_scale: Optional[float] = None, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dim % num_heads:
-      raise ValueError(
-          f"`dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
-    self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+    self.dim, self.num_heads = dim, num_heads
+    self.head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
     self.window_size = to_tuple("window_size", window_size, 3)
     self.shift_size = to_tuple("shift_size", shift_size, 3, minimum=0)
     if any(s >= w for s, w in zip(self.shift_size, self.window_size)):
       raise ValueError(f"`shift_size` {self.shift_size} must be < "
                        f"`window_size` {self.window_size} on every axis.")
-    self.scale = layer_scale(qk_scale, self.head_dim ** -0.5)
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype,

@@ -129,7 +129,7 @@ def test_layer_mixed_windows():
   q, k, v = (qkv[..., i, :, :] for i in range(3))
   # CoaT: head group g convolved with its own window, then q * conv.
   want = sp.factorized_attention_reference(q, k, v, scale=0.5)
-  off, start = 0, 0
+  start = 0
   for w, hh in layer.windows.items():
     kern = getattr(layer, f"crpe_kernel_{w}")[...].reshape(w, w, hh, 4)
     bias = getattr(layer, f"crpe_bias_{w}")[...].reshape(hh, 4)
