@@ -12,7 +12,11 @@ The Pallas flash kernel (interpret mode here) returns zero rows instead: its
 running max starts at, and masked logits are set to, the sentinel
 MASK_VALUE = -1e30 (pallas_kernels/_rules.py), so every logit below it
 gives exp(s - m) = exp(-1e38 + 1e30) = 0, l = 0 and the row is treated as
-empty. 'chunked' gets the forward right but its backward recomputes
+empty. With a mask active every backend ('xla' included) fills masked
+logits with the same -1e30, which then beats the real logits (-1e38) in the
+row max: rows come out zero. Setting MASK_VALUE to the lowest finite
+float32 (as attnjax._numerics.NEG already is) fixes all forwards (checked
+on a copy). 'chunked' gets the forward right but its backward recomputes
 p = exp(s - lse) from lse = m + log(l) stored in float32: at |m| ~ 1e38 the
 log(l) is lost to rounding and p is S times too large (the Pallas backward
 reads the lse the same way). Fixes proposed in the issue-15 report
@@ -41,14 +45,15 @@ def _inputs():
   return q, k, v, w, jnp.asarray(bias)
 
 
-def _reference(q, k, v, w):
-  """float64 weights (row 0: softmax of q.k * scale; rows 1-3: the closed
-  forms above), output and the gradients of sum(out * w)."""
+def _reference(q, k, v, w, valid=np.ones(S, bool)):
+  """float64 weights over the `valid` keys (row 0: softmax of q.k * scale;
+  rows 1-3: the closed forms above), output and the gradients of
+  sum(out * w)."""
   q, k, v, w = (np.asarray(x, np.float64)[0, :, 0] for x in (q, k, v, w))
-  s0 = q[0] @ k.T * SCALE
+  s0 = np.where(valid, q[0] @ k.T * SCALE, -np.inf)
   p = np.zeros((T, S))
   p[0] = np.exp(s0 - s0.max()) / np.exp(s0 - s0.max()).sum()
-  p[1] = p[2] = 1.0 / S
+  p[1] = p[2] = valid / valid.sum()
   p[3, -1] = 1.0
   o = p @ v
   delta = (w * o).sum(-1, keepdims=True)
@@ -83,6 +88,25 @@ def test_rows_below_mask_sentinel_are_softmax_of_their_logits(implementation):
   o_ref, _ = _reference(q, k, v, w)
   out = np.asarray(f(q, k, v), np.float64)[0, :, 0]
   np.testing.assert_allclose(out, o_ref, atol=1e-5, rtol=1e-5)
+
+
+_MASK_WHY = ("masked logits are set to MASK_VALUE = -1e30, above the real "
+             "logits (-1e38), so the row max is the sentinel and the row "
+             "comes out zero (issue 15; fix: MASK_VALUE = lowest finite "
+             "float32 in D1's pallas_kernels/_rules.py)")
+
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked", "pallas"])
+@pytest.mark.xfail(strict=True, reason=_MASK_WHY)
+def test_masked_rows_below_mask_sentinel(implementation):
+  q, k, v, w, bias = _inputs()
+  valid = np.arange(S) > 0                        # key 0 masked
+  mask = jnp.asarray(valid)[None, None, None, :]
+  out = attnjax.dot_product_attention(q, k, v, bias=bias, mask=mask,
+                                      implementation=implementation)
+  o_ref, _ = _reference(q, k, v, w, valid)
+  np.testing.assert_allclose(np.asarray(out, np.float64)[0, :, 0], o_ref,
+                             atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("implementation", [
