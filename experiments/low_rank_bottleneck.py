@@ -151,7 +151,7 @@ from attnjax.models.rank_models import (HeadSizeTransformer,
                                         matched_width, mixing_batch,
                                         mixing_matrices)
 from attnjax.softmax import attention_weights
-from experiments import common, sharding, sweep
+from experiments import common, sharding
 from experiments.sweep import Cell, Stopped, ints, train_cells
 
 
@@ -454,12 +454,8 @@ def lm_cells(cfg, corpus) -> List[Cell]:
 # Driver.
 # ----------------------------------------------------------------------------
 
-def make_mesh(cfg):
-  """The training mesh from `cfg.mesh`; checks the batch sizes against
-  `data` (the fit cells have no batch)."""
-  return sweep.make_mesh(cfg.mesh, {
-      "config.mix.batch_size": cfg.mix.batch_size,
-      "config.lm.batch_size": cfg.lm.batch_size})
+# The fit cells have no batch; the mixing and LM batches are split over `data`.
+make_mesh = sharding.mesh_from_config("mix.batch_size", "lm.batch_size")
 
 
 def _rows(res, cells):
@@ -469,8 +465,7 @@ def _rows(res, cells):
 def run_study(cfg, workdir: str) -> Dict[str, Any]:
   t0 = time.time()
   # Multi-host: before any jax computation (no-op on a single host).
-  if not jax.distributed.is_initialized():
-    sharding.maybe_initialize_distributed()
+  sharding.maybe_initialize_distributed()     # idempotent; no-op on one host
   f, m, lm = cfg.fit, cfg.mix, cfg.lm
   mesh = make_mesh(cfg)
   fcells = fit_cells(cfg)

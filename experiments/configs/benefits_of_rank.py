@@ -104,13 +104,9 @@ CHOICES = {"arch": ("postnorm", "prenorm"),
 
 
 def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
-  preset = preset or "cpu"
-  if preset == "default":
-    preset = "cpu"
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}.")
-  c = ml_collections.ConfigDict()
-  c.preset = preset
+  from experiments.common import new_config
+  c = new_config(preset, PRESETS, default="cpu", aliases={"default": "cpu"})
+  preset = c.preset
   c.seed = 0
   c.arch = "postnorm"
   c.dim = 16

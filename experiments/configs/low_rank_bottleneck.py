@@ -100,11 +100,9 @@ FIELD_DOCS = {
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-  preset = preset or "default"
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}.")
-  c = ml_collections.ConfigDict()
-  c.preset = preset
+  from experiments.common import new_config
+  c = new_config(preset, PRESETS, default="default")
+  preset = c.preset
   c.seed = 0
   c.chunk = 100
   c.ckpt_every = 500

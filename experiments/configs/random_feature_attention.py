@@ -71,12 +71,9 @@ FIELD_DOCS = {
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-  preset = preset or "default"
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}: choose one of "
-                     f"{', '.join(PRESETS)}.")
-  c = ml_collections.ConfigDict()
-  c.preset = preset
+  from experiments.common import new_config
+  c = new_config(preset, PRESETS, default="default")
+  preset = c.preset
   c.seed = 0
   # Inputs: x_0, x_1..x_N i.i.d. uniform on the unit sphere S^{d-1}; every
   # token gets a constant 1 appended (x~ = [x; 1]) so heads and the MLP have
