@@ -15,6 +15,9 @@ from attnjax.softmax import (attention_weights, available_implementations,
                              dot_product_attention,
                              dot_product_attention_with_lse, merge_attentions,
                              register_backend)
+# Backend config objects for `implementation=` (attnjax/_dispatch.py).
+from attnjax._dispatch import BackendConfig
+from attnjax.softmax import Chunked, Cudnn, Pallas, Triton, Xla
 from attnjax.nn import (MLP, MultiHeadAttention, TransformerBlock,
                         TransformerEncoder)
 from attnjax import positions
@@ -44,7 +47,8 @@ from attnjax.spatial import (
     GPSA, AxialAttention, BiLevelRoutingAttention, ChannelAttention,
     CrossViTAttention, CrossViTFusion, CSWinAttention,
     GlobalSubsampledAttention, GridAttention, HiLoAttention,
-    LocallyGroupedAttention, NeighborhoodAttention, WindowAttention,
+    LocallyGroupedAttention, NeighborhoodAttention, NeighborhoodPallas,
+    NeighborhoodXLA, WindowAttention,
     axial_attention, bi_level_routing_attention, channel_attention,
     cross_shaped_window_attention, gated_positional_attention, grid_attention,
     neighborhood_attention, neighborhood_mask, resize_relative_position_bias,
@@ -70,6 +74,7 @@ __all__ = [
     "masks", "attention_weights", "available_implementations",
     "chunked_dot_product_attention", "dot_product_attention",
     "dot_product_attention_with_lse", "merge_attentions", "register_backend",
+    "BackendConfig", "Chunked", "Cudnn", "Pallas", "Triton", "Xla",
     "MLP", "MultiHeadAttention", "TransformerBlock", "TransformerEncoder",
     "analysis", "distributed", "sequence", "spatial",
     # positions (attnjax.positions)
@@ -98,7 +103,8 @@ __all__ = [
     "GPSA", "AxialAttention", "BiLevelRoutingAttention", "ChannelAttention",
     "CrossViTAttention", "CrossViTFusion", "CSWinAttention",
     "GlobalSubsampledAttention", "GridAttention", "HiLoAttention",
-    "LocallyGroupedAttention", "NeighborhoodAttention", "WindowAttention",
+    "LocallyGroupedAttention", "NeighborhoodAttention", "NeighborhoodPallas",
+    "NeighborhoodXLA", "WindowAttention",
     "axial_attention", "bi_level_routing_attention", "channel_attention",
     "cross_shaped_window_attention", "gated_positional_attention",
     "grid_attention", "neighborhood_attention", "neighborhood_mask",
