@@ -105,6 +105,18 @@ def test_setup_matplotlib_keeps_the_kernels_inline_backend(tmp_path,
   assert notebook_runner.count_figures(out.cells[0]) == 1
 
 
+@pytest.mark.slow
+def test_attention_analysis_colab_runs():
+  # colabs/attention_analysis.ipynb (attnjax.analysis tools on a tiny ViT
+  # trained in the notebook; the pretrained cell skips with CKPT = None).
+  nb = notebook_runner.run_notebook(
+      os.path.join(ROOT, "colabs", "attention_analysis.ipynb"), timeout=600)
+  text = notebook_runner.output_text(nb)
+  assert "row sums in" in text, text      # the notebook asserts them (1e-4)
+  assert "rollout rows sum to 1: True" in text
+  assert "pretrained analysis skipped" in text
+
+
 def test_setup_matplotlib_outside_a_kernel_is_headless():
   code = ("import os; os.environ.pop('MPLBACKEND', None); os.environ.pop('DISPLAY', None)\n"
           "from experiments import common\n"
