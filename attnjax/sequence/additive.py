@@ -28,7 +28,6 @@ Layout: query [B, T, N, D], key [B, S, K, D] (N % K == 0), value
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import ClassVar, Optional
 
 import jax
@@ -244,14 +243,12 @@ class AdditiveAttention(MultiHeadAttention):
     super().__init__(num_heads, in_features, *args, rngs=rngs, **kwargs)
     init = nnx.initializers.normal(1.0 / self.head_dim ** 0.5)
     self.weight = nnx.Param(init(rngs.params(), (num_heads, self.head_dim)))
-    self.attention_fn = functools.partial(
-        additive_attention, implementation=AdditiveXla(query_chunk=query_chunk))
+    self.query_chunk = query_chunk
 
-  def __call__(self, *args, attention_kwargs: Optional[dict] = None, **kwargs):
-    # w reaches the primitive as an argument (not through a bound method), so
-    # nnx transforms see it as this layer's parameter.
-    kw = dict(attention_kwargs or {}, weight=self.weight.value)
-    return super().__call__(*args, attention_kwargs=kw, **kwargs)
+  def attend(self, q, k, v, **kwargs):
+    return additive_attention(
+        q, k, v, weight=self.weight.value,
+        implementation=AdditiveXla(query_chunk=self.query_chunk), **kwargs)
 
 
 class PointerNetwork(nnx.Module):

@@ -138,9 +138,8 @@ class BasedAttention(MultiHeadAttention):
     _check_window(window_size)
     self.window_size = window_size
     self.chunk_size = chunk_size
-    super().__init__(num_heads, in_features, *args, attention_fn=self._attend,
-                     **kwargs)
+    super().__init__(num_heads, in_features, *args, **kwargs)
 
-  def _attend(self, q, k, v, **kwargs):
+  def attend(self, q, k, v, **kwargs):
     return based_attention(q, k, v, window_size=self.window_size,
                            chunk_size=self.chunk_size, **kwargs)

@@ -108,10 +108,9 @@ class LightningAttention(MultiHeadAttention):
     self.chunk_size = chunk_size
     self.feature_map = feature_map
     self.normalize = normalize
-    super().__init__(num_heads, in_features, *args, attention_fn=self._attend,
-                     **kwargs)
+    super().__init__(num_heads, in_features, *args, **kwargs)
 
-  def _attend(self, q, k, v, is_causal: bool = False, **kwargs):
+  def attend(self, q, k, v, is_causal: bool = False, **kwargs):
     return lightning_attention(q, k, v, jnp.asarray(self.decay, jnp.float32),
                                is_causal=is_causal,
                                feature_map=self.feature_map,

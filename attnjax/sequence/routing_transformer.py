@@ -265,9 +265,8 @@ class RoutingTransformerAttention(MultiHeadAttention):
     self.centroids = Centroids(init_centroids(rngs.params(), num_clusters,
                                               self.head_dim, num_heads))
     self.update_centroids = False
-    self.attention_fn = self._attend
 
-  def _attend(self, q, k, v, mask=None, **kwargs):
+  def attend(self, q, k, v, mask=None, **kwargs):
     if self.update_centroids:
       self.centroids.value = kmeans_update(self.centroids.value, q, k,
                                            decay=self.decay, mask=mask)
