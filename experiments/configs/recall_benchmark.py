@@ -43,16 +43,22 @@ FIELD_DOCS = {
     "mechanisms": "sequence mixers compared (one model per mechanism)",
     "steps": "training steps per cell (fresh batches every step)",
     "eval_examples": "held-out examples for the accuracy (fixed seed)",
+    "seed": "seed of parameters and data (per-step batches from fold_in)",
+    "batch_size": "training examples per step",
+    "lr": "peak AdamW learning rate (linear warm-up, then cosine decay)",
+    "warmup": "linear warm-up steps",
+    "chunk": "training steps per compiled chunk (one log line each)",
+    "ckpt_every": "steps between orbax checkpoints (resume point)",
+    "stop_after_steps": "stop after this many steps in this run (0: run to "
+                        "the end; tests use it to simulate a kill)",
+    "mesh": "device mesh, e.g. 'data:4' (batch split over `data`)",
 }
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-  preset = preset or "default"
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}: choose one of "
-                     f"{', '.join(PRESETS)}.")
-  c = ml_collections.ConfigDict()
-  c.preset = preset
+  from experiments.common import new_config
+  c = new_config(preset, PRESETS, default="default")
+  preset = c.preset
   c.seed = 0
   c.vocab = 64
   c.seq_lens = (32,)
