@@ -32,6 +32,7 @@ BINARIES = {
     "low_rank_bottleneck": f"{CFG}/low_rank_bottleneck.py:tiny",
     "icl_regression": f"{CFG}/icl_regression.py:tiny",
     "random_feature_attention": f"{CFG}/random_feature_attention.py:tiny",
+    "recall_benchmark": f"{CFG}/recall_benchmark.py:tiny",
     "vision_classify": f"{CFG}/vision_classify.py:vit,smoke",
 }
 # Where each boundary first occurs: K=2 lands after a first cell/checkpoint
