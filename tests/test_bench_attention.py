@@ -31,7 +31,7 @@ def test_unknown_section_on_the_command_line_is_a_clear_error():
   assert proc.returncode != 0
   assert "Traceback" not in out and "ModuleNotFoundError" not in out, out
   assert "unknown section(s) 'nosuch'" in out
-  assert "crossover, sequence, softmax, spatial" in out
+  assert "crossover, four_pattern, sequence, softmax, spatial" in out
 
 
 def test_loglog_slope_recovers_the_exponent():
