@@ -74,11 +74,7 @@ def test_grads_bf16_vmap_masks():
   fn = functools.partial(sq.based_attention, chunk_size=4, block_size=4)
   ref = sq.based_attention_reference
   kw = dict(window_size=3, is_causal=True)
-  zc.check_grads(fn, ref, q, k, v, **kw)
-  zc.check_bf16(fn, ref, q, k, v, **kw)
-  zc.check_vmap(fn, q, k, v, **kw)
-  zc.check_masked_rows(fn, ref, q, k, v, **kw)
-  zc.check_masked_slots(fn, **kw)
+  zc.check_grads_bf16_vmap_masks(fn, ref, q, k, v, **kw)
 
 
 def test_errors():

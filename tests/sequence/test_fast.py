@@ -60,11 +60,7 @@ def test_grads_bf16_vmap_masks():
   fn = functools.partial(sq.fast_attention, chunk_size=4)
   ref = sq.fast_attention_reference
   kw = dict(is_causal=True)
-  zc.check_grads(fn, ref, q, k, v, **kw)
-  zc.check_bf16(fn, ref, q, k, v, **kw)
-  zc.check_vmap(fn, q, k, v, **kw)
-  zc.check_masked_rows(fn, ref, q, k, v, **kw)
-  zc.check_masked_slots(fn, **kw)
+  zc.check_grads_bf16_vmap_masks(fn, ref, q, k, v, **kw)
 
 
 def test_errors():

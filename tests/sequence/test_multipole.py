@@ -87,11 +87,7 @@ def test_grads_bf16_vmap_masks():
   q, k, v = zc.inputs(2)
   fn, ref = sq.multipole_attention, sq.multipole_attention_reference
   kw = dict(window_size=1)
-  zc.check_grads(fn, ref, q, k, v, **kw)
-  zc.check_bf16(fn, ref, q, k, v, **kw)
-  zc.check_vmap(fn, q, k, v, **kw)
-  zc.check_masked_rows(fn, ref, q, k, v, **kw)
-  zc.check_masked_slots(fn, **kw)
+  zc.check_grads_bf16_vmap_masks(fn, ref, q, k, v, **kw)
 
 
 def test_errors():

@@ -84,3 +84,13 @@ def check_masked_slots(fn, *, t=12, s=None, seed=0, **kw):
   q, k, v = inputs(seed, t=t, s=s, n=2, k=2, h=8, hv=8)
   keep = jnp.asarray(np.arange(s)[None, :] < np.array([s - 3, 5])[:, None])
   _check_invariant(functools.partial(fn, **kw), q, k, v, keep)
+
+
+def check_grads_bf16_vmap_masks(fn, ref, q, k, v, **kw):
+  """The shared treatment after the value check: gradients vs `ref`, bf16,
+  vmap, fully masked rows -> zeros, masked-slot invariance."""
+  check_grads(fn, ref, q, k, v, **kw)
+  check_bf16(fn, ref, q, k, v, **kw)
+  check_vmap(fn, q, k, v, **kw)
+  check_masked_rows(fn, ref, q, k, v, **kw)
+  check_masked_slots(fn, **kw)
