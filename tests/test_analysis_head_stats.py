@@ -59,12 +59,12 @@ def test_head_divergence():
   np.testing.assert_allclose(an.head_divergence(m2)[0, 0, 1], want, atol=1e-6)
 
 
-def test_head_importance():
+def test_gate_importance():
   c = jnp.asarray([[1.0, -2.0, 0.5], [3.0, 0.0, 4.0]])
   loss = lambda g: jnp.sum(c * g ** 2)             # dL/dg = 2 c at g = 1
-  np.testing.assert_allclose(an.head_importance(loss, (2, 3), normalize=False),
+  np.testing.assert_allclose(an.gate_importance(loss, (2, 3), normalize=False),
                              2 * np.abs(c), atol=1e-6)
-  imp = an.head_importance(loss, (2, 3))
+  imp = an.gate_importance(loss, (2, 3))
   np.testing.assert_allclose(imp[1], [0.6, 0.0, 0.8], atol=1e-6)
 
 

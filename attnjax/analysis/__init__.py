@@ -5,23 +5,31 @@
   divergence, head importance of recorded attention maps.
 * `rollout`: attention rollout and attention flow (ViTs).
 * `token_pruning`: budgeted attention-guided token selection (HiRED-style).
+* `head_gates`: head importance from per-head gate gradients and head
+  pruning (Michel et al. 2019) on MultiHeadAttention layers.
 
 Maps come from `attnjax.models.vision.attention_maps(model, images)`
 ({block path: [B, heads, T, S]}).
 """
 
-from attnjax.analysis import head_stats, kq_ov, rollout, token_pruning
+from attnjax.analysis import (head_gates, head_stats, kq_ov, rollout,
+                              token_pruning)
+from attnjax.analysis.head_gates import (HeadGate, gated_layers, gated_view,
+                                         head_importance, prune_heads,
+                                         pruning_curve)
 from attnjax.analysis.head_stats import (attention_entropy, effective_rank,
-                                         head_divergence, head_entropy,
-                                         head_importance, ordered_layers,
+                                         gate_importance, head_divergence,
+                                         head_entropy, ordered_layers,
                                          sink_rate, sink_scores)
 from attnjax.analysis.rollout import (attention_flow, attention_rollout,
                                       fuse_heads)
 from attnjax.analysis.token_pruning import (allocate_budget, cls_attention,
                                             drop_tokens, select_tokens)
 
-__all__ = ["kq_ov", "head_stats", "rollout", "token_pruning",
+__all__ = ["kq_ov", "head_stats", "rollout", "token_pruning", "head_gates",
+           "HeadGate", "gated_layers", "gated_view", "head_importance",
+           "prune_heads", "pruning_curve", "gate_importance",
            "attention_entropy", "effective_rank", "head_divergence",
-           "head_entropy", "head_importance", "ordered_layers", "sink_rate",
+           "head_entropy", "ordered_layers", "sink_rate",
            "sink_scores", "attention_flow", "attention_rollout", "fuse_heads",
            "allocate_budget", "cls_attention", "drop_tokens", "select_tokens"]

@@ -16,8 +16,9 @@ keys; rows sum to 1, or to 0 for masked rows), e.g. the values of
   Emerges in Language Models", eps = 0.3).
 * `head_divergence`: mean over queries of the Jensen-Shannon divergence
   (nats) between the distributions of every pair of heads, [B, N, N].
-* `head_importance`: Michel et al. (2019) importance |dL/d xi_h| of head
-  gates xi (all ones) for a loss that takes the gates.
+* `gate_importance`: Michel et al. (2019) importance |dL/d xi_h| of head
+  gates xi (all ones) for a loss that takes the gates (models with
+  attnjax layers: `attnjax.analysis.head_gates.head_importance`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["attention_entropy", "head_entropy", "effective_rank",
-           "sink_scores", "sink_rate", "head_divergence", "head_importance",
+           "sink_scores", "sink_rate", "head_divergence", "gate_importance",
            "check_maps", "ordered_layers"]
 
 
@@ -106,7 +107,7 @@ def head_divergence(maps, eps: float = 1e-12):
   return (0.5 * kl(p) + 0.5 * kl(q)).mean(-1)
 
 
-def head_importance(loss_fn: Callable, gate_shape, *, normalize: bool = True):
+def gate_importance(loss_fn: Callable, gate_shape, *, normalize: bool = True):
   """Michel et al. (2019) head importance: |dL/d xi| at xi = 1, where
   `loss_fn(gates)` runs the model with every head's output multiplied by
   `gates[..., h]` (shape `gate_shape`, e.g. [layers, heads]). With

@@ -272,6 +272,10 @@ class MultiHeadAttention(nnx.Module):
     self.cached_key = nnx.data(None)
     self.cached_value = nnx.data(None)
     self.cache_index = nnx.data(None)
+    # Per-head output gates [num_heads] (Michel et al. 2019 head importance
+    # and head pruning, attnjax.analysis.head_gates): None = no gate, no
+    # cost. Set on a view of the model, never needed for training.
+    self.head_gate = nnx.data(None)
 
   # ------------------------------------------------------------------ hooks
 
@@ -473,6 +477,14 @@ class MultiHeadAttention(nnx.Module):
       x = fn(q, k, v, **kwargs)
     if ok is not None:      # decoding past the cache under jit: NaN, loudly
       x = jnp.where(ok, x, jnp.asarray(jnp.nan, x.dtype))
+    if self.head_gate is not None:      # xi_h multiplies head h's output
+      gate = jnp.asarray(self.head_gate[...]
+                         if isinstance(self.head_gate, nnx.Variable)
+                         else self.head_gate)
+      if gate.shape != (self.num_heads,):
+        raise ValueError(f"`head_gate` must have shape [num_heads]="
+                         f"({self.num_heads},), got {tuple(gate.shape)}.")
+      x = x * gate[:, None].astype(x.dtype)
     return self.out(x)
 
   # ----------------------------------------------------------------- decode
