@@ -70,6 +70,7 @@ training state to checkpoint.)
   slopes            {"vs_n"|"vs_heads": {model: {target: least-squares slope
                     of log error on log n (log M)}}}.
   wall_time_s       time of the invocation that wrote the file.
+  cpu_time_s        CPU time (all threads) of the cells computed by it.
 Figures: test_error_vs_n.png (one panel per target, fitted slopes in the
 legend), test_error_<target>.png, test_error_vs_heads.png.
 """
@@ -84,6 +85,7 @@ from typing import Dict, List
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 from absl import app, flags, logging
 from flax import nnx
 
@@ -170,7 +172,9 @@ def param_counts(cfg) -> Dict[str, int]:
 
 
 def model_features(cfg, model: str, repeat: int, data, layer=None):
-  """float64 features [n_all, p] of one model (p = M * (d + 1))."""
+  """float32 features [n_all, p] of one model (p = M * (d + 1)); each ridge
+  cell casts its slice to float64 (the Gram matrix and its solves are where
+  the precision matters)."""
   q, k = data["q"], data["k"]
   n_all = q.shape[0]
   bs = cfg.feature_batch
@@ -178,7 +182,7 @@ def model_features(cfg, model: str, repeat: int, data, layer=None):
     feat_fn = jax.jit(lambda qq, kk: layer.features(qq, kk))
     out = [np.asarray(feat_fn(q[i:i + bs], k[i:i + bs])).reshape(
         min(bs, n_all - i), -1) for i in range(0, n_all, bs)]
-    return np.concatenate(out).astype(np.float64)
+    return np.concatenate(out).astype(np.float32)
   # Random-feature MLP on the concatenated input, width = matched params.
   u = np.concatenate([q.reshape(n_all, -1), k.reshape(n_all, -1)], -1)
   width = cfg.num_heads * (cfg.dim + 1)
@@ -188,49 +192,77 @@ def model_features(cfg, model: str, repeat: int, data, layer=None):
   w = w / np.sqrt(u.shape[1])
   fn = jax.jit(lambda uu: jax.nn.relu(uu @ w))
   out = [np.asarray(fn(u[i:i + bs])) for i in range(0, n_all, bs)]
-  return np.concatenate(out).astype(np.float64)
+  return np.concatenate(out).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------
-# Ridge regression along a penalty path (one eigendecomposition per cell).
+# Ridge regression along a penalty path (one Cholesky solve per penalty).
+
+def ridge_cost(n: int, p: int, num_lambdas: int) -> float:
+  """Work units (GFLOP, roughly) of one ridge cell: the Gram matrix plus one
+  Cholesky factorization per penalty (used for a truthful ETA)."""
+  k = min(n, p)
+  return (2.0 * n * p * k + num_lambdas * k ** 3 / 3.0) / 1e9
+
 
 def ridge_cell(cfg, feats, data, n: int):
-  """Fits every target at sample size n; returns per-target results."""
+  """Fits every target at sample size n; returns per-target results.
+
+  The features are centred on the first n training rows, the penalty path
+  is relative to trace(A^T A), and every penalty is one Cholesky
+  factorization of the float64 Gram matrix (dual n x n when n <= p, primal
+  p x p above) shared by all targets (a multi-column right-hand side).
+  Cholesky per penalty is several times cheaper than one
+  eigendecomposition on a CPU for the 9-point path (LAPACK's symmetric
+  eigensolver is bandwidth-bound in its tridiagonal reduction).
+  """
   sp = data["splits"]
-  a = feats[sp["train"]][:n]
+  a = np.asarray(feats[sp["train"]][:n], np.float64)
   mu = a.mean(0)
-  a = a - mu
-  fv = feats[sp["val"]] - mu
-  ft = feats[sp["test"]] - mu
+  a -= mu
+  fv = np.asarray(feats[sp["val"]], np.float64) - mu
+  ft = np.asarray(feats[sp["test"]], np.float64) - mu
   n_, p = a.shape
-  if n_ <= p:                    # dual: K = A A^T
-    ev, u = np.linalg.eigh(a @ a.T)
-    basis = a.T @ u              # [p, n]: w = basis @ coef
-  else:                          # primal: C = A^T A
-    ev, basis = np.linalg.eigh(a.T @ a)
-  ev = np.maximum(ev, 0.0)
-  scale = ev.sum()               # trace: makes lambda scale-free
-  pv, pt = fv @ basis, ft @ basis
+  targets = list(cfg.targets)
+  noise = data["noise"]
+  y = np.stack([data["y"][t][sp["train"]][:n] + noise[sp["train"]][:n]
+                for t in targets], 1)                        # [n, T]
+  yv = np.stack([data["y"][t][sp["val"]] + noise[sp["val"]]
+                 for t in targets], 1)
+  yt = np.stack([data["y"][t][sp["test"]] for t in targets], 1)
+  ybar = y.mean(0)
+  yc = y - ybar
+  dual = n_ <= p
+  g = a @ a.T if dual else a.T @ a                           # [k, k]
+  scale = float(np.trace(g))      # makes lambda scale-free
+  rhs = yc if dual else a.T @ yc                             # [k, T]
+  var_v = yv.var(0)
+  best = [None] * len(targets)
+  for lam in cfg.ridge_lambdas:
+    m = g.copy()
+    m.flat[::m.shape[0] + 1] += lam * scale
+    try:
+      cf = scipy.linalg.cho_factor(m, lower=True, overwrite_a=True,
+                                   check_finite=False)
+    except np.linalg.LinAlgError:
+      continue                    # not numerically positive definite
+    sol = scipy.linalg.cho_solve(cf, rhs, check_finite=False)
+    w = a.T @ sol if dual else sol                           # [p, T]
+    val = np.mean((fv @ w + ybar - yv) ** 2, 0) / var_v
+    for j in range(len(targets)):
+      if best[j] is None or val[j] < best[j][0]:
+        best[j] = (float(val[j]), lam, w[:, j].copy())
   out = {}
-  for name in cfg.targets:
-    y_all = data["y"][name]
-    y = y_all[sp["train"]][:n] + data["noise"][sp["train"]][:n]
-    ybar = y.mean()
-    yv = y_all[sp["val"]] + data["noise"][sp["val"]]
-    yt = y_all[sp["test"]]
-    proj = basis.T @ (a.T @ (y - ybar)) if n_ > p else u.T @ (y - ybar)
-    best = None
-    for lam in cfg.ridge_lambdas:
-      coef = proj / (ev + lam * scale)
-      val = float(np.mean((pv @ coef + ybar - yv) ** 2) / np.var(yv))
-      if best is None or val < best[0]:
-        best = (val, lam, coef)
-    val, lam, coef = best
-    pred_t = pt @ coef + ybar
-    test = float(np.mean((pred_t - yt) ** 2) / np.var(yt))
-    w = basis @ coef
+  for j, name in enumerate(targets):
+    if best[j] is None:
+      raise np.linalg.LinAlgError(
+          f"no ridge penalty in {tuple(cfg.ridge_lambdas)} gave a positive "
+          f"definite system at n={n}, p={p}.")
+    val, lam, w = best[j]
+    pred_t = ft @ w + ybar[j]
+    test = float(np.mean((pred_t - yt[:, j]) ** 2) / np.var(yt[:, j]))
     out[name] = dict(test_error=test, val_error=val, ridge_lambda=lam,
-                     weights=w, offset=float(ybar - mu @ w))
+                     weights=w, offset=float(ybar[j] - mu @ w))
   return out
 
 
@@ -277,7 +309,7 @@ def _write_cell(path, rec):
   os.replace(tmp, path)
 
 
-def run(cfg, workdir: str, *, log_every: int = 1):
+def run(cfg, workdir: str):
   """Runs (or resumes) the study; returns (results, stats).
 
   Cells: (repeat, model, n) on the sample-size axis with all M heads, and
@@ -303,10 +335,23 @@ def run(cfg, workdir: str, *, log_every: int = 1):
             for m in cfg.models for h in hcounts]
   done = {c: _cell_path(workdir, *c) for c in cells}
   todo = [c for c in cells if not os.path.exists(done[c])]
-  progress = common.Progress(len(cells), start=len(cells) - len(todo),
-                             every=log_every, desc="rfa cells")
-  computed = 0
   width = cfg.dim + 1
+  nl = len(cfg.ridge_lambdas)
+
+  def cost(c):
+    p = (cfg.num_heads if c[3] is None else c[3]) * width
+    return 0.0 if _reused(c) else ridge_cost(c[2], p, nl)
+
+  def _reused(c):
+    # The heads-axis cell with all M heads at n = heads_n is the same fit as
+    # the sample-size cell at that n: copied, not recomputed.
+    return c[3] == cfg.num_heads and c[2] in sizes
+  total = sum(cost(c) for c in cells)
+  units = total - sum(cost(c) for c in todo)
+  progress = common.Progress(max(total, 1e-9), start=units, every=0,
+                             desc="rfa cells", unit="GFLOP")
+  computed = 0
+  cpu0 = time.process_time()
   for r in range(cfg.num_repeats):
     need = [c for c in todo if c[0] == r]
     if not need:
@@ -318,7 +363,14 @@ def run(cfg, workdir: str, *, log_every: int = 1):
         continue
       layer = build_rfa(cfg, m, r) if MODEL_KINDS[m][0] == "rfa" else None
       feats = model_features(cfg, m, r, data, layer)
-      for (_, _, n, h) in mine:
+      for c in mine:
+        (_, _, n, h) = c
+        if _reused(c):
+          with open(done[(r, m, n, None)]) as fh:
+            rec = json.load(fh)
+          _write_cell(done[c], rec)
+          computed += 1
+          continue
         f = feats if h is None else feats[:, :h * width]
         cell = ridge_cell(cfg, f, data, n)
         rec = {t: {k: v for k, v in res.items() if k != "weights"}
@@ -332,13 +384,16 @@ def run(cfg, workdir: str, *, log_every: int = 1):
             ref = ft @ cell[t]["weights"] + cell[t]["offset"]
             got = layer_check(layer, data, cell, t)
             rec[t]["layer_check_max_abs_diff"] = float(np.max(np.abs(got - ref)))
-        _write_cell(done[(r, m, n, h)], rec)
+        _write_cell(done[c], rec)
         computed += 1
-        progress.update(len(cells) - len(todo) + computed,
+        units += cost(c)
+        progress.update(units, cells=len(cells) - len(todo) + computed,
+                        cpu_s=time.process_time() - cpu0,
                         **{f"err_{t}": rec[t]["test_error"]
                            for t in cfg.targets[:2]})
   results = aggregate(cfg, workdir, sizes)
   results["wall_time_s"] = time.time() - t0
+  results["cpu_time_s"] = time.process_time() - cpu0
   common.write_results(workdir, results)
   make_figures(cfg, workdir, results)
   return results, {"cells_computed": computed, "cells_total": len(cells)}

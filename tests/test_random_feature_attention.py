@@ -272,6 +272,50 @@ def _tiny_cfg():
   return get_config("tiny")
 
 
+def test_ridge_cell_matches_closed_form_ridge_float64():
+  """Cholesky-per-penalty ridge == the closed form (A^T A + lam tr I)^-1
+  A^T y on centred float64 features (np.linalg.solve), in the dual (n <= p)
+  and primal (n > p) branches, and the chosen penalty minimizes the
+  validation error over the path."""
+  from experiments import random_feature_attention as study
+  cfg = _tiny_cfg()
+  cfg.ridge_lambdas = (1e-6, 1e-3, 1e-1)
+  rng = np.random.default_rng(0)
+  n_train, nv, nt, p = 40, 30, 30, 24
+  feats = rng.standard_normal((n_train + nv + nt, p)).astype(np.float32)
+  w_true = rng.standard_normal(p)
+  y = {"he1": feats.astype(np.float64) @ w_true,
+       "he2": np.sin(feats[:, 0].astype(np.float64))}
+  data = {"y": y, "noise": 0.1 * rng.standard_normal(n_train + nv + nt),
+          "splits": {"train": slice(0, n_train),
+                     "val": slice(n_train, n_train + nv),
+                     "test": slice(n_train + nv, None)}}
+  for n in (16, 40):                     # dual (16 <= 24), primal (40 > 24)
+    out = study.ridge_cell(cfg, feats, data, n)
+    f64 = feats.astype(np.float64)
+    a = f64[:n]
+    mu = a.mean(0)
+    a = a - mu
+    for t in cfg.targets:
+      yy = y[t][:n] + data["noise"][:n]
+      yv = y[t][n_train:n_train + nv] + data["noise"][n_train:n_train + nv]
+      vals = []
+      for lam in cfg.ridge_lambdas:
+        g = a.T @ a
+        w = np.linalg.solve(g + lam * np.trace(g) * np.eye(p),
+                            a.T @ (yy - yy.mean()))
+        pv = (f64[n_train:n_train + nv] - mu) @ w + yy.mean()
+        vals.append((np.mean((pv - yv) ** 2) / np.var(yv), lam, w))
+      val, lam, w = min(vals, key=lambda v: v[0])
+      assert out[t]["ridge_lambda"] == lam
+      np.testing.assert_allclose(out[t]["weights"], w, rtol=1e-6, atol=1e-8)
+      assert out[t]["val_error"] == pytest.approx(val, rel=1e-8)
+      pt = (f64[n_train + nv:] - mu) @ w + yy.mean()
+      ref = np.mean((pt - y[t][n_train + nv:]) ** 2) / np.var(
+          y[t][n_train + nv:])
+      assert out[t]["test_error"] == pytest.approx(ref, rel=1e-6)
+
+
 def test_study_resume_and_determinism(tmp_path):
   from experiments import random_feature_attention as study
   cfg = _tiny_cfg()
