@@ -43,7 +43,8 @@ class Block(nnx.Module):
   Works on tokens [B, T, C] or maps [B, H, W, C] (whatever `mixer` takes).
   `mlp_ratio=0` drops the MLP. With `record=True` (a static option, set at
   construction or on a view) the block sows the mixer's attention map as
-  `nnx.Intermediate` "attention_map" (collect it with `nnx.capture`).
+  `nnx.Intermediate` "attention_map" and its input (the residual stream
+  entering the mixer) as "block_input" (collect them with `nnx.capture`).
   """
 
   def __init__(self, dim: int, mixer: nnx.Module, *, mlp_ratio: float = 4.0,
@@ -80,6 +81,8 @@ class Block(nnx.Module):
     if self.cpe is not None:
       x = x + self.cpe(x)
     if self.attn is not None:
+      if self.record:     # the residual stream entering the mixer
+        self.sow(nnx.Intermediate, "block_input", x)
       h = self.norm1(x)
       if self.record:
         from attnjax.models.vision.attention_maps import layer_map
