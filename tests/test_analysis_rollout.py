@@ -35,6 +35,19 @@ def test_flow_hand_case():
                              [[0.75, 0.5], [0.75, 0.5]], atol=1e-9)
 
 
+def test_flow_rows_are_rows_of_the_full_flow():
+  rng = np.random.default_rng(0)
+  maps = [jnp.asarray(rng.dirichlet(np.ones(5), (2, 2, 5)), jnp.float32)
+          for _ in range(3)]                               # [B, N, T, T] x 3
+  full = an.attention_flow(maps)
+  np.testing.assert_allclose(an.attention_flow(maps, rows=[0]), full[:, :1],
+                             atol=1e-12)
+  np.testing.assert_allclose(an.attention_flow(maps, rows=[3, -1]),
+                             full[:, [3, 4]], atol=1e-12)
+  with pytest.raises(ValueError, match="rows"):
+    an.attention_flow(maps, rows=[5])
+
+
 @pytest.fixture(scope="module")
 def vit_maps():
   from attnjax.models import vision as V

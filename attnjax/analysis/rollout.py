@@ -14,12 +14,13 @@ connection as `A' = 0.5 A + 0.5 I` (rows renormalized).
   input token s (bottom layer) in the layered graph whose edge capacities
   are the A' weights: [B, T, T]. Exact (Edmonds-Karp in float64 NumPy); the
   graph has L*T edges per node, so keep T small (tens of tokens).
+  `rows=[0]` computes only the cls token's row (T times cheaper).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -117,22 +118,29 @@ def _max_flow(cap, source, sink):
 
 
 def attention_flow(maps_per_layer: Sequence, *, head_fusion: str = "mean",
-                   residual: bool = True):
+                   residual: bool = True, rows: Optional[Sequence[int]] = None):
   """Max-flow from each top-layer token to each input token: [B, T, T]
-  (NumPy float64; rows are the output tokens)."""
+  (NumPy float64; rows are the output tokens). `rows` (e.g. [0] for the
+  cls token): only those output tokens, [B, len(rows), T], len(rows)/T of
+  the cost."""
   layers = [np.asarray(fuse_heads(m, head_fusion, residual), np.float64)
             for m in _layers(maps_per_layer)]
   b, t, _ = layers[0].shape
+  rows = list(range(t)) if rows is None else [int(r) for r in rows]
+  if not rows or min(rows) < -t or max(rows) >= t:
+    raise ValueError(f"`rows` must be non-empty indices into {t} tokens, got "
+                     f"{rows}.")
+  rows = [r % t for r in rows]
   n_layers = len(layers)
   n = (n_layers + 1) * t                 # node (l, i) = l * t + i; l = 0 input
-  out = np.zeros((b, t, t))
+  out = np.zeros((b, len(rows), t))
   for bi in range(b):
     cap = np.zeros((n, n))
     for l, a in enumerate(layers):       # token i at l+1 reads j at l: a[i, j]
       for i in range(t):
         for j in range(t):
           cap[(l + 1) * t + i, l * t + j] = a[bi, i, j]
-    for i in range(t):
+    for ri, i in enumerate(rows):
       for j in range(t):
-        out[bi, i, j] = _max_flow(cap, n_layers * t + i, j)
+        out[bi, ri, j] = _max_flow(cap, n_layers * t + i, j)
   return out
