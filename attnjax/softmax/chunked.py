@@ -4,7 +4,8 @@ Forward: for each query block, an online-softmax loop over key/value blocks
 (running max `m`, normalizer `l`, unnormalized accumulator), saving only the
 output and the log-sum-exp. Backward (`jax.custom_vjp`): a scan over key/value
 blocks with an inner loop over query blocks that recomputes each block's
-probabilities from the saved log-sum-exp (`p = exp(s - lse)`), so no
+probabilities from the saved row statistics (`p = exp((s - m) - log l)`:
+the max and log-normalizer kept apart, exact when |m| is huge), so no
 [T, S] array is ever stored. Peak memory is O(B N (T + S) H + block_q block_kv).
 
 Attention dropout (`dropout_rate` > 0) is applied block by block: each keep
@@ -93,11 +94,17 @@ def _slice_blocks(x, i, j, bq, bk):
   return x
 
 
-def _block_mask(cfg: _Config, i, j, mask, q_seg, kv_seg, s_pad, shift=None):
+def _block_mask(cfg: _Config, i, j, mask, q_seg, kv_seg, s_pad, shift=None,
+                band: bool = True):
   """Boolean mask broadcastable to [B, K, G, bq, bk] for block (i, j);
-  `shift` (int32 [B] or None) adds to cfg.shift per example."""
+  `shift` (int32 [B] or None) adds to cfg.shift per example. With
+  band=False the window/causal band and the key padding are left out (for
+  blocks `_kv_split`/`_q_split` found entirely inside the band)."""
   bq, bk = cfg.block_q, cfg.block_kv
   parts = []
+  if not band:
+    cfg = dataclasses.replace(cfg, left=math.inf, right=math.inf)
+    s_pad = cfg.kv_len
   qpos = i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None] + cfg.shift
   kpos = j * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]
   if shift is not None:   # per example: rank 5 (explicit, rank-promotion safe)
@@ -241,6 +248,65 @@ def _q_range(cfg: _Config, j, nq: int, shift=None):
   return lo, hi
 
 
+def _ceil_div(a, b: int):
+  return -((-a) // b)
+
+
+def _kv_split(cfg: _Config, i, lo, hi, shift=None):
+  """Splits query block i's key blocks [lo, hi) as [lo, flo) masked,
+  [flo, fhi) inside the band (no band or key-padding mask needed), [fhi, hi)
+  masked; returns (flo, fhi, edge_lo, edge_hi), the edges static (False:
+  that masked range is always empty)."""
+  bq, bk = cfg.block_q, cfg.block_kv
+  sh_lo, sh_hi = _shift_bounds(cfg, shift)
+  edge_lo = math.isfinite(cfg.left)
+  padded = cfg.kv_len % bk != 0
+  edge_hi = math.isfinite(cfg.right) or padded
+  flo, fhi = lo, hi
+  if edge_lo:   # every query of the block sees key j*bk: j*bk >= q_max - left
+    flo = jnp.clip(_ceil_div(i * bq + bq - 1 + sh_hi - int(cfg.left), bk),
+                   lo, hi)
+  if math.isfinite(cfg.right):   # (j+1)*bk - 1 <= q_min + right
+    fhi = (i * bq + sh_lo + int(cfg.right) + 1) // bk
+  if padded:    # the last key block holds padding
+    fhi = jnp.minimum(fhi, cfg.kv_len // bk)
+  if edge_hi:
+    fhi = jnp.clip(fhi, flo, hi)
+  return flo, fhi, edge_lo, edge_hi
+
+
+def _q_split(cfg: _Config, j, lo, hi, shift=None):
+  """`_kv_split` for the backward: key block j's query blocks [lo, hi)."""
+  bq, bk = cfg.block_q, cfg.block_kv
+  sh_lo, sh_hi = _shift_bounds(cfg, shift)
+  padded = cfg.kv_len % bk != 0
+  edge_lo = math.isfinite(cfg.right) or padded
+  edge_hi = math.isfinite(cfg.left)
+  flo, fhi = lo, hi
+  if math.isfinite(cfg.right):   # (j+1)*bk - 1 <= q_min + right
+    flo = _ceil_div(j * bk + bk - 1 - sh_lo - int(cfg.right), bq)
+  if padded:    # a key block holding padding is masked for every query block
+    flo = jnp.where((j + 1) * bk > cfg.kv_len, hi, flo)
+  if edge_lo:
+    flo = jnp.clip(flo, lo, hi)
+  if edge_hi:   # j*bk >= q_max - left
+    fhi = jnp.clip((j * bk + int(cfg.left) - sh_hi + 1) // bq, flo, hi)
+  return flo, fhi, edge_lo, edge_hi
+
+
+def _split_loop(lo, hi, split, body, init):
+  """fori_loop of body(idx, carry, band) over [lo, hi): band=False on the
+  blocks inside the band, band=True (full masking) on the edge blocks."""
+  flo, fhi, edge_lo, edge_hi = split
+  carry = init
+  if edge_lo:
+    carry = lax.fori_loop(lo, flo, functools.partial(body, band=True), carry)
+  carry = lax.fori_loop(flo, fhi, functools.partial(body, band=False), carry)
+  if edge_hi:
+    carry = lax.fori_loop(fhi, hi, functools.partial(body, band=True), carry)
+  return carry
+
+
 def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks,
              shift):
   b, nkv, g, t_pad, h = q.shape
@@ -252,12 +318,12 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks,
   def q_block(i):
     qi = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=3)
 
-    def body(j, carry):
+    def body(j, carry, band):
       acc, m, l = carry
       kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
       vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
       s = _block_logits(cfg, qi, kj, bias, i, j)
-      msk = _block_mask(cfg, i, j, mask, q_seg, kv_seg, s_pad, shift)
+      msk = _block_mask(cfg, i, j, mask, q_seg, kv_seg, s_pad, shift, band)
       if msk is not None:
         s = jnp.where(msk, s, MASK_VALUE)
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -286,30 +352,39 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks,
       l0 = jnp.where(jnp.isneginf(m0), 0.0, 1.0)
     init = (jnp.zeros((b, nkv, g, bq, hv), jnp.float32), m0, l0)
     lo, hi = _kv_range(cfg, i, nk_valid, shift)
-    acc, m, l = lax.fori_loop(lo, hi, body, init)
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-    # Rows with nothing to attend to: the finite sentinel MASK_VALUE (the
-    # entry point turns it into -inf only when the lse is asked for).
-    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), MASK_VALUE)
-    return out.astype(q.dtype), lse
+    acc, m, l = _split_loop(lo, hi, _kv_split(cfg, i, lo, hi, shift), body,
+                            init)
+    has = l > 0   # the row has something to attend to (never a sentinel test)
+    out = acc / jnp.where(has, l, 1.0)[..., None]
+    # Row statistics: m and log(l) separately (lse = m + log l rounds log l
+    # away when |m| ~ 1e38, so the backward recomputes p from the pair);
+    # 0 on rows with nothing to attend to (finite: no inf is formed; the
+    # entry point turns their lse into -inf only when it is asked for).
+    logl = jnp.log(jnp.where(has, l, 1.0))
+    m = jnp.where(has, m, 0.0)
+    return out.astype(q.dtype), (m + logl, m, logl, has)
 
-  outs, lses = lax.map(q_block, jnp.arange(nq, dtype=jnp.int32))
-  # outs: [nq, B, K, G, bq, Hv] -> [B, K, G, T, Hv]; lses: [nq, B, K, G, bq]
+  outs, stats = lax.map(q_block, jnp.arange(nq, dtype=jnp.int32))
+  # outs: [nq, B, K, G, bq, Hv] -> [B, K, G, T, Hv]; stats: [nq, B, K, G, bq]
   out = jnp.moveaxis(outs, 0, 3).reshape(b, nkv, g, t_pad, hv)
-  lse = jnp.moveaxis(lses, 0, 3).reshape(b, nkv, g, t_pad)
-  return out, lse
+  lse, m, logl, has = (jnp.moveaxis(x, 0, 3).reshape(b, nkv, g, t_pad)
+                       for x in stats)
+  return out, lse, m, logl, has
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _chunked(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks, shift):
-  return _forward(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks, shift)
+  """(out, lse, has): lse is 0 where `has` (bool) is False."""
+  out, lse, _, _, has = _forward(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng,
+                                 sinks, shift)
+  return out, lse, has
 
 
 def _chunked_fwd(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks, shift):
-  out, lse = _forward(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks,
-                      shift)
-  return (out, lse), (q, k, v, bias, mask, q_seg, kv_seg, rng, sinks, shift,
-                      out, lse)
+  out, lse, m, logl, has = _forward(cfg, q, k, v, bias, mask, q_seg, kv_seg,
+                                    rng, sinks, shift)
+  return (out, lse, has), (q, k, v, bias, mask, q_seg, kv_seg, rng, sinks,
+                           shift, out, m, logl)
 
 
 def _reduce_to(x, shape):
@@ -320,8 +395,8 @@ def _reduce_to(x, shape):
 
 
 def _chunked_bwd(cfg, res, cts):
-  q, k, v, bias, mask, q_seg, kv_seg, rng, sinks, shift, out, lse = res
-  dout, dlse = cts
+  q, k, v, bias, mask, q_seg, kv_seg, rng, sinks, shift, out, m, logl = res
+  dout, dlse, _ = cts   # `has` is boolean: no cotangent
   b, nkv, g, t_pad, h = q.shape
   s_pad, hv = k.shape[2], v.shape[-1]
   bq, bk = cfg.block_q, cfg.block_kv
@@ -330,8 +405,7 @@ def _chunked_bwd(cfg, res, cts):
   # D_i = rowsum(dO * O): [B, K, G, T].
   delta = jnp.einsum("bkgtd,bkgtd->bkgt", dout.astype(jnp.float32),
                      out.astype(jnp.float32), precision=cfg.prec_pv)
-  lse_safe = jnp.where(lse == MASK_VALUE, 0.0, lse)
-  dlse = jnp.zeros_like(lse) if dlse is None else dlse.astype(jnp.float32)
+  dlse = jnp.zeros_like(m) if dlse is None else dlse.astype(jnp.float32)
   # ds = p * (dp - D + dlse): fold the two row terms into one.
   row_term = delta - dlse
 
@@ -340,17 +414,20 @@ def _chunked_bwd(cfg, res, cts):
     kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
     vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
 
-    def body(i, c):
+    def body(i, c, band):
       dk, dv, dq, dbias = c
       qi = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=3)
       doi = lax.dynamic_slice_in_dim(dout, i * bq, bq, axis=3)
-      lse_i = lax.dynamic_slice_in_dim(lse_safe, i * bq, bq, axis=3)
+      m_i = lax.dynamic_slice_in_dim(m, i * bq, bq, axis=3)
+      logl_i = lax.dynamic_slice_in_dim(logl, i * bq, bq, axis=3)
       r_i = lax.dynamic_slice_in_dim(row_term, i * bq, bq, axis=3)
       s, dcap = _block_logits(cfg, qi, kj, bias, i, j, with_cap_grad=True)
-      msk = _block_mask(cfg, i, j, mask, q_seg, kv_seg, s_pad, shift)
+      msk = _block_mask(cfg, i, j, mask, q_seg, kv_seg, s_pad, shift, band)
       if msk is not None:
         s = jnp.where(msk, s, MASK_VALUE)
-      p = jnp.exp(s - lse_i[..., None])
+      # p = exp(s - lse) with lse = m + log l kept as the pair: exact even
+      # when |m| is so large that m + log l rounds to m.
+      p = jnp.exp((s - m_i[..., None]) - logl_i[..., None])
       if msk is not None:
         p = jnp.where(msk, p, 0.0)
       # With dropout, out = (P o M / (1 - r)) V: dV uses the dropped
@@ -389,7 +466,8 @@ def _chunked_bwd(cfg, res, cts):
     init = (jnp.zeros((b, nkv, bk, h), jnp.float32),
             jnp.zeros((b, nkv, bk, hv), jnp.float32), dq, dbias)
     lo, hi = _q_range(cfg, j, nq, shift)
-    dk, dv, dq, dbias = lax.fori_loop(lo, hi, body, init)
+    dk, dv, dq, dbias = _split_loop(lo, hi, _q_split(cfg, j, lo, hi, shift),
+                                    body, init)
     return (dq, dbias), (dk, dv)
 
   dq0 = jnp.zeros(q.shape, jnp.float32)
@@ -405,7 +483,7 @@ def _chunked_bwd(cfg, res, cts):
   if sinks is not None:
     # d lse / d sink = p_sink, d out / d sink = -p_sink * out: the row
     # cotangent is p_sink * (dlse - rowsum(dO * O)) = -p_sink * row_term.
-    p_sink = jnp.exp(sinks - lse_safe)
+    p_sink = jnp.exp((sinks - m) - logl)
     dsinks = -jnp.sum(p_sink * row_term, axis=(0, 3), keepdims=True)
     dsinks = dsinks.astype(sinks.dtype)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias,
@@ -480,10 +558,11 @@ def chunked_attention(call: AttentionCall, *, block_q: Optional[int] = None,
                     constant_values=Q_PAD_SEGMENT)
     kv_seg = jnp.pad(call.kv_segment_ids, ((0, 0), (0, s_pad - s)),
                      constant_values=KV_PAD_SEGMENT)
-  out, lse = _chunked(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks,
-                      shift)
+  out, lse, has = _chunked(cfg, q, k, v, bias, mask, q_seg, kv_seg, rng,
+                           sinks, shift)
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, t_pad, n, hv)[:, :t]
   if not need_lse:
     return out, None
   lse = lse.reshape(b, n, t_pad)[:, :, :t]
-  return out, jnp.where(lse == MASK_VALUE, -jnp.inf, lse)
+  has = has.reshape(b, n, t_pad)[:, :, :t]
+  return out, jnp.where(has, lse, -jnp.inf)
