@@ -64,6 +64,9 @@ from attnjax.spatial import (  # spatial zoo (issue 21)
     large_kernel_attention, lsda_attention, overlapping_cross_attention,
     serialized_attention, spherical_attention, strip_attention,
     triplet_attention, ulsam, window_attention_3d)
+from attnjax.spatial import (  # spatial zoo (issue 21): BOAT
+    BilateralLocalAttention, FeatureSpaceLocalAttention,
+    feature_space_local_attention)
 from attnjax.distributed import (ring_attention, sequence_parallel_attention_fn,
                                  ulysses_attention)
 
@@ -120,6 +123,8 @@ __all__ = [
     "large_kernel_attention", "lsda_attention", "overlapping_cross_attention",
     "serialized_attention", "spherical_attention", "strip_attention",
     "triplet_attention", "ulsam", "window_attention_3d",
+    "BilateralLocalAttention", "FeatureSpaceLocalAttention",
+    "feature_space_local_attention",
     # distributed
     "ring_attention", "sequence_parallel_attention_fn", "ulysses_attention",
 ]

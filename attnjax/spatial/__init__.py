@@ -8,6 +8,11 @@ projections as the original papers do. See docs/spatial.md.
 
 from attnjax.spatial.axial import (AxialAttention, axial_attention,
                                    axial_attention_reference)
+from attnjax.spatial.boat import (BilateralLocalAttention,
+                                  FeatureSpaceLocalAttention,
+                                  feature_space_clusters,
+                                  feature_space_local_attention,
+                                  feature_space_local_attention_reference)
 from attnjax.spatial.biformer import (BiLevelRoutingAttention,
                                       bi_level_routing_attention,
                                       bi_level_routing_attention_reference,
@@ -116,6 +121,10 @@ __all__ = [
     # CrossViT
     "CrossViTAttention", "CrossViTFusion", "cls_cross_attention",
     "cls_cross_attention_reference",
+    # BOAT bilateral / feature-space local attention
+    "BilateralLocalAttention", "FeatureSpaceLocalAttention",
+    "feature_space_clusters", "feature_space_local_attention",
+    "feature_space_local_attention_reference",
     # HaloNet
     "HaloAttention", "halo_attention", "halo_attention_reference",
     # Video Swin 3D windows

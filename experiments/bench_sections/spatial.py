@@ -184,6 +184,12 @@ def _mechanisms(size):
       "ulsam_g4": (_ulsam, None),
       "spherical_equiangular": (sp.spherical_attention, s),
       "ptv3_hilbert_p64": (_ptv3, min(64, s)),
+      # clusters of <= 49 tokens + 20 sibling boundary tokens (BOAT's code);
+      # O(T log T): log2(T / 49) clustering levels, so not LINEAR_IN_THEORY
+      "boat_fsla_c49_o20": (
+          lambda q, k, v: sp.feature_space_local_attention(q, k, v, 49,
+                                                           overlap=20),
+          min(s, 49 + 20)),
       "gpsa": (lambda q, k, v: sp.gated_positional_attention(q, k, v, pw, pb, gate),
                s),
   }
