@@ -19,7 +19,8 @@ MECHANISMS (attnjax layers, causal, heads = width // head_dim):
 
   softmax          MultiHeadAttention (dot_product_attention)
   linear           LinearAttention (elu + 1 features)
-  based            BasedAttention (Taylor features + exact window `window`)
+  based            BasedAttention (Taylor features + exact window `window`;
+                   heads of `based_head_dim`, Zoology's feature_dim 8)
   sliding_window   SlidingWindowAttention(window)
   performer        PerformerAttention(num_features)
   mswa             MSWAAttention(base_window=window, layer i of num_layers)
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import json
+import resource
 import time
 from typing import Any, Dict
 
@@ -121,7 +123,12 @@ def make_mixer(name: str, width: int, head_dim: int, layer: int,
   if name == "linear":
     return sq.LinearAttention(heads, width, **kw)
   if name == "based":
-    return sq.BasedAttention(heads, width, window_size=w, **kw)
+    # Zoology's Based projects q, k to feature_dim 8 (1 + 8 + 64 = 73 Taylor
+    # features) with values of full width: here heads of `based_head_dim`
+    # give the same recurrent state, 73 x width.
+    bh = min(int(cfg.based_head_dim), width)
+    return sq.BasedAttention(max(1, width // bh), width, window_size=w,
+                             head_dim=bh, rngs=rngs)
   if name == "sliding_window":
     return sq.SlidingWindowAttention(heads, width, window_size=w, **kw)
   if name == "performer":
@@ -242,8 +249,14 @@ def make_cells(cfg):
   return cells
 
 
+def _cpu_seconds() -> float:
+  """User + system CPU seconds of this process (all its threads)."""
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
 def run_study(cfg, workdir: str) -> Dict[str, Any]:
-  t0 = time.time()
+  t0, c0 = time.time(), _cpu_seconds()
   for m in cfg.mechanisms:
     if m not in MECHANISMS:
       raise ValueError(f"config.mechanisms: unknown {m!r}; choose from "
@@ -267,7 +280,9 @@ def run_study(cfg, workdir: str) -> Dict[str, Any]:
          "chance": 2.0 / int(cfg.vocab),
          "seq_lens": ints(cfg.seq_lens), "widths": ints(cfg.widths),
          "mechanisms": list(cfg.mechanisms),
-         "wall_time_s": time.time() - t0}
+         "wall_time_s": time.time() - t0,
+         # This process only (a resumed sweep's earlier runs not included).
+         "cpu_time_s": _cpu_seconds() - c0}
   make_figures(cfg, workdir, out)
   return out
 
@@ -308,6 +323,8 @@ def main(argv):
     for r in rows:
       print(f"{r['mechanism']:22s} {r['width']:4d} {r['seq_len']:4d} "
             f"{r['accuracy']:6.3f}")
+    print(f"this run: {res['wall_time_s']:.0f} s wall, "
+          f"{res.get('cpu_time_s', float('nan')):.0f} s CPU (user + system)")
     print("results:", path)
 
 

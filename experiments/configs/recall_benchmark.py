@@ -5,14 +5,14 @@ Run:
       --config=experiments/configs/recall_benchmark.py:default
 
 Presets:
-  default  CPU sizes: vocab 64, sequence length 32 with 4 key-value pairs
-           (T/8), widths 32 and 64, two layers, every mechanism in
-           MECHANISMS (18 cells), 1500 steps of batch 64 per cell. Sized
-           for about 15 minutes on an idle 2-core CPU (per cell ~15-30 s
-           of compilation + 1500 steps); on this project's shared machine
-           (load ~20) a width-64 cell took 3-4 minutes (see
-           docs/results/recall_benchmark.md). Longer sequences:
-           --config.seq_lens=32,64.
+  default  CPU sizes, Zoology's grid scaled down: vocab 64, (T, pairs) =
+           (16, 2) and (32, 4) (D = T/8), widths 32 and 64, two layers,
+           every mechanism in MECHANISMS (36 cells), 1000 Adam steps of
+           batch 64 per cell. Measured cost in docs/results/
+           recall_benchmark.md (wall and CPU seconds from its log).
+  cpu_large  the bigger CPU grid: (T, pairs) = (32, 4) and (64, 8),
+           widths 32, 64 and 128, 1500 steps (54 cells; about 3-4x the
+           default's CPU time).
   paper    Zoology's Figure 2 sizes (HazyResearch/zoology,
            zoology/experiments/paper_configs/iclr24_zoology_figure2/
            configs.py): vocab 8192, (T, pairs) = (64, 4), (128, 8),
@@ -25,7 +25,7 @@ Presets:
 
 import ml_collections
 
-PRESETS = ("default", "paper", "tiny")
+PRESETS = ("default", "cpu_large", "paper", "tiny")
 MECHANISMS = ("softmax", "linear", "based", "sliding_window", "performer",
               "mswa", "lightning", "power", "routing_transformer")
 CHOICES = {"mechanisms": MECHANISMS}
@@ -38,6 +38,8 @@ FIELD_DOCS = {
     "widths": "model widths d swept",
     "num_layers": "mixer + MLP blocks (Zoology: 2)",
     "head_dim": "per-head size of every mixer (heads = width // head_dim)",
+    "based_head_dim": "Based's head size (Taylor features 1 + h + h^2 per "
+                      "head; Zoology's feature_dim is 8)",
     "window": "window of sliding_window and Based's exact window; MSWA's base",
     "num_features": "Performer random features",
     "mechanisms": "sequence mixers compared (one model per mechanism)",
@@ -61,15 +63,16 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   preset = c.preset
   c.seed = 0
   c.vocab = 64
-  c.seq_lens = (32,)
+  c.seq_lens = (16, 32)
   c.pairs_per_len = 8
   c.widths = (32, 64)
   c.num_layers = 2
   c.head_dim = 16
+  c.based_head_dim = 8
   c.window = 8
   c.num_features = 64
   c.mechanisms = MECHANISMS
-  c.steps = 1500
+  c.steps = 1000
   c.batch_size = 64
   c.lr = 3e-3
   c.warmup = 50
@@ -78,7 +81,11 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   c.eval_examples = 512
   c.stop_after_steps = 0
   c.mesh = "data:1"
-  if preset == "paper":
+  if preset == "cpu_large":
+    c.seq_lens = (32, 64)
+    c.widths = (32, 64, 128)
+    c.steps = 1500
+  elif preset == "paper":
     c.vocab = 8192
     c.seq_lens = (64, 128, 256)
     c.pairs_per_len = 16
