@@ -49,6 +49,14 @@ def test_interleaved_times_runs_every_call_each_repeat():
   assert all(len(s) == 3 and min(s) > 0 for s in samples.values())
 
 
+def test_fwd_bwd_backpropagates_a_data_dependent_cotangent():
+  """Not the constant ones of sum(out), which XLA can hoist out of a
+  backward loop: the cotangent of out is sin(out)."""
+  x = np.linspace(-2.0, 2.0, 7).astype(np.float32)
+  (grad,) = bench_utils.fwd_bwd(lambda a: 3.0 * a, argnums=(0,))(x)
+  np.testing.assert_allclose(grad, 3.0 * np.sin(3.0 * x), rtol=1e-6)
+
+
 def test_table_has_a_causal_column():
   rows = [dict(section="sequence", name="x", impl="attnjax.sequence",
                mode="fwd", causal=True, seq_len=1024, time_ms=1.0),
