@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from attnjax.sequence import lambda_layer as ll
+from tests.sequence import zoo_checks as zc
 
 B, T, S, N, K, KD, VD, R = 2, 9, 6, 4, 2, 5, 3, 5
 
@@ -108,19 +109,12 @@ def test_grads_and_masked_slot_invariance():
 
   g = jax.jit(jax.value_and_grad(functools.partial(loss, ll.lambda_attention),
                                  argnums=(0, 1, 2, 3)))
-  val, g1 = g(q, k, v, e)
+  _, g1 = zc.check_poisoned_slots_unchanged(g, (q, k, v, e), keep,
+                                            zero_grad_argnum=2)
   g2 = jax.grad(functools.partial(loss, ll.lambda_attention_reference),
                 argnums=(0, 1, 2, 3))(q, k, v, e)
   for a, b in zip(g1, g2):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  for poison in (np.nan, np.inf, -np.inf):
-    kp = jnp.where(keep[:, :, None, None], k, poison)
-    vp = jnp.where(keep[:, :, None, None], v, poison)
-    val2, g3 = g(q, kp, vp, e)
-    np.testing.assert_array_equal(val2, val)
-    for a, b in zip(g3, g1):
-      np.testing.assert_array_equal(a, b)
-    assert not np.any(g3[2][~np.asarray(keep)])
 
 
 def test_bfloat16_vmap_and_refusals():

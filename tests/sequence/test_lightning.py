@@ -86,11 +86,7 @@ def test_grads_bf16_vmap_masks():
   q, k, v = zc.inputs(4)
   fn = functools.partial(sq.lightning_attention, chunk_size=4)
   ref = sq.lightning_attention_reference
-  zc.check_grads(fn, ref, q, k, v, decay=DECAY)
-  zc.check_bf16(fn, ref, q, k, v, decay=DECAY)
-  zc.check_vmap(fn, q, k, v, decay=DECAY)
-  zc.check_masked_rows(fn, ref, q, k, v, decay=DECAY)
-  zc.check_masked_slots(fn, decay=np.array([0.7, 0.9]))
+  zc.check_grads_bf16_vmap_masks(fn, ref, q, k, v, decay=DECAY)
 
 
 def test_decay_gradient_is_finite_and_matches_reference():

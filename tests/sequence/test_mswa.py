@@ -50,11 +50,7 @@ def test_grads_bf16_vmap_masks():
   q, k, v = zc.inputs(2)
   fn, ref = sq.mswa_attention, sq.mswa_attention_reference
   kw = dict(window_sizes=WINDOWS, is_causal=True)
-  zc.check_grads(fn, ref, q, k, v, **kw)
-  zc.check_bf16(fn, ref, q, k, v, **kw)
-  zc.check_vmap(fn, q, k, v, **kw)
-  zc.check_masked_rows(fn, ref, q, k, v, **kw)
-  zc.check_masked_slots(fn, window_sizes=(2, 4), is_causal=True)
+  zc.check_grads_bf16_vmap_masks(fn, ref, q, k, v, **kw)
 
 
 def test_window_allocation_heads_and_layers():

@@ -83,11 +83,7 @@ def test_grads_bf16_vmap_masks():
   q, k, v = zc.inputs(2, t=16)
   fn, ref = sq.power_attention, sq.power_attention_reference
   kw = dict(block_size=2, is_causal=True, sink_blocks=0)
-  zc.check_grads(fn, ref, q, k, v, **kw)
-  zc.check_bf16(fn, ref, q, k, v, **kw)
-  zc.check_vmap(fn, q, k, v, **kw)
-  zc.check_masked_rows(fn, ref, q, k, v, **kw)
-  zc.check_masked_slots(fn, t=16, **kw)
+  zc.check_grads_bf16_vmap_masks(fn, ref, q, k, v, **kw)
 
 
 def test_errors():

@@ -72,12 +72,7 @@ def test_grads_bf16_vmap_masks():
   ref = functools.partial(sq.routing_transformer_attention_reference,
                           centroids=CENT)
   kw = dict(is_causal=True, capacity=6)
-  zc.check_grads(fn, ref, q, k, v, **kw)
-  zc.check_bf16(fn, ref, q, k, v, **kw)
-  zc.check_vmap(fn, q, k, v, **kw)
-  zc.check_masked_rows(fn, ref, q, k, v, **kw)
-  zc.check_masked_slots(functools.partial(
-      sq.routing_transformer_attention, centroids=CENT[:2]), **kw)
+  zc.check_grads_bf16_vmap_masks(fn, ref, q, k, v, **kw)
 
 
 def test_kmeans_update_pure_and_matches_numpy():
