@@ -36,9 +36,15 @@ import numpy as np
 # equals a key pad, so those pairs are masked.
 Q_PAD_SEGMENT = -(2**31)
 KV_PAD_SEGMENT = -(2**31) + 1
-# Finite stand-in for -inf on masked logits (so jax.debug_infs holds); masked
-# probabilities are zeroed with a select, never by this value alone.
-MASK_VALUE = -1e30
+# Finite stand-in for -inf on masked logits (so jax.debug_infs holds): the
+# lowest finite float32, so it never beats a real logit in a row max (a real
+# logit is >= it or -inf; a tie is harmless). Masked probabilities are zeroed
+# with a select, never by this value alone, and a row with nothing to attend
+# to is recognised by its normalizer (l == 0), never by comparing a logit or
+# an lse with this value (a real row whose logits all sit at the lowest
+# float32 has lse == MASK_VALUE too). Float32 only: it overflows to -inf in
+# bfloat16/float16, so it is used on float32 logits.
+MASK_VALUE = float(np.finfo(np.float32).min)
 
 
 def cdiv(a: int, b: int) -> int:

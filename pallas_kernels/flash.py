@@ -8,7 +8,9 @@ an online softmax over the key tiles it can see (running max `m`, normalizer
 
 Backward (`jax.custom_vjp`), two kernels that never need atomics:
   dK/dV  grid (B, N, S/block_kv_bwd): a key tile loops over the query tiles
-         that can see it, recomputing p = exp(s - lse).
+         that can see it, recomputing p = exp((s - m) - log l) from the
+         forward's row max m and normalizer l (kept apart: m + log l
+         rounds log l away when |m| ~ 1e38).
   dQ     grid (B, N, T/block_q_bwd): a query tile loops over its key tiles;
          also writes dS when a bias needs a gradient.
 dK/dV come out per query head and are summed over each GQA group outside.
@@ -63,7 +65,10 @@ from pallas_kernels._util import (check_float, compiler_params, lcm,
                                   next_pow2, resolve_interpret,
                                   target_platform)
 
-# Finite "minus infinity" for masked logits: keeps exp/max free of inf - inf.
+# Finite "minus infinity" for masked logits and the running max's start: the
+# lowest finite float32, so it never beats a real logit (rows whose logits
+# all lie below -1e30 are still their softmax) and exp/max stay free of
+# inf - inf. Empty rows are found by l == 0, never by comparing with it.
 _NEG = MASK_VALUE
 
 
@@ -276,7 +281,7 @@ def _unpack(refs, flags):
 
 def _fwd_kernel(*refs, cfg, flags, s_pad):
   r = _unpack(refs, flags)
-  o_ref, lse_ref = r["rest"]
+  o_ref, m_ref, l_ref = r["rest"]
   bias_ref, mask_ref = r.get("bias"), r.get("mask")
   qseg_ref, kvseg_ref = r.get("qseg"), r.get("kvseg")
   bq, bk = cfg.bq, cfg.bk
@@ -316,29 +321,29 @@ def _fwd_kernel(*refs, cfg, flags, s_pad):
           jnp.full((bq, 1), _NEG, jnp.float32),
           jnp.zeros((bq, 1), jnp.float32))
   acc, m, l = lax.fori_loop(lo, hi, body, init)
-  has = l > 0.0
-  l_safe = jnp.where(has, l, 1.0)
+  l_safe = jnp.where(l > 0.0, l, 1.0)
   o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
-  # Empty rows: the finite sentinel _NEG (no inf inside the kernels, so
-  # jax.debug_infs holds); flash_entry turns it into -inf for callers that
-  # ask for the lse.
-  lse_ref[...] = jnp.where(has, m + jnp.log(l_safe), _NEG)
+  # The row statistics m and l, not lse = m + log(l): at |m| ~ 1e38 the
+  # log(l) rounds away and the backward's p would be l times too large.
+  # l == 0 marks a row with nothing to attend to (see `_row_stats`).
+  m_ref[...] = m
+  l_ref[...] = l
 
 
 def _dq_kernel(*refs, cfg, flags, s_pad):
   r = _unpack(refs, flags)
   rest = r["rest"]
-  do_ref, lse_ref, delta_ref = rest[:3]
-  dq_ref = rest[3]
-  dbias_ref = rest[4] if len(rest) > 4 else None
+  do_ref, m_ref, logl_ref, delta_ref = rest[:4]
+  dq_ref = rest[4]
+  dbias_ref = rest[5] if len(rest) > 5 else None
   bias_ref, mask_ref = r.get("bias"), r.get("mask")
   qseg_ref, kvseg_ref = r.get("qseg"), r.get("kvseg")
   bq, bk = cfg.bq_bwd, cfg.bk_bwd
   i = pl.program_id(2)
   q = r["q"][...]
   do = do_ref[...]
-  lse = lse_ref[...]
-  lse = jnp.where(lse == _NEG, 0.0, lse)
+  m = m_ref[...]
+  logl = logl_ref[...]
   delta = delta_ref[...]
   qseg_t = None if qseg_ref is None else qseg_ref[...]
   nk_valid = cdiv(cfg.kv_len, bk)
@@ -366,7 +371,7 @@ def _dq_kernel(*refs, cfg, flags, s_pad):
         None if mask_ref is None else _tile2d(mask_ref, None, sl),
         qseg_t, None if kvseg_ref is None else _tile2d(kvseg_ref, None, sl),
         s_pad, na_n)
-    p = jnp.exp(s - lse)
+    p = jnp.exp((s - m) - logl)   # exp(s - lse), exact for huge |m|
     if valid is not None:
       p = jnp.where(valid, p, 0.0)
     dp = _dot_nt(do, v)
@@ -382,7 +387,7 @@ def _dq_kernel(*refs, cfg, flags, s_pad):
 def _dkv_kernel(*refs, cfg, flags, s_pad, nq):
   r = _unpack(refs, flags)
   rest = r["rest"]
-  do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
+  do_ref, m_ref, logl_ref, delta_ref, dk_ref, dv_ref = rest
   bias_ref, mask_ref = r.get("bias"), r.get("mask")
   qseg_ref, kvseg_ref = r.get("qseg"), r.get("kvseg")
   bq, bk = cfg.bq_bwd, cfg.bk_bwd
@@ -402,8 +407,8 @@ def _dkv_kernel(*refs, cfg, flags, s_pad, nq):
     sl = pl.ds(start, bq)
     q = r["q"][sl, :]
     do = do_ref[sl, :]
-    lse = lse_ref[sl, :]
-    lse = jnp.where(lse == _NEG, 0.0, lse)
+    m = m_ref[sl, :]
+    logl = logl_ref[sl, :]
     delta = delta_ref[sl, :]
     s, valid = _scores(
         cfg, q, k, start, j * bk,
@@ -411,7 +416,7 @@ def _dkv_kernel(*refs, cfg, flags, s_pad, nq):
         None if mask_ref is None else _tile2d(mask_ref, sl, None),
         None if qseg_ref is None else _tile2d(qseg_ref, sl, None), kvseg_t,
         s_pad, na_n)
-    p = jnp.exp(s - lse)
+    p = jnp.exp((s - m) - logl)   # exp(s - lse), exact for huge |m|
     if valid is not None:
       p = jnp.where(valid, p, 0.0)
     dv = dv + _dot_tn(p.astype(do.dtype), do)
@@ -542,19 +547,21 @@ def _fwd_call(cfg, q, k, v, extras):
                                  mode="q")
   out_shape = [
       jax.ShapeDtypeStruct(q.shape[:-1] + (hv,), q.dtype),
+      jax.ShapeDtypeStruct((b, n, tp, 1), jnp.float32),
       jax.ShapeDtypeStruct((b, n, tp, 1), jnp.float32)]
   out_specs = [_seq_spec(cfg, cfg.bq, hv, lambda n_: n_, lambda x: x),
+               _stat_spec(cfg, cfg.bq, True, tp),
                _stat_spec(cfg, cfg.bq, True, tp)]
   kernel = functools.partial(_fwd_kernel, cfg=cfg, flags=flags, s_pad=sp)
-  out, lse = pl.pallas_call(
+  out, m, l = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(b, n, tp // cfg.bq),
       in_specs=specs, out_specs=out_specs, interpret=cfg.interpret,
       compiler_params=_compiler_params(cfg, cfg.bq, cfg.bk),
       name="flash_fwd")(*arrays)
-  return out, lse
+  return out, m, l
 
 
-def _bwd_call(cfg, q, k, v, extras, out, lse, dout, dlse):
+def _bwd_call(cfg, q, k, v, extras, out, m, logl, dout, dlse):
   b, n, tp, sp = _dims(cfg, q, k)
   h, hv = q.shape[-1], v.shape[-1]
   g = cfg.groups
@@ -574,9 +581,9 @@ def _bwd_call(cfg, q, k, v, extras, out, lse, dout, dlse):
   # dQ (+ dS for the bias).
   flags, arrays, specs = _inputs(cfg, q, k, v, extras, mode="q")
   bq = cfg.bq_bwd
-  arrays += [dout, lse, delta]
-  specs += [_seq_spec(cfg, bq, hv, lambda n_: n_, lambda x: x),
-            _stat_spec(cfg, bq, True, tp), _stat_spec(cfg, bq, True, tp)]
+  arrays += [dout, m, logl, delta]
+  specs += [_seq_spec(cfg, bq, hv, lambda n_: n_, lambda x: x)] + [
+      _stat_spec(cfg, bq, True, tp)] * 3
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   out_specs = [_seq_spec(cfg, bq, h, lambda n_: n_, lambda x: x)]
   if has_bias:
@@ -595,9 +602,9 @@ def _bwd_call(cfg, q, k, v, extras, out, lse, dout, dlse):
   # dK, dV per query head.
   flags, arrays, specs = _inputs(cfg, q, k, v, extras, mode="kv")
   bk = cfg.bk_bwd
-  arrays += [dout, lse, delta]
-  specs += [_seq_spec(cfg, tp, hv, lambda n_: n_, lambda x: 0),
-            _stat_spec(cfg, tp, False, tp), _stat_spec(cfg, tp, False, tp)]
+  arrays += [dout, m, logl, delta]
+  specs += [_seq_spec(cfg, tp, hv, lambda n_: n_, lambda x: 0)] + [
+      _stat_spec(cfg, tp, False, tp)] * 3
   if cfg.heads_major:
     dk_shape, dv_shape = (b, n, sp, h), (b, n, sp, hv)
   else:
@@ -635,24 +642,41 @@ def _pack(bias, mask, qseg, kvseg, kv_tables, q_tables):
           "kv_tables": kv_tables, "q_tables": q_tables}
 
 
+def _row_stats(m, l):
+  """(m, log l, has) from the kernel's row max and normalizer: `has` (l > 0)
+  is the explicit "row has something to attend to" flag; on other rows m
+  and log l are 0 (finite; their p is zeroed by the mask anyway)."""
+  has = l > 0.0
+  return jnp.where(has, m, 0.0), jnp.log(jnp.where(has, l, 1.0)), has
+
+
+def _flash_stats(cfg, q, k, v, bias, mask, qseg, kvseg, kv_tables, q_tables):
+  """(out, lse, has, m, log l); lse is MASK_VALUE where not `has`."""
+  out, m, l = _fwd_call(cfg, q, k, v,
+                        _pack(bias, mask, qseg, kvseg, kv_tables, q_tables))
+  m, logl, has = _row_stats(m, l)
+  return out, jnp.where(has, m + logl, _NEG), has, m, logl
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(cfg, q, k, v, bias, mask, qseg, kvseg, kv_tables, q_tables):
-  return _fwd_call(cfg, q, k, v,
-                   _pack(bias, mask, qseg, kvseg, kv_tables, q_tables))
+  return _flash_stats(cfg, q, k, v, bias, mask, qseg, kvseg, kv_tables,
+                      q_tables)[:3]
 
 
 def _flash_fwd(cfg, q, k, v, bias, mask, qseg, kvseg, kv_tables, q_tables):
-  out, lse = _fwd_call(cfg, q, k, v,
-                       _pack(bias, mask, qseg, kvseg, kv_tables, q_tables))
-  return (out, lse), (q, k, v, bias, mask, qseg, kvseg, kv_tables, q_tables,
-                      out, lse)
+  out, lse, has, m, logl = _flash_stats(cfg, q, k, v, bias, mask, qseg, kvseg,
+                                        kv_tables, q_tables)
+  return (out, lse, has), (q, k, v, bias, mask, qseg, kvseg, kv_tables,
+                           q_tables, out, m, logl)
 
 
 def _flash_bwd(cfg, res, cts):
-  q, k, v, bias, mask, qseg, kvseg, kv_tables, q_tables, out, lse = res
-  dout, dlse = cts
+  q, k, v, bias, mask, qseg, kvseg, kv_tables, q_tables, out, m, logl = res
+  dout, dlse, _ = cts   # `has` is boolean: no cotangent
   extras = _pack(bias, mask, qseg, kvseg, kv_tables, q_tables)
-  dq, dk, dv, dbias = _bwd_call(cfg, q, k, v, extras, out, lse, dout, dlse)
+  dq, dk, dv, dbias = _bwd_call(cfg, q, k, v, extras, out, m, logl, dout,
+                                dlse)
   none_like = lambda t: None if t is None else jax.tree.map(lambda _: None, t)
   return (dq, dk, dv, dbias, None, None, None, none_like(kv_tables),
           none_like(q_tables))
@@ -671,9 +695,11 @@ def flash_core(cfg: FlashConfig, q, k, v, *, bias=None, mask=None,
   bias/mask [B|1, N|1, Tp|1, Sp|1] (mask int8), segment ids qseg
   [B, Tp, 1] / kvseg [B, 1, Sp], block-sparse tables. Returns (out, lse
   [B, N, Tp, 1] float32 with `MASK_VALUE` on rows with nothing to attend
-  to). Differentiable in q, k, v and bias.
+  to; a real row can have that lse too, see `_flash` for the flag).
+  Differentiable in q, k, v and bias.
   """
-  return _flash(cfg, q, k, v, bias, mask, qseg, kvseg, kv_tables, q_tables)
+  return _flash(cfg, q, k, v, bias, mask, qseg, kvseg, kv_tables,
+                q_tables)[:2]
 
 
 # ----------------------------------------------------------------------------
@@ -829,9 +855,9 @@ def flash_entry(query, key, value, *, bias, mask, is_causal, scale,
     pad_h = lambda x, to: jnp.pad(
         x, ((0, 0),) * 3 + ((0, to - x.shape[-1]),))
     query, key, value = pad_h(query, hp), pad_h(key, hp), pad_h(value, hvp)
-  out, lse = _padded_flash(cfg, t, tp, s, sp, query, key, value, bias, mask,
-                           qseg, kvseg, kv_tables, q_tables)
-  lse = jnp.where(lse == _NEG, -jnp.inf, lse) if need_lse else None
+  out, lse, has = _padded_flash(cfg, t, tp, s, sp, query, key, value, bias,
+                                mask, qseg, kvseg, kv_tables, q_tables)
+  lse = jnp.where(has, lse, -jnp.inf) if need_lse else None
   return out[..., :hv], lse
 
 
@@ -845,11 +871,11 @@ def _padded_flash(cfg, t, tp, s, sp, query, key, value, bias, mask, qseg,
   v = jnp.pad(value, ((0, 0), (0, sp - s), (0, 0), (0, 0)))
   if cfg.heads_major:
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-  out, lse = _flash(cfg, q, k, v, bias, mask, qseg, kvseg, kv_tables,
-                    q_tables)
+  out, lse, has = _flash(cfg, q, k, v, bias, mask, qseg, kvseg, kv_tables,
+                         q_tables)
   if cfg.heads_major:
     out = jnp.swapaxes(out, 1, 2)
-  return out[:, :t], lse[:, :, :t, 0]
+  return out[:, :t], lse[:, :, :t, 0], has[:, :, :t, 0]
 
 
 def flash_attention(query, key, value, *, is_causal: bool = False,

@@ -70,14 +70,22 @@ def attention_probs(call: AttentionCall, need_lse: bool = True):
     lse = jax.nn.logsumexp(logits, axis=-1) if need_lse else None
     return weights, lse
   if mask is not None:
-    logits = jnp.where(mask, logits, MASK_VALUE)
-  m = jnp.max(logits, axis=-1, keepdims=True)
+    # The lowest finite float32: never above a real logit, so the row max
+    # is the max of the row's real logits (however far below -1e30 they
+    # lie), or MASK_VALUE itself on a fully masked row.
+    m = jnp.max(jnp.where(mask, logits, MASK_VALUE), axis=-1, keepdims=True)
+  else:
+    m = jnp.max(logits, axis=-1, keepdims=True)
   if sink is not None:
     m = jnp.maximum(m, sink)
   m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-  p = jnp.exp(logits - m)
   if mask is not None:
-    p = jnp.where(mask, p, 0.0)
+    # Masked slots enter the exp as m (exp(0) = 1, then zeroed by the
+    # select): whatever their logit holds never reaches an arithmetic op, so
+    # MASK_VALUE - m cannot overflow to -inf (jax.debug_infs).
+    p = jnp.where(mask, jnp.exp(jnp.where(mask, logits, m) - m), 0.0)
+  else:
+    p = jnp.exp(logits - m)
   l = jnp.sum(p, axis=-1, keepdims=True)
   if sink is not None:
     l = l + jnp.exp(sink - m)   # the sink's mass: in the denominator only

@@ -8,19 +8,16 @@ from -3e38 to -1e31 puts all its weight on the last key (the gaps are
 ~1e37). That is what `jax.nn.softmax` gives; the reference below is those
 closed-form weights, and float64 NumPy for values and gradients.
 
-The Pallas flash kernel (interpret mode here) returns zero rows instead: its
-running max starts at, and masked logits are set to, the sentinel
-MASK_VALUE = -1e30 (pallas_kernels/_rules.py), so every logit below it
-gives exp(s - m) = exp(-1e38 + 1e30) = 0, l = 0 and the row is treated as
-empty. With a mask active every backend ('xla' included) fills masked
-logits with the same -1e30, which then beats the real logits (-1e38) in the
-row max: rows come out zero. Setting MASK_VALUE to the lowest finite
-float32 (as attnjax._numerics.NEG already is) fixes all forwards (checked
-on a copy). 'chunked' gets the forward right but its backward recomputes
-p = exp(s - lse) from lse = m + log(l) stored in float32: at |m| ~ 1e38 the
-log(l) is lost to rounding and p is S times too large (the Pallas backward
-reads the lse the same way). Fixes proposed in the issue-15 report
-(flash.py is D1's file, chunked.py D2's): xfail(strict=True).
+Three bugs made these rows wrong before (all fixed, the tests fail on the
+old code): the Pallas kernel's running max started at the old sentinel
+MASK_VALUE = -1e30, so rows below it came out zero; with a mask active
+every backend filled masked logits with -1e30, which beat the real logits
+in the row max (masked slots got the weight, zero rows came out); and the
+'chunked' and 'pallas' backwards recomputed p = exp(s - lse) from
+lse = m + log(l) in float32, where log(l) is lost when |m| ~ 1e38 (p came
+out S times too large). Now MASK_VALUE is the lowest finite float32
+(pallas_kernels/_rules.py), empty rows are recognised by l == 0, and the
+backwards keep (m, log l) apart.
 """
 
 import jax
@@ -32,6 +29,7 @@ import attnjax
 
 B, T, S, N, H = 1, 4, 8, 1, 8
 SCALE = 1.0 / np.sqrt(H)
+IMPLEMENTATIONS = ["xla", "chunked", "pallas"]
 
 
 def _inputs():
@@ -62,14 +60,6 @@ def _reference(q, k, v, w, valid=np.ones(S, bool)):
   return o, grads
 
 
-_PALLAS_WHY = ("flash kernel: running max starts at (and masked logits are "
-               "set to) the -1e30 sentinel, so rows below it come out zero "
-               "(issue 15; fix belongs in D1's pallas_kernels/flash.py)")
-_LSE_WHY = ("backward recomputes p = exp(s - lse) with lse = m + log(l) "
-            "rounded in float32: at |m| ~ 1e38 log(l) is lost, p comes out "
-            "S times too large (issue 15; fix: keep m and l as residuals)")
-
-
 def _call(implementation):
   q, k, v, w, bias = _inputs()
 
@@ -79,10 +69,7 @@ def _call(implementation):
   return f, (q, k, v), w
 
 
-@pytest.mark.parametrize("implementation", [
-    "xla", "chunked",
-    pytest.param("pallas", marks=pytest.mark.xfail(strict=True,
-                                                   reason=_PALLAS_WHY))])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_rows_below_mask_sentinel_are_softmax_of_their_logits(implementation):
   f, (q, k, v), w = _call(implementation)
   o_ref, _ = _reference(q, k, v, w)
@@ -90,14 +77,7 @@ def test_rows_below_mask_sentinel_are_softmax_of_their_logits(implementation):
   np.testing.assert_allclose(out, o_ref, atol=1e-5, rtol=1e-5)
 
 
-_MASK_WHY = ("masked logits are set to MASK_VALUE = -1e30, above the real "
-             "logits (-1e38), so the row max is the sentinel and the row "
-             "comes out zero (issue 15; fix: MASK_VALUE = lowest finite "
-             "float32 in D1's pallas_kernels/_rules.py)")
-
-
-@pytest.mark.parametrize("implementation", ["xla", "chunked", "pallas"])
-@pytest.mark.xfail(strict=True, reason=_MASK_WHY)
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_masked_rows_below_mask_sentinel(implementation):
   q, k, v, w, bias = _inputs()
   valid = np.arange(S) > 0                        # key 0 masked
@@ -109,16 +89,89 @@ def test_masked_rows_below_mask_sentinel(implementation):
                              atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("implementation", [
-    "xla",
-    pytest.param("chunked", marks=pytest.mark.xfail(strict=True,
-                                                    reason=_LSE_WHY)),
-    pytest.param("pallas", marks=pytest.mark.xfail(
-        strict=True, reason=_PALLAS_WHY + "; " + _LSE_WHY))])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_gradients_of_rows_below_mask_sentinel(implementation):
   f, (q, k, v), w = _call(implementation)
   _, g_ref = _reference(q, k, v, w)
   grads = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * w),
+                   argnums=(0, 1, 2))(q, k, v)
+  for name, g, r in zip("qkv", grads, g_ref):
+    np.testing.assert_allclose(np.asarray(g, np.float64)[0, :, 0], r,
+                               atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_masked_gradients_lse_and_dead_slots_below_mask_sentinel(
+    implementation):
+  """With a mask: key 0 masked for every query and holding NaN/Inf (it
+  must reach nothing), row 2 fully masked (zeros, zero gradients, lse
+  -inf); the other rows are their closed forms, and so is the lse
+  (m + log(#valid), which rounds to m at 1e38)."""
+  q, k, v, w, bias = _inputs()
+  valid = np.arange(S) > 0
+  rows = np.ones((T, 1), bool)
+  rows[2] = False
+  mask = jnp.asarray(valid[None, :] & rows)[None, None]
+  k = k.at[:, 0].set(jnp.nan)
+  v = v.at[:, 0].set(jnp.inf)
+
+  def f(q, k, v):
+    return attnjax.dot_product_attention_with_lse(
+        q, k, v, bias=bias, mask=mask, implementation=implementation)
+
+  o_ref, g_ref = _reference(q, k.at[:, 0].set(0.0), v.at[:, 0].set(0.0), w,
+                            valid)
+  o_ref[2] = 0.0
+  (out, lse) = f(q, k, v)
+  np.testing.assert_allclose(np.asarray(out, np.float64)[0, :, 0], o_ref,
+                             atol=1e-5, rtol=1e-5)
+  lse = np.asarray(lse)[0, 0]
+  s0 = np.asarray(q, np.float64)[0, 0, 0] @ np.asarray(k, np.float64)[
+      0, 1:, 0].T * SCALE
+  lse_ref = [np.log(np.exp(s0 - s0.max()).sum()) + s0.max(), -1e38, -np.inf,
+             -1e31]
+  np.testing.assert_allclose(lse, np.asarray(lse_ref, np.float32), rtol=1e-5)
+  # Row 2 carries no cotangent in the reference (its weights are zero), so
+  # the reference gradients only need row 2 of dq zeroed.
+  w2 = w.at[:, 2].set(0.0)
+  _, g_ref = _reference(q, k.at[:, 0].set(0.0), v.at[:, 0].set(0.0), w2,
+                        valid)
+  grads = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)[0] * w),
+                   argnums=(0, 1, 2))(q, k, v)
+  for name, g, r in zip("qkv", grads, g_ref):
+    g = np.asarray(g, np.float64)[0, :, 0]
+    assert np.all(np.isfinite(g)), f"d{name} not finite"
+    np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_row_at_lowest_float32_is_not_taken_for_an_empty_row(implementation):
+  """A row whose logits all equal the lowest finite float32 (= MASK_VALUE)
+  is uniform, with lse = that value (not -inf) and the gradients of uniform
+  weights: emptiness is decided by the normalizer, not by the value."""
+  q, k, v, w, _ = _inputs()
+  low = np.finfo(np.float32).min
+  bias = np.zeros((B, N, T, S), np.float32)
+  bias[:, :, 1:, :] = low
+  mask = jnp.ones((1, 1, 1, S), bool).at[..., 0].set(False)
+  valid = np.arange(S) > 0
+
+  def f(q, k, v):
+    return attnjax.dot_product_attention_with_lse(
+        q, k, v, bias=jnp.asarray(bias), mask=mask,
+        implementation=implementation)
+
+  out, lse = f(q, k, v)
+  qf, kf, vf, wf = (np.asarray(x, np.float64)[0, :, 0] for x in (q, k, v, w))
+  s0 = np.where(valid, qf[0] @ kf.T * SCALE, -np.inf)
+  p = np.tile(valid / valid.sum(), (T, 1))
+  p[0] = np.exp(s0 - s0.max()) / np.exp(s0 - s0.max()).sum()
+  np.testing.assert_allclose(np.asarray(out, np.float64)[0, :, 0], p @ vf,
+                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(lse)[0, 0, 1:], low)
+  ds = p * (wf @ vf.T - (wf * (p @ vf)).sum(-1, keepdims=True))
+  g_ref = (ds @ kf * SCALE, ds.T @ qf * SCALE, p.T @ wf)
+  grads = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v)[0] * w),
                    argnums=(0, 1, 2))(q, k, v)
   for name, g, r in zip("qkv", grads, g_ref):
     np.testing.assert_allclose(np.asarray(g, np.float64)[0, :, 0], r,
