@@ -171,8 +171,12 @@ class RecallModel(nnx.Module):
   def __init__(self, mechanism: str, *, vocab: int, seq_len: int, width: int,
                num_layers: int, head_dim: int, cfg, rngs: nnx.Rngs):
     self.embed = nnx.Embed(vocab, width, rngs=rngs)
-    self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(),
-                                                  (seq_len, width)))
+    # Same scale as the token embedding (nnx.Embed: std 1/sqrt(width)); at
+    # std 0.02 the position signal the first layer's previous-token head
+    # needs was ~9x weaker than the tokens and softmax stayed on the
+    # guess-a-value plateau for most of the CPU default's steps.
+    self.pos = nnx.Param(jax.random.normal(rngs.params(), (seq_len, width))
+                         / np.sqrt(width))
     self.blocks = nnx.List([
         Block(make_mixer(mechanism, width, head_dim, i, num_layers, cfg, rngs),
               width, rngs) for i in range(num_layers)])
