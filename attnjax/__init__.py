@@ -64,9 +64,10 @@ from attnjax.spatial import (  # spatial zoo (issue 21)
     large_kernel_attention, lsda_attention, overlapping_cross_attention,
     serialized_attention, spherical_attention, strip_attention,
     triplet_attention, ulsam, window_attention_3d)
-from attnjax.spatial import (  # spatial zoo (issue 21): BOAT
-    BilateralLocalAttention, FeatureSpaceLocalAttention,
-    feature_space_local_attention)
+from attnjax.spatial import (  # spatial zoo (issue 21): BOAT, Atlas
+    BilateralLocalAttention, FeatureSpaceLocalAttention, MultiScaleAttention,
+    feature_space_local_attention, multiscale_bottom_up_attention,
+    multiscale_top_down_attention)
 from attnjax.distributed import (ring_attention, sequence_parallel_attention_fn,
                                  ulysses_attention)
 
@@ -124,7 +125,8 @@ __all__ = [
     "serialized_attention", "spherical_attention", "strip_attention",
     "triplet_attention", "ulsam", "window_attention_3d",
     "BilateralLocalAttention", "FeatureSpaceLocalAttention",
-    "feature_space_local_attention",
+    "feature_space_local_attention", "MultiScaleAttention",
+    "multiscale_bottom_up_attention", "multiscale_top_down_attention",
     # distributed
     "ring_attention", "sequence_parallel_attention_fn", "ulysses_attention",
 ]

@@ -8,6 +8,12 @@ projections as the original papers do. See docs/spatial.md.
 
 from attnjax.spatial.axial import (AxialAttention, axial_attention,
                                    axial_attention_reference)
+from attnjax.spatial.atlas import (MultiScaleAttention,
+                                   multiscale_bottom_up_attention,
+                                   multiscale_bottom_up_attention_reference,
+                                   multiscale_pyramid,
+                                   multiscale_top_down_attention,
+                                   multiscale_top_down_attention_reference)
 from attnjax.spatial.boat import (BilateralLocalAttention,
                                   FeatureSpaceLocalAttention,
                                   feature_space_clusters,
@@ -121,6 +127,11 @@ __all__ = [
     # CrossViT
     "CrossViTAttention", "CrossViTFusion", "cls_cross_attention",
     "cls_cross_attention_reference",
+    # Atlas multi-scale attention (MSA)
+    "MultiScaleAttention", "multiscale_bottom_up_attention",
+    "multiscale_bottom_up_attention_reference", "multiscale_pyramid",
+    "multiscale_top_down_attention",
+    "multiscale_top_down_attention_reference",
     # BOAT bilateral / feature-space local attention
     "BilateralLocalAttention", "FeatureSpaceLocalAttention",
     "feature_space_clusters", "feature_space_local_attention",

@@ -122,6 +122,22 @@ def _ptv3(q, k, v):
   return out.reshape(q.shape)
 
 
+def _atlas_scales(size, window=7, stride=2):
+  n, l = 1, size
+  while l > window:
+    l, n = -(-l // stride), n + 1
+  return n
+
+
+def _atlas(q, k, v):
+  """Atlas top-down attention of scale 1 over the max-pool scales of k, v."""
+  b, h, w, n, d = q.shape
+  num = _atlas_scales(h)
+  pyr = lambda x: [a.reshape(*a.shape[:3], n, d) for a in sp.multiscale_pyramid(
+      x.reshape(b, h, w, n * d), num, stride=2, window_size=7)]
+  return sp.multiscale_top_down_attention(q, pyr(k), pyr(v), 7, stride=2)
+
+
 def _mechanisms(size):
   """name -> (fn(q, k, v), keys attended per query (for FLOPs))."""
   s = size * size
@@ -190,6 +206,9 @@ def _mechanisms(size):
           lambda q, k, v: sp.feature_space_local_attention(q, k, v, 49,
                                                            overlap=20),
           min(s, 49 + 20)),
+      # top-down (Eq. 2) of the finest scale: own 7x7 window + the window
+      # holding it at every coarser (stride-2 max-pool) scale
+      "atlas_top_down_w7_s2": (_atlas, 49 * _atlas_scales(size)),
       "gpsa": (lambda q, k, v: sp.gated_positional_attention(q, k, v, pw, pb, gate),
                s),
   }
