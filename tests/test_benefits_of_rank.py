@@ -214,16 +214,22 @@ def test_rank1_closed_form_matches_monte_carlo(coupling):
 def test_rank1_heads_need_many_more_than_d():
   # The authors' random-features point: rank-1 heads with the parameter
   # budget of one full-rank head (H = d) stay far from solving the task;
-  # the error falls only once H >> d.
-  d = 16
+  # the error falls only once H >> d. Under CI: d = 8 and H up to 64 d
+  # (measured medians 0.75, 0.22, 0.023 at H = d, 8 d, 64 d; the lstsq on
+  # 4096 heads of the d = 16 version dominates its ~2 min).
+  if os.environ.get("CI"):
+    d, mults = 8, (1, 8, 64)
+  else:
+    d, mults = 16, (1, 16, 256)
   med = {}
-  for h in (d, 16 * d, 256 * d):
-    med[h] = np.median([rank1_random_heads_mse(
+  for mult in mults:
+    h = mult * d
+    med[mult] = np.median([rank1_random_heads_mse(
         *sample_rank1_heads(jax.random.key(100 * h + t), h, d))
         for t in range(3)])
-  assert med[d] > 0.6
-  assert med[d] > med[16 * d] > med[256 * d]
-  assert med[256 * d] < 0.05
+  assert med[1] > 0.6
+  assert med[1] > med[mults[1]] > med[mults[2]]
+  assert med[mults[2]] < 0.05
 
 
 def test_configs_and_docstring():
@@ -259,15 +265,24 @@ def test_configs_and_docstring():
 
 
 def test_resume_identical_and_skips_finished_cells(tmp_path):
-  cfg = configs.get_config("tiny")
+  # Under CI the N-sweep cell is skipped (2 training cells instead of 3,
+  # each mostly compile time); the kill still lands inside the 2nd cell.
+  quick = bool(os.environ.get("CI"))
+
+  def tiny():
+    c = configs.get_config("tiny")
+    if quick:
+      c.fign_num_points = ""
+    return c
+  cfg = tiny()
   full = study.run_study(cfg, str(tmp_path / "full"))
   names = [study.cell_name(4, 1, 4, 1, 1e-2, 40, 0),
            study.cell_name(4, 1, 1, 1, 1e-2, 40, 0),
-           study.cell_name(3, 1, 4, 2, 1e-2, 40, 0)]
-  assert [r["rank"] for r in full["table"]] == [4, 1, 4]
+           study.cell_name(3, 1, 4, 2, 1e-2, 40, 0)][:2 if quick else 3]
+  assert [r["rank"] for r in full["table"]] == [4, 1, 4][:len(names)]
 
   killed = str(tmp_path / "killed")
-  cfg_stop = configs.get_config("tiny")
+  cfg_stop = tiny()
   cfg_stop.stop_after_steps = 70        # mid-way through the 2nd cell
   with pytest.raises(study.Stopped):
     study.run_study(cfg_stop, killed)
@@ -284,7 +299,7 @@ def test_resume_identical_and_skips_finished_cells(tmp_path):
   with open(os.path.join(killed, "metrics.jsonl")) as f:
     recs = [json.loads(l) for l in f if l.strip()]
   steps = [r["step"] for r in recs]
-  assert steps == sorted(set(steps)) and len(steps) == 12
+  assert steps == sorted(set(steps)) and len(steps) == 4 * len(names)
   for row, name in zip(resumed["table"], names):
     losses = [r["loss"] for r in recs if r["cell"] == name]
     assert len(losses) == 4 and row["min_train_mse"] == min(losses)
@@ -295,7 +310,10 @@ def test_resume_identical_and_skips_finished_cells(tmp_path):
       "N=4": resumed["table"][0]["mse"]}
   assert resumed["low_rank_1layer_mse"] == {
       "N=4": resumed["table"][1]["mse"]}
-  for png in ("fig1_rank_width_depth", "figN_rank_vs_N", "rank1_random_heads"):
+  pngs = ["fig1_rank_width_depth", "rank1_random_heads"]
+  if not quick:
+    pngs.append("figN_rank_vs_N")
+  for png in pngs:
     assert os.path.exists(os.path.join(killed, png + ".png"))
 
 

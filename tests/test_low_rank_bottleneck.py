@@ -296,11 +296,15 @@ def test_configs_docstring_and_helpfull():
 
 
 def test_resume_identical_and_skips_finished_cells(tmp_path):
+  # Under CI the LM part is skipped (its cells go through the same sweep
+  # driver as the mixing cells; its corpus split is tested above): 3 cells
+  # instead of 5, each mostly compile time.
+  quick = bool(os.environ.get("CI"))
   def cfg_():
     c = configs.get_config("tiny")
     c.fit.head_sizes = "4"
     c.mix.heads = "2"
-    c.lm.heads = "4"
+    c.lm.heads = "" if quick else "4"
     return c
   full = study.run_study(cfg_(), str(tmp_path / "full"))
   killed = str(tmp_path / "killed")
@@ -319,14 +323,19 @@ def test_resume_identical_and_skips_finished_cells(tmp_path):
     if isinstance(x, list):
       return [untimed(v) for v in x]
     return x
-  for part in ("fit", "mix", "lm"):
+  parts = ("fit", "mix") if quick else ("fit", "mix", "lm")
+  for part in parts:
     assert untimed(resumed[part]) == untimed(full[part])
   with open(os.path.join(killed, "metrics.jsonl")) as f:
     steps = [json.loads(l)["step"] for l in f if l.strip()]
-  # fit 40 + 2 mix cells x 20 + 2 lm cells x 20 = 120 steps, chunk 10.
-  assert steps == sorted(set(steps)) and len(steps) == 12
-  for name in ("fit_error.png", "mix_vs_heads.png", "mix_vs_params.png",
-               "mix_rank.png", "lm_vs_params.png", "lm_vs_heads.png"):
+  # fit 40 + 2 mix cells x 20 (+ 2 lm cells x 20) steps, chunk 10.
+  assert steps == sorted(set(steps))
+  assert len(steps) == (8 if quick else 12)
+  pngs = ["fit_error.png", "mix_vs_heads.png", "mix_vs_params.png",
+          "mix_rank.png"]
+  if not quick:
+    pngs += ["lm_vs_params.png", "lm_vs_heads.png"]
+  for name in pngs:
     assert os.path.exists(os.path.join(killed, name))
   assert "mix: standard" in study.format_tables(resumed)
 
