@@ -11,12 +11,21 @@ Presets:
            ~20), i.e. a few minutes when idle (78 closed-form cells).
   paper    d=16, N=16, M=256 heads (4352 trainable values), n = 128..16384
            (8 values), M = 16..256 at n = 8192, all six targets, 3 draws.
-           Sized for about an hour on an idle 2-core CPU: one feature matrix
-           per (draw, model) reused by every target and every head count
-           (the first M' heads' columns), features in float32, the ridge
-           path in float64 from one eigendecomposition per cell (dual n x n
-           below p, primal p x p above). The paper's own sizes are unknown
-           (below).
+           One feature matrix per (draw, model) reused by every target and
+           every head count (the first M' heads' columns; the M' = M cell
+           at heads_n is the sample-size cell, copied), features stored in
+           float32, the ridge path in float64: one Cholesky factorization
+           per penalty of the dual n x n (n <= p) or primal p x p Gram
+           matrix, all targets as one right-hand side. Cost model: ~17,900
+           GFLOP in all (the n = 4096/8192/16384 cells at p = 4352 are
+           ~90% of it). Measured 2026-12-01 (runs/s14/rfa_paper.log,
+           load average 15-18 from 8 sessions): the first 5 cells (draw 0,
+           rfa_zero, n = 128..2048, 78 GFLOP) took 40.5 CPU-s, i.e. ~3.2
+           GFLOP per CPU-second on the loaded machine, which extrapolates
+           to ~5,600 CPU-s, ~47 min on 2 idle cores (an extrapolation; the
+           full preset has not been run: the process got 9% of one CPU and
+           was stopped after 10.5 min; its finished cells are kept and a
+           re-run resumes). The paper's own sizes are unknown (below).
   tiny     for tests and the colab (seconds).
 
 What we could find about the paper's experiments (searched 2026-12-01 with
@@ -35,6 +44,10 @@ the project's search tool over stored web pages, code and issues):
     e.g. "Is Random Attention Sufficient for Sequence Modeling?",
     arXiv 2506.01115, study frozen-QK transformers on language, not these
     targets).
+  * Searched again 2026-12-01 (second session): stored pages
+    (emergentmind.com/papers/2307.11353: abstract and a generated summary
+    only) and code (no simulation code for this paper under any author's
+    name); nothing new.
   * The supplementary PDF itself was not retrievable offline, so the
     paper's d, N, M, n grid and numbers are not known here; the targets
     (He_k of sqrt(d) <x_0, x_i>, a key-only linear target, a quadratic
