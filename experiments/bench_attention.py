@@ -137,9 +137,10 @@ def format_table(rows) -> str:
   if not rows:
     return "(no rows)"
   preferred = ["section", "name", "impl", "mode", "causal", "batch", "heads",
-               "head_dim", "seq_len", "image_size", "time_ms", "mem_mb",
+               "head_dim", "seq_len", "image_size", "time_ms", "cpu_ms", "mem_mb",
                "gflops", "gflops_per_s", "pattern", "kv_len", "supported",
-               "mem_ratio_vs_softmax", "ratio_vs_matmul", "ratio_vs_jax_nn",
+               "mem_ratio_vs_softmax", "ratio_vs_matmul", "ratio_vs_matmul_cpu",
+               "ratio_vs_jax_nn",
                "ratio_vs_softmax", "ratio_vs_dense", "ratio_chunked_over_xla",
                "auto", "exponent", "fit_range", "note"]
   keys = [k for k in preferred if any(k in r for r in rows)]

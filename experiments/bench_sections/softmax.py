@@ -116,9 +116,10 @@ def run(ctx):
               group.append(row)
             if calls:
               calls["matmul"] = (mm_fn, mm_args)
-              med, _ = bench_utils.interleaved_times(calls,
-                                                     repeats=ctx.repeats)
+              med, _, cpu = bench_utils.interleaved_times(
+                  calls, repeats=ctx.repeats, cpu=True)
               mm_rate = 2 * mm_n**3 / med["matmul"] / 1e9
+              mm_rate_cpu = 2 * mm_n**3 / cpu["matmul"] / 1e9
               base = med.get("jax.nn(xla)")
               for row in group:
                 t = med.get(row["impl"])
@@ -132,6 +133,14 @@ def run(ctx):
                 row["gflops_per_s"] = flops / t / 1e9
                 row["matmul_gflops_per_s"] = mm_rate
                 row["ratio_vs_matmul"] = row["gflops_per_s"] / mm_rate
+                # Per process CPU second (all threads; time spent waiting
+                # for a core not counted): the work efficiency, meaningful
+                # on a loaded machine where wall times measure the
+                # scheduler. An upper bound of the idle-machine wall ratio
+                # (equal when both use every core all the time).
+                row["cpu_ms"] = 1e3 * cpu[row["impl"]]
+                row["ratio_vs_matmul_cpu"] = (flops / cpu[row["impl"]] / 1e9
+                                              / mm_rate_cpu)
                 if base is not None:
                   row["ratio_vs_jax_nn"] = t / base
             for row in group:
@@ -152,16 +161,23 @@ def targets(rows):
            f"{r['mode']}")
     if r.get("ratio_vs_matmul") is not None:
       want = 0.7 if r["mode"] == "fwd" else 0.5
-      out.append(dict(target=f"chunked {tag} >= {want} of the matmul rate",
-                      value=round(r["ratio_vs_matmul"], 3),
-                      ok=r["ratio_vs_matmul"] >= want))
+      cpu = r.get("ratio_vs_matmul_cpu")
+      out.append(dict(
+          target=f"chunked {tag} >= {want} of the matmul rate (wall)",
+          value=(round(r["ratio_vs_matmul"], 3) if cpu is None else
+                 f"{r['ratio_vs_matmul']:.3f} (per CPU second: {cpu:.3f})"),
+          ok=r["ratio_vs_matmul"] >= want))
     if r["causal"]:
       nc = idx.get((r["impl"], r["mode"], False, r["seq_len"], r["batch"],
                     r["head_dim"]))
       if nc and nc.get("time_ms") and r.get("time_ms"):
         ratio = r["time_ms"] / nc["time_ms"]
-        out.append(dict(target=f"chunked {tag} time <= 0.55x non-causal",
-                        value=round(ratio, 3), ok=ratio <= 0.55))
+        value = round(ratio, 3)
+        if nc.get("cpu_ms") and r.get("cpu_ms"):
+          value = (f"{ratio:.3f} (CPU time: "
+                   f"{r['cpu_ms'] / nc['cpu_ms']:.3f})")
+        out.append(dict(target=f"chunked {tag} time <= 0.55x non-causal "
+                        "(wall)", value=value, ok=ratio <= 0.55))
   for r in rows:
     if r["impl"] != "attnjax(xla)" or not r["causal"]:
       continue
