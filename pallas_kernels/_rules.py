@@ -59,9 +59,13 @@ def round_up(x: int, m: int) -> int:
 
 def default_scale(scale: Optional[float], head_dim: int) -> float:
   """The logit scale: `scale` when given, else 1/sqrt(head_dim) (1.0 for an
-  empty head dim)."""
+  empty head dim). A NaN or infinite `scale` is a ValueError naming it (it
+  would silently turn every output into NaN)."""
   if scale is not None:
-    return float(scale)
+    v = float(scale)
+    if not math.isfinite(v):
+      raise ValueError(f"`scale` must be a finite number, got {scale!r}.")
+    return v
   return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
 
 

@@ -48,7 +48,8 @@ def _prepare(query, key, value, mask, is_causal, bias, dropout_rate, scale):
   # Masked slots are zeroed by a select, so NaN/Inf there reaches nothing.
   key = _common.zero_masked(key, kv_mask)
   value = _common.zero_masked(value, kv_mask)
-  scale = 1.0 if scale is None else float(scale)
+  # Default 1.0 (a temperature on q and k, not 1/sqrt(d)); NaN/Inf refused.
+  scale = 1.0 if scale is None else _common.default_scale(scale, 1)
   rq = jax.nn.softmax(query.astype(jnp.float32) * scale, axis=-1)
   kl = key.astype(jnp.float32) * scale
   ok = None if kv_mask is None else kv_mask[:, :, None, None]
