@@ -176,3 +176,26 @@ def test_row_at_lowest_float32_is_not_taken_for_an_empty_row(implementation):
   for name, g, r in zip("qkv", grads, g_ref):
     np.testing.assert_allclose(np.asarray(g, np.float64)[0, :, 0], r,
                                atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_masked_rows_below_mask_sentinel_under_strict_modes(implementation):
+  """The lowest-float32 masked fill forms no inf (jax.debug_infs), and the
+  masked path stays rank/dtype-promotion clean: values and gradients of
+  the masked case under the three strict modes at once."""
+  from tests.strict_modes import strict_mode
+  q, k, v, w, bias = _inputs()
+  valid = np.arange(S) > 0
+  mask = jnp.asarray(valid)[None, None, None, :]
+
+  def loss(q, k, v):
+    out = attnjax.dot_product_attention(q, k, v, bias=bias, mask=mask,
+                                        implementation=implementation)
+    return jnp.sum(out * w)
+
+  with strict_mode("all"):
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  _, g_ref = _reference(q, k, v, w, valid)
+  for name, g, r in zip("qkv", grads, g_ref):
+    np.testing.assert_allclose(np.asarray(g, np.float64)[0, :, 0], r,
+                               atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
