@@ -206,15 +206,42 @@ def _mix32(x):
   return x ^ (x >> 16)
 
 
+def cos_sin_turns(k):
+  """(cos, sin) of 2 pi k / 2^24 for integers 0 <= k < 2^24, float32.
+
+  Exact integer range reduction to the nearest quarter turn, then Cephes'
+  float32 minimax polynomials on [-pi/4, pi/4] (max error ~1e-7, below the
+  ~4e-7 of jnp.cos on the rounded float angle). XLA on CPU calls scalar libm
+  sinf/cosf for jnp.sin/jnp.cos; in the training step those calls were the
+  largest single cost. Checked against float64 NumPy in the tests.
+  """
+  k = k.astype(jnp.int32)
+  q = (k + (1 << 21)) >> 22                      # nearest quarter turn, 0..4
+  x = (k - (q << 22)).astype(jnp.float32) * (2.0 * math.pi / 2 ** 24)
+  x2 = x * x
+  s = x + x * x2 * (-1.6666654611e-1 + x2 * (8.3321608736e-3 +
+                                            x2 * -1.9515295891e-4))
+  c = 1.0 - 0.5 * x2 + x2 * x2 * (4.166664568298827e-2 + x2 * (
+      -1.388731625493765e-3 + x2 * 2.443315711809948e-5))
+  q = q & 3
+  cos_t = jnp.where(q == 0, c, jnp.where(q == 1, -s, jnp.where(q == 2, -c, s)))
+  sin_t = jnp.where(q == 0, s, jnp.where(q == 1, c, jnp.where(q == 2, -s, -c)))
+  return cos_t, sin_t
+
+
 def fast_normal(key, shape) -> jax.Array:
   """Standard normal float32 samples, ~5x cheaper than jax.random.normal on CPU.
 
   Two 32-bit words from Threefry(key) seed a counter-based hash
   (u_i = mix(mix(i ^ s0) + s1), `_mix32`), and Box-Muller turns pairs of
-  24-bit uniforms into normals. Threefry on every sample was the largest
-  cost of the training step (the model itself is ~17 heads of 6x6
-  matrices). Deterministic in `key`; checked against the normal law in
-  tests/test_icl_regression.py (moments, tails, KS, independence).
+  24-bit uniforms (u1, k) into normals sqrt(-2 log u1) (cos, sin)(2 pi k /
+  2^24), the trigonometric part by `cos_sin_turns` (polynomials, no libm
+  calls). Threefry on every sample was the largest cost of the original
+  step (the model itself is ~17 heads of 6x6 matrices). The samples are
+  computed once (optimization_barrier: XLA would otherwise recompute them
+  inside every consumer's fusion). Deterministic in `key`; checked against
+  the normal law and against the float64 Box-Muller of the same hash bits
+  in tests/test_icl_regression.py.
   """
   n = int(np.prod(shape))
   m = (n + 1) // 2
@@ -222,10 +249,10 @@ def fast_normal(key, shape) -> jax.Array:
   i = jax.lax.iota(jnp.uint32, 2 * m).reshape(2, m)
   b = _mix32(_mix32(i ^ seed[0]) + seed[1])
   u1 = ((b[0] >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2 ** 24)  # (0, 1)
-  th = (b[1] >> 8).astype(jnp.float32) * (2.0 * math.pi / 2 ** 24)
   r = jnp.sqrt(-2.0 * jnp.log(u1))
-  z = jnp.concatenate([r * jnp.cos(th), r * jnp.sin(th)])
-  return z[:n].reshape(shape)
+  cos_t, sin_t = cos_sin_turns(b[1] >> 8)
+  z = jnp.concatenate([r * cos_t, r * sin_t])
+  return jax.lax.optimization_barrier(z[:n].reshape(shape))
 
 
 class Task:
@@ -269,7 +296,12 @@ class Task:
     noise = z[nx + nb:].reshape(batch, length + 1, self.T) * self.noise_sd
     if not self.query_noise:
       noise = noise.at[:, length].set(0.0)
-    ya = jnp.einsum("bld,btd->blt", xa, beta) + noise
+    # y = x . beta as d multiply-adds (XLA CPU runs the batched [L+1, d] x
+    # [d, T] dot as a slow per-prompt kernel).
+    ya = xa[..., None, 0] * beta[:, None, :, 0]
+    for j in range(1, self.d):
+      ya = ya + xa[..., None, j] * beta[:, None, :, j]
+    ya = ya + noise
     return xa[:, :length], ya[:, :length], xa[:, length], ya[:, length]
 
   def sample_reference(self, key, batch: int, length: int):
