@@ -153,6 +153,8 @@ against the original step in one process.
 from __future__ import annotations
 
 import math
+import os
+import resource
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -537,13 +539,17 @@ def train(cfg, task, runs, workdir: str) -> dict:
   chunk = _make_chunk(cfg, task, stack, tx, mesh)
   prog = common.Progress(cfg.steps, start=step, every=cfg.log_every,
                          desc="train " + ",".join(r.name for r in runs))
+  step0, wall0, cpu0 = step, time.time(), _cpu_seconds()
   while step < cfg.steps:
     n = min(cfg.log_every, cfg.steps - step)
     params, opt, losses = chunk(params, opt, jnp.asarray(step), n)
     step += n
     losses = {r.name: float(v) for r, v in zip(runs, np.asarray(losses))}
     _log(cfg, writer, runs, step, stack.unstack(params), losses)
-    prog.update(step, **losses)
+    # Elapsed wall and CPU seconds (getrusage, this process) and the 1-min
+    # load average ride along on each progress line.
+    prog.update(step, **losses, wall_s=time.time() - wall0,
+                cpu_s=_cpu_seconds() - cpu0, load1=os.getloadavg()[0])
     if step % cfg.ckpt_every == 0 or step == cfg.steps:
       ckpt.save(step, {"step": np.asarray(step, np.int64),
                        "leaves": jax.tree_util.tree_leaves(
@@ -553,7 +559,19 @@ def train(cfg, task, runs, workdir: str) -> dict:
       ckpt.close()
       raise Stopped(f"stopped at step {step} (stop_after_steps)")
   ckpt.close()
+  if step > step0:
+    wall, cpu = time.time() - wall0, _cpu_seconds() - cpu0
+    print(f"training: steps {step0}->{step} in {wall:.1f} s wall, {cpu:.1f} s "
+          f"CPU (getrusage), {(step - step0) / wall:.1f} steps/s wall, "
+          f"{(step - step0) / max(cpu, 1e-9):.1f} steps per CPU-second, "
+          f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}",
+          flush=True)
   return stack.unstack(params)
+
+
+def _cpu_seconds() -> float:
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
 
 
 def snapshot_steps(cfg) -> List[int]:
