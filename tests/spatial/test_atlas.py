@@ -95,22 +95,22 @@ def test_top_down_and_bottom_up_match_float64_definitions():
 
 
 def test_values_grads_jit_vmap_bf16():
+  """Top-down and bottom-up in one function (one compile per check)."""
   q, ks, vs = _maps(b=1, h=5, w=4, kvh=2, scales=2)
-  fn = jax.jit(lambda q, k0, k1, v0, v1: sp.multiscale_top_down_attention(
-      q, [k0, k1], [v0, v1], K, stride=S))
-  ref = jax.jit(lambda q, k0, k1, v0, v1:
-                sp.multiscale_top_down_attention_reference(
-                    q, [k0, k1], [v0, v1], K, stride=S))
-  args = (q, ks[0], ks[1], vs[0], vs[1])
-  check_values_grads_jit_vmap(fn, ref, args, batched=(0, 1, 2, 3, 4))
-  check_bf16(fn, ref, args, batched=(0, 1, 2, 3, 4))
   qc = normal(6, (1, 3, 2, 2, 4))
-  fb = jax.jit(lambda q, k, v: sp.multiscale_bottom_up_attention(
-      q, k, v, 4, stride=S))
-  rb = jax.jit(lambda q, k, v: sp.multiscale_bottom_up_attention_reference(
-      q, k, v, 4, stride=S))
-  check_values_grads_jit_vmap(fb, rb, (qc, ks[0], vs[0]))
-  check_bf16(fb, rb, (qc, ks[0], vs[0]))
+
+  def both(td, bu):
+    return lambda q, k0, k1, v0, v1, qc: jnp.concatenate([
+        td(q, [k0, k1], [v0, v1], K, stride=S).ravel(),
+        bu(qc, k0, v0, 4, stride=S).ravel()])
+
+  fn = jax.jit(both(sp.multiscale_top_down_attention,
+                    sp.multiscale_bottom_up_attention))
+  ref = jax.jit(both(sp.multiscale_top_down_attention_reference,
+                     sp.multiscale_bottom_up_attention_reference))
+  args = (q, ks[0], ks[1], vs[0], vs[1], qc)
+  check_values_grads_jit_vmap(fn, ref, args, batched=(0, 1, 2, 3, 4, 5))
+  check_bf16(fn, ref, args, batched=(0, 1, 2, 3, 4, 5))
 
 
 def test_masked_keys_never_reach_output_and_empty_rows_are_zero():

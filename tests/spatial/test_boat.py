@@ -14,6 +14,10 @@ from attnjax import spatial as sp
 from tests.spatial.zoo_checks import (check_bf16, check_values_grads_jit_vmap,
                                       normal, softmax64)
 
+# one compile shared by the float64 and the masked-slot tests
+_FSLA_C6_O2 = jax.jit(lambda q, k, v, km: sp.feature_space_local_attention(
+    q, k, v, 6, overlap=2, key_mask=km))
+
 
 def _unit(x):
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -79,11 +83,9 @@ def _inputs(shape=(2, 5, 7, 2, 4), kvh=1, dv=3):
 def test_matches_float64_definition_and_reference():
   q, k, v = _inputs()
   km = jax.random.bernoulli(jax.random.key(5), 0.8, (2, 5, 7))
-  args = dict(overlap=2, key_mask=km)
   want, groups = _fsla64(q, k, v, 6, 2, np.asarray(km), 0.5)
-  np.testing.assert_allclose(
-      jax.jit(lambda *a: sp.feature_space_local_attention(*a, 6, **args))(
-          q, k, v), want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(_FSLA_C6_O2(q, k, v, km), want, atol=2e-5,
+                             rtol=2e-5)
   # the clusters of the last (batch, head) are the float64 ones, balanced
   _, cl = jax.jit(lambda q: sp.feature_space_clusters(q, 6))(q)
   cl = np.asarray(cl[1, 1])
@@ -110,8 +112,7 @@ def test_masked_keys_never_reach_output_and_empty_rows_are_zero():
   km = jnp.asarray(km)
   kn = k.at[0, 1, 3].set(jnp.nan).at[1].set(jnp.inf)
   vn = v.at[0, 1, 3].set(jnp.nan).at[1].set(jnp.nan)
-  f = jax.jit(lambda k, v: sp.feature_space_local_attention(
-      q, k, v, 6, overlap=3, key_mask=km))
+  f = lambda k, v: _FSLA_C6_O2(q, k, v, km)
   out = f(kn, vn)
   np.testing.assert_allclose(out, f(k, v), atol=1e-6)
   np.testing.assert_array_equal(out[1], 0.0)
