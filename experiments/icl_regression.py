@@ -257,6 +257,23 @@ def fast_normal(key, shape) -> jax.Array:
   return jax.lax.optimization_barrier(z[:n].reshape(shape))
 
 
+def fast_normal_libm(key, shape) -> jax.Array:
+  """`fast_normal` as it was before: the same hash bits, jnp.cos/jnp.sin.
+
+  Kept for the benchmark's side-by-side timing and the equality test.
+  """
+  n = int(np.prod(shape))
+  m = (n + 1) // 2
+  seed = jax.random.bits(key, (2,), jnp.uint32)
+  i = jax.lax.iota(jnp.uint32, 2 * m).reshape(2, m)
+  b = _mix32(_mix32(i ^ seed[0]) + seed[1])
+  u1 = ((b[0] >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2 ** 24)  # (0, 1)
+  th = (b[1] >> 8).astype(jnp.float32) * (2.0 * math.pi / 2 ** 24)
+  r = jnp.sqrt(-2.0 * jnp.log(u1))
+  z = jnp.concatenate([r * jnp.cos(th), r * jnp.sin(th)])
+  return z[:n].reshape(shape)
+
+
 class Task:
   """Samples prompts: x [B, L, d], y [B, L, T], xq [B, d], yq [B, T]."""
 
@@ -304,6 +321,26 @@ class Task:
     for j in range(1, self.d):
       ya = ya + xa[..., None, j] * beta[:, None, :, j]
     ya = ya + noise
+    return xa[:, :length], ya[:, :length], xa[:, length], ya[:, length]
+
+  def sample_previous(self, key, batch: int, length: int):
+    """`sample` as it was before the polynomial sin/cos (benchmarks, tests).
+
+    Box-Muller through jnp.cos/jnp.sin (scalar libm calls on CPU), not
+    materialized, and y from a batched dot: the same numbers as `sample` up
+    to float32 rounding (~1e-6).
+    """
+    nx, nb = batch * (length + 1) * self.d, batch * self.T * self.d
+    ne = batch * (length + 1) * self.T
+    z = fast_normal_libm(key, (nx + nb + ne,))
+    xa = z[:nx].reshape(batch, length + 1, self.d)
+    if self.chol is not None:
+      xa = xa @ self.chol.T
+    beta = z[nx:nx + nb].reshape(batch, self.T, self.d) * self.beta_scale
+    noise = z[nx + nb:].reshape(batch, length + 1, self.T) * self.noise_sd
+    if not self.query_noise:
+      noise = noise.at[:, length].set(0.0)
+    ya = jnp.einsum("bld,btd->blt", xa, beta) + noise
     return xa[:, :length], ya[:, :length], xa[:, length], ya[:, length]
 
   def sample_reference(self, key, batch: int, length: int):
@@ -440,13 +477,18 @@ def make_optimizer(cfg):
   return optax.adam(cfg.lr, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps)
 
 
-def make_step(cfg, task, stack, tx, mesh=None):
-  """(params, opt, step) -> (params, opt, losses [M]): one fast Adam step."""
+def make_step(cfg, task, stack, tx, mesh=None, sample=None):
+  """(params, opt, step) -> (params, opt, losses [M]): one fast Adam step.
+
+  `sample` (default `task.sample`) draws the step's batch; the benchmark
+  passes `task.sample_previous` to time the step as it was before the
+  polynomial sampler.
+  """
   data_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+  sample = task.sample if sample is None else sample
 
   def step_fn(p, o, step):
-    batch = task.sample(jax.random.fold_in(data_key, step), cfg.batch_size,
-                        cfg.L)
+    batch = sample(jax.random.fold_in(data_key, step), cfg.batch_size, cfg.L)
     if mesh is not None:
       batch = sharding.constrain_batch(batch, mesh)
     (_, losses), g = jax.value_and_grad(stack.total_loss, has_aux=True)(
@@ -457,7 +499,7 @@ def make_step(cfg, task, stack, tx, mesh=None):
   return step_fn
 
 
-def _make_chunk(cfg, task, stack, tx, mesh):
+def _make_chunk(cfg, task, stack, tx, mesh, sample=None):
   """jit(params, opt, start, n) -> n fast Adam steps of every run.
 
   All models see the same batch at each step (drawn from
@@ -465,7 +507,7 @@ def _make_chunk(cfg, task, stack, tx, mesh):
   sharded over the mesh's `data` axis (a no-op with one device). One
   dispatch runs n steps (lax.scan); checkpoints fall on chunk boundaries.
   """
-  step_fn = make_step(cfg, task, stack, tx, mesh)
+  step_fn = make_step(cfg, task, stack, tx, mesh, sample)
 
   def chunk(params, opt, start, n):
     def body(carry, i):

@@ -274,6 +274,49 @@ def test_fast_normal_is_standard_normal():
   assert abs(np.corrcoef(z, w)[0, 1]) < 4 / math.sqrt(n)
 
 
+def test_fast_normal_equals_float64_box_muller():
+  """The polynomial cos/sin give the float64 Box-Muller of the same hash
+  bits, and so the numbers of the previous (libm) sampler up to rounding."""
+  k = np.concatenate([np.arange(0, 2 ** 24, 997),
+                      [2 ** 21 - 1, 2 ** 21, 2 ** 22 - 1, 2 ** 22,
+                       3 * 2 ** 21, 7 * 2 ** 21, 2 ** 24 - 1]])
+  c, s = icl.cos_sin_turns(jnp.asarray(k, jnp.uint32))
+  th = 2 * np.pi * k / 2 ** 24
+  assert np.max(np.abs(np.asarray(c, np.float64) - np.cos(th))) < 2.5e-7
+  assert np.max(np.abs(np.asarray(s, np.float64) - np.sin(th))) < 2.5e-7
+  key, n = jax.random.key(5), 20_001
+  seed = jax.random.bits(key, (2,), jnp.uint32)
+  m = (n + 1) // 2
+  i = jax.lax.iota(jnp.uint32, 2 * m).reshape(2, m)
+  b = np.asarray(icl._mix32(icl._mix32(i ^ seed[0]) + seed[1]))
+  u1 = ((b[0] >> 8).astype(np.float64) + 0.5) / 2 ** 24
+  th = (b[1] >> 8).astype(np.float64) * 2 * np.pi / 2 ** 24
+  r = np.sqrt(-2 * np.log(u1))
+  want = np.concatenate([r * np.cos(th), r * np.sin(th)])[:n]
+  # rtol: float32 log(u1) near u1 = 1 (tiny radii) is only ~1e-4 relative.
+  new = np.asarray(icl.fast_normal(key, (n,)), np.float64)
+  old = np.asarray(icl.fast_normal_libm(key, (n,)), np.float64)
+  np.testing.assert_allclose(new, want, rtol=1e-3, atol=3e-6)
+  np.testing.assert_allclose(old, want, rtol=1e-3, atol=3e-6)
+  np.testing.assert_allclose(new, old, atol=2e-6)
+
+
+def test_fast_step_equals_previous_step():
+  """Six chunked steps: the polynomial sampler's step == the previous one
+  (libm sin/cos, batched-dot y) -- losses and parameters."""
+  cfg, task, runs = _mixed_runs()
+  tx = icl.make_optimizer(cfg)
+  stack = icl.Stack(runs)
+  p = stack.stack({r.name: r.params0 for r in runs})
+  o = tx.init(p)
+  new = icl._make_chunk(cfg, task, stack, tx, None)(p, o, jnp.asarray(3), 6)
+  old = icl._make_chunk(cfg, task, stack, tx, None, task.sample_previous)(
+      p, o, jnp.asarray(3), 6)
+  for a, b in zip(jax.tree_util.tree_leaves(new),
+                  jax.tree_util.tree_leaves(old)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_multitask_paper_data():
   """The authors' multi-task data: unit beta, noise sd sqrt(0.1 |S|), no
   query noise (utils/data_utils.py MultiTaskLinearReg)."""
