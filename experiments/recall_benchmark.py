@@ -302,7 +302,13 @@ def make_figures(cfg, workdir, results):
             for w in results["widths"]]
       ax.plot(results["widths"], ys, marker="os^vD<>ph"[j % 9], label=m)
     ax.axhline(results["chance"], color="k", ls=":", lw=1, label="chance")
+    # The loss plateau every model passes through: the answer is one of the
+    # D values in context, guessed without matching the key.
+    ax.axhline(1 / max(1, t // int(cfg.pairs_per_len)), color="gray",
+               ls="--", lw=1, label="1/D (guess a context value)")
     ax.set_xscale("log", base=2)
+    ax.set_xlim(min(results["widths"]) / 1.3, max(results["widths"]) * 1.3)
+    ax.set_xticks(results["widths"], [str(w) for w in results["widths"]])
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("model width d")
     if i == 0:
