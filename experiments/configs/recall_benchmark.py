@@ -17,9 +17,14 @@ Presets:
            zoology/experiments/paper_configs/iclr24_zoology_figure2/
            configs.py): vocab 8192, (T, pairs) = (64, 4), (128, 8),
            (256, 16), widths 64..512, two layers, batch 256. Zoology trains
-           100k fixed examples for many epochs and reports the best of four
-           learning rates (1e-4..1e-2); here 20k steps of fresh batches at
-           one lr (sweep --config.lr for theirs). Hours on CPU.
+           100k fixed examples for 64 epochs at batch 512 (256 at T = 256)
+           and reports the best of four learning rates (1e-4..1e-2); here
+           20k steps of fresh batches at one lr (sweep --config.lr for
+           theirs). Other differences from their Figure 2 models: ours keep
+           the GELU MLP after each mixer (theirs: none), several heads of
+           head_dim (their attention: one head), random filler tokens and
+           uniform query positions (theirs: 0 and power-law gaps). Hours
+           on CPU.
   tiny     for tests (seconds): softmax only, vocab 16, T = 16, 2 pairs.
 """
 
