@@ -6,15 +6,20 @@ Times, side by side in one process (so machine load hits both alike):
               one `ICLAttention` module per run, which projects every
               context token through K and V, a value_and_grad and an Adam
               update per run, data from `Task.sample_reference` (5 draws);
-  fast        the current step (`icl_regression._make_chunk`): all runs'
-              heads stacked on one axis, the reassociated forward
+  previous    the stacked step as it was before the polynomial sampler:
+              all runs' heads stacked on one axis, the reassociated forward
               (`stacked_icl_forward`: scores Z^T (K_h^T Q_h z_q), output
               O_h V_h (Z p); no per-token projection), one Adam update on
-              the stacked arrays, data from `Task.sample` (3 draws);
+              the stacked arrays, data from `Task.sample_previous`
+              (Box-Muller through scalar libm cos/sin, batched-dot y);
+  fast        the current step (`icl_regression._make_chunk`): the same
+              model and update, data from `Task.sample` (polynomial cos/sin,
+              samples materialized once, y as d multiply-adds): the same
+              numbers as `previous` up to float32 rounding;
 
 both as `lax.scan` chunks of --chunk steps per dispatch, for all runs of the
 chosen preset (default: softmax H = 1, 2, 4, 8 and linear H = 2, 17 heads).
-Repeats alternate the two and report the median steps/s. Also reported: XLA's
+Repeats alternate the three and report the median steps/s. Also reported: XLA's
 cost analysis of one step (FLOPs, bytes accessed) and the achieved fraction
 of this CPU's float32 matmul rate (a jitted 512^3 matmul timed here).
 
@@ -90,6 +95,9 @@ def bench(preset: str = "default", chunk: int = 200, repeats: int = 5):
   new_p = stack.stack(ref_p)
   new_state = (new_p, tx.init(new_p))
   new_chunk = icl._make_chunk(cfg, task, stack, tx, None)
+  prev_chunk = icl._make_chunk(cfg, task, stack, tx, None,
+                               task.sample_previous)
+  prev_step = icl.make_step(cfg, task, stack, tx, None, task.sample_previous)
 
   # One step each, for XLA's cost analysis.
   new_step = icl.make_step(cfg, task, stack, tx)
@@ -97,17 +105,24 @@ def bench(preset: str = "default", chunk: int = 200, repeats: int = 5):
       lambda p, o: ref_chunk(p, o, jnp.asarray(0), 1), *ref_state)
   new_flops, new_bytes = _cost(lambda p, o: new_step(p, o, jnp.asarray(0)),
                                *new_state)
+  prev_flops, prev_bytes = _cost(
+      lambda p, o: prev_step(p, o, jnp.asarray(0)), *new_state)
 
-  # Compile both, then alternate timed chunks.
+  # Compile all, then alternate timed chunks.
   _time_chunk(ref_chunk, ref_state, chunk)
+  _time_chunk(prev_chunk, new_state, chunk)
   _time_chunk(new_chunk, new_state, chunk)
-  times = {"reference": [], "fast": []}
+  times = {"reference": [], "previous": [], "fast": []}
+  load = [os.getloadavg()[0]]
   for _ in range(repeats):
     times["reference"].append(_time_chunk(ref_chunk, ref_state, chunk))
+    times["previous"].append(_time_chunk(prev_chunk, new_state, chunk))
     times["fast"].append(_time_chunk(new_chunk, new_state, chunk))
+    load.append(os.getloadavg()[0])
   rate = matmul_rate()
   rows = {}
   for name, flops, nbytes in (("reference", ref_flops, ref_bytes),
+                              ("previous", prev_flops, prev_bytes),
                               ("fast", new_flops, new_bytes)):
     sps = chunk / float(np.median(times[name]))
     rows[name] = {"steps_per_s": sps, "ms_per_step": 1e3 / sps,
@@ -121,6 +136,9 @@ def bench(preset: str = "default", chunk: int = 200, repeats: int = 5):
           "matmul_f32_flops_per_s": rate, "rows": rows,
           "speedup": rows["fast"]["steps_per_s"] /
                      rows["reference"]["steps_per_s"],
+          "speedup_over_previous": rows["fast"]["steps_per_s"] /
+                                   rows["previous"]["steps_per_s"],
+          "load_average_1min": load,
           "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
           "machine": platform.processor() or platform.machine(),
           "command": " ".join(sys.argv)}
@@ -140,8 +158,11 @@ def main(argv):
           f"{r['flops_per_step'] / 1e6:11.2f} {r['bytes_per_step'] / 1e6:8.2f} "
           f"{r['achieved_flops_per_s'] / 1e9:8.3f} "
           f"{100 * r['fraction_of_matmul_rate']:8.2f}%")
-  print(f"speedup fast/reference: {res['speedup']:.2f}x; float32 matmul "
-        f"rate here: {res['matmul_f32_flops_per_s'] / 1e9:.1f} GFLOP/s")
+  print(f"speedup fast/reference: {res['speedup']:.2f}x, fast/previous: "
+        f"{res['speedup_over_previous']:.2f}x; float32 matmul rate here: "
+        f"{res['matmul_f32_flops_per_s'] / 1e9:.1f} GFLOP/s; 1-min load "
+        f"average during the repeats {min(res['load_average_1min']):.1f}-"
+        f"{max(res['load_average_1min']):.1f}")
   if FLAGS.out:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:
