@@ -53,9 +53,9 @@ steps per cell: 53 s with 1 head, 70-92 s with 4-16 heads (width 1),
 included. docs/results/benefits_of_rank.md has what was run.
 
 Depth (measured, not the authors' setting): at N = 4, width 1 (d^2
-query-key parameters), 6000 steps, 1 seed, 2 layers leave low rank far from
-solved (rank 4: 0.309, rank 1: 0.583 vs full rank 0.068; at 1 layer 0.531,
-0.605 vs 0.032). The authors' figN solves N = 4 at every rank with 2
+query-key parameters), 6000 steps, 2 layers leave low rank far from solved
+(min over 2 seeds: rank 4 0.309, rank 1 0.580, full rank 0.033; at 1
+layer, 1 seed: 0.531, 0.605, 0.032). The authors' figN solves N = 4 at every rank with 2
 layers of width d (d^3) after 200k steps; that setting was not run here.
 
 Run (see experiments/configs/benefits_of_rank.py for all presets):
