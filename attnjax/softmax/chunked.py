@@ -31,8 +31,14 @@ shift moves the band (loop bounds and masks), per example when the offsets
 are arrays.
 
 Layout: inside the custom_vjp everything is head-major (q [B, K, G, T, H],
-k/v [B, K, S, H]), so every block product is a plain batched matmul with no
-per-block transposes; the wrapper transposes once on the way in and out.
+k/v [B, K, S, H]); the wrapper transposes once on the way in and out. Every
+block product reads row-by-column operands (what the CPU matmul needs, else
+XLA copies a transposed operand per block): the forward slices key blocks
+from K^T (transposed once) and folds the scale into the query block; the
+backward works on transposed blocks (keys x queries), so P^T dO, dS^T Q,
+V dO^T and K^T dS^T need no transpose of the [bk, bq] blocks, and dQ is
+accumulated transposed. Causal and windowed calls mask only the blocks the
+band's edge crosses (`_kv_split`, `_q_split`); interior blocks skip the mask.
 """
 
 from __future__ import annotations
@@ -130,14 +136,40 @@ def _block_mask(cfg: _Config, i, j, mask, q_seg, kv_seg, s_pad, shift=None,
   return out
 
 
-def _block_logits(cfg: _Config, qi, kj, bias, i, j, with_cap_grad=False):
+def _dot(x, y, cx, cy, precision=None):
+  """lax.dot_general over batch dims (0, 1) (batch, kv head), contracting
+  x's dims `cx` with y's `cy`; output [B, K, x's free dims, y's free dims].
+  Spelled out instead of jnp.einsum, which may swap the operands and
+  transpose the result: the operand order fixes the orientation of the
+  product, and on CPU each product must read row-by-column operands to run
+  without a transpose copy."""
+  return lax.dot_general(x, y, ((tuple(cx), tuple(cy)), ((0, 1), (0, 1))),
+                         precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+def _g_first(x):
+  """[B, K, R, G, C] -> [B, K, G, R, C] (a no-op copy when G == 1)."""
+  return jnp.moveaxis(x, 3, 2)
+
+
+def _block_logits(cfg: _Config, qi, kj, bias, i, j, with_cap_grad=False,
+                  transposed=False):
   """Scaled, biased, soft-capped logits of block (i, j) (float32); with
-  `with_cap_grad` also d(capped)/d(uncapped) (None without a cap)."""
-  s = jnp.einsum("bkgqh,bkch->bkgqc", qi, kj,
-                 preferred_element_type=jnp.float32,
-                 precision=cfg.prec_qk) * cfg.scale
+  `with_cap_grad` also d(capped)/d(uncapped) (None without a cap).
+
+  qi [B, K, G, bq, H] and the key block transposed, kj [B, K, H, bk]: logits
+  [B, K, G, bq, bk]. `transposed`: the query block transposed, qi
+  [B, K, G, H, bq], and kj [B, K, bk, H]: logits [B, K, G, bk, bq]. (Both
+  are plain row-by-column products, so the CPU matmul needs no per-block
+  transpose copy of an operand.)"""
+  if transposed:
+    s = _g_first(_dot(kj, qi, (3,), (3,), cfg.prec_qk)) * cfg.scale
+  else:
+    s = _dot(qi, kj, (4,), (2,), cfg.prec_qk) * cfg.scale
   if bias is not None:
-    s = s + _slice_blocks(bias, i, j, cfg.block_q, cfg.block_kv).astype(
+    bij = _slice_blocks(bias, i, j, cfg.block_q, cfg.block_kv)
+    s = s + (jnp.swapaxes(bij, -1, -2) if transposed else bij).astype(
         jnp.float32)
   dcap = None
   if cfg.soft_cap is not None:
@@ -314,15 +346,25 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks,
   bq, bk = cfg.block_q, cfg.block_kv
   nq = t_pad // bq
   nk_valid = -(-cfg.kv_len // bk)
+  kt = jnp.swapaxes(k, -1, -2)   # [B, K, H, S]: once, not per block
+  # The scale goes into the query block (a [bq, H] product per query block
+  # instead of a pass over every [bq, bk] logits block, which XLA on CPU
+  # writes out before the row max): exact when it is a power of two, a
+  # rounding of the logits otherwise, so not done for 16-bit queries there.
+  fold = (jnp.dtype(q.dtype).itemsize >= 4
+          or math.frexp(cfg.scale)[0] == 0.5)
+  cfg_logits = dataclasses.replace(cfg, scale=1.0) if fold else cfg
 
   def q_block(i):
     qi = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=3)
+    if fold:
+      qi = qi * jnp.asarray(cfg.scale, qi.dtype)
 
     def body(j, carry, band):
       acc, m, l = carry
-      kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
+      ktj = lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=3)
       vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
-      s = _block_logits(cfg, qi, kj, bias, i, j)
+      s = _block_logits(cfg_logits, qi, ktj, bias, i, j)
       msk = _block_mask(cfg, i, j, mask, q_seg, kv_seg, s_pad, shift, band)
       if msk is not None:
         s = jnp.where(msk, s, MASK_VALUE)
@@ -336,10 +378,8 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks,
       # Dropout acts on the normalized weights: drop from the numerator,
       # keep the normalizer (and the lse) of the undropped softmax.
       keep = _block_keep(cfg, rng, i, j, p.shape)
-      pv = jnp.einsum("bkgqc,bkcd->bkgqd",
-                      _dropped(cfg, p, keep).astype(v.dtype), vj,
-                      preferred_element_type=jnp.float32,
-                      precision=cfg.prec_pv)
+      pv = _dot(_dropped(cfg, p, keep).astype(v.dtype), vj, (4,), (2,),
+                cfg.prec_pv)
       acc = alpha[..., None] * acc + pv
       return acc, m_new, l
 
@@ -409,51 +449,62 @@ def _chunked_bwd(cfg, res, cts):
   # ds = p * (dp - D + dlse): fold the two row terms into one.
   row_term = delta - dlse
 
+  # The backward works on transposed blocks (rows: keys, columns: queries),
+  # [B, K, G, bk, bq]: then dV = P^T dO, dK = dS^T Q, dP^T = V dO^T and
+  # dQ^T = K^T dS^T are all plain row-by-column products. (In the [bq, bk]
+  # orientation the CPU matmul needs P and dS transposed, and XLA
+  # recomputed each of them a second time in transposed order, per block.)
+  # dQ is accumulated transposed, [B, K, G, H, T].
+  qt = jnp.swapaxes(q, -1, -2)
+  dout_t = jnp.swapaxes(dout, -1, -2)
+
   def kv_block(carry, j):
-    dq, dbias = carry
+    dqt, dbias = carry
     kj = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
     vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
+    ktj = jnp.swapaxes(kj, -1, -2)
 
     def body(i, c, band):
-      dk, dv, dq, dbias = c
+      dk, dv, dqt, dbias = c
       qi = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=3)
+      qti = lax.dynamic_slice_in_dim(qt, i * bq, bq, axis=4)
       doi = lax.dynamic_slice_in_dim(dout, i * bq, bq, axis=3)
-      m_i = lax.dynamic_slice_in_dim(m, i * bq, bq, axis=3)
-      logl_i = lax.dynamic_slice_in_dim(logl, i * bq, bq, axis=3)
-      r_i = lax.dynamic_slice_in_dim(row_term, i * bq, bq, axis=3)
-      s, dcap = _block_logits(cfg, qi, kj, bias, i, j, with_cap_grad=True)
+      doti = lax.dynamic_slice_in_dim(dout_t, i * bq, bq, axis=4)
+      # Row statistics broadcast along the key rows: [B, K, G, 1, bq].
+      m_i = lax.dynamic_slice_in_dim(m, i * bq, bq, axis=3)[..., None, :]
+      logl_i = lax.dynamic_slice_in_dim(logl, i * bq, bq, axis=3)[..., None, :]
+      r_i = lax.dynamic_slice_in_dim(row_term, i * bq, bq, axis=3)[..., None, :]
+      st, dcap = _block_logits(cfg, qti, kj, bias, i, j, with_cap_grad=True,
+                               transposed=True)
       msk = _block_mask(cfg, i, j, mask, q_seg, kv_seg, s_pad, shift, band)
       if msk is not None:
-        s = jnp.where(msk, s, MASK_VALUE)
+        msk = jnp.swapaxes(msk, -1, -2)
+        st = jnp.where(msk, st, MASK_VALUE)
       # p = exp(s - lse) with lse = m + log l kept as the pair: exact even
       # when |m| is so large that m + log l rounds to m.
-      p = jnp.exp((s - m_i[..., None]) - logl_i[..., None])
+      pt = jnp.exp((st - m_i) - logl_i)
       if msk is not None:
-        p = jnp.where(msk, p, 0.0)
+        pt = jnp.where(msk, pt, 0.0)
       # With dropout, out = (P o M / (1 - r)) V: dV uses the dropped
       # weights, dP = (dO V^T) o M / (1 - r), and rowsum(dP o P) is still
       # rowsum(dO o out) = delta.
-      keep = _block_keep(cfg, rng, i, j, p.shape)   # once for dV and dP
-      dv = dv + jnp.einsum("bkgqc,bkgqd->bkcd",
-                           _dropped(cfg, p, keep).astype(dout.dtype),
-                           doi, preferred_element_type=jnp.float32,
-                           precision=cfg.prec_pv)
-      dp = jnp.einsum("bkgqd,bkcd->bkgqc", doi, vj,
-                      preferred_element_type=jnp.float32,
-                      precision=cfg.prec_pv)
-      ds = p * (_dropped(cfg, dp, keep) - r_i[..., None])
+      keep = _block_keep(cfg, rng, i, j, (b, nkv, g, bq, bk))  # once for both
+      if keep is not None:
+        keep = jnp.swapaxes(keep, -1, -2)
+      dv = dv + _dot(_dropped(cfg, pt, keep).astype(dout.dtype), doi,
+                     (2, 4), (2, 3), cfg.prec_pv)
+      dpt = _g_first(_dot(vj, doti, (3,), (3,), cfg.prec_pv))
+      dst = pt * (_dropped(cfg, dpt, keep) - r_i)
       if dcap is not None:
-        ds = ds * dcap    # through the soft cap
-      dqi = jnp.einsum("bkgqc,bkch->bkgqh", ds.astype(k.dtype), kj,
-                       preferred_element_type=jnp.float32,
-                       precision=cfg.prec_qk)
-      dq = lax.dynamic_update_slice_in_dim(
-          dq, lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=3) + dqi,
-          i * bq, axis=3)
-      dk = dk + jnp.einsum("bkgqc,bkgqh->bkch", ds.astype(q.dtype), qi,
-                           preferred_element_type=jnp.float32,
-                           precision=cfg.prec_qk)
+        dst = dst * dcap    # through the soft cap
+      dqti = _g_first(_dot(ktj, dst.astype(k.dtype), (3,), (3,),
+                           cfg.prec_qk))
+      dqt = lax.dynamic_update_slice_in_dim(
+          dqt, lax.dynamic_slice_in_dim(dqt, i * bq, bq, axis=4) + dqti,
+          i * bq, axis=4)
+      dk = dk + _dot(dst.astype(q.dtype), qi, (2, 4), (2, 3), cfg.prec_qk)
       if dbias is not None:
+        ds = jnp.swapaxes(dst, -1, -2)
         shape = bias.shape[:3] + (bq if bias.shape[3] != 1 else 1,
                                   bk if bias.shape[4] != 1 else 1)
         dsb = _reduce_to(ds, shape)
@@ -461,19 +512,20 @@ def _chunked_bwd(cfg, res, cts):
         tj = j * bk if bias.shape[4] != 1 else 0
         cur = lax.dynamic_slice(dbias, (0, 0, 0, ti, tj), shape)
         dbias = lax.dynamic_update_slice(dbias, cur + dsb, (0, 0, 0, ti, tj))
-      return dk, dv, dq, dbias
+      return dk, dv, dqt, dbias
 
     init = (jnp.zeros((b, nkv, bk, h), jnp.float32),
-            jnp.zeros((b, nkv, bk, hv), jnp.float32), dq, dbias)
+            jnp.zeros((b, nkv, bk, hv), jnp.float32), dqt, dbias)
     lo, hi = _q_range(cfg, j, nq, shift)
-    dk, dv, dq, dbias = _split_loop(lo, hi, _q_split(cfg, j, lo, hi, shift),
-                                    body, init)
-    return (dq, dbias), (dk, dv)
+    dk, dv, dqt, dbias = _split_loop(lo, hi, _q_split(cfg, j, lo, hi, shift),
+                                     body, init)
+    return (dqt, dbias), (dk, dv)
 
-  dq0 = jnp.zeros(q.shape, jnp.float32)
+  dqt0 = jnp.zeros(qt.shape, jnp.float32)
   dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
-  (dq, dbias), (dks, dvs) = lax.scan(kv_block, (dq0, dbias0),
-                                     jnp.arange(nk, dtype=jnp.int32))
+  (dqt, dbias), (dks, dvs) = lax.scan(kv_block, (dqt0, dbias0),
+                                      jnp.arange(nk, dtype=jnp.int32))
+  dq = jnp.swapaxes(dqt, -1, -2)
   # dks: [nk, B, K, bk, H] -> [B, K, S, H]; scale applied once here.
   dk = jnp.moveaxis(dks, 0, 2).reshape(b, nkv, s_pad, h) * cfg.scale
   dv = jnp.moveaxis(dvs, 0, 2).reshape(b, nkv, s_pad, hv)
