@@ -16,6 +16,12 @@ Modes:
                      computation whose output holds an inf raises
                      FloatingPointError.
 
+  'all'              the three at once. Each mode only adds errors (none
+                     changes a value), so a call passes under 'all' exactly
+                     when it passes under each mode: CI runs the strict-mode
+                     tests once under 'all' (`modes_for_this_run()`),
+                     a local run under each mode separately.
+
 `strict_mode(None)` (or '' / 'none') is a no-op, so a test can be
 parametrized over `(None,) + STRICT_MODES`. `env_strict_mode()` reads the
 `ATTNJAX_STRICT_MODE` environment variable (one of the names above, or
@@ -36,7 +42,20 @@ from typing import Optional
 import jax
 
 STRICT_MODES = ("rank_promotion", "dtype_promotion", "debug_infs")
+ALL = "all"
 ENV_VAR = "ATTNJAX_STRICT_MODE"
+
+
+def modes_for_this_run() -> tuple:
+  """The modes a strict-mode test is parametrized over: each of
+  STRICT_MODES locally; under CI (the `CI` environment variable) the single
+  combined mode 'all', one compile per case instead of three."""
+  return (ALL,) if os.environ.get("CI") else STRICT_MODES
+
+
+def includes(mode: Optional[str], which: str) -> bool:
+  """Whether `mode` turns on `which` (one of STRICT_MODES)."""
+  return mode == which or mode == ALL
 
 
 def _context(mode: Optional[str]):
@@ -48,8 +67,11 @@ def _context(mode: Optional[str]):
     return jax.numpy_dtype_promotion("strict")
   if mode == "debug_infs":
     return jax.debug_infs(True)
+  if mode == ALL:
+    return all_strict_modes()
   raise ValueError(
-      f"unknown strict mode {mode!r}; expected one of {STRICT_MODES} or None.")
+      f"unknown strict mode {mode!r}; expected one of {STRICT_MODES}, "
+      f"{ALL!r} or None.")
 
 
 @contextlib.contextmanager
@@ -72,7 +94,7 @@ def env_strict_mode() -> Optional[str]:
   mode = os.environ.get(ENV_VAR, "").strip() or None
   if mode == "none":
     mode = None
-  if mode is not None and mode not in STRICT_MODES:
-    raise ValueError(
-        f"${ENV_VAR}={mode!r}; expected one of {STRICT_MODES} or unset.")
+  if mode is not None and mode not in STRICT_MODES + (ALL,):
+    raise ValueError(f"${ENV_VAR}={mode!r}; expected one of {STRICT_MODES}, "
+                     f"{ALL!r} or unset.")
   return mode

@@ -17,6 +17,7 @@ tests/softmax_base.py); `TestXlaStrict*` below (marked slow) run it for 'xla'.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +30,12 @@ from attnjax import masks as M
 from attnjax.nn import MultiHeadAttention
 from tests.reference_np import attention_np
 from tests.softmax_base import SoftmaxAttentionSuite
-from tests.strict_modes import STRICT_MODES, strict_mode
+from tests.strict_modes import STRICT_MODES, modes_for_this_run, strict_mode
 
 BACKENDS = ["xla", "chunked", "pallas"]
+# Each strict mode separately; under CI the three at once (strict_modes.py:
+# a mode only adds errors, so 'all' fails exactly where one of them would).
+MODES = modes_for_this_run()
 B, T, S, N, K, H = 2, 11, 21, 4, 2, 8   # S not a multiple of any block
 
 
@@ -61,7 +65,7 @@ def _combined_case():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", STRICT_MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_combined_masks_values_and_grads(mode, backend):
   q, k, v = _inputs()
   mask, kw, ref_kw = _combined_case()
@@ -83,7 +87,7 @@ def test_combined_masks_values_and_grads(mode, backend):
 
 
 @pytest.mark.parametrize("backend", ["xla", "chunked"])
-@pytest.mark.parametrize("mode", STRICT_MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_mask_and_causal_with_bias_and_lse(mode, backend):
   """A rank-2 bool mask with causal (and_masks of rank 2 and 4), a bias,
   bf16 inputs, and the lse (no empty rows, so no -inf is legitimate)."""
@@ -104,7 +108,7 @@ def test_mask_and_causal_with_bias_and_lse(mode, backend):
 
 
 @pytest.mark.parametrize("backend", ["xla", "chunked"])
-@pytest.mark.parametrize("mode", STRICT_MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_dropout_and_fully_masked_rows(mode, backend):
   q, k, v = _inputs(2)
   lengths = jnp.asarray([0, 9])     # batch row 0 has nothing to attend to
@@ -125,7 +129,7 @@ def test_dropout_and_fully_masked_rows(mode, backend):
   assert np.abs(np.asarray(out[1]) - ref[1]).mean() < 0.5
 
 
-@pytest.mark.parametrize("mode", STRICT_MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_attention_weights_masks_and_layer(mode):
   q, k, _ = _inputs(6)
   mask, kw, ref_kw = _combined_case()
@@ -156,25 +160,52 @@ def test_attention_weights_masks_and_layer(mode):
              for x_ in jax.tree.leaves(nnx.state(gy)))
 
 
+@pytest.mark.parametrize("mode", STRICT_MODES + ("all",))
+def test_each_mode_and_all_raise_where_they_should(mode):
+  """'all' (what CI runs the strict tests under) turns on each of the three
+  modes: it raises on an implicit rank broadcast, an implicit dtype
+  promotion and an inf, and each single mode raises on its own."""
+  x, row, flag = jnp.ones((2, 3)), jnp.ones(3), jnp.ones(3, bool)
+  offences = {
+      "rank_promotion": (lambda: x + row, ValueError),
+      "dtype_promotion": (lambda: row * flag, jax.dtypes.TypePromotionError),
+      "debug_infs": (lambda: jax.jit(jnp.log)(row - 1.0), FloatingPointError),
+  }
+  for name, (offend, err) in offences.items():
+    with strict_mode(mode):
+      if mode in (name, "all"):
+        with pytest.raises(err):
+          offend()
+      else:
+        offend()
+
+
 # The whole shared suite under each strict mode, for the reference backend
 # (the cheapest; the other backends run the representative calls above and,
-# with ATTNJAX_STRICT_MODE set, their own full suites).
-@pytest.mark.slow
-class TestXlaStrictRankPromotion(SoftmaxAttentionSuite):
-  implementation = "xla"
-  supports_dropout = True
-  strict_mode = "rank_promotion"
+# with ATTNJAX_STRICT_MODE set, their own full suites). Under CI the three
+# modes at once in one class (a third of the compiles); locally one class per
+# mode.
+if os.environ.get("CI"):
+  @pytest.mark.slow
+  class TestXlaStrictAllModes(SoftmaxAttentionSuite):
+    implementation = "xla"
+    supports_dropout = True
+    strict_mode = "all"
+else:
+  @pytest.mark.slow
+  class TestXlaStrictRankPromotion(SoftmaxAttentionSuite):
+    implementation = "xla"
+    supports_dropout = True
+    strict_mode = "rank_promotion"
 
+  @pytest.mark.slow
+  class TestXlaStrictDtypePromotion(SoftmaxAttentionSuite):
+    implementation = "xla"
+    supports_dropout = True
+    strict_mode = "dtype_promotion"
 
-@pytest.mark.slow
-class TestXlaStrictDtypePromotion(SoftmaxAttentionSuite):
-  implementation = "xla"
-  supports_dropout = True
-  strict_mode = "dtype_promotion"
-
-
-@pytest.mark.slow
-class TestXlaStrictDebugInfs(SoftmaxAttentionSuite):
-  implementation = "xla"
-  supports_dropout = True
-  strict_mode = "debug_infs"
+  @pytest.mark.slow
+  class TestXlaStrictDebugInfs(SoftmaxAttentionSuite):
+    implementation = "xla"
+    supports_dropout = True
+    strict_mode = "debug_infs"
