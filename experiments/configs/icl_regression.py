@@ -31,6 +31,8 @@ default 66 CPU-s (6 min wall at 18% of a core); paper: training 3646 s wall
 (~26 CPU-min, ~320 steps per CPU-second for all five models), evaluation
 969 s wall / 123 CPU-s; multitask_paper at 100k steps: 833 s wall training,
 57 s evaluation; tiny: ~20 CPU-s. On an idle machine wall ~= CPU time.
+With the polynomial sampler (same day, load 8-18): paper training 2185 s
+wall, 1104 CPU-s (~453 steps per CPU-second), runs/i13/paper.log.
 
 Any field can be overridden, e.g. `--config.steps=4000 --config.heads=1,2`.
 Re-running a command with the same --workdir resumes from the last
