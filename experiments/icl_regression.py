@@ -298,16 +298,12 @@ class Task:
                               for g in self.supports], np.float32)
     self.query_noise = bool(cfg.get("query_noise", True))
 
-  def sample(self, key, batch: int, length: int):
-    """One prompt batch: x [B, L, d], y [B, L, T], xq [B, d], yq [B, T].
-
-    The same distribution as `sample_reference` (the original sampler) from
-    one `fast_normal` draw: covariates of context and query, beta and the
-    noise of context and query are slices of it.
-    """
+  def _draw(self, normal, key, batch: int, length: int):
+    """Covariates [B, L+1, d], beta [B, T, d] and noise [B, L+1, T] as
+    slices of one `normal(key, shape)` draw (query = position L)."""
     nx, nb = batch * (length + 1) * self.d, batch * self.T * self.d
     ne = batch * (length + 1) * self.T
-    z = fast_normal(key, (nx + nb + ne,))
+    z = normal(key, (nx + nb + ne,))
     xa = z[:nx].reshape(batch, length + 1, self.d)
     if self.chol is not None:
       xa = xa @ self.chol.T
@@ -315,6 +311,16 @@ class Task:
     noise = z[nx + nb:].reshape(batch, length + 1, self.T) * self.noise_sd
     if not self.query_noise:
       noise = noise.at[:, length].set(0.0)
+    return xa, beta, noise
+
+  def sample(self, key, batch: int, length: int):
+    """One prompt batch: x [B, L, d], y [B, L, T], xq [B, d], yq [B, T].
+
+    The same distribution as `sample_reference` (the original sampler) from
+    one `fast_normal` draw: covariates of context and query, beta and the
+    noise of context and query are slices of it.
+    """
+    xa, beta, noise = self._draw(fast_normal, key, batch, length)
     # y = x . beta as d multiply-adds (XLA CPU runs the batched [L+1, d] x
     # [d, T] dot as a slow per-prompt kernel).
     ya = xa[..., None, 0] * beta[:, None, :, 0]
@@ -330,16 +336,7 @@ class Task:
     materialized, and y from a batched dot: the same numbers as `sample` up
     to float32 rounding (~1e-6).
     """
-    nx, nb = batch * (length + 1) * self.d, batch * self.T * self.d
-    ne = batch * (length + 1) * self.T
-    z = fast_normal_libm(key, (nx + nb + ne,))
-    xa = z[:nx].reshape(batch, length + 1, self.d)
-    if self.chol is not None:
-      xa = xa @ self.chol.T
-    beta = z[nx:nx + nb].reshape(batch, self.T, self.d) * self.beta_scale
-    noise = z[nx + nb:].reshape(batch, length + 1, self.T) * self.noise_sd
-    if not self.query_noise:
-      noise = noise.at[:, length].set(0.0)
+    xa, beta, noise = self._draw(fast_normal_libm, key, batch, length)
     ya = jnp.einsum("bld,btd->blt", xa, beta) + noise
     return xa[:, :length], ya[:, :length], xa[:, length], ya[:, length]
 
