@@ -25,12 +25,14 @@ def _share_compiles_within_this_run():
   so the xdist workers, binaries, multi-process runs and notebook kernels
   started by tests share it. The directory lives for this run only (removed
   at exit by the process that made it); an explicit $JAX_COMPILATION_CACHE_DIR
-  is left alone, and ATTNJAX_TEST_XLA_CACHE=0 turns this off. A size limit
+  is left alone. Opt-in (ATTNJAX_TEST_XLA_CACHE=1): the first full suite run
+  with it always on took 4231 s against 3349 s before (fewer tests), not
+  yet explained, so it is off by default until measured. A size limit
   turns on JAX's file lock, so concurrent readers never see a half-written
   entry.
   """
   if (os.environ.get("JAX_COMPILATION_CACHE_DIR")
-      or os.environ.get("ATTNJAX_TEST_XLA_CACHE") == "0"):
+      or os.environ.get("ATTNJAX_TEST_XLA_CACHE", "0") != "1"):
     return
   import atexit
   import shutil
