@@ -40,7 +40,6 @@ from typing import Dict, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from attnjax.analysis.head_stats import check_maps
 
@@ -148,14 +147,5 @@ def hidden_states(model, images) -> Dict[str, jax.Array]:
   """{block path: [B, T, C] (or [B, H, W, C])}: the input of every attention
   Block of an attnjax vision model, from a recording view (the model is
   not modified)."""
-  from attnjax.models.vision._layers import Block
-  view = nnx.with_attributes(model, only=Block, record=True,
-                             raise_if_not_found=False)
-  _, sown = nnx.capture(view, nnx.Intermediate)(images)
-  out = {}
-  for path, v in nnx.to_flat_state(sown):
-    if path and path[-1] == "block_input":
-      v = v.get_value() if isinstance(v, nnx.Variable) else v
-      out["/".join(str(p) for p in path[:-1])] = (
-          v[-1] if isinstance(v, tuple) else v)
-  return out
+  from attnjax.models.vision.attention_maps import recorded
+  return recorded(model, images, "block_input")

@@ -129,13 +129,19 @@ def attention_maps(model, images) -> Dict[str, jax.Array]:
   under `nnx.capture`, which collects the sown maps (and MoH losses, dropped
   here) without storing anything in any module.
   """
+  return recorded(model, images, "attention_map")
+
+
+def recorded(model, images, name: str) -> Dict[str, jax.Array]:
+  """{block path: value}: what every attention Block sows under `name`
+  ("attention_map", "block_input") when run as a recording view."""
   from attnjax.models.vision._layers import Block
   view = nnx.with_attributes(model, only=Block, record=True,
                              raise_if_not_found=False)
   _, sown = nnx.capture(view, nnx.Intermediate)(images)
   out = {}
   for path, v in nnx.to_flat_state(sown):
-    if path and path[-1] == "attention_map":
+    if path and path[-1] == name:
       v = v.get_value() if isinstance(v, nnx.Variable) else v
       out["/".join(str(p) for p in path[:-1])] = (
           v[-1] if isinstance(v, tuple) else v)
