@@ -26,7 +26,11 @@ MECHANISMS (attnjax layers, causal, heads = width // head_dim):
   mswa             MSWAAttention(base_window=window, layer i of num_layers)
   lightning        LightningAttention (RetNet decays; decayed linear)
   power            PowerAttention(block 4)
-  routing_transformer  RoutingTransformerAttention (k-means clusters)
+  routing_transformer  RoutingTransformerAttention (k-means clusters; its
+                   centroids follow the paper's online k-means: in training
+                   the layer's own `kmeans_update` step (exponential moving
+                   average of the assigned queries and keys) runs at every
+                   step, through the sweep's `train_attributes`)
 
 Sweep: one training cell per (mechanism, width, sequence length), Adam with
 warm-up and cosine decay, through experiments.sweep.train_cells (orbax
@@ -200,14 +204,28 @@ def recall_loss(model, batch):
 
 
 def recall_accuracy(model, tokens, targets, batch: int = 128) -> float:
+  return recall_eval(model, tokens, targets, batch)["accuracy"]
+
+
+def recall_eval(model, tokens, targets, batch: int = 128) -> Dict[str, float]:
+  """Accuracy and mean loss over the scored positions, one jitted forward
+  per `batch` examples (the model is an argument, not a constant)."""
+
+  @nnx.jit
+  def fwd(m, x, y):
+    logits = m(x).astype(jnp.float32)
+    scored = y >= 0
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits),
+                               jnp.maximum(y, 0)[..., None], -1)[..., 0]
+    return (jnp.sum((jnp.argmax(logits, -1) == y) & scored),
+            jnp.sum(jnp.where(scored, nll, 0.0)), jnp.sum(scored))
+
   hits = total = 0
-  fwd = nnx.jit(lambda m, x: jnp.argmax(m(x), -1))
+  nll = 0.0
   for i in range(0, tokens.shape[0], batch):
-    pred = np.asarray(fwd(model, tokens[i:i + batch]))
-    t = np.asarray(targets[i:i + batch])
-    hits += int(np.sum((pred == t) & (t >= 0)))
-    total += int(np.sum(t >= 0))
-  return hits / max(total, 1)
+    h, l, n = fwd(model, tokens[i:i + batch], targets[i:i + batch])
+    hits, nll, total = hits + int(h), nll + float(l), total + int(n)
+  return {"accuracy": hits / max(total, 1), "eval_loss": nll / max(total, 1)}
 
 
 # -- study ---------------------------------------------------------------------
@@ -219,12 +237,19 @@ def cell_name(mech, width, seq_len):
 def make_cells(cfg):
   cells = []
   vocab = int(cfg.vocab)
+
+  @functools.lru_cache(maxsize=None)
+  def eval_set(t, pairs):
+    # Drawn when a cell is first evaluated (a resumed sweep whose cells of
+    # this length are finished never draws it); jitted: one compile instead
+    # of one per operation.
+    eval_key = jax.random.fold_in(jax.random.key(cfg.seed + 1), t)
+    return jax.jit(mqar_batch, static_argnums=(1, 2, 3, 4))(
+        eval_key, int(cfg.eval_examples), t, pairs, vocab)
+
   for t in ints(cfg.seq_lens):
     pairs = max(1, t // int(cfg.pairs_per_len))
     check_sizes(t, pairs, vocab)
-    eval_key = jax.random.fold_in(jax.random.key(cfg.seed + 1), t)
-    x_eval, y_eval = mqar_batch(eval_key, int(cfg.eval_examples), t, pairs,
-                                vocab)
     for width in ints(cfg.widths):
       for mech in cfg.mechanisms:
         seed = int(cfg.seed) * 1_000_003 + t * 1009 + width * 31 + \
@@ -239,15 +264,18 @@ def make_cells(cfg):
         def batch_fn(key, t=t, pairs=pairs):
           return mqar_batch(key, int(cfg.batch_size), t, pairs, vocab)
 
-        def eval_fn(model, x=x_eval, y=y_eval):
-          return {"accuracy": recall_accuracy(model, x, y),
-                  "eval_loss": float(recall_loss(model, (x, y)))}
+        def eval_fn(model, t=t, pairs=pairs):
+          return recall_eval(model, *eval_set(t, pairs))
 
         cells.append(Cell(
             name=cell_name(mech, width, t), make_model=mk,
             loss_fn=recall_loss, batch_fn=batch_fn, eval_fn=eval_fn,
             steps=int(cfg.steps), lr=float(cfg.lr), seed=seed,
             warmup=int(cfg.warmup),
+            # The Routing Transformer's online k-means (centroid EMA) runs
+            # in training; other mixers have no state to update.
+            train_attributes=({"update_centroids": True}
+                              if mech == "routing_transformer" else {}),
             info={"mechanism": mech, "width": width, "seq_len": t,
                   "num_pairs": pairs, "params": count_params(mk())}))
   return cells

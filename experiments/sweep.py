@@ -11,6 +11,16 @@ sampler, evaluation, steps, Adam settings) and hands the list to
   metrics.jsonl        training loss per chunk of steps; "step" is global
                        across cells, "cell" names the cell
 
+Non-trainable model state (every nnx variable that is not an nnx.Param, e.g.
+Performer's fixed random projection or the Routing Transformer's k-means
+centroids) is an argument of the jitted training chunk, not a constant
+closed over by it: XLA then neither embeds nor constant-folds it (cheaper
+compiles). A cell with `train_attributes` (e.g. {"update_centroids":
+True}) trains the model with those attributes set (nnx set_attributes), so
+layers that update their own state in training do so; that state is carried
+from step to step, checkpointed with the parameters, and the evaluation sees
+its final value (with the model's attributes as constructed).
+
 Per-step randomness: the batch of step s of a cell is
 `batch_fn(fold_in(fold_in(key(cell.seed), 1), s))`, so a resumed cell
 reproduces an uninterrupted one exactly.
@@ -69,7 +79,11 @@ class Cell:
   batch_fn(key) -> batch (key = fold_in(data_key, step));
   eval_fn(model) -> dict of scalars (deterministic). Adam with cosine decay
   from `lr` (after `warmup` linear warm-up steps). `info` is copied into
-  the cell's result.
+  the cell's result. `train_attributes`: attributes set on the model for
+  training (e.g. {"update_centroids": True}: the Routing Transformer's
+  online k-means step); with any, the non-trainable state the model
+  updates in its training call is carried between steps, checkpointed,
+  and used for evaluation (where the attributes are as constructed).
   """
   name: str
   make_model: Callable[[], nnx.Module]
@@ -82,6 +96,7 @@ class Cell:
   b2: float = 0.999
   warmup: int = 0
   info: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  train_attributes: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _final_loss(metrics, cell: str, step: int) -> float:
@@ -103,23 +118,34 @@ def _cell_file(workdir: str, name: str) -> str:
 class BuiltCell:
   """What `build_cell` returns: the model split for training, the initial
   training state on the mesh, and the jitted chunk of `chunk` Adam steps."""
-  graphdef: Any
-  rest: Any                 # non-trainable model state, replicated
+  graphdef: Any             # the model as constructed (for evaluation)
+  rest: Any                 # initial non-trainable model state, replicated
   init: Dict[str, Any]      # {"params": pure dict, "opt": Adam state}
-  run_chunk: Callable       # jit(params, opt, start) -> params, opt, loss
+  run_chunk: Callable       # jit(params, opt, start, rest)
+                            #   -> params, opt, rest, loss
+  carries_rest: bool        # training updates `rest` (train_attributes)
 
 
 def build_cell(c: Cell, *, chunk: int, mesh: jax.sharding.Mesh,
                fsdp_axis: Optional[str] = None) -> BuiltCell:
   """Model, optimizer and jitted training chunk of one cell on `mesh`.
 
-  `run_chunk(p, o, start)` runs steps start .. start + chunk - 1 (batch of
-  step s from fold_in(data_key, s), sharded over the mesh's `data` axis)
-  and returns the new state and the mean loss.
+  `run_chunk(p, o, start, rest)` runs steps start .. start + chunk - 1
+  (batch of step s from fold_in(data_key, s), sharded over the mesh's
+  `data` axis) and returns the new state and the mean loss. `rest`, the
+  non-trainable state, is an argument (not a compile-time constant);
+  omitted (None), the initial one is closed over as a constant. It comes
+  back updated where the cell has `train_attributes`, unchanged otherwise.
   """
   model = c.make_model()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  rest = sharding.replicate(rest, mesh)   # non-trainable state (constants)
+  train_def, carries = graphdef, bool(c.train_attributes)
+  if carries:
+    model.set_attributes(**c.train_attributes)
+    train_def = nnx.split(model, nnx.Param, ...)[0]
+  # Pure dicts (as the params): a merged model's state variables are then
+  # created inside the training trace, so its own updates may mutate them.
+  rest = sharding.replicate(rest.to_pure_dict(), mesh)  # non-trainable state
   params = params.to_pure_dict()
   sched = (optax.warmup_cosine_decay_schedule(0.0, c.lr, c.warmup, c.steps)
            if c.warmup else optax.cosine_decay_schedule(c.lr, c.steps))
@@ -130,23 +156,30 @@ def build_cell(c: Cell, *, chunk: int, mesh: jax.sharding.Mesh,
                              mesh, fsdp_axis=fsdp_axis or None)
   data_key = jax.random.fold_in(jax.random.key(c.seed), 1)
 
-  def loss_of(p, batch):
-    return c.loss_fn(nnx.merge(graphdef, p, rest), batch)
+  def loss_of(p, r, batch):
+    m = nnx.merge(train_def, p, r)
+    loss = c.loss_fn(m, batch)
+    # The state the model left after its training call (e.g. centroids
+    # moved by one k-means step), or the unchanged one.
+    return loss, (nnx.split(m, nnx.Param, ...)[2].to_pure_dict() if carries
+                  else r)
 
   @jax.jit
-  def run_chunk(p, o, start):
+  def run_chunk(p, o, start, r=None):
+    r = rest if r is None else r
+
     def body(i, carry):
-      p, o, acc = carry
+      p, o, r, acc = carry
       batch = c.batch_fn(jax.random.fold_in(data_key, start + i))
       batch = sharding.constrain_batch(batch, mesh)
-      loss, g = jax.value_and_grad(loss_of)(p, batch)
+      (loss, r), g = jax.value_and_grad(loss_of, has_aux=True)(p, r, batch)
       upd, o = tx.update(g, o, p)
-      return optax.apply_updates(p, upd), o, acc + loss
-    p, o, acc = jax.lax.fori_loop(0, chunk, body, (p, o, 0.0))
-    return p, o, acc / chunk
+      return optax.apply_updates(p, upd), o, r, acc + loss
+    p, o, r, acc = jax.lax.fori_loop(0, chunk, body, (p, o, r, 0.0))
+    return p, o, r, acc / chunk
 
   return BuiltCell(graphdef=graphdef, rest=rest, init=init,
-                   run_chunk=run_chunk)
+                   run_chunk=run_chunk, carries_rest=carries)
 
 
 def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
@@ -204,11 +237,17 @@ def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
     graphdef, rest, run_chunk = b.graphdef, b.rest, b.run_chunk
     p_leaves, p_def = jax.tree_util.tree_flatten(b.init["params"])
     o_leaves, o_def = jax.tree_util.tree_flatten(b.init["opt"])
+    r_leaves, r_def = jax.tree_util.tree_flatten(rest)
     ckpt = common.Checkpointer(workdir,
                                subdir=os.path.join("checkpoints", c.name))
-    step, state = ckpt.restore_or({"params": p_leaves, "opt": o_leaves})
+    target = {"params": p_leaves, "opt": o_leaves}
+    if b.carries_rest:      # only then: other cells' checkpoints unchanged
+      target["rest"] = r_leaves
+    step, state = ckpt.restore_or(target)
     params = jax.tree_util.tree_unflatten(p_def, list(state["params"]))
     opt = jax.tree_util.tree_unflatten(o_def, list(state["opt"]))
+    if b.carries_rest:
+      rest = jax.tree_util.tree_unflatten(r_def, list(state["rest"]))
     metrics.resume_from(offset + step)
     common.log_resume(step, c.steps, what=f"cell {c.name} step")
     # One progress line set per cell: cells differ in cost per step, so a
@@ -221,15 +260,18 @@ def train_cells(workdir: str, cells: Sequence[Cell], *, chunk: int,
     t0 = time.time()
     loss = None
     while step < c.steps:
-      params, opt, loss = run_chunk(params, opt, step)
+      params, opt, rest, loss = run_chunk(params, opt, step, rest)
       step += chunk
       trained += chunk
       loss = float(loss)
       metrics.write(offset + step, cell=c.name, cell_step=step, loss=loss)
       progress.update(step, loss=loss)
       if step % ckpt_every == 0 or step == c.steps:
-        ckpt.save(step, {"params": jax.tree_util.tree_leaves(params),
-                         "opt": jax.tree_util.tree_leaves(opt)})
+        saved = {"params": jax.tree_util.tree_leaves(params),
+                 "opt": jax.tree_util.tree_leaves(opt)}
+        if b.carries_rest:
+          saved["rest"] = jax.tree_util.tree_leaves(rest)
+        ckpt.save(step, saved)
       if stop_after_steps and trained >= stop_after_steps:
         ckpt.close()
         raise Stopped(f"stopped after {trained} steps in this run "

@@ -71,3 +71,104 @@ def test_position_embedding_on_the_token_embedding_scale():
   pos = float(np.std(np.asarray(m.pos.value)))
   np.testing.assert_allclose(tok, 1 / np.sqrt(64), rtol=0.1)
   np.testing.assert_allclose(pos, tok, rtol=0.1)
+
+
+# -- experiments/sweep.py: non-trainable state in training ---------------------
+
+def _tiny_cell(mech, **cfg_overrides):
+  cfg = rb_cfg.get_config("tiny")
+  cfg.mechanisms = (mech,)
+  cfg.num_layers = 1
+  for k, v in cfg_overrides.items():
+    setattr(cfg, k, v)
+  return rb.make_cells(cfg)[0]
+
+
+def _mesh():
+  from experiments import sharding
+  return sharding.make_mesh("data:1")
+
+
+def test_routing_centroids_follow_the_online_kmeans_step_in_training():
+  # The paper's centroids move by an exponential moving average of the unit
+  # queries and keys assigned to them. Before, the sweep closed over the
+  # centroids as constants and they never moved.
+  import dataclasses
+  from flax import nnx
+  from experiments import sweep
+  cell = _tiny_cell("routing_transformer")
+  assert cell.train_attributes == {"update_centroids": True}
+  decay = 0.5                          # one step moves them visibly
+
+  def mk(orig=cell.make_model):
+    m = orig()
+    m.blocks[0].mixer.decay = decay
+    return m
+
+  # A fixed batch (any tokens do: the step-0 update uses the initial
+  # parameters' queries and keys), so the reference below needs no sampler.
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(1, 16, (8, 16)), jnp.int32)
+  targets = jnp.asarray(np.where(np.arange(16) >= 12, 9, -1)[None]
+                        .repeat(8, 0), jnp.int32)
+  cell = dataclasses.replace(cell, make_model=mk,
+                             batch_fn=lambda key: (tokens, targets))
+  b = sweep.build_cell(cell, chunk=1, mesh=_mesh())
+  assert b.carries_rest
+  _, _, rest, _ = b.run_chunk(b.init["params"], b.init["opt"], 0, b.rest)
+  got = np.asarray(
+      nnx.merge(b.graphdef, b.init["params"], rest).blocks[0].mixer
+      .centroids.value, np.float64)
+
+  # By hand, in float64 NumPy: the layer's queries and keys under the
+  # initial parameters, nearest unit centroid per head, EMA toward the mean
+  # of the assigned unit vectors.
+  m = nnx.merge(b.graphdef, b.init["params"], b.rest)
+  layer = m.blocks[0].mixer
+  assert layer.update_centroids is False          # evaluation: as built
+  c0 = np.asarray(layer.centroids.value, np.float64)        # [N, C, H]
+  x = m.embed(tokens) + m.pos[:tokens.shape[1]]
+  q, k, _ = layer.project_qkv(m.blocks[0].norm1(x))
+  unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
+  q = unit(np.asarray(q, np.float64))
+  k = unit(np.asarray(k, np.float64))
+  want = c0.copy()
+  moved = 0
+  for n in range(c0.shape[0]):
+    vecs = np.concatenate([q[:, :, n].reshape(-1, q.shape[-1]),
+                           k[:, :, n].reshape(-1, k.shape[-1])])
+    assign = np.argmax(vecs @ c0[n].T, axis=-1)
+    for c in range(c0.shape[1]):
+      if np.any(assign == c):
+        mean = vecs[assign == c].mean(0)
+        want[n, c] = unit(decay * c0[n, c] + (1 - decay) * mean)
+        # toward the assigned vectors
+        assert got[n, c] @ unit(mean) > c0[n, c] @ unit(mean)
+        moved += 1
+  assert moved > 0
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  assert np.max(np.abs(got - c0)) > 1e-2
+
+
+def test_non_trainable_state_is_an_argument_of_the_training_chunk():
+  # Performer's fixed random projection: passed in, not embedded as a
+  # compile-time constant (XLA constant-folded work on it before: slow
+  # compiles). Traced only (no compile).
+  from experiments import sweep
+  cell = _tiny_cell("performer", num_features=24)
+  assert cell.train_attributes == {}
+  b = sweep.build_cell(cell, chunk=1, mesh=_mesh())
+  proj = [np.asarray(v) for v in jax.tree_util.tree_leaves(b.rest)
+          if np.shape(v)[:1] == (24,)]
+  assert proj, "the Performer projection is non-trainable state"
+  traced = b.run_chunk.trace(b.init["params"], b.init["opt"], 0, b.rest)
+  shapes = [np.shape(c) for c in traced.jaxpr.consts]
+  assert not any(s == p.shape for s in shapes for p in proj), shapes
+  # ... and comes back unchanged: the chunk's rest output is its input.
+  jaxpr = traced.jaxpr.jaxpr
+  n_p = len(jax.tree_util.tree_leaves(b.init["params"]))
+  n_o = len(jax.tree_util.tree_leaves(b.init["opt"]))
+  n_r = len(jax.tree_util.tree_leaves(b.rest))
+  ins = jaxpr.invars[n_p + n_o + 1:n_p + n_o + 1 + n_r]
+  outs = jaxpr.outvars[n_p + n_o:n_p + n_o + n_r]
+  assert n_r and list(outs) == list(ins)
