@@ -68,6 +68,8 @@ from attnjax.spatial import (  # spatial zoo (issue 21): BOAT, Atlas
     BilateralLocalAttention, FeatureSpaceLocalAttention, MultiScaleAttention,
     feature_space_local_attention, multiscale_bottom_up_attention,
     multiscale_top_down_attention)
+from attnjax.spatial import (  # spatial zoo (issue 21): S2AFormer
+    HybridPerceptionBlock, StripSelfAttention, strip_self_attention)
 from attnjax.distributed import (ring_attention, sequence_parallel_attention_fn,
                                  ulysses_attention)
 
@@ -127,6 +129,7 @@ __all__ = [
     "BilateralLocalAttention", "FeatureSpaceLocalAttention",
     "feature_space_local_attention", "MultiScaleAttention",
     "multiscale_bottom_up_attention", "multiscale_top_down_attention",
+    "HybridPerceptionBlock", "StripSelfAttention", "strip_self_attention",
     # distributed
     "ring_attention", "sequence_parallel_attention_fn", "ulysses_attention",
 ]

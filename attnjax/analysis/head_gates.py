@@ -1,9 +1,13 @@
 """Head importance and head pruning through per-head gates (Michel, Levy &
 Neubig 2019, "Are Sixteen Heads Really Better than One?").
 
-Every `attnjax.MultiHeadAttention` (and subclass) multiplies head h's output
-by `head_gate[h]` before the output projection when its `head_gate` is set
-(default None: no gate, no cost). The functions here set gates on a *view*
+Every `attnjax.MultiHeadAttention` (and subclass) and every spatial layer
+with heads (`attnjax.spatial._common.HeadGated`: window / shifted window,
+grid, axial (one gate per axis attention), CSWin, Twins GSA / LSA, HiLo,
+BiFormer, DaViT channel, GPSA, CrossViT, CoaT, CrossFormer, DCAL, HaloNet,
+HAT, PTv3, sphere, TransNeXt, 3D windows, S2AFormer SSA, BOAT FSLA)
+multiplies head h's output by `head_gate[h]` before the output projection
+when its `head_gate` is set (default None: no gate, no cost). The functions here set gates on a *view*
 of the model (`nnx.with_attributes`: new module objects sharing the model's
 arrays); the model itself is never modified.
 
@@ -31,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from attnjax.nn import MultiHeadAttention
+from attnjax.spatial._common import HeadGated
 
 __all__ = ["HeadGate", "gated_layers", "gated_view", "head_importance",
            "prune_heads", "pruning_curve"]
@@ -45,16 +50,21 @@ def _key(path):
           for t in str(path).split("/")]
 
 
+GATED_TYPES = (MultiHeadAttention, HeadGated)
+
+
 def gated_layers(model):
-  """[(path, layer)] of the model's MultiHeadAttention layers in network
-  order (paths compared by their integer parts)."""
+  """[(path, layer)] of the model's gated attention layers
+  (MultiHeadAttention and the spatial `HeadGated` layers) in network order
+  (paths compared by their integer parts)."""
   out = []
   for path, node in nnx.iter_graph(model):
-    if isinstance(node, MultiHeadAttention):
+    if isinstance(node, GATED_TYPES):
       out.append(("/".join(str(p) for p in path), node))
   if not out:
-    raise ValueError(f"{type(model).__name__} has no MultiHeadAttention "
-                     "layer to gate.")
+    raise ValueError(f"{type(model).__name__} has no attention layer with "
+                     "head gates (MultiHeadAttention or a spatial HeadGated "
+                     "layer).")
   return sorted(out, key=lambda kv: _key(kv[0]))
 
 
@@ -85,7 +95,11 @@ def gated_view(model, gates=None):
   """(view, paths): a view of `model` whose attention layers carry
   `HeadGate` variables (default all ones; `gates` a {path: [heads]} dict or
   a sequence in network order)."""
-  view = nnx.with_attributes(model, only=MultiHeadAttention, head_gate=None,
+  # nnx.data: spatial layers carry the gate only as a class default (None),
+  # so the view's instance attribute must be declared data for the
+  # HeadGate variable that replaces it.
+  view = nnx.with_attributes(model, only=GATED_TYPES,
+                             head_gate=nnx.data(None),
                              raise_if_not_found=False)
   layers = gated_layers(view)
   for (_, layer), g in zip(layers, _gate_values(layers, gates, "gates")):
@@ -99,7 +113,7 @@ def head_importance(model, loss_fn: Callable, batches: Iterable, *,
   """Michel et al. (2019) importance of every head: {path: [heads]}.
 
   Args:
-    model: any NNX model with MultiHeadAttention layers (put it in eval mode
+    model: any NNX model with gated attention layers (put it in eval mode
       first if it has dropout).
     loss_fn: `loss_fn(model, batch) -> scalar` (e.g. mean cross-entropy).
     batches: iterable of batches (any pytree `loss_fn` takes).

@@ -69,6 +69,11 @@ from attnjax.spatial.spherical import (SphericalAttention,
                                        sphere_grid, sphere_quadrature_weights,
                                        spherical_attention,
                                        spherical_attention_reference)
+from attnjax.spatial.s2aformer import (HybridPerceptionBlock,
+                                       StripSelfAttention, spatial_reduction,
+                                       spatial_reduction_reference,
+                                       strip_self_attention,
+                                       strip_self_attention_reference)
 from attnjax.spatial.strip import (CubicAttention, StripAttention,
                                    strip_attention, strip_attention_reference)
 from attnjax.spatial.transnext import (AggregatedAttention,
@@ -157,6 +162,10 @@ __all__ = [
     # SANet strip attention
     "CubicAttention", "StripAttention", "strip_attention",
     "strip_attention_reference",
+    # S2AFormer strip self-attention
+    "HybridPerceptionBlock", "StripSelfAttention", "spatial_reduction",
+    "spatial_reduction_reference", "strip_self_attention",
+    "strip_self_attention_reference",
     # DCAL GLCA, HAT OCAB
     "GlobalLocalCrossAttention", "global_local_cross_attention",
     "global_local_cross_attention_reference", "select_local_queries",

@@ -1,7 +1,8 @@
 """Helpers shared by the spatial attention family.
 
 Spatial primitives take query/key/value `[batch, *spatial, heads, head_dim]`.
-Everything here is plain jnp/numpy; nothing imports a layer.
+Everything here is plain jnp/numpy (plus `HeadGated`, the base of the layers
+with per-head output gates); nothing imports a layer.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from attnjax._numerics import masked_softmax  # noqa: F401  (re-exported to the spatial modules)
 from attnjax._checks import check_floating
@@ -159,6 +161,38 @@ def check_channels_last(x, dim: int, spatial_dims: int, name: str = "x"):
                      f"expected {want} with every spatial size >= 1.")
 
 
+
+
+class HeadGated(nnx.Module):
+  """Base of the spatial attention layers with per-head output gates.
+
+  Same semantics as `attnjax.MultiHeadAttention.head_gate` (Michel, Levy &
+  Neubig 2019; `attnjax.analysis.head_gates`): `head_gate` None (the class
+  default: no gate, no cost) or a [num_heads] array / `nnx.Variable` that
+  multiplies head h's output channels `[..., h, :]` right before the
+  layer's output projection (or, for a layer without one, its output).
+  `attnjax.analysis.gated_view` sets it on a view of a model; subclasses
+  call `self.gate_heads(out)` on their per-head output [..., heads, d].
+  """
+
+  head_gate = None
+
+  def gate_heads(self, out, heads: slice = slice(None)):
+    """out [..., n, d] (the heads `heads` of this layer, in order) times
+    their gates; unchanged when `head_gate` is None."""
+    gate = self.head_gate
+    if gate is None:
+      return out
+    gate = jnp.asarray(gate[...] if isinstance(gate, nnx.Variable) else gate)
+    if gate.shape != (self.num_heads,):
+      raise ValueError(f"`head_gate` must have shape [num_heads]="
+                       f"({self.num_heads},), got {tuple(gate.shape)}.")
+    gate = gate[heads]
+    if out.shape[-2] != gate.shape[0]:
+      raise ValueError(f"head_gate selects {gate.shape[0]} heads for an "
+                       f"output with shape {tuple(out.shape)} ([..., heads, "
+                       f"d] expected).")
+    return out * gate[:, None].astype(out.dtype)
 
 
 def dense_attention_reference(query, key, value, mask=None, bias=None, *,

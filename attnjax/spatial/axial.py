@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
                                      default_scale, dense_attention_reference,
                                      flatten_spatial, heads_and_scale,
@@ -75,8 +76,9 @@ def axial_attention_reference(query, key, value, axis: int, *,
   return out.reshape(query.shape[:-1] + value.shape[-1:])
 
 
-class _AxisAttention(nnx.Module):
+class _AxisAttention(HeadGated):
   def __init__(self, dim, num_heads, qkv_bias, dtype, param_dtype, rngs):
+    self.num_heads = num_heads
     self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype,
                           param_dtype=param_dtype, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype,
@@ -115,7 +117,7 @@ class AxialAttention(nnx.Module):
     out = axial_attention(qkv[..., 0, :, :], qkv[..., 1, :, :],
                           qkv[..., 2, :, :], axis, is_causal=self.is_causal,
                           scale=self.scale)
-    return layer.proj(out.reshape(x.shape))
+    return layer.proj(layer.gate_heads(out).reshape(x.shape))
 
   def __call__(self, x):
     nd = self.spatial_dims

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
                                      default_scale, dense_attention_reference,
                                      flatten_spatial, heads_and_scale,
@@ -133,7 +134,7 @@ def bi_level_routing_attention_reference(query, key, value, num_regions, topk,
   return out.reshape(query.shape[:-1] + value.shape[-1:])
 
 
-class BiLevelRoutingAttention(nnx.Module):
+class BiLevelRoutingAttention(HeadGated):
   """BiFormer BRA layer on [B, H, W, dim].
 
   Parameters as BiFormer (qk_dim = dim, identity kv downsampling, no
@@ -168,4 +169,5 @@ class BiLevelRoutingAttention(nnx.Module):
                                      scale=self.scale).reshape(x.shape)
     if self.lepe is not None:
       out = out + self.lepe(v.reshape(x.shape))
-    return self.wo(out)
+    return self.wo(self.gate_heads(out.reshape(*x.shape[:-1], n, d))
+                   .reshape(x.shape))

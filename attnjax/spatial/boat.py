@@ -52,6 +52,7 @@ import numpy as np
 from flax import nnx
 
 from attnjax._dispatch import Op
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
                                      default_scale, dense_attention_reference,
                                      flatten_spatial, heads_and_scale,
@@ -277,7 +278,7 @@ def feature_space_local_attention_reference(query, key, value,
   return out.reshape(query.shape[:-1] + value.shape[-1:])
 
 
-class FeatureSpaceLocalAttention(nnx.Module):
+class FeatureSpaceLocalAttention(HeadGated):
   """BOAT's `ContentAttention` on [B, H, W, C]: `qkv` Linear(dim, 3 dim,
   bias=qkv_bias), FSLA per head, plus `get_v` (3x3 depthwise conv of V in
   image order, with bias), then `proj` Linear(dim, dim)."""
@@ -306,7 +307,8 @@ class FeatureSpaceLocalAttention(nnx.Module):
         q, k, v, self.cluster_size, overlap=self.overlap, iters=self.iters,
         sharpness=self.sharpness, key_mask=key_mask, scale=self.scale)
     out = out.reshape(x.shape) + self.get_v(v.reshape(x.shape))
-    return self.proj(out)
+    out = self.gate_heads(out.reshape(*x.shape[:-1], self.num_heads, -1))
+    return self.proj(out.reshape(x.shape))
 
 
 class BilateralLocalAttention(nnx.Module):

@@ -15,6 +15,7 @@ from typing import Optional
 import jax.numpy as jnp
 from flax import nnx
 
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
                                      default_scale, dense_attention_reference,
                                      flatten_spatial, heads_and_scale,
@@ -56,7 +57,7 @@ def channel_attention_reference(query, key, value, *, scale=None):
   return out.transpose(0, 3, 2, 1).reshape(query.shape)
 
 
-class ChannelAttention(nnx.Module):
+class ChannelAttention(HeadGated):
   """DaViT channel attention on [B, *spatial, dim]: `qkv` Linear(dim, 3 dim,
   bias=qkv_bias), `proj` Linear(dim, dim); groups = num_heads."""
 
@@ -77,4 +78,4 @@ class ChannelAttention(nnx.Module):
     qkv = self.qkv(x).reshape(*x.shape[:-1], 3, self.num_heads, self.head_dim)
     out = channel_attention(qkv[..., 0, :, :], qkv[..., 1, :, :],
                             qkv[..., 2, :, :], scale=self.scale)
-    return self.proj(out.reshape(x.shape))
+    return self.proj(self.gate_heads(out).reshape(x.shape))

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from attnjax._dispatch import Op
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (heads_and_scale, check_channels_last,
                                      check_spatial_qkv, default_scale,
                                      flatten_spatial, masked_softmax,
@@ -169,7 +170,7 @@ def factorized_attention_reference(query, key, value, *, crpe_kernel=None,
   return out.astype(query.dtype)
 
 
-class FactorizedAttention(nnx.Module):
+class FactorizedAttention(HeadGated):
   """CoaT's FactorAttnConvRelPosEnc on [B, H, W, C] (image tokens; no class
   token): `qkv` Linear(dim, 3 dim, bias=qkv_bias), `proj` Linear(dim, dim),
   and CRPE depthwise convs `crpe_kernel_{k}` [k, k, heads_k * head_dim] +
@@ -227,4 +228,4 @@ class FactorizedAttention(nnx.Module):
     out = factorized_attention(
         qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :],
         crpe_kernel=kern, crpe_bias=bias, key_mask=key_mask, scale=self.scale)
-    return self.proj(out.reshape(x.shape))
+    return self.proj(self.gate_heads(out).reshape(x.shape))

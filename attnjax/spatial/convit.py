@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
                                      default_scale, flatten_spatial,
                                      heads_and_scale, masked_softmax, repeat_kv)
@@ -118,7 +119,7 @@ def convolutional_init(num_heads: int, locality_strength: float = 1.0,
   return w * locality_strength
 
 
-class GPSA(nnx.Module):
+class GPSA(HeadGated):
   """ConViT gated positional self-attention on patch maps [B, H, W, dim].
 
   Parameters as ConViT's GPSA: `qk` Linear(dim, 2 dim, bias=qkv_bias), `v`
@@ -152,4 +153,4 @@ class GPSA(nnx.Module):
     out = gated_positional_attention(
         qk[..., 0, :, :], qk[..., 1, :, :], v, self.pos_proj.kernel[...],
         self.pos_proj.bias[...], self.gating_param[...], scale=self.scale)
-    return self.proj(out.reshape(x.shape))
+    return self.proj(self.gate_heads(out).reshape(x.shape))

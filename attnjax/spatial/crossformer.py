@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from attnjax._dispatch import Op
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (heads_and_scale, check_channels_last,
                                      check_spatial_qkv, default_scale,
                                      dense_attention_reference,
@@ -205,7 +206,7 @@ class DynamicPosBias(nnx.Module):
     return jnp.moveaxis(x, -1, 0)
 
 
-class LSDAttention(nnx.Module):
+class LSDAttention(HeadGated):
   """CrossFormer attention on [B, H, W, C]: `qkv` Linear(C, 3C), DPB
   (`pos_dim = C // 4`), `proj` Linear(C, C); `mode` 'sda' (group_size G) or
   'lda' (interval I). CrossFormer uses G = I = 7 and alternates SDA/LDA
@@ -233,7 +234,7 @@ class LSDAttention(nnx.Module):
     out = lsda_attention(qkv[..., 0, :, :], qkv[..., 1, :, :],
                          qkv[..., 2, :, :], self.size, mode=self.mode, rpb=rpb,
                          key_mask=key_mask, scale=self.scale)
-    return self.proj(out.reshape(x.shape))
+    return self.proj(self.gate_heads(out).reshape(x.shape))
 
 
 class CrossScaleEmbedding(nnx.Module):

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from attnjax._checks import check_rank
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
                                      default_scale, heads_and_scale,
                                      masked_softmax, repeat_kv)
@@ -63,7 +64,7 @@ def _check_tokens(name, x, dim):
         f"`{name}` must have shape [batch, 1 + tokens, dim={dim}] (CLS token "
         f"first), got {tuple(x.shape)}.")
 
-class CrossViTAttention(nnx.Module):
+class CrossViTAttention(HeadGated):
   """CrossViT CrossAttention on tokens x [B, 1 + S, dim] -> [B, 1, dim].
 
   Parameters as CrossViT: `wq`, `wk`, `wv` Linear(dim, dim, bias=qkv_bias)
@@ -90,7 +91,7 @@ class CrossViTAttention(nnx.Module):
     k = self.wk(x).reshape(b, s, n, d)
     v = self.wv(x).reshape(b, s, n, d)
     out = cls_cross_attention(q, k, v, scale=self.scale)
-    return self.proj(out.reshape(b, 1, c))
+    return self.proj(self.gate_heads(out).reshape(b, 1, c))
 
 
 class CrossViTFusion(nnx.Module):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
                                      default_scale, dense_attention_reference,
                                      flatten_spatial, heads_and_scale,
@@ -185,7 +186,7 @@ def cross_shaped_window_attention_reference(query, key, value, stripe_width,
   return out.astype(query.dtype)
 
 
-class CSWinAttention(nnx.Module):
+class CSWinAttention(HeadGated):
   """CSWin attention layer on [B, H, W, dim].
 
   Parameters as CSWin's block attention: `qkv` Linear(dim, 3 dim,
@@ -241,4 +242,4 @@ class CSWinAttention(nnx.Module):
       out = cross_shaped_window_attention(q, k, v, self.stripe_width,
                                           scale=self.scale, lepe_kernel=lk,
                                           lepe_bias=lb)
-    return self.proj(out.reshape(x.shape))
+    return self.proj(self.gate_heads(out).reshape(x.shape))

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from attnjax._dispatch import Op
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (heads_and_scale, check_spatial_qkv,
                                      default_scale, dense_attention_reference,
                                      masked_softmax, repeat_kv)
@@ -114,7 +115,7 @@ def global_local_cross_attention_reference(query, key, value, scores,
                              axis=1), jnp.asarray(idx)
 
 
-class GlobalLocalCrossAttention(nnx.Module):
+class GlobalLocalCrossAttention(HeadGated):
   """DCAL's GLCA block attention on tokens [B, T, C] (shares the shape of a
   ViT attention layer: `qkv` Linear(C, 3C), `proj` Linear(C, C)); the local
   ratio R / T is `local_ratio` (DCAL: 0.1 for classification, 0.3 re-ID).
@@ -141,4 +142,5 @@ class GlobalLocalCrossAttention(nnx.Module):
     out, idx = global_local_cross_attention(
         qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :], scores, r,
         key_mask=key_mask, scale=self.scale)
-    return self.proj(out.reshape(*out.shape[:2], self.dim)), idx
+    out = self.gate_heads(out).reshape(*out.shape[:2], self.dim)
+    return self.proj(out), idx

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from attnjax._dispatch import Op
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (heads_and_scale, check_channels_last,
                                      check_spatial_qkv, default_scale,
                                      dense_attention_reference,
@@ -197,7 +198,7 @@ def halo_attention_reference(query, key, value, block_size, halo_size, *,
   return out.reshape(query.shape[:-1] + value.shape[-1:])
 
 
-class HaloAttention(nnx.Module):
+class HaloAttention(HeadGated):
   """HaloNet attention layer on [B, H, W, C] (timm's `HaloAttn` without
   stride): `q` Linear(dim, dim), `kv` Linear(dim, 2 dim) (1x1 convs,
   bias=qkv_bias), relative embeddings `rel_h`, `rel_w` [2(b+2h)-1, head_dim]
@@ -232,4 +233,4 @@ class HaloAttention(nnx.Module):
                          rel_h=self.rel_h[...].astype(q.dtype),
                          rel_w=self.rel_w[...].astype(q.dtype),
                          key_mask=key_mask, scale=self.scale)
-    return out.reshape(x.shape)
+    return self.gate_heads(out).reshape(x.shape)

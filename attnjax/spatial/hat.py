@@ -24,6 +24,7 @@ from flax import nnx
 
 from attnjax._dispatch import Op
 from attnjax.spatial import halo as _halo
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (heads_and_scale, check_channels_last,
                                      default_scale, dense_attention_reference,
                                      flatten_spatial)
@@ -133,7 +134,7 @@ def overlapping_cross_attention_reference(query, key, value, window_size,
   return out.reshape(query.shape[:-1] + value.shape[-1:])
 
 
-class OverlappingCrossAttention(nnx.Module):
+class OverlappingCrossAttention(HeadGated):
   """HAT's OCAB attention on [B, H, W, C]: `qkv` Linear(C, 3C,
   bias=qkv_bias), `relative_position_bias_table` [(M+Mo-1)^2, heads]
   (trunc-normal 0.02), `proj` Linear(C, C). (HAT's block adds LayerNorms, the
@@ -169,4 +170,4 @@ class OverlappingCrossAttention(nnx.Module):
         self.window_size, self.overlap_size,
         rpb=self.relative_position_bias().astype(x.dtype), key_mask=key_mask,
         scale=self.scale)
-    return self.proj(out.reshape(x.shape))
+    return self.proj(self.gate_heads(out).reshape(x.shape))

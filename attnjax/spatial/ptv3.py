@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from attnjax._dispatch import Op
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (heads_and_scale, check_spatial_qkv,
                                      default_scale, dense_attention_reference,
                                      masked_softmax, repeat_kv)
@@ -219,7 +220,7 @@ def serialized_attention_reference(query, key, value, coords, patch_size, *,
                                    scale=default_scale(scale, query.shape[-1]))
 
 
-class SerializedAttention(nnx.Module):
+class SerializedAttention(HeadGated):
   """PTv3's serialized attention layer on point features [B, N, C] with
   coordinates [B, N, 3]: `qkv` Linear(C, 3C), `proj` Linear(C, C); `order`
   per layer (PTv3 cycles through `ORDERS`), `patch_offset` for shifted
@@ -251,4 +252,4 @@ class SerializedAttention(nnx.Module):
         order=self.order, grid_size=self.grid_size, depth=self.depth,
         patch_offset=min(self.patch_offset, p - 1), key_mask=key_mask,
         scale=self.scale)
-    return self.proj(out.reshape(x.shape))
+    return self.proj(self.gate_heads(out).reshape(x.shape))

@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from attnjax._dispatch import Op
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (heads_and_scale, check_channels_last,
                                      check_spatial_qkv, default_scale,
                                      flatten_spatial, masked_softmax,
@@ -181,7 +182,7 @@ def spherical_attention_reference(query, key, value, *, quad_weights=None,
   return out.reshape(query.shape[:-1] + value.shape[-1:]).astype(query.dtype)
 
 
-class SphericalAttention(nnx.Module):
+class SphericalAttention(HeadGated):
   """Global attention on the sphere on [B, nlat, nlon, C]: `qkv` Linear(C,
   3C), `proj` Linear(C, C), quadrature weights of `grid` for the input's
   grid size."""
@@ -203,4 +204,4 @@ class SphericalAttention(nnx.Module):
     out = spherical_attention(qkv[..., 0, :, :], qkv[..., 1, :, :],
                               qkv[..., 2, :, :], grid=self.grid,
                               key_mask=key_mask, scale=self.scale)
-    return self.proj(out.reshape(x.shape))
+    return self.proj(self.gate_heads(out).reshape(x.shape))

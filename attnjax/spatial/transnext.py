@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from attnjax._dispatch import Op
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (check_channels_last, check_floating,
                                      heads_and_scale, masked_softmax,
                                      to_tuple)
@@ -289,7 +290,7 @@ def pool_relative_coords(query_size, pool_size, pretrain_size=None):
   return idx.reshape(len(qh), len(kh)), table.astype(np.float32)
 
 
-class AggregatedAttention(nnx.Module):
+class AggregatedAttention(HeadGated):
   """TransNeXt's AggregatedAttention on [B, H, W, C].
 
   Parameters as the official code: `q` Linear(C, C), `kv` Linear(C, 2C)
@@ -360,4 +361,4 @@ class AggregatedAttention(nnx.Module):
         pool_bias=self.pool_bias((h, w))[None],
         learnable_tokens=self.learnable_tokens[...],
         learnable_bias=self.learnable_bias[...], key_mask=key_mask)
-    return self.proj(out.reshape(x.shape))
+    return self.proj(self.gate_heads(out).reshape(x.shape))

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
                                      default_scale, dense_attention_reference,
                                      flatten_spatial, heads_and_scale,
@@ -37,16 +38,29 @@ __all__ = ["subsampled_attention", "pooled_attention",
            "GlobalSubsampledAttention", "HiLoAttention"]
 
 
-def subsampled_attention(query, key, value, *, scale: Optional[float] = None):
+def subsampled_attention(query, key, value, *, scale: Optional[float] = None,
+                         key_mask=None):
   """Full attention of query map [B, *S, N, H] over key/value map
-  [B, *S', K, H] (any spatial sizes, same number of spatial dims)."""
+  [B, *S', K, Hv] (any spatial sizes, same number of spatial dims).
+  `key_mask` (bool [B, *S'], True = valid): masked keys never reach the
+  output or gradients; a query with no valid key returns zeros."""
   nd, n, _ = check_spatial_qkv(query, key, value, same_spatial=False)
+  if key_mask is not None and tuple(key_mask.shape) != tuple(key.shape[:-2]):
+    raise ValueError(
+        f"`key_mask` must have shape [B, *S']={tuple(key.shape[:-2])}, got "
+        f"{tuple(key_mask.shape)} (key {tuple(key.shape)}).")
   scale = default_scale(scale, query.shape[-1])
   q = flatten_spatial(query)
   k, v = (repeat_kv(flatten_spatial(x), n) for x in (key, value))
+  ok = None
+  if key_mask is not None:
+    valid = key_mask.reshape(key_mask.shape[0], -1).astype(bool)
+    k = jnp.where(valid[:, :, None, None], k, jnp.zeros((), k.dtype))
+    v = jnp.where(valid[:, :, None, None], v, jnp.zeros((), v.dtype))
+    ok = valid[:, None, None, :]
   logits = jnp.einsum("bqnh,bknh->bnqk", q, k,
                       preferred_element_type=jnp.float32) * scale
-  p = masked_softmax(logits)
+  p = masked_softmax(logits, ok)
   out = jnp.einsum("bnqk,bknh->bqnh", p.astype(v.dtype), v,
                    preferred_element_type=jnp.float32).astype(query.dtype)
   return out.reshape(query.shape[:-1] + value.shape[-1:])
@@ -124,7 +138,7 @@ class LocallyGroupedAttention(WindowAttention):
     super().__init__(dim, num_heads, window_size, shift_size=0, **kwargs)
 
 
-class GlobalSubsampledAttention(nnx.Module):
+class GlobalSubsampledAttention(HeadGated):
   """Twins GSA / PVT spatial-reduction attention on [B, H, W, C].
 
   Parameters as Twins' GlobalSubSampleAttn: `q` Linear(dim, dim), `kv`
@@ -163,10 +177,10 @@ class GlobalSubsampledAttention(nnx.Module):
     kv = self.kv(xr).reshape(*xr.shape[:-1], 2, n, d)
     out = subsampled_attention(q, kv[..., 0, :, :], kv[..., 1, :, :],
                                scale=self.scale)
-    return self.proj(out.reshape(x.shape))
+    return self.proj(self.gate_heads(out).reshape(x.shape))
 
 
-class HiLoAttention(nnx.Module):
+class HiLoAttention(HeadGated):
   """LITv2 HiLo attention on [B, H, W, C].
 
   l_heads = int(num_heads * alpha) Lo-Fi heads, the rest Hi-Fi; with
@@ -184,6 +198,7 @@ class HiLoAttention(nnx.Module):
       raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
     head_dim, self.scale = heads_and_scale(dim, num_heads, qk_scale)
     self.head_dim = head_dim
+    self.num_heads = num_heads
     self.window_size = window_size
     self.l_heads = int(num_heads * alpha)
     self.h_heads = num_heads - self.l_heads
@@ -208,6 +223,7 @@ class HiLoAttention(nnx.Module):
       qkv = self.h_qkv(x).reshape(*x.shape[:-1], 3, self.h_heads, d)
       o = window_attention(qkv[..., 0, :, :], qkv[..., 1, :, :],
                            qkv[..., 2, :, :], ws, scale=self.scale)
+      o = self.gate_heads(o, slice(0, self.h_heads))
       outs.append(self.h_proj(o.reshape(*x.shape[:-1], -1)))
     if self.l_heads > 0:
       q = self.l_q(x).reshape(*x.shape[:-1], self.l_heads, d)
@@ -215,5 +231,6 @@ class HiLoAttention(nnx.Module):
       kv = self.l_kv(xp).reshape(*xp.shape[:-1], 2, self.l_heads, d)
       o = subsampled_attention(q, kv[..., 0, :, :], kv[..., 1, :, :],
                                scale=self.scale)
+      o = self.gate_heads(o, slice(self.h_heads, None))
       outs.append(self.l_proj(o.reshape(*x.shape[:-1], -1)))
     return jnp.concatenate(outs, axis=-1)

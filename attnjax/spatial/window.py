@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
                                      default_scale, dense_attention_reference,
                                      flatten_spatial, heads_and_scale,
@@ -341,7 +342,7 @@ def resize_relative_position_bias(rpb, new_window_size, method="bicubic"):
 # ----------------------------------------------------------------------------
 
 
-class WindowAttention(nnx.Module):
+class WindowAttention(HeadGated):
   """Swin W-MSA / SW-MSA (and MaxViT block attention) on [B, H, W, C].
 
   Parameters as Swin's WindowAttention: `qkv` Linear(dim, 3 dim,
@@ -408,7 +409,7 @@ class WindowAttention(nnx.Module):
     qkv = self.qkv(x).reshape(*x.shape[:-1], 3, self.num_heads, self.head_dim)
     out = self._attend(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :],
                        x.shape[1:1 + nd])
-    return self.proj(out.reshape(x.shape))
+    return self.proj(self.gate_heads(out).reshape(x.shape))
 
 
 class GridAttention(WindowAttention):

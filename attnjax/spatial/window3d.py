@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from attnjax._dispatch import Op
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (heads_and_scale, check_channels_last,
                                      check_spatial_qkv, default_scale,
                                      dense_attention_reference,
@@ -199,7 +200,7 @@ def window_attention_3d_reference(query, key, value, window_size, *,
   return out.reshape(query.shape[:-1] + value.shape[-1:])
 
 
-class WindowAttention3D(nnx.Module):
+class WindowAttention3D(HeadGated):
   """Video Swin's WindowAttention3D (+ the block's shift) on [B, D, H, W, C].
 
   `qkv` Linear(dim, 3 dim, bias=qkv_bias), `relative_position_bias_table`
@@ -248,4 +249,4 @@ class WindowAttention3D(nnx.Module):
         qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :], win,
         shift_size=shift, rpb=self.relative_position_bias(win).astype(x.dtype),
         key_mask=key_mask, scale=self.scale)
-    return self.proj(out.reshape(x.shape))
+    return self.proj(self.gate_heads(out).reshape(x.shape))
