@@ -21,19 +21,14 @@ SANet's strip attention unit (whose definition and code are public).
 S2AFormer (Xu, Huang, Jia, Li, Gao, Qi, "S2AFormer: Strip Self-Attention for
 Efficient Vision Transformer", arXiv 2505.22195, IEEE TIP 2025) is a
 different mechanism, not an option of this one: its Strip Self-Attention
-(SSA), inside a Hybrid Perception Block `x + DWConv(x)`, `+ SSA(LN .)`,
-`+ LIM(LN .)`, `+ MLP(LN .)`, is global softmax attention whose K and V are
-spatially reduced by a strided depthwise conv and whose Q and K are
-compressed in channels by 1x1 convs ("strips" of few channels): i.e.
-`subsampled_attention(q_small, k_small_reduced, v_reduced)` (Twins/PVT, in
-attnjax.spatial.twins; it accepts a q/k head dim smaller than v's). Its
-exact constants (compressed channel count, reduction kernel/stride per
-stage, heads, scale) could not be pinned down: no public code was found
-(searched: GitHub repository names and code for "S2AFormer", "Strip
-Self-Attention", "SSA" + spatial reduction; GitHub issues; arXiv HTML
-2505.22195v1/v2 and reviews on themoonlight.io (en/zh), emergentmind,
-sciencestack, chatpaper, researchtrend: the stored copies stop before the
-SSA equations), so no S2AFormer layer is shipped.
+(global softmax attention over a K/V map reduced by a strided depthwise
+conv, with Q/K compressed in channels) and Hybrid Perception Block are in
+`attnjax.spatial.s2aformer`, which says which of its constants are the
+paper's and which are ours (no public code; searched: GitHub repository
+names, code and issues for "S2AFormer" / "Strip Self-Attention"; arXiv HTML
+2505.22195v1/v2 and reviews on themoonlight.io, emergentmind,
+sciencestack, chatpaper, researchtrend; the stored copies stop before the
+SSA section's constants).
 """
 
 from __future__ import annotations

@@ -122,6 +122,24 @@ def _ptv3(q, k, v):
   return out.reshape(q.shape)
 
 
+SSA_SR, SSA_QK = 2, HEAD_DIM // 4
+
+
+def _ssa(q, k, v):
+  """S2AFormer SSA: q/k compressed to their first HEAD_DIM / 4 channels per
+  head, k and v reduced by a stride-2 2x2 depthwise (averaging) conv."""
+  b, h, w, n, d = q.shape
+
+  def reduce(x):
+    c = x.shape[-2] * x.shape[-1]
+    kern = jnp.full((SSA_SR, SSA_SR, c), 1.0 / SSA_SR ** 2, x.dtype)
+    r = sp.spatial_reduction(x.reshape(b, h, w, c), kern, stride=SSA_SR)
+    return r.reshape(*r.shape[:3], n, -1)
+
+  return sp.strip_self_attention(q[..., :SSA_QK], reduce(k[..., :SSA_QK]),
+                                 reduce(v))
+
+
 def _atlas_scales(size, window=7, stride=2):
   n, l = 1, size
   while l > window:
@@ -211,6 +229,8 @@ def _mechanisms(size):
       "atlas_top_down_w7_s2": (_atlas, 49 * _atlas_scales(size)),
       "gpsa": (lambda q, k, v: sp.gated_positional_attention(q, k, v, pw, pb, gate),
                s),
+      # global attention over the (H/2 x W/2) reduced map, q/k of 8 channels
+      "s2aformer_ssa_sr2_qk8": (_ssa, (-(-size // SSA_SR)) ** 2),
   }
   if size > 56:
     # Dense S x S positional logits of constant inputs: XLA constant-folds
@@ -231,6 +251,9 @@ def _gflops(name, kpq, size):
     c = HEADS * HEAD_DIM
     taps = 25 + 49 if name == "van_lka_5_7d3" else 9 + 25
     return 2 * s * c * (taps + c) / 1e9
+  if name == "s2aformer_ssa_sr2_qk8":
+    # QK^T with the compressed d_qk, PV with the full head dim
+    return 2 * s * kpq * HEADS * (SSA_QK + HEAD_DIM) / 1e9
   if name in ("channel", "coat_factorized_crpe3"):
     return 4 * s * HEAD_DIM * HEAD_DIM * HEADS / 1e9
   return 4 * s * kpq * HEADS * HEAD_DIM / 1e9
