@@ -192,7 +192,8 @@ class HeadGated(nnx.Module):
       raise ValueError(f"head_gate selects {gate.shape[0]} heads for an "
                        f"output with shape {tuple(out.shape)} ([..., heads, "
                        f"d] expected).")
-    return out * gate[:, None].astype(out.dtype)
+    gate = gate.astype(out.dtype).reshape((1,) * (out.ndim - 2) + (-1, 1))
+    return out * gate
 
 
 def dense_attention_reference(query, key, value, mask=None, bias=None, *,

@@ -8,6 +8,11 @@ import jax
 import jax.numpy as jnp
 
 
+def _bias4(bias):
+  """[C] -> float32 [1, 1, 1, C] (explicit rank: no implicit promotion)."""
+  return bias.astype(jnp.float32).reshape(1, 1, 1, -1)
+
+
 def depthwise_conv2d(x, kernel, bias=None, *, dilation=1):
   """'same' depthwise conv, zero padding: x [B, H, W, C], kernel [kh, kw, C]
   (odd sizes), bias [C]. Accumulates in float32, returns float32."""
@@ -18,7 +23,7 @@ def depthwise_conv2d(x, kernel, bias=None, *, dilation=1):
       [(ph, ph), (pw, pw)], rhs_dilation=(dilation, dilation),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c,
       preferred_element_type=jnp.float32)
-  return out if bias is None else out + bias.astype(jnp.float32)
+  return out if bias is None else out + _bias4(bias)
 
 
 def depthwise_conv2d_reference(x, kernel, bias=None, *, dilation=1):
@@ -31,7 +36,7 @@ def depthwise_conv2d_reference(x, kernel, bias=None, *, dilation=1):
   out = sum(xp[:, i * dilation:i * dilation + h, j * dilation:j * dilation + w]
             * kernel[i, j].astype(jnp.float32)
             for i in range(kh) for j in range(kw))
-  return out if bias is None else out + bias.astype(jnp.float32)
+  return out if bias is None else out + _bias4(bias)
 
 
 def _strided_pads(size, kernel, stride):
@@ -55,7 +60,7 @@ def strided_depthwise_conv2d(x, kernel, bias=None, *, stride):
       x, kernel.reshape(kh, kw, 1, c).astype(x.dtype), (sh, sw), pads,
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c,
       preferred_element_type=jnp.float32)
-  return out if bias is None else out + bias.astype(jnp.float32)
+  return out if bias is None else out + _bias4(bias)
 
 
 def strided_depthwise_conv2d_reference(x, kernel, bias=None, *, stride):
@@ -71,4 +76,4 @@ def strided_depthwise_conv2d_reference(x, kernel, bias=None, *, stride):
   out = sum(xp[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw]
             * kernel[i, j].astype(jnp.float32)
             for i in range(kh) for j in range(kw))
-  return out if bias is None else out + bias.astype(jnp.float32)
+  return out if bias is None else out + _bias4(bias)

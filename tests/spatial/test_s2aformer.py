@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from attnjax import spatial as sp
+from tests.strict_modes import strict_mode
 from tests.spatial.zoo_checks import (check_bf16, check_values_grads_jit_vmap,
                                       dwconv64, gelu64, normal, softmax64)
 
@@ -85,8 +86,10 @@ def test_masked_slots_and_empty_rows():
   f = lambda q, k, v: sp.strip_self_attention(q, k, v, key_mask=km)
   run = jax.jit(lambda q, k, v: (f(q, k, v), jax.grad(
       lambda *a: f(*a).sum(), argnums=(0, 1, 2))(q, k, v)))
-  out, g = run(q, kn, vn)
-  np.testing.assert_allclose(out, run(q, k, v)[0], atol=1e-6)
+  with strict_mode("all"):      # no rank/dtype promotion, no inf formed
+    out, g = run(q, kn, vn)
+    clean = run(q, k, v)[0]
+  np.testing.assert_allclose(out, clean, atol=1e-6)
   np.testing.assert_array_equal(out[1], 0.0)
   assert all(np.isfinite(np.asarray(x)).all() for x in g)
   np.testing.assert_array_equal(g[1][0, 1, 2], 0.0)
