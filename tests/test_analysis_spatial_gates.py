@@ -164,3 +164,19 @@ def test_gated_view_finds_spatial_layers_next_to_mha():
   np.testing.assert_allclose(run(pv, x), want, atol=1e-5)
   with pytest.raises(ValueError, match=r"head_gate.*\(2,\).*\(3,\)"):
     nnx.with_attributes(m.win, head_gate=jnp.ones(3))(x)
+
+
+def test_atlas_gates_one_per_scale():
+  """Atlas MSA: each scale's attention is a gated layer; its gate acts in
+  both passes that use the scale's projection, like zeroing its rows."""
+  m = _random_module(lambda: sp.MultiScaleAttention(D, N, 2, 4, 2, rngs=R()))
+  x = _x((1, 8, 8, D), 7)
+  layers = an.gated_layers(m)
+  assert [p for p, _ in layers] == ["scales/0", "scales/1"]
+  z = nnx.clone(m)
+  z.scales[1].proj.kernel[...] = z.scales[1].proj.kernel[...].at[4:].set(0.0)
+  run = jax.jit(lambda m, x: jnp.concatenate(
+      [y.reshape(-1) for y in m(x)]))
+  pruned = an.prune_heads(m, [jnp.ones(N), jnp.array([1.0, 0.0])])
+  np.testing.assert_allclose(run(pruned, x), run(z, x), atol=1e-5)
+  assert float(jnp.abs(run(pruned, x) - run(m, x)).max()) > 1e-3

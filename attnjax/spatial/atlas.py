@@ -53,6 +53,7 @@ import numpy as np
 from flax import nnx
 
 from attnjax._dispatch import Op
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (check_channels_last, check_floating,
                                      check_spatial_qkv, default_scale,
                                      dense_attention_reference,
@@ -331,11 +332,14 @@ def multiscale_pyramid(x, num_scales: Optional[int] = None, *, stride: int = 4,
   return out
 
 
-class _ScaleAttention(nnx.Module):
+class _ScaleAttention(HeadGated):
   """One scale's cross-window attention parameters (official
-  `CrossWindowAttention` + its block's two pre-norms)."""
+  `CrossWindowAttention` + its block's two pre-norms). Its head gate
+  scales head h before `proj` in both passes that use this scale's
+  projection (top-down into this scale, bottom-up into it)."""
 
-  def __init__(self, dim, qkv_bias, dtype, param_dtype, rngs):
+  def __init__(self, dim, num_heads, qkv_bias, dtype, param_dtype, rngs):
+    self.num_heads = num_heads
     ln = lambda: nnx.LayerNorm(dim, dtype=dtype, param_dtype=param_dtype,
                                rngs=rngs)
     lin = lambda o, bias: nnx.Linear(dim, o, use_bias=bias, dtype=dtype,
@@ -362,8 +366,9 @@ class MultiScaleAttention(nnx.Module):
     if window_size % stride:
       raise ValueError(f"`window_size` ({window_size}) must be a multiple of "
                        f"`stride` ({stride}).")
-    self.scales = nnx.List([_ScaleAttention(dim, qkv_bias, dtype, param_dtype,
-                                            rngs) for _ in range(num_scales)])
+    self.scales = nnx.List([_ScaleAttention(dim, num_heads, qkv_bias, dtype,
+                                            param_dtype, rngs)
+                            for _ in range(num_scales)])
 
   def _heads(self, x):
     return x.reshape(*x.shape[:-1], self.num_heads, -1)
@@ -394,12 +399,12 @@ class MultiScaleAttention(nnx.Module):
       o = multiscale_top_down_attention(q, [a for a, _ in kvs],
                                         [b for _, b in kvs], k, stride=s,
                                         scale=self.scale)
-      xs[l] = xs[l] + blk.proj(o.reshape(xs[l].shape))
+      xs[l] = xs[l] + blk.proj(blk.gate_heads(o).reshape(xs[l].shape))
     for l in range(1, L):                         # bottom-up, fine to coarse
       blk = self.scales[l]
       q = self._heads(blk.q(blk.norm_q(xs[l])))
       kk, vv = self._kv(l - 1, xs[l - 1])
       o = multiscale_bottom_up_attention(q, kk, vv, k, stride=s,
                                          scale=self.scale)
-      xs[l] = xs[l] + blk.proj(o.reshape(xs[l].shape))
+      xs[l] = xs[l] + blk.proj(blk.gate_heads(o).reshape(xs[l].shape))
     return xs
