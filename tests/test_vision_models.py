@@ -40,9 +40,10 @@ def test_tiny_forward_backward_jit(name):
   model.eval()
   # an input size no window / patch divides; features are multi-scale maps
   x2 = jax.random.normal(jax.random.key(1), (1, 27, 30, 1))
-  out = nnx.jit(lambda m, x: m(x))(model, x2)
+  # logits and features in one compiled program (eager features compiled
+  # every op of the model on its own)
+  out, feats = nnx.jit(lambda m, x: (m(x), m.features(x)))(model, x2)
   assert out.shape == (1, 10) and bool(jnp.all(jnp.isfinite(out)))
-  feats = model.features(x2)
   assert len(feats) == len(model.stage_channels)
   for f, c in zip(feats, model.stage_channels):
     assert f.ndim == 4 and f.shape[-1] == c
