@@ -21,8 +21,11 @@ from experiments.configs.icl_regression import get_config
 
 
 # The tiny preset, with two models (H=2 softmax, H=1 linear) to keep the
-# scanned training step cheap to compile.
-OVERRIDES = {"heads": "2", "linear_heads": "1"}
+# scanned training step cheap to compile, and without the reduced-model and
+# length-generalization analyses (evaluation on one mesh is not what this
+# file checks; the numbers compared are the trained models').
+OVERRIDES = {"heads": "2", "linear_heads": "1", "reduced_model": False,
+             "length_generalization": False}
 RTOL = 1e-4
 
 
@@ -42,15 +45,26 @@ def _binary(workdir, devices, **kw):
       devices=devices))
 
 
-def _numbers(res):
-  """The trained-model numbers: test MSEs and the heads' omega_h, mu_h."""
+def _logged(workdir, upto=None):
+  """metrics.jsonl: each logged step's train losses and heads' omega_h, mu_h."""
   out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      rec = json.loads(line)
+      if upto is not None and rec["step"] > upto:
+        continue
+      for k, v in rec.items():
+        if k.split("/")[0] in ("train_loss", "omega", "mu"):
+          out[f"{rec['step']}/{k}"] = np.atleast_1d(v)
+  return out
+
+
+def _numbers(res, workdir):
+  """The trained-model numbers: test MSEs and everything metrics.jsonl logged."""
+  out = _logged(workdir)
   for k in ("test_mse", "test_mse_linear"):
     for h, v in res[k].items():
       out[f"{k}/{h}"] = [v]
-  for h, r in res["reduced_model"].items():
-    out[f"omega/{h}"] = r["omega"]
-    out[f"mu/{h}"] = r["mu"]
   return out
 
 
@@ -67,26 +81,33 @@ def test_data4_matches_one_device_and_resumes_on_one(tmp_path):
   # Uninterrupted single-device reference (default mesh "data:1").
   ref = icl.run_study(_cfg(), str(tmp_path / "ref"))
   assert ref["config"]["mesh"] == "data:1"
-  want = _numbers(ref)
+  want = _numbers(ref, tmp_path / "ref")
+  assert {"40/train_loss/softmax_h2", "40/mu/linear_h1"} <= set(want)
 
-  # Full run on 4 devices, batch (32) sharded over data:4.
-  d4 = tmp_path / "d4"
-  out = _binary(d4, 4, mesh="data:4")
-  assert "test_mse" in out, out
-  with open(d4 / "results.json") as f:
-    res4 = json.load(f)
-  assert res4["config"]["mesh"] == "data:4"
-  _assert_close(_numbers(res4), want)
-  assert set(res4["test_mse"]) == {"2"} and set(res4["test_mse_linear"]) == {
-      "1"}
+  if not os.environ.get("CI"):
+    # Full run on 4 devices, batch (32) sharded over data:4. (Under CI the
+    # interrupted 4-device run below is checked against the reference's
+    # log up to its stop instead.)
+    d4 = tmp_path / "d4"
+    out = _binary(d4, 4, mesh="data:4")
+    assert "test_mse" in out, out
+    with open(d4 / "results.json") as f:
+      res4 = json.load(f)
+    assert res4["config"]["mesh"] == "data:4"
+    _assert_close(_numbers(res4, d4), want)
+    assert set(res4["test_mse"]) == {"2"} and set(
+        res4["test_mse_linear"]) == {"1"}
 
   # Interrupted on 4 devices after the step-20 checkpoint, finished on 1.
   part = tmp_path / "part"
   out = _binary(part, 4, mesh="data:4", stop_after_steps=20)
   assert "stopped at step 20" in out, out
   assert not os.path.exists(part / "results.json")
+  with open(part / "config.json") as f:
+    assert json.load(f)["mesh"] == "data:4"
+  _assert_close(_logged(part), _logged(tmp_path / "ref", upto=20))
   res1 = icl.run_study(_cfg(), str(part))
-  _assert_close(_numbers(res1), want)
+  _assert_close(_numbers(res1, part), want)
   # The resumed run logged steps 30 and 40 itself, after the 4-device 0..20.
   with open(part / "metrics.jsonl") as f:
     steps = [json.loads(l)["step"] for l in f]

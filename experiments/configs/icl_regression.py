@@ -33,6 +33,10 @@ default 66 CPU-s (6 min wall at 18% of a core); paper: training 3646 s wall
 57 s evaluation; tiny: ~20 CPU-s. On an idle machine wall ~= CPU time.
 With the polynomial sampler (same day, load 8-18): paper training 2185 s
 wall, 1104 CPU-s (~453 steps per CPU-second), runs/i13/paper.log.
+2026-12-02, started on the idle machine (load 1.2-1.8 for its first 80k
+steps, at 787 steps/s; 3.8-11 later): paper training 1740 s wall, 1006
+CPU-s; evaluation + figures 570 s wall (load 10-16); whole run 38.6 min
+(runs/i13/paper_idle.log).
 
 Any field can be overridden, e.g. `--config.steps=4000 --config.heads=1,2`.
 Re-running a command with the same --workdir resumes from the last
