@@ -116,6 +116,19 @@ from experiments.sweep import Cell, Stopped, count_params, ints, train_cells
 
 ARCHS = ("postnorm", "prenorm")
 
+# The authors' figN (paper_experiments/imgs/figN.png of their repository:
+# d = 64, 2 layers, width 64, lr 5e-3, 200k steps, min over training and 5
+# seeds), values read off the image by eye (+-0.01 on a linear axis; the
+# "0.005" entries are the plotted points at the axis' zero line, i.e.
+# < 0.01): {N: {rank: MSE}}. Their nheads 1/2/4/8/64 are ranks 64/32/16/8/1.
+# Only drawn next to this run's figN for comparison, never asserted.
+AUTHORS_FIGN = {
+    4: {1: 0.02, 8: 0.01, 16: 0.005, 32: 0.005, 64: 0.005},
+    16: {1: 0.63, 8: 0.41, 16: 0.33, 32: 0.23, 64: 0.01},
+    64: {1: 0.81, 8: 0.69, 16: 0.60, 32: 0.43, 64: 0.01},
+    256: {1: 1.16, 8: 0.81, 16: 0.72, 32: 0.54, 64: 0.04},
+}
+
 
 def per_vector_mse(pred, target):
   """Mean over tokens of ||pred - target||^2."""
@@ -332,17 +345,32 @@ def make_figures(out, cfg, workdir):
     common.save_figure(fig, workdir, "fig1_rank_width_depth")
   ns, franks = ints(cfg.fign_num_points), ints(cfg.fign_ranks)
   if ns and franks:
-    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    # Left: this run, MSE vs r / d. Right: the authors' figN (d = 64), read
+    # off their image (AUTHORS_FIGN), on the same axes.
+    fig, axes = plt.subplots(1, 2, figsize=(8.8, 3.6), sharey=True)
+    color = {n: f"C{i}" for i, n in enumerate(sorted({*ns, *AUTHORS_FIGN}))}
+    ax = axes[0]
     for n in ns:
-      ax.plot(franks, [out["fign"][f"N={n}"][f"rank={r}"] for r in franks],
-              "o-", label=f"N={n}")
-    ax.axhline(1.0, color="gray", ls=":", lw=1, label="predict 0")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("rank r per head")
-    ax.set_ylabel("MSE (min over training, seeds)")
-    ax.set_title(f"{cfg.fign_depth} layers, width {cfg.fign_width}, d={d}")
-    ax.legend(fontsize=7)
+      ax.plot([r / d for r in franks],
+              [out["fign"][f"N={n}"][f"rank={r}"] for r in franks],
+              "o-", color=color[n], label=f"N={n}")
+    ax.set_title(f"this run: {cfg.fign_depth} layers, width "
+                 f"{cfg.fign_width}, d={d}, {cfg.fign_steps} steps",
+                 fontsize=9)
+    ax = axes[1]
+    for n, row in AUTHORS_FIGN.items():
+      rs = sorted(row)
+      ax.plot([r / 64 for r in rs], [row[r] for r in rs], "s--",
+              color=color[n], label=f"N={n}")
+    ax.set_title("authors' figN: 2 layers, width 64, d=64, 200k steps "
+                 "(read off)", fontsize=9)
+    for ax in axes:
+      ax.axhline(1.0, color="gray", ls=":", lw=1, label="predict 0")
+      ax.set_xscale("log", base=2)
+      ax.set_yscale("log")
+      ax.set_xlabel("rank per head / d")
+      ax.legend(fontsize=7)
+    axes[0].set_ylabel("MSE (min over training, seeds)")
     common.save_figure(fig, workdir, "figN_rank_vs_N")
   curve = out["rank1_random_heads"]
   if curve:
