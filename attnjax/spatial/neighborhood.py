@@ -359,6 +359,11 @@ def _gather_key_runs(x, plans, dl):
   x = x.reshape(*shape, *x.shape[-2:])
   # x: [B, (lg, d)*nd, N, C]; processed axes become (d, nT, run) triples.
   for a, (p, d) in enumerate(zip(plans, dl)):
+    if p.num_tiles == 1 and d == 1 and p.run == p.group_len:
+      # one tile whose run is the whole axis: (lg, 1) -> (1, 1, lg), no gather
+      at = 1 + 3 * a
+      x = x.reshape(x.shape[:at] + (1, 1, p.run) + x.shape[at + 2:])
+      continue
     grp = np.arange(d, dtype=np.int32)[:, None, None]
     x = x[(slice(None),) * (1 + 3 * a) + (p.key_index, grp)]
   perm = ([0] + [1 + 3 * a for a in range(nd)] + [2 + 3 * a for a in range(nd)]
@@ -374,22 +379,23 @@ def _joint(plans, dl):
           int(np.prod([p.run for p in plans])))
 
 
-def _joint_mask(plans, dl):
-  """numpy bool [G, 1, tq, tk] (G = groups x tiles) in the joint layout."""
+def _joint_mask(plans, dl, xp=np):
+  """bool [G, 1, tq, tk] (G = groups x tiles) in the joint layout (numpy, or
+  jnp where a plan's mask is traced: the row loop's axis-0 tile)."""
   nd = len(plans)
   full, tq, tk = _joint(plans, dl)
   mask = None
   for a, p in enumerate(plans):
     ma = _axis_layout(p.mask, a, nd)
     mask = ma if mask is None else (mask & ma)
-  return np.broadcast_to(mask, full).reshape(-1, 1, tq, tk)
+  return xp.broadcast_to(mask, full).reshape(-1, 1, tq, tk)
 
 
-def _joint_bias(rpb, plans, dl):
+def _joint_bias(rpb, plans, dl, xp=np):
   """float32 [G, N, tq, tk] rpb bias in the joint layout."""
   nd = len(plans)
   full, tq, tk = _joint(plans, dl)
-  idx = tuple(np.broadcast_to(_axis_layout(p.rel, a, nd), full)
+  idx = tuple(xp.broadcast_to(_axis_layout(p.rel, a, nd), full)
               for a, p in enumerate(plans))
   bias = rpb.astype(jnp.float32)[(slice(None),) + idx]  # [N, *full]
   return bias.reshape(rpb.shape[0], -1, tq, tk).transpose(1, 0, 2, 3)
@@ -439,6 +445,93 @@ def _xla_tiles(config, nd, ks):
   return to_tuple("tile_size", config.tile_size, nd)
 
 
+def _row_loop(query, key, value, plans, dl, spatial, scale, rpb):
+  """The tiled computation as a loop over the first axis' tile rows.
+
+  Each step takes one row of query tiles (tile_0 positions of axis 0, every
+  position of the other axes) and the run_0 key rows its windows need
+  (sliced once outside the loop: run_0 / tile_0 ~ 1.9x the keys for K = 7,
+  instead of the ~3.4x of every tile's 2D run), then gathers the other axes'
+  runs, masks and attends inside the step, so the per-tile logits and key
+  runs of one step stay in cache whatever the image size. The step is
+  rematerialized in the backward (jax.checkpoint): the loop saves only its
+  inputs, and each step's input cotangents are its own outputs (no
+  full-size carry). Same tiles, masks and arithmetic as the unrolled path.
+  """
+  p0, d0, nd = plans[0], dl[0], len(plans)
+  b, n, h = query.shape[0], query.shape[-2], query.shape[-1]
+  hv = value.shape[-1]
+  steps = d0 * p0.num_tiles
+  # queries: [B, (nT0, T0, d0), P_1.., N, H] -> [steps, B, T0, P_1.., N, H]
+  pads = [(0, 0)] + [(0, p.num_tiles * p.tile * d - l)
+                     for p, d, l in zip(plans, dl, spatial)] + [(0, 0)] * 2
+  q = jnp.pad(query, pads)
+  rest_q = q.shape[2:]
+  q = q.reshape(b, p0.num_tiles, p0.tile, d0, *rest_q)
+  q = q.transpose((3, 1, 0, 2) + tuple(range(4, 4 + len(rest_q))))
+  q = q.reshape(steps, b, p0.tile, *rest_q)
+
+  def key_rows(x):
+    """[B, *spatial, N, C] -> [steps, run_0, B, L_1.., N, C]."""
+    pads = [(0, 0)] + [(0, p.group_len * d - l)
+                       for p, d, l in zip(plans, dl, spatial)] + [(0, 0)] * 2
+    x = jnp.pad(x, pads)
+    rest = x.shape[2:]
+    x = x.reshape(b, p0.group_len, d0, *rest)
+    x = x.transpose((1, 2, 0) + tuple(range(3, 3 + len(rest))))
+    x = x[p0.key_index, np.arange(d0, dtype=np.int32)[:, None, None]]
+    return x.reshape(steps, p0.run, b, *rest)
+
+  k, v = key_rows(key), key_rows(value)
+  m0 = jnp.asarray(p0.mask.reshape(steps, p0.tile, p0.run))
+  r0 = jnp.asarray(p0.rel.reshape(steps, p0.tile, p0.run))
+  # Inside a step axis 0 is one tile of tile_0 queries over run_0 keys (the
+  # step's mask and rpb offsets come in as loop inputs).
+  sub_dl = (1,) + tuple(dl[1:])
+  sub_spatial = (p0.tile,) + tuple(spatial[1:])
+  _, tq, tk = _joint(
+      [AxisPlan(p0.run, 1, p0.tile, p0.run, None, None, None)] + plans[1:],
+      sub_dl)
+
+  def step(qs, ks, vs, ms, rs, rpb):
+    p0s = AxisPlan(p0.run, 1, p0.tile, p0.run, None, ms[None, None],
+                   rs[None, None])
+    sub = [p0s] + list(plans[1:])
+    ks, vs = jnp.moveaxis(ks, 0, 1), jnp.moveaxis(vs, 0, 1)
+    qt = _tile_queries(qs, sub, sub_dl)
+    kt = _gather_key_runs(ks, sub, sub_dl)
+    vt = _gather_key_runs(vs, sub, sub_dl)
+    lead = kt.shape[:1 + 2 * nd]
+    bias = None if rpb is None else _joint_bias(rpb, sub, sub_dl, xp=jnp)
+    out, lse = _tiled_softmax_attention(
+        qt.reshape(b, -1, n, tq, h), kt.reshape(b, -1, n, tk, h),
+        vt.reshape(b, -1, n, tk, hv), _joint_mask(sub, sub_dl, xp=jnp), bias,
+        scale)
+    tshape = [pl.tile for pl in sub]
+    out = _untile(out.astype(query.dtype).reshape(*lead, n, *tshape, hv),
+                  sub, sub_dl, sub_spatial)
+    lse = _untile(lse.reshape(*lead, n, *tshape, 1), sub, sub_dl,
+                  sub_spatial)
+    return out, lse[..., 0]
+
+  step = jax.checkpoint(step, prevent_cse=False)
+
+  def body(_, xs):
+    return None, step(*xs, rpb)
+
+  _, (out, lse) = jax.lax.scan(body, None, (q, k, v, m0, r0))
+
+  def rows_back(x):
+    """[steps, B, T0, *spatial[1:], ...] -> [B, *spatial, ...]."""
+    rest = x.shape[3:]
+    x = x.reshape(d0, p0.num_tiles, b, p0.tile, *rest)
+    x = x.transpose((2, 1, 3, 0) + tuple(range(4, 4 + len(rest))))
+    x = x.reshape(b, p0.num_tiles * p0.tile * d0, *rest)
+    return x[:, :spatial[0]]
+
+  return rows_back(out), rows_back(lse)
+
+
 def _xla_backend(config, query, key, value, params, scale, rpb):
   """(out [B, *spatial, N, Hv] query.dtype, lse float32 [B, *spatial, N])."""
   p, n = params, query.shape[-2]
@@ -447,6 +540,8 @@ def _xla_backend(config, query, key, value, params, scale, rpb):
   plans = [_axis_plan(l, k, s, d, c, t)
            for (l, k, s, d, c), t in zip(p.axes(), tiles)]
   key, value = repeat_kv(key, n), repeat_kv(value, n)
+  if config is not None and config.row_loop:
+    return _row_loop(query, key, value, plans, dl, p.spatial, scale, rpb)
   b, h, hv = query.shape[0], query.shape[-1], value.shape[-1]
   q = _tile_queries(query, plans, dl)
   k = _gather_key_runs(key, plans, dl)
@@ -467,9 +562,15 @@ def _xla_backend(config, query, key, value, params, scale, rpb):
 @dataclasses.dataclass(frozen=True)
 class NeighborhoodXLA(BackendConfig):
   """'xla' backend tuning: query tile per axis (int or tuple; None: max(K, 4)
-  per axis). Results do not depend on it."""
+  per axis); `row_loop=True`: compute one row of tiles (along the first
+  axis) per loop step instead of all tiles at once (None / False): ~3x less
+  memory on large maps (112x112, 4 heads x 32: 28 vs 86 MiB forward, 63 vs
+  190 MiB forward+backward), not faster on the 2-core CPU measured
+  (docs/benchmarks/cpu_perf.md, item 3), so not the default. Results do not
+  depend on either setting."""
   backend: ClassVar[str] = "xla"
   tile_size: Optional[object] = None
+  row_loop: Optional[bool] = None
 
 
 # ----------------------------------------------------------------------------
