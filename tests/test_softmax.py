@@ -148,21 +148,29 @@ def test_dropout_chunked_matches_dense_with_same_mask(is_causal):
       dropout_rate=rate, dropout_rng=key)
   r = lambda q, k, v, bias: _chunked_dropout_reference(
       q, k, v, bias, key, rate, is_causal)
+
+  # Everything compiled (eager autodiff through the chunked loops compiles
+  # dozens of small programs): values and grads of each side in one
+  # jit(vjp); the grads are those of sum(out * dout) (= vjp(dout)).
+  def vjp(fn):
+    return jax.jit(lambda *a: (lambda o, pull: (o, pull(dout)))(
+        *jax.vjp(fn, *a)))
   out = jax.jit(f)(q, k, v, bias)
-  np.testing.assert_allclose(out, r(q, k, v, bias), atol=2e-5, rtol=2e-5)
-  # Dropout is really applied (not the undropped output) and repeatable.
-  plain = chunked_dot_product_attention(q, k, v, bias, block_q=8,
-                                        block_kv=16, is_causal=is_causal)
+  out2, got = vjp(f)(q, k, v, bias)
+  want_out, want = vjp(r)(q, k, v, bias)
+  np.testing.assert_allclose(out, want_out, atol=2e-5, rtol=2e-5)
+  # Dropout is really applied (not the undropped output) and repeatable
+  # (a second, different program: the forward inside the vjp).
+  plain = jax.jit(lambda q, k, v, bias: chunked_dot_product_attention(
+      q, k, v, bias, block_q=8, block_kv=16, is_causal=is_causal))(
+          q, k, v, bias)
   assert float(jnp.max(jnp.abs(out - plain))) > 0.1
-  np.testing.assert_array_equal(out, f(q, k, v, bias))
+  np.testing.assert_array_equal(out, out2)
   # The mask is a function of positions: other block sizes, same numbers.
-  other = chunked_dot_product_attention(
+  other = jax.jit(lambda q, k, v, bias: chunked_dot_product_attention(
       q, k, v, bias, block_q=16, block_kv=8, is_causal=is_causal,
-      dropout_rate=rate, dropout_rng=key)
+      dropout_rate=rate, dropout_rng=key))(q, k, v, bias)
   np.testing.assert_allclose(other, out, atol=2e-6, rtol=2e-6)
-  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * dout)
-  got = jax.grad(loss(f), (0, 1, 2, 3))(q, k, v, bias)
-  want = jax.grad(loss(r), (0, 1, 2, 3))(q, k, v, bias)
   for a, w, nm in zip(got, want, ("dq", "dk", "dv", "dbias")):
     np.testing.assert_allclose(a, w, atol=1e-4, rtol=1e-4, err_msg=nm)
 

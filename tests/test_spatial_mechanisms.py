@@ -8,6 +8,8 @@ import pytest
 from flax import nnx
 
 from attnjax import spatial as sp
+from tests.spatial.zoo_checks import (check_values_grads_jit_vmap,
+                                       value_and_grad0)
 
 F32 = lambda x: x.astype(jnp.float32)
 
@@ -69,27 +71,20 @@ def _inputs(name, dtype=jnp.float32):
 def test_values_grads_jit_vmap(name):
   fn, ref, _, _ = MECHS[name]
   q, k, v = _inputs(name)
-  out = jax.jit(fn)(q, k, v)
-  np.testing.assert_allclose(out, ref(q, k, v), atol=1e-5, rtol=1e-5)
-  ct = jax.random.normal(jax.random.key(1), out.shape)
-  grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * ct),
-                                    argnums=(0, 1, 2)))(q, k, v)
-  for a, b in zip(grad(fn), grad(ref)):
-    np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
-  vm = jax.vmap(fn)(q[:, None], k[:, None], v[:, None])[:, 0]
-  np.testing.assert_allclose(vm, out, atol=1e-5, rtol=1e-5)
+  # fn under jit(vmap(vjp)) (jit, vmap, values and grads: one compile), ref
+  # under jit(vjp); same tolerances as the three separate checks had
+  check_values_grads_jit_vmap(fn, ref, (q, k, v), atol=1e-5, grad_atol=2e-5)
 
 
 @pytest.mark.parametrize("name", ["cswin_lepe", "biformer", "gpsa", "hilo_lofi"])
 def test_bfloat16(name):
   fn, ref, _, _ = MECHS[name]
   q, k, v = _inputs(name, jnp.bfloat16)
-  out = fn(q, k, v)
+  # values and d sum / dq, each side from one jit(vjp) (was eager)
+  out, g = value_and_grad0(fn, (q, k, v))
   assert out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(F32(out), ref(F32(q), F32(k), F32(v)), atol=5e-2,
-                             rtol=5e-2)
-  g = jax.grad(lambda q: F32(fn(q, k, v)).sum())(q)
-  gr = jax.grad(lambda q: ref(q, F32(k), F32(v)).sum())(F32(q))
+  want, gr = value_and_grad0(ref, (F32(q), F32(k), F32(v)))
+  np.testing.assert_allclose(F32(out), want, atol=5e-2, rtol=5e-2)
   np.testing.assert_allclose(F32(g), gr, atol=1e-1, rtol=1e-1)
 
 
