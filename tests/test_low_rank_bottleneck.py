@@ -222,13 +222,14 @@ def test_fixed_head_size_beats_standard_at_matched_params(tmp_path):
   width matched to the same budget, learns the mixing better (measured:
   normalised MSE 7.9e-4 against 1.2e-3 after 3000 steps: a head size of
   n - 2 is only a mild bottleneck); its learned centred logits reach rank
-  n - 1, the standard ones stay <= 4."""
+  n - 1, the standard ones stay <= 4. Under CI 1000 steps (measured:
+  5.9e-3 against 7.5e-3, the same logit ranks)."""
   cfg = configs.get_config("tiny")
   cfg.fit.head_sizes = cfg.lm.heads = ""
   cfg.mix.n = cfg.mix.fixed_head_size = 6
   cfg.mix.widths, cfg.mix.heads = "16", "4"
-  cfg.mix.steps = 3000
-  cfg.chunk, cfg.ckpt_every = 100, 1500
+  cfg.mix.steps = 1000 if os.environ.get("CI") else 3000
+  cfg.chunk, cfg.ckpt_every = 100, cfg.mix.steps
   cfg.mix.lr, cfg.mix.warmup = 1e-2, 100
   res = study.run_study(cfg, str(tmp_path))
   rows = {r["kind"]: r for r in res["mix"]["rows"]}
