@@ -1208,6 +1208,7 @@ def _heatmap_row(fig, axes, mats, vmax, labels, titles, *, cbar_label,
 
 def _figures(cfg, workdir, runs, trained, res):
   plt = common.setup_matplotlib()
+  from matplotlib.ticker import EngFormatter
   recs = common.MetricsWriter(workdir).read()
   d = cfg.d
   labels = _token_labels(cfg)
@@ -1294,6 +1295,8 @@ def _figures(cfg, workdir, runs, trained, res):
       for a in axes[:, i]:
         a.set_xlabel("training step", fontsize=7)
         a.axhline(0, color="gray", lw=0.5)
+        # "100k" rather than "100000": six-digit ticks overlapped here.
+        a.xaxis.set_major_formatter(EngFormatter(sep=""))
       if run.H <= 8:
         axes[0, i].legend(fontsize=5, ncol=2)
     fig.suptitle("Per-head reduced-model parameters during training",
