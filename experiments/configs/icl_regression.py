@@ -36,7 +36,8 @@ wall, 1104 CPU-s (~453 steps per CPU-second), runs/i13/paper.log.
 2026-12-02, started on the idle machine (load 1.2-1.8 for its first 80k
 steps, at 787 steps/s; 3.8-11 later): paper training 1740 s wall, 1006
 CPU-s; evaluation + figures 570 s wall (load 10-16); whole run 38.6 min
-(runs/i13/paper_idle.log).
+(runs/i13/paper_idle.log). Default preset the same day (new code): 58 CPU-s
+(388 s wall at nice 10, load 12-16).
 
 Any field can be overridden, e.g. `--config.steps=4000 --config.heads=1,2`.
 Re-running a command with the same --workdir resumes from the last
