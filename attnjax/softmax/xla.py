@@ -97,15 +97,29 @@ def attention_probs(call: AttentionCall, need_lse: bool = True):
   return weights, lse
 
 
-def xla_attention(call: AttentionCall, need_lse: bool = True):
-  """Backend entry: returns (out [B, T, N, Hv], lse [B, N, T] or None)."""
+def _masked_softmax_attention(call: AttentionCall, mask):
+  """out [B, T, N, Hv] for a masked call without bias, sinks, dropout or lse.
+
+  jax.nn.softmax of the MASK_VALUE-filled logits: the pattern XLA:CPU fuses
+  into one pass (max, exp, sum and divide in one YNNPACK fusion, as in
+  jax.nn's own attention), where `attention_probs`' select-laden form takes
+  five passes over the [T, S] logits and puts a select into the transposing
+  copy of the weights before P V (1.4-1.8x slower causal at S = 2048). A
+  masked entry gets exp(MASK_VALUE - m) = 0; a fully masked row (uniform
+  over its MASK_VALUE entries) is zeroed on the [T, Hv] output, whose select
+  also stops its cotangent.
+  """
+  logits = _grouped_logits(call)
+  weights = jax.nn.softmax(jnp.where(mask, logits, MASK_VALUE), axis=-1)
+  out = _weighted_values(call, weights)
+  live = jnp.any(mask, axis=-1)                     # [B|1, N|1, T]
+  live = jnp.moveaxis(live, 1, 2)[..., None]        # [B|1, T, N|1, 1]
+  return jnp.where(live, out, 0.0).astype(out.dtype)
+
+
+def _weighted_values(call: AttentionCall, weights):
   b, t, n, s, k, h, hv = call.shape
   g = n // k
-  weights, lse = attention_probs(call, need_lse)
-  if call.dropout_rate > 0.0:
-    keep = jax.random.bernoulli(call.dropout_rng, 1.0 - call.dropout_rate,
-                                weights.shape)
-    weights = jnp.where(keep, weights / (1.0 - call.dropout_rate), 0.0)
   w = weights.astype(call.value.dtype)
   if g == 1:
     out = jnp.einsum("bnts,bsnd->btnd", w, call.value,
@@ -115,5 +129,19 @@ def xla_attention(call: AttentionCall, need_lse: bool = True):
     out = jnp.einsum("bkgts,bskd->btkgd", w.reshape(b, k, g, t, s), call.value,
                      preferred_element_type=jnp.float32,
                      precision=_precisions(call)[1])
-  out = out.reshape(b, t, n, hv).astype(call.query.dtype)
-  return out, lse
+  return out.reshape(b, t, n, hv).astype(call.query.dtype)
+
+
+def xla_attention(call: AttentionCall, need_lse: bool = True):
+  """Backend entry: returns (out [B, T, N, Hv], lse [B, N, T] or None)."""
+  if (not need_lse and call.bias is None and call.sinks is None
+      and call.dropout_rate == 0.0):
+    mask = call.dense_mask()
+    if mask is not None:
+      return _masked_softmax_attention(call, mask), None
+  weights, lse = attention_probs(call, need_lse)
+  if call.dropout_rate > 0.0:
+    keep = jax.random.bernoulli(call.dropout_rng, 1.0 - call.dropout_rate,
+                                weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - call.dropout_rate), 0.0)
+  return _weighted_values(call, weights), lse
