@@ -96,10 +96,12 @@ def test_gradients_vs_reference(nonlinearity):
   def loss(fn, q, k, v):
     return jnp.sum(jnp.sin(fn(q, k, w, v, nonlinearity=nonlinearity)))
 
-  g = jax.grad(lambda *a: loss(random_feature_attention, *a),
-               argnums=(0, 1, 2))(q, k, v)
-  gr = jax.grad(lambda *a: loss(random_feature_attention_reference, *a),
-                argnums=(0, 1, 2))(q, k, v)
+  # jitted: one compiled program each (eager autodiff compiles every op)
+  g = jax.jit(jax.grad(lambda *a: loss(random_feature_attention, *a),
+                       argnums=(0, 1, 2)))(q, k, v)
+  gr = jax.jit(jax.grad(
+      lambda *a: loss(random_feature_attention_reference, *a),
+      argnums=(0, 1, 2)))(q, k, v)
   for a, b in zip(g, gr):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   # Values gradient against float64 numpy finite differences.

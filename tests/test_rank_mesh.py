@@ -59,14 +59,14 @@ app.run(study.main)
 def test_data4_matches_one_device_and_batch_is_sharded(tmp_path):
   assert "xla_force_host_platform_device_count" not in os.environ.get(
       "XLA_FLAGS", "")
-  # Under CI the tiny preset's N-sweep cell is skipped in both runs (2
-  # training cells instead of 3; each is mostly compile time).
+  # Under CI one training cell (rank 4, no N-sweep) in both runs instead
+  # of 3 (each is mostly compile time).
   quick = bool(os.environ.get("CI"))
   cfg = get_config("tiny")
   extra = []
-  if quick:
-    cfg.fign_num_points = ""
-    extra = ["--config.fign_num_points="]
+  if quick:          # one cell: the CI resume test's (cached compiles)
+    cfg.ranks, cfg.fign_num_points = "4", ""
+    extra = ["--config.ranks=4", "--config.fign_num_points="]
   # Single-device reference (default mesh "data:1").
   ref = study.run_study(cfg, str(tmp_path / "ref"))
   assert ref["config"]["mesh"] == "data:1"
