@@ -4,10 +4,15 @@ Presets (`--config=experiments/configs/benefits_of_rank.py:<preset>`):
   cpu      (default) CPU analog of the authors' protocol: d = 16, N = 16,
            ranks 16/4/1, width multipliers 1/4/16 (query-key parameters per
            layer d^2, d^2.5, d^3), depths 1 and 2, 2 seeds, 1500 steps, MLP
-           64; N-sweep N = 4, 16, 64 at 2 layers, width 4. Sized for about an
-           hour on an idle 2-core machine, extrapolated from cell times
-           measured under load ~20 (53 s for a 1-head, 665 s for a 64-head
-           1-layer cell; see the binary's docstring); not yet run in full.
+           64; N-sweep N = 4, 16, 64 at 2 layers, width 4. Not an hour: the
+           N-sweep's cells alone cost (CPU-seconds per 1500-step cell,
+           measured 2026-12-02 at load ~11, 2 layers, width 4) 34 at N = 4
+           rank 1, 165 at N = 16 rank 1, 274 at N = 64 rank 16 and 1,418 at
+           N = 64 rank 1 (64 heads of size 1: 256 x 64 x 64 x 64 scores per
+           layer), so its N = 64 column is over 2 x (274 + 1,418) = 3,384
+           CPU-s for 2 seeds (rank 4 not measured); the whole preset is
+           several CPU-hours. Not yet run in full
+           (docs/results/benefits_of_rank.md has the parts that were).
   paper    the authors' sizes (paper_experiments/fig1, figN): d = 64,
            N = 16, ranks 64/32/16/8, widths 1/8/64, depths 1/3/5, MLP 2048,
            100k steps (1000 epochs x 100 batches), lr 1e-2, 5 seeds; N-sweep
