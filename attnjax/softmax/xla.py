@@ -104,7 +104,8 @@ def _masked_softmax_attention(call: AttentionCall, mask):
   into one pass (max, exp, sum and divide in one YNNPACK fusion, as in
   jax.nn's own attention), where `attention_probs`' select-laden form takes
   five passes over the [T, S] logits and puts a select into the transposing
-  copy of the weights before P V (1.4-1.8x slower causal at S = 2048). A
+  copy of the weights before P V (up to 1.8x jax.nn's causal time at
+  S = 2048; docs/benchmarks/cpu_perf.md). A
   masked entry gets exp(MASK_VALUE - m) = 0; a fully masked row (uniform
   over its MASK_VALUE entries) is zeroed on the [T, Hv] output, whose select
   also stops its cotangent.
