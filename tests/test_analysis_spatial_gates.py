@@ -39,6 +39,7 @@ X2 = (1, 4, 4, D)
 LAYERS = {
     "window": (lambda: sp.WindowAttention(D, N, 2, shift_size=1, rngs=R()), X2),
     "grid": (lambda: sp.GridAttention(D, N, 2, rngs=R()), X2),
+    "neighborhood": (lambda: sp.NeighborhoodAttention(D, N, 3, rngs=R()), X2),
     "twins_lsa": (lambda: sp.LocallyGroupedAttention(D, N, 2, rngs=R()), X2),
     "twins_gsa": (lambda: sp.GlobalSubsampledAttention(D, N, 2, rngs=R()), X2),
     "hilo": (lambda: sp.HiLoAttention(D, N, 2, 0.5, rngs=R()), X2),

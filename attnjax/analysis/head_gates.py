@@ -2,14 +2,14 @@
 Neubig 2019, "Are Sixteen Heads Really Better than One?").
 
 Every `attnjax.MultiHeadAttention` (and subclass) and every spatial layer
-with heads (`attnjax.spatial._common.HeadGated`: window / shifted window,
-grid, axial (one gate per axis attention), CSWin, Twins GSA / LSA, HiLo,
-BiFormer, DaViT channel, GPSA, CrossViT, CoaT, CrossFormer, DCAL, HaloNet,
-HAT, PTv3, sphere, TransNeXt, 3D windows, S2AFormer SSA, BOAT FSLA, Atlas
-MSA per scale)
-multiplies head h's output by `head_gate[h]` before the output projection
-when its `head_gate` is set (default None: no gate, no cost). The functions here set gates on a *view*
-of the model (`nnx.with_attributes`: new module objects sharing the model's
+with heads (`attnjax.spatial._common.HeadGated`: neighborhood, window /
+shifted window, grid, axial (one gate per axis attention), CSWin, Twins GSA
+/ LSA, HiLo, BiFormer, DaViT channel, GPSA, CrossViT, CoaT, CrossFormer,
+DCAL, HaloNet, HAT, PTv3, sphere, TransNeXt, 3D windows, S2AFormer SSA, BOAT
+FSLA, Atlas MSA per scale) multiplies head h's output by `head_gate[h]`
+before the output projection when its `head_gate` is set (default None: no
+gate, no cost). The functions here set gates on a *view* of the model
+(`nnx.with_attributes`: new module objects sharing the model's
 arrays); the model itself is never modified.
 
 * `head_importance(model, loss_fn, batches)`: I_h = mean over batches of

@@ -66,6 +66,7 @@ from attnjax._dispatch import BackendConfig, Op
 from attnjax._numerics import NEG
 from attnjax.softmax import dot_product_attention_with_lse
 from attnjax.softmax.merge import merge_attentions
+from attnjax.spatial._common import HeadGated
 from attnjax.spatial._common import (check_channels_last, check_spatial_qkv,
                                      default_scale, flatten_spatial,
                                      heads_and_scale, repeat_kv,
@@ -674,7 +675,7 @@ def neighborhood_attention(query, key, value, kernel_size, *, stride=1,
 # Layer
 # ----------------------------------------------------------------------------
 
-class NeighborhoodAttention(nnx.Module):
+class NeighborhoodAttention(HeadGated):
   """NAT / DiNAT / GNA neighborhood attention layer on channels-last maps.
 
   Parameters as NATTEN's NeighborhoodAttention{1,2,3}D: `qkv` Linear(dim,
@@ -765,4 +766,4 @@ class NeighborhoodAttention(nnx.Module):
                                  is_causal=self.is_causal, scale=self.scale,
                                  rpb=rpb, implementation=self.implementation,
                                  **extra)
-    return self.proj(out.reshape(x.shape))
+    return self.proj(self.gate_heads(out).reshape(x.shape))
