@@ -12,6 +12,7 @@ from attnjax.spatial import (NeighborhoodAttention, neighborhood_attention,
                              neighborhood_attention_reference,
                              neighborhood_mask, neighborhood_window_start)
 from attnjax.spatial.neighborhood import NeighborhoodXLA
+from tests.spatial.zoo_checks import jit_vjp
 
 
 def _natten_window_start(index, length, kernel, dilation):
@@ -102,23 +103,16 @@ def test_values_and_grads_float32(spatial, kernel, dilation, causal, use_rpb,
   q, k, v = _inputs(spatial)
   rpb = _rpb(2, kernel) if use_rpb else None
   kw = dict(dilation=dilation, is_causal=causal)
-  out = neighborhood_attention(q, k, v, kernel, rpb=rpb,
-                               implementation=NeighborhoodXLA(tile), **kw)
-  ref = neighborhood_attention_reference(q, k, v, kernel, rpb=rpb, **kw)
-  np.testing.assert_allclose(out, ref, atol=2e-6, rtol=2e-6)
-
-  ct = jax.random.normal(jax.random.key(9), out.shape)
-
-  def loss(fn, q, k, v, rpb):
-    return jnp.sum(fn(q, k, v, kernel, rpb=rpb, **kw) * ct)
-
+  # Values and the gradients of sum(out * ct): each side one jit(vjp) (the
+  # eager version compiled every op of both, per case).
+  ct = jax.random.normal(jax.random.key(9), q.shape[:-1] + v.shape[-1:])
   argnums = (0, 1, 2, 3) if use_rpb else (0, 1, 2)
-  g = jax.grad(lambda *a: loss(
-      lambda *b, **c: neighborhood_attention(
-          *b, implementation=NeighborhoodXLA(tile), **c), *a),
-               argnums=argnums)(q, k, v, rpb)
-  gr = jax.grad(lambda *a: loss(neighborhood_attention_reference, *a),
-                argnums=argnums)(q, k, v, rpb)
+  out, g = jit_vjp(lambda q, k, v, rpb: neighborhood_attention(
+      q, k, v, kernel, rpb=rpb, implementation=NeighborhoodXLA(tile), **kw),
+                   (q, k, v, rpb), ct, argnums)
+  ref, gr = jit_vjp(lambda q, k, v, rpb: neighborhood_attention_reference(
+      q, k, v, kernel, rpb=rpb, **kw), (q, k, v, rpb), ct, argnums)
+  np.testing.assert_allclose(out, ref, atol=2e-6, rtol=2e-6)
   for a, b in zip(g, gr):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 

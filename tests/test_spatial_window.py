@@ -11,6 +11,7 @@ from attnjax.spatial import (GridAttention, WindowAttention, grid_attention,
                              relative_position_index,
                              resize_relative_position_bias, window_attention,
                              window_attention_reference)
+from tests.spatial.zoo_checks import value_and_grad0
 
 
 def _inputs(spatial, heads=2, kv_heads=None, dtype=jnp.float32):
@@ -128,24 +129,29 @@ def test_grid_groups_are_strided():
 def test_bfloat16_gqa_vmap():
   q, k, v = _inputs((9, 7), heads=4, kv_heads=2, dtype=jnp.bfloat16)
   rpb = _rpb(4, (4, 4))
-  out = window_attention(q, k, v, 4, shift_size=2, rpb=rpb)
+  # Everything compiled (was eager: every op compiled on its own).
+  out = jax.jit(lambda q, k, v, rpb: window_attention(
+      q, k, v, 4, shift_size=2, rpb=rpb))(q, k, v, rpb)
   assert out.dtype == jnp.bfloat16
   f32 = lambda x: x.astype(jnp.float32)
-  ref = window_attention_reference(f32(q), f32(k), f32(v), 4, shift_size=2,
-                                   rpb=rpb)
+  ref = jax.jit(lambda q, k, v, rpb: window_attention_reference(
+      q, k, v, 4, shift_size=2, rpb=rpb))(f32(q), f32(k), f32(v), rpb)
   np.testing.assert_allclose(f32(out), ref, atol=3e-2, rtol=3e-2)
-  gout = grid_attention(q, k, v, 3)
-  gref = grid_attention_reference(f32(q), f32(k), f32(v), 3)
+  # grid attention: values and d sum / dq, each side one jit(vjp)
+  gout, g = value_and_grad0(lambda q, k, v: grid_attention(q, k, v, 3),
+                            (q, k, v))
+  gref, gr = value_and_grad0(
+      lambda q, k, v: grid_attention_reference(q, k, v, 3),
+      (f32(q), f32(k), f32(v)))
   np.testing.assert_allclose(f32(gout), gref, atol=3e-2, rtol=3e-2)
-  g = jax.grad(lambda q: f32(grid_attention(q, k, v, 3)).sum())(q)
-  gr = jax.grad(lambda q: grid_attention_reference(q, f32(k), f32(v), 3).sum())(
-      f32(q))
   np.testing.assert_allclose(f32(g), gr, atol=5e-2, rtol=5e-2)
-  vm = jax.vmap(lambda q, k, v: window_attention(q, k, v, 4, shift_size=2))
+  vm = jax.jit(jax.vmap(lambda q, k, v: window_attention(q, k, v, 4,
+                                                         shift_size=2)))
   q, k, v = (f32(x) for x in (q, k, v))
   np.testing.assert_allclose(
       vm(q[:, None], k[:, None], v[:, None])[:, 0],
-      window_attention_reference(q, k, v, 4, shift_size=2), atol=2e-6)
+      jax.jit(lambda q, k, v: window_attention_reference(
+          q, k, v, 4, shift_size=2))(q, k, v), atol=2e-6)
 
 
 def test_resize_relative_position_bias():
