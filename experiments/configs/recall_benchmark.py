@@ -9,8 +9,9 @@ Presets:
            machine): vocab 64, T = 16 with 2 key-value pairs, widths 32 and
            64, two layers, every mechanism in MECHANISMS (18 cells), 1000
            Adam steps of batch 64 per cell. Its cells are cpu_full's T = 16
-           cells (same seeds, same numbers). Measured CPU seconds in
-           docs/results/recall_benchmark.md.
+           cells (same seeds, same numbers). Measured: 705 CPU-seconds
+           (user + system, on the shared machine; per cell in
+           docs/results/recall_benchmark.md).
   cpu_full Zoology's grid scaled down to CPU size: the default plus
            (T, pairs) = (32, 4) (D = T/8): 36 cells, about 2.5x the
            default's CPU time.
