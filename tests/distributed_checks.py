@@ -94,7 +94,11 @@ def check_attention():
   q, k, v, do = _inputs()
   want = _reference(q, k, v, do)
 
-  for p in (2, 4, 8):
+  # Under CI P = 2 and 4 only: P = 4 takes every layout and Ulysses's
+  # kv-head repeat path, P = 2 the no-repeat path; P = 8 repeats P = 4's
+  # code paths with more ring steps (8-device meshes still run below:
+  # permuted inputs). The full sweep without CI.
+  for p in (2, 4) if os.environ.get("CI") else (2, 4, 8):
     mesh = Mesh(np.array(devices[:p]), ("seq",))
     fns = {}
     layouts = ("zigzag", "striped", "contiguous") if p == 4 else ("zigzag",)

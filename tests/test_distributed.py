@@ -37,7 +37,7 @@ def test_attention_matches_single_device():
   """Ring (zigzag/striped/contiguous) and Ulysses vs dot_product_attention,
   causal and not, values and gradients, P = 2, 4, 8; errors."""
   out = _run(["attention"], devices=8)
-  for p in (2, 4, 8):
+  for p in (2, 4) if os.environ.get("CI") else (2, 4, 8):   # as the script
     for name in ("ring causal zigzag", "ring full", "ulysses causal",
                  "ulysses full"):
       assert f"OK {name} P={p}" in out, out
