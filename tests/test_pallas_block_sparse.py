@@ -47,8 +47,8 @@ def test_values_and_grads_vs_reference(dtype, heads_major):
   assert np.all(np.asarray(out[:, 16:24, 1], np.float32) == 0.0)
   g = jax.jit(jax.grad(loss(bsa.block_sparse_attention,
                             heads_major=heads_major), (0, 1, 2)))(q, k, v)
-  gr = jax.grad(loss(bsa.block_sparse_attention_reference), (0, 1, 2))(
-      f32(q), f32(k), f32(v))
+  gr = jax.jit(jax.grad(loss(bsa.block_sparse_attention_reference),
+                       (0, 1, 2)))(f32(q), f32(k), f32(v))
   gtol = 1e-4 if dtype == jnp.float32 else 5e-2
   for a, r in zip(g, gr):
     assert a.dtype == dtype
@@ -99,6 +99,16 @@ def test_layout_value_errors():
                                block_kv=8)
 
 
+def _out_and_grads(fn, dphi):
+  """jit: fn(q, k, v) and the gradients of sum(phi(fn(q, k, v))) w.r.t.
+  q, k, v (dphi = phi'), from one compiled program (was eager: each kernel
+  and op compiled on its own)."""
+  def run(q, k, v):
+    out, pull = jax.vjp(fn, q, k, v)
+    return out, pull(dphi(out))
+  return jax.jit(run)
+
+
 def test_gpu_subtile_split_is_exact(monkeypatch):
   # On GPU, 128x128 layout tiles at head_dim 256 are split into 32x32
   # kernel tiles; run that path (forced, interpret mode) against the
@@ -117,10 +127,11 @@ def test_gpu_subtile_split_is_exact(monkeypatch):
                                                 block_kv=128, interpret=True)
   r = lambda q, k, v: bsa.block_sparse_attention_reference(
       q, k, v, lay, block_q=128, block_kv=128)
-  np.testing.assert_allclose(f(q, k, v), r(q, k, v), atol=2e-5, rtol=2e-5)
-  loss = lambda fn: lambda *a: jnp.sum(fn(*a) ** 2)
-  for a, b in zip(jax.grad(loss(f), (0, 1, 2))(q, k, v),
-                  jax.grad(loss(r), (0, 1, 2))(q, k, v)):
+  # values and the gradients of sum(out ** 2), each side one compile
+  (out, g), (want, gr) = (_out_and_grads(fn, lambda o: 2 * o)(q, k, v)
+                          for fn in (f, r))
+  np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
+  for a, b in zip(g, gr):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
@@ -136,12 +147,12 @@ def test_batch_dependent_layout():
       q, k, v, lay, block_q=32, block_kv=32, interpret=True)
   r = lambda q, k, v: bsa.block_sparse_attention_reference(
       q, k, v, lay, block_q=32, block_kv=32)
-  out = f(q, k, v)
-  np.testing.assert_allclose(out, r(q, k, v), atol=2e-5, rtol=2e-5)
+  # values and the gradients of sum(sin(out)), each side one compile
+  (out, g), (want, gr) = (_out_and_grads(fn, jnp.cos)(q, k, v)
+                          for fn in (f, r))
+  np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
   assert np.all(np.asarray(out[1, :, 0]) == 0)
-  loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
-  for a, w in zip(jax.grad(loss(f), (0, 1, 2))(q, k, v),
-                  jax.grad(loss(r), (0, 1, 2))(q, k, v)):
+  for a, w in zip(g, gr):
     np.testing.assert_allclose(a, w, atol=1e-4, rtol=1e-4)
   with pytest.raises(ValueError, match="block_layout"):
     bsa.block_sparse_attention(q, k, v, jnp.ones((3, n, 3, 3), bool),
