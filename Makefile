@@ -31,6 +31,6 @@ main: $(VENV)/.installed
 	$(PY) -m experiments.icl_regression --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 --dist worksteal -q tests
 
 .PHONY: install main test
