@@ -91,7 +91,8 @@ Outputs in --workdir:
     zero_predictor_mse  1.0
     config, wall_time_s
   fig1_rank_width_depth.png  Fig. 1 analog
-  figN_rank_vs_N.png         N-sweep analog
+  figN_rank_vs_N.png         N-sweep analog (left) next to the authors'
+                             figN read off their image (right, AUTHORS_FIGN)
   rank1_random_heads.png     random rank-1 heads curve
   metrics.jsonl   training loss per chunk ("step" global, "cell" names it)
   cells/<cell>.json, checkpoints/<cell>/  (resumable sweep, experiments.sweep)
