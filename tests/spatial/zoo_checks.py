@@ -12,6 +12,19 @@ def normal(key, shape, dtype=jnp.float32):
   return jax.random.normal(jax.random.key(key), shape, dtype)
 
 
+def _vjp_over(f, argnums, ct):
+  """run(*args) -> (f(*args), vjp of `ct` w.r.t. args[i], i in argnums)."""
+  def run(*args):
+    def g(*xs):
+      full = list(args)
+      for i, x in zip(argnums, xs):
+        full[i] = x
+      return f(*full)
+    out, pull = jax.vjp(g, *(args[i] for i in argnums))
+    return out, pull(ct.astype(out.dtype))
+  return run
+
+
 def check_values_grads_jit_vmap(fn, ref, args, *, batched=(0, 1, 2),
                                 atol=2e-5, grad_atol=None):
   """fn(*args) vs ref(*args): values and the gradients w.r.t. the `batched`
@@ -20,22 +33,11 @@ def check_values_grads_jit_vmap(fn, ref, args, *, batched=(0, 1, 2),
   three) -- and ref's values and gradients from one jit(vjp) of ref."""
   batched = tuple(batched)
   ct = normal(99, jax.eval_shape(fn, *args).shape)
-
-  def vjp(f):
-    def run(*a):
-      def g(*b):
-        full = list(a)
-        for i, x in zip(batched, b):
-          full[i] = x
-        return f(*full)
-      out, back = jax.vjp(g, *(a[i] for i in batched))
-      return out, back(ct.astype(out.dtype))
-    return run
-
-  want, want_grads = jax.jit(vjp(ref))(*args)
+  want, want_grads = jax.jit(_vjp_over(ref, batched, ct))(*args)
   axes = tuple(0 if i in batched else None for i in range(len(args)))
   vargs = tuple(a[None] if i in batched else a for i, a in enumerate(args))
-  out, grads = jax.jit(jax.vmap(vjp(fn), in_axes=axes))(*vargs)
+  out, grads = jax.jit(jax.vmap(_vjp_over(fn, batched, ct),
+                                in_axes=axes))(*vargs)
   out, grads = out[0], [g[0] for g in grads]
   np.testing.assert_allclose(out, want, atol=atol, rtol=atol)
   gtol = 5 * atol if grad_atol is None else grad_atol
@@ -64,15 +66,8 @@ def jit_vjp(f, args, ct, argnums=(0, 1, 2)):
   """f(*args) and its vjp of `ct` w.r.t. args[i], i in `argnums` (= the
   gradients of sum(f(*args) * ct)), from one compiled program. `args` are
   arrays or None."""
-  def run(args, ct):
-    def g(*xs):
-      full = list(args)
-      for i, x in zip(argnums, xs):
-        full[i] = x
-      return f(*full)
-    out, pull = jax.vjp(g, *(args[i] for i in argnums))
-    return out, pull(ct.astype(out.dtype))
-  return jax.jit(run)(tuple(args), ct)
+  return jax.jit(lambda args, ct: _vjp_over(f, argnums, ct)(*args))(
+      tuple(args), ct)
 
 
 def check_bf16(fn, ref, args, *, batched=(0, 1, 2), atol=6e-2):
