@@ -123,7 +123,7 @@ ICL = ["-m", "experiments.icl_regression",
 
 def _icl_numbers(workdir):
   with open(os.path.join(workdir, "results.json")) as f:
-    return _numbers(json.load(f))
+    return _numbers(json.load(f), workdir)
 
 
 def _assert_numbers(got, want, rtol):
