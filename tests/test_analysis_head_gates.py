@@ -43,6 +43,8 @@ def test_gate_is_identity_at_one_and_zero_gate_drops_head():
   ref = _per_head_out(m, X)
   want = ref[0] + ref[2] + m.out.bias[...]
   np.testing.assert_allclose(pruned(X), want, atol=1e-5)
+  with jax.numpy_rank_promotion("raise"):   # the gate broadcasts explicitly
+    np.testing.assert_allclose(pruned(X), want, atol=1e-5)
   with pytest.raises(ValueError, match="head_gate.*num_heads"):
     nnx.with_attributes(m, head_gate=jnp.ones(2))(X)
   with pytest.raises(ValueError, match="mask.*shape"):

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnjax._checks import check_int, check_rate
+from attnjax._numerics import gate_heads
 from attnjax.positions import PositionEncoding
 from attnjax.softmax import attention_weights, dot_product_attention
 from attnjax.softmax._common import input_live
@@ -477,15 +478,8 @@ class MultiHeadAttention(nnx.Module):
       x = fn(q, k, v, **kwargs)
     if ok is not None:      # decoding past the cache under jit: NaN, loudly
       x = jnp.where(ok, x, jnp.asarray(jnp.nan, x.dtype))
-    if self.head_gate is not None:      # xi_h multiplies head h's output
-      gate = jnp.asarray(self.head_gate[...]
-                         if isinstance(self.head_gate, nnx.Variable)
-                         else self.head_gate)
-      if gate.shape != (self.num_heads,):
-        raise ValueError(f"`head_gate` must have shape [num_heads]="
-                         f"({self.num_heads},), got {tuple(gate.shape)}.")
-      x = x * gate[:, None].astype(x.dtype)
-    return self.out(x)
+    # xi_h multiplies head h's output (no-op when head_gate is None)
+    return self.out(gate_heads(self.head_gate, self.num_heads, x))
 
   # ----------------------------------------------------------------- decode
 

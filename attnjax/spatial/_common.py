@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnjax._numerics import gate_heads
 from attnjax._numerics import masked_softmax  # noqa: F401  (re-exported to the spatial modules)
 from attnjax._checks import check_floating
 # One definition, shared with the kernels (re-exported for the family).
@@ -180,20 +181,7 @@ class HeadGated(nnx.Module):
   def gate_heads(self, out, heads: slice = slice(None)):
     """out [..., n, d] (the heads `heads` of this layer, in order) times
     their gates; unchanged when `head_gate` is None."""
-    gate = self.head_gate
-    if gate is None:
-      return out
-    gate = jnp.asarray(gate[...] if isinstance(gate, nnx.Variable) else gate)
-    if gate.shape != (self.num_heads,):
-      raise ValueError(f"`head_gate` must have shape [num_heads]="
-                       f"({self.num_heads},), got {tuple(gate.shape)}.")
-    gate = gate[heads]
-    if out.shape[-2] != gate.shape[0]:
-      raise ValueError(f"head_gate selects {gate.shape[0]} heads for an "
-                       f"output with shape {tuple(out.shape)} ([..., heads, "
-                       f"d] expected).")
-    gate = gate.astype(out.dtype).reshape((1,) * (out.ndim - 2) + (-1, 1))
-    return out * gate
+    return gate_heads(self.head_gate, self.num_heads, out, heads)
 
 
 def dense_attention_reference(query, key, value, mask=None, bias=None, *,
