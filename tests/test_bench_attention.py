@@ -114,6 +114,37 @@ def test_spatial_plot_styles_are_distinct():
   del jax
 
 
+def test_spatial_entries_take_their_constants_as_arguments():
+  """No bench entry closes over an array (XLA constant-folded what was
+  computed from closed-over weights/masks: > 8 s of compile at 56x56); the
+  arrays are the entry's third element, passed after q, k, v. The old
+  entries closed over the mask, the GPSA and CRPE weights."""
+  import functools
+  import jax
+  import jax.numpy as jnp
+
+  def closed_arrays(fn):
+    found = []
+    if isinstance(fn, functools.partial):
+      found += [a for a in list(fn.args) + list(fn.keywords.values())
+                if isinstance(a, (np.ndarray, jax.Array))]
+      fn = fn.func
+    for cell in getattr(fn, "__closure__", None) or ():
+      if isinstance(cell.cell_contents, (np.ndarray, jax.Array)):
+        found.append(cell.cell_contents)
+    return found
+
+  shape = (1, 14, 14, spatial.HEADS, spatial.HEAD_DIM)
+  q = jnp.ones(shape, jnp.float32)
+  mechs = spatial._mechanisms(14)
+  bad = [name for name, (fn, *_) in mechs.items() if closed_arrays(fn)]
+  assert not bad, bad
+  for name in ("dense_masked_na", "gpsa", "coat_factorized_crpe3",
+               "ptv3_hilbert_p64"):
+    fn, _, consts = mechs[name]
+    jax.eval_shape(fn, q, q, q, *consts)
+
+
 def test_softmax_targets():
   def row(impl, mode, causal, t, ratio=None, mem=None):
     return dict(impl=impl, mode=mode, causal=causal, seq_len=4096, batch=1,

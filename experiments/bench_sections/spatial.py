@@ -53,32 +53,39 @@ def _aggregated(q, k, v):
   return sp.aggregated_attention(q, k, v, pool(k), pool(v), 3)
 
 
-def _lka(q, k, v):
+def _lka_consts():
+  c = HEADS * HEAD_DIM
+  ones = lambda *s: np.full(s, 1.0 / np.prod(s[:-1]), np.float32)
+  return ones(5, 5, c), ones(7, 7, c), np.eye(c, dtype=np.float32)
+
+
+def _lka(q, k, v, w5, w7, pw):
   """VAN LKA on the [B, H, W, heads * head_dim] map of q (k, v unused)."""
   del k, v
-  c = HEADS * HEAD_DIM
-  x = q.reshape(*q.shape[:3], c)
-  ones = lambda *s: jnp.full(s, 1.0 / np.prod(s[:-1]), q.dtype)
-  out = sp.large_kernel_attention(x, ones(5, 5, c), None, ones(7, 7, c), None,
-                                  jnp.eye(c, dtype=q.dtype), None, dilation=3)
+  x = q.reshape(*q.shape[:3], HEADS * HEAD_DIM)
+  out = sp.large_kernel_attention(x, w5, None, w7, None, pw, None, dilation=3)
   return out.reshape(q.shape)
 
 
-def _focal(q, k, v):
+def _focal_consts():
+  c = HEADS * HEAD_DIM
+  return tuple(np.full((s, s, c), 1.0 / (s * s), np.float32)
+               for s in (3, 5)) + (np.eye(c, dtype=np.float32),)
+
+
+def _focal(q, k, v, k3, k5, proj):
   """FocalNet modulation: q, ctx = k, 3 gates from v's first channels."""
   c = HEADS * HEAD_DIM
   f = lambda x: x.reshape(*x.shape[:3], c)
-  ks = tuple(jnp.full((s, s, c), 1.0 / (s * s), q.dtype) for s in (3, 5))
-  out = sp.focal_modulation(f(q), f(k), f(v)[..., :3], ks,
-                            jnp.eye(c, dtype=q.dtype))
+  out = sp.focal_modulation(f(q), f(k), f(v)[..., :3], (k3, k5), proj)
   return out.reshape(q.shape)
 
 
-def _strip(q, k, v):
-  """SANet cubic attention core: horizontal then vertical 7-tap strips."""
+def _strip(q, k, v, w):
+  """SANet cubic attention core: horizontal then vertical 7-tap strips
+  (w: [B, 1, 7] strip weights)."""
   del k, v
   x = q.reshape(*q.shape[:3], HEADS * HEAD_DIM)
-  w = jnp.full((q.shape[0], 1, 7), 1.0 / 7, q.dtype)
   y = sp.strip_attention(sp.strip_attention(x, w, axis="w"), w, axis="h")
   return y.reshape(q.shape)
 
@@ -87,35 +94,34 @@ def _cnn_map(q):
   return q.reshape(*q.shape[:3], HEADS * HEAD_DIM)
 
 
-def _triplet(q, k, v):
+def _triplet(q, k, v, w, gamma, beta):
   del k, v
-  out = sp.triplet_attention(_cnn_map(q), jnp.full((3, 7, 7, 2), 0.01, q.dtype),
-                             jnp.ones((3,)), jnp.zeros((3,)))
+  out = sp.triplet_attention(_cnn_map(q), w, gamma, beta)
   return out.reshape(q.shape)
 
 
-def _ela(q, k, v):
+def _ela(q, k, v, w, gamma, beta):
   del k, v
-  c = HEADS * HEAD_DIM
-  out = sp.efficient_local_attention(_cnn_map(q), jnp.full((7, c), 0.1, q.dtype),
-                                     jnp.ones((c,)), jnp.zeros((c,)), 16)
+  out = sp.efficient_local_attention(_cnn_map(q), w, gamma, beta, 16)
   return out.reshape(q.shape)
 
 
-def _ulsam(q, k, v):
+def _ulsam(q, k, v, one, zero, third, zero4):
   del k, v
-  c = HEADS * HEAD_DIM
-  one = jnp.ones((c,), q.dtype)
-  out = sp.ulsam(_cnn_map(q), one, 0 * one, one / c, jnp.zeros((4,)), 4)
+  out = sp.ulsam(_cnn_map(q), one, zero, third, zero4, 4)
   return out.reshape(q.shape)
 
 
-def _ptv3(q, k, v):
+def _ptv3_coords(size):
+  """The pixels as points (x, y, 0), float32 [1, size * size, 3]."""
+  yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+  return np.stack([xx, yy, 0 * xx], -1).reshape(1, size * size, 3).astype(
+      np.float32)
+
+
+def _ptv3(q, k, v, coords):
   """PTv3 patch attention on the pixels as points (x, y, 0), Hilbert order."""
   b, h, w, n, d = q.shape
-  yy, xx = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")
-  coords = jnp.stack([xx, yy, 0 * xx], -1).reshape(1, h * w, 3).astype(
-      jnp.float32)
   f = lambda x: x.reshape(b, h * w, n, d)
   out = sp.serialized_attention(f(q), f(k), f(v), jnp.broadcast_to(
       coords, (b, h * w, 3)), min(64, h * w), order="hilbert")
@@ -157,17 +163,22 @@ def _atlas(q, k, v):
 
 
 def _mechanisms(size):
-  """name -> (fn(q, k, v), keys attended per query (for FLOPs))."""
+  """name -> (fn(q, k, v, *consts), keys attended per query (for FLOPs)[,
+  consts]): constant weights, masks and coordinates are numpy arrays passed
+  as arguments (closed over, XLA constant-folds what is computed from them
+  at compile time: > 8 s at 56x56 in an earlier run)."""
   s = size * size
-  na_mask = jnp.asarray(sp.neighborhood_mask((size, size), 7))
-  pw = jnp.asarray(sp.convolutional_init(HEADS))
-  pb = jnp.zeros((HEADS,))
-  gate = jnp.ones((HEADS,))
+  na_mask = sp.neighborhood_mask((size, size), 7)
+  pw = np.asarray(sp.convolutional_init(HEADS), np.float32)
+  pb = np.zeros((HEADS,), np.float32)
+  gate = np.ones((HEADS,), np.float32)
   nr = 7 if size >= 28 else 2
-  crpe = jnp.full((3, 3, HEADS, HEAD_DIM), 1.0 / 9)
+  crpe = np.full((3, 3, HEADS, HEAD_DIM), 1.0 / 9, np.float32)
+  c = HEADS * HEAD_DIM
+  one_c, zero_c = np.ones((c,), np.float32), np.zeros((c,), np.float32)
   mechs = {
       "dense": (_dense, s),
-      "dense_masked_na": (functools.partial(_dense, mask=na_mask), s),
+      "dense_masked_na": (_dense, s, (na_mask,)),
       "neighborhood_k7": (lambda q, k, v: sp.neighborhood_attention(q, k, v, 7),
                           49),
       "dilated_neighborhood_k7_d2": (
@@ -196,16 +207,18 @@ def _mechanisms(size):
               *(x.reshape(x.shape[0], 2, -1, *x.shape[2:]) for x in (q, k, v)),
               (2, 7, 7), shift_size=(1, 3, 3)).reshape(q.shape), 98),
       "coat_factorized_crpe3": (
-          lambda q, k, v: sp.factorized_attention(q, k, v, crpe_kernel=crpe),
-          None),
+          lambda q, k, v, crpe: sp.factorized_attention(q, k, v,
+                                                        crpe_kernel=crpe),
+          None, (crpe,)),
       "transnext_aggregated_k3_p7": (_aggregated, 9 + 49),
-      "van_lka_5_7d3": (_lka, None),
-      "focal_modulation_l2": (_focal, None),
+      "van_lka_5_7d3": (_lka, None, _lka_consts()),
+      "focal_modulation_l2": (_focal, None, _focal_consts()),
       "crossformer_sda_g7": (lambda q, k, v: sp.lsda_attention(q, k, v, 7), 49),
       "crossformer_lda_i7": (
           lambda q, k, v: sp.lsda_attention(q, k, v, 7, mode="lda"),
           (-(-size // 7)) ** 2),
-      "strip_k7_hw": (_strip, None),
+      "strip_k7_hw": (_strip, None,
+                      (np.full((1, 1, 7), 1.0 / 7, np.float32),)),
       "hat_ocab_m7_mo11": (
           lambda q, k, v: sp.overlapping_cross_attention(q, k, v, 7, 11), 121),
       "dcal_glca_top10pct": (
@@ -213,11 +226,15 @@ def _mechanisms(size):
               *(x.reshape(x.shape[0], -1, *x.shape[-2:]) for x in (q, k, v)),
               q[..., 0, 0].reshape(q.shape[0], -1), max(1, s // 10))[0],
           s // 10),
-      "triplet_k7": (_triplet, None),
-      "ela_k7": (_ela, None),
-      "ulsam_g4": (_ulsam, None),
+      "triplet_k7": (_triplet, None,
+                     (np.full((3, 7, 7, 2), 0.01, np.float32),
+                      np.ones((3,), np.float32), np.zeros((3,), np.float32))),
+      "ela_k7": (_ela, None, (np.full((7, c), 0.1, np.float32), one_c,
+                              zero_c)),
+      "ulsam_g4": (_ulsam, None, (one_c, zero_c, one_c / c,
+                                  np.zeros((4,), np.float32))),
       "spherical_equiangular": (sp.spherical_attention, s),
-      "ptv3_hilbert_p64": (_ptv3, min(64, s)),
+      "ptv3_hilbert_p64": (_ptv3, min(64, s), (_ptv3_coords(size),)),
       # clusters of <= 49 tokens + 20 sibling boundary tokens (BOAT's code);
       # O(T log T): log2(T / 49) clustering levels, so not LINEAR_IN_THEORY
       "boat_fsla_c49_o20": (
@@ -227,14 +244,13 @@ def _mechanisms(size):
       # top-down (Eq. 2) of the finest scale: own 7x7 window + the window
       # holding it at every coarser (stride-2 max-pool) scale
       "atlas_top_down_w7_s2": (_atlas, 49 * _atlas_scales(size)),
-      "gpsa": (lambda q, k, v: sp.gated_positional_attention(q, k, v, pw, pb, gate),
-               s),
+      "gpsa": (sp.gated_positional_attention, s, (pw, pb, gate)),
       # global attention over the (H/2 x W/2) reduced map, q/k of 8 channels
       "s2aformer_ssa_sr2_qk8": (_ssa, (-(-size // SSA_SR)) ** 2),
   }
   if size > 56:
-    # Dense S x S positional logits of constant inputs: XLA constant-folds
-    # them at compile time, which at 112x112 costs minutes and GBs.
+    # Dense [heads, S, S] positional logits (2.3 GiB at 112x112, over the
+    # shared machine's per-process budget with the attention around them).
     del mechs["gpsa"]
   return mechs
 
@@ -292,7 +308,9 @@ def run(ctx):
     mechs = _mechanisms(size)
     calls, size_rows = {}, []
     for mode in ("fwd", "fwd_bwd"):
-      for name, (fn, kpq) in mechs.items():
+      for name, (fn, kpq, *consts) in mechs.items():
+        args = (q, k, v) + tuple(jnp.asarray(x) for x in
+                                 (consts[0] if consts else ()))
         if only and not any(o in name for o in only) and not name.startswith(
             "dense"):
           continue
@@ -302,13 +320,13 @@ def run(ctx):
                    image_size=f"{size}x{size}", pixels=size * size,
                    heads=HEADS, head_dim=HEAD_DIM,
                    dtype=jnp.dtype(dtype).name, gflops=gf)
-        mem = ctx.peak_memory_bytes(call, q, k, v)
+        mem = ctx.peak_memory_bytes(call, *args)
         row["mem_mb"] = mem / 2**20
         if mem > max_bytes:
           row.update(time_ms=None, ratio_vs_dense=None,
                      note=f"not run: needs {mem / 2**30:.1f} GiB")
         else:
-          calls[(name, mode)] = (call, (q, k, v))
+          calls[(name, mode)] = (call, args)
         size_rows.append(row)
     med, _ = bench_utils.interleaved_times(calls, repeats=repeats)
     for row in size_rows:
