@@ -192,9 +192,12 @@ def test_layers_param_counts_and_shapes():
       (sp.GPSA(c, h, rngs=r), lin(c, 2 * c, False) + lin(c, c, False) + lin(c, c)
        + lin(3, h) + h),
   ]
+  # one compiled forward per layer (eager, each op of a layer was compiled
+  # on its own: most of this test's time)
+  fwd = nnx.jit(lambda layer, x: layer(x))
   for layer, want in cases:
     assert _nparams(layer) == want, type(layer).__name__
-    y = layer(x)
+    y = fwd(layer, x)
     assert y.shape == x.shape and np.isfinite(np.asarray(y)).all()
   # GPSA local init: v is the identity.
   g = sp.GPSA(c, h, rngs=r)
@@ -202,9 +205,10 @@ def test_layers_param_counts_and_shapes():
   att = sp.CrossViTAttention(c, h, rngs=r)
   assert _nparams(att) == 3 * lin(c, c, False) + lin(c, c)
   tok = jax.random.normal(jax.random.key(1), (2, 10, c))
-  assert att(tok).shape == (2, 1, c)
+  assert fwd(att, tok).shape == (2, 1, c)
   fus = sp.CrossViTFusion(8, c, h, rngs=r)
-  out = fus(jax.random.normal(jax.random.key(2), (2, 5, 8)), tok)
+  out = nnx.jit(lambda f, a, b: f(a, b))(
+      fus, jax.random.normal(jax.random.key(2), (2, 5, 8)), tok)
   assert out.shape == (2, 5, 8)
   np.testing.assert_array_equal(out[:, 1:], jax.random.normal(
       jax.random.key(2), (2, 5, 8))[:, 1:])
