@@ -87,3 +87,30 @@ def test_row_loop_is_opt_in():
   x = jax.ShapeDtypeStruct((1, 56, 56, 4, 32), jnp.float32)
   assert not _has_loop(fn, x, x, x)
   assert _has_loop(loop, x, x, x)
+
+
+def _logits_sized_ops(fn, args, elements):
+  """Instructions of the compiled entry computation whose output has
+  `elements` elements (each one is a pass that writes a logits-sized array
+  out)."""
+  import re
+  txt = jax.jit(fn).lower(*args).compile().as_text()
+  entry = txt[txt.index("ENTRY"):]
+  count = 0
+  for line in entry.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]+)\]", line)
+    if m and int(np.prod([int(d) for d in m.group(1).split(",")])) == elements:
+      count += 1
+  return count
+
+
+def test_all_tiles_forward_writes_few_logits_sized_arrays():
+  """The all-tiles forward writes out three [tiles, heads, 49, 169] arrays
+  (the Q K^T product, the masked copy the row max reads, the masked exp
+  that P V reads; the row sums come from a ones channel of V and the
+  [49, Hv] output is normalized), not five (the old form also wrote the
+  scaled logits and the normalized weights: fails on it)."""
+  q, k, v = _qkv((1, 28, 28, 2, 8))
+  fn = lambda q, k, v: neighborhood_attention(q, k, v, 7)
+  logits = 16 * 2 * 49 * 169    # 4 x 4 tiles of 7 x 7 queries, 13 x 13 keys
+  assert _logits_sized_ops(fn, (q, k, v), logits) <= 3

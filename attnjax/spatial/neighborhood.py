@@ -416,26 +416,40 @@ def _untile(x, plans, dl, spatial):
   return x[(slice(None),) + tuple(slice(0, l) for l in spatial)]
 
 
-def _tiled_softmax_attention(q, k, v, mask, bias, scale):
-  """Per-tile masked attention: q [B, G, N, tq, H], k/v [B, G, N, tk, *],
+def _with_ones(value):
+  """[..., Hv] -> [..., Hv + 1]: a ones channel appended, so the P V product
+  of `_tiled_softmax_attention` also gives the softmax row sums."""
+  return jnp.concatenate(
+      [value, jnp.ones(value.shape[:-1] + (1,), value.dtype)], axis=-1)
+
+
+def _tiled_softmax_attention(q, k, v1, mask, bias, scale):
+  """Per-tile masked attention: q [B, G, N, tq, H], k [B, G, N, tk, H], v1
+  [B, G, N, tk, Hv + 1] (the values with a ones channel, `_with_ones`),
   mask [G, 1, tq, tk] -> (out float32 [B, G, N, tq, Hv], lse [B, G, N, tq]).
 
-  Rows with nothing to attend (tile padding) give zeros and lse = NEG."""
+  Rows with nothing to attend (tile padding) give zeros and lse = NEG.
+  Written for few passes over the [tq, tk] logits (XLA:CPU writes each
+  materialized one out; at 112x112 they are 34 MiB, far over the caches):
+  the product, the masked row max reading it, the masked exp writing the
+  unnormalized weights, and their product with v1, whose last channel is
+  the row sum (a separate sum would either read the weights again or make
+  XLA recompute the exp inside it); the [tq, Hv] output is normalized
+  instead of the [tq, tk] weights."""
   logits = jnp.einsum("bgnqh,bgnkh->bgnqk", q, k,
                       preferred_element_type=jnp.float32) * scale
   if bias is not None:
     logits = logits + bias[None]
   ok = jnp.asarray(mask)[None]
-  logits = jnp.where(ok, logits, NEG)
-  m = jnp.max(logits, axis=-1, keepdims=True)
+  m = jnp.max(jnp.where(ok, logits, NEG), axis=-1, keepdims=True)
   m = jax.lax.stop_gradient(jnp.where(m > 0.5 * NEG, m, 0.0))
   e = jnp.where(ok, jnp.exp(logits - m), 0.0)
-  s = jnp.sum(e, axis=-1, keepdims=True)
+  ol = jnp.einsum("bgnqk,bgnkh->bgnqh", e.astype(v1.dtype), v1,
+                  preferred_element_type=jnp.float32)
+  s = ol[..., -1:]
   has = s > 0
   s_safe = jnp.where(has, s, 1.0)
-  probs = e / s_safe
-  out = jnp.einsum("bgnqk,bgnkh->bgnqh", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
+  out = ol[..., :-1] / s_safe
   lse = jnp.where(has, m + jnp.log(s_safe), NEG)[..., 0]
   return out, lse
 
@@ -483,7 +497,7 @@ def _row_loop(query, key, value, plans, dl, spatial, scale, rpb):
     x = x[p0.key_index, np.arange(d0, dtype=np.int32)[:, None, None]]
     return x.reshape(steps, p0.run, b, *rest)
 
-  k, v = key_rows(key), key_rows(value)
+  k, v = key_rows(key), key_rows(_with_ones(value))
   m0 = jnp.asarray(p0.mask.reshape(steps, p0.tile, p0.run))
   r0 = jnp.asarray(p0.rel.reshape(steps, p0.tile, p0.run))
   # Inside a step axis 0 is one tile of tile_0 queries over run_0 keys (the
@@ -506,7 +520,8 @@ def _row_loop(query, key, value, plans, dl, spatial, scale, rpb):
     bias = None if rpb is None else _joint_bias(rpb, sub, sub_dl, xp=jnp)
     out, lse = _tiled_softmax_attention(
         qt.reshape(b, -1, n, tq, h), kt.reshape(b, -1, n, tk, h),
-        vt.reshape(b, -1, n, tk, hv), _joint_mask(sub, sub_dl, xp=jnp), bias,
+        vt.reshape(b, -1, n, tk, hv + 1), _joint_mask(sub, sub_dl, xp=jnp),
+        bias,
         scale)
     tshape = [pl.tile for pl in sub]
     out = _untile(out.astype(query.dtype).reshape(*lead, n, *tshape, hv),
@@ -546,13 +561,13 @@ def _xla_backend(config, query, key, value, params, scale, rpb):
   b, h, hv = query.shape[0], query.shape[-1], value.shape[-1]
   q = _tile_queries(query, plans, dl)
   k = _gather_key_runs(key, plans, dl)
-  v = _gather_key_runs(value, plans, dl)
+  v = _gather_key_runs(_with_ones(value), plans, dl)
   lead = k.shape[:1 + 2 * nd]
   _, tq, tk = _joint(plans, dl)
   bias = None if rpb is None else _joint_bias(rpb, plans, dl)
   out, lse = _tiled_softmax_attention(
       q.reshape(b, -1, n, tq, h), k.reshape(b, -1, n, tk, h),
-      v.reshape(b, -1, n, tk, hv), _joint_mask(plans, dl), bias, scale)
+      v.reshape(b, -1, n, tk, hv + 1), _joint_mask(plans, dl), bias, scale)
   tshape = [pl.tile for pl in plans]
   out = _untile(out.astype(query.dtype).reshape(*lead, n, *tshape, hv),
                 plans, dl, p.spatial)
