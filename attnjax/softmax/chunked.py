@@ -39,6 +39,8 @@ backward works on transposed blocks (keys x queries), so P^T dO, dS^T Q,
 V dO^T and K^T dS^T need no transpose of the [bk, bq] blocks, and dQ is
 accumulated transposed. Causal and windowed calls mask only the blocks the
 band's edge crosses (`_kv_split`, `_q_split`); interior blocks skip the mask.
+Without dropout and with >= 32-bit values the forward's row sums come out of
+the P V product (V gets a ones column), so no block pass sums P.
 """
 
 from __future__ import annotations
@@ -355,6 +357,17 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks,
           or math.frexp(cfg.scale)[0] == 0.5)
   cfg_logits = dataclasses.replace(cfg, scale=1.0) if fold else cfg
 
+  # Without dropout and with >= 32-bit values, the row sums come out of the
+  # P V product: V gets a ones column (once, here), so the normalizer is the
+  # accumulator's last column and no block pass sums P (XLA:CPU reads each
+  # [bq, bk] block once more for a separate sum). (16-bit values would round
+  # P before the sum, so they keep the separate float32 sum.)
+  ones_col = (cfg.dropout_rate == 0.0
+              and jnp.dtype(v.dtype).itemsize >= 4)
+  vv = v
+  if ones_col:
+    vv = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], -1)
+
   def q_block(i):
     qi = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=3)
     if fold:
@@ -363,7 +376,7 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks,
     def body(j, carry, band):
       acc, m, l = carry
       ktj = lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=3)
-      vj = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
+      vj = lax.dynamic_slice_in_dim(vv, j * bk, bk, axis=2)
       s = _block_logits(cfg_logits, qi, ktj, bias, i, j)
       msk = _block_mask(cfg, i, j, mask, q_seg, kv_seg, s_pad, shift, band)
       if msk is not None:
@@ -374,6 +387,9 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks,
       if msk is not None:
         p = jnp.where(msk, p, 0.0)
       alpha = jnp.exp(m - m_safe)
+      if ones_col:
+        pv = _dot(p.astype(v.dtype), vj, (4,), (2,), cfg.prec_pv)
+        return alpha[..., None] * acc + pv, m_new, l
       l = alpha * l + jnp.sum(p, axis=-1)
       # Dropout acts on the normalized weights: drop from the numerator,
       # keep the normalizer (and the lse) of the undropped softmax.
@@ -390,10 +406,17 @@ def _forward(cfg: _Config, q, k, v, bias, mask, q_seg, kv_seg, rng, sinks,
       # The sink starts the row: running max = sink, normalizer exp(0) = 1.
       m0 = jnp.broadcast_to(sinks, (b, nkv, g, bq))
       l0 = jnp.where(jnp.isneginf(m0), 0.0, 1.0)
-    init = (jnp.zeros((b, nkv, g, bq, hv), jnp.float32), m0, l0)
+    if ones_col:   # the normalizer rides in the accumulator's last column
+      acc0 = jnp.concatenate(
+          [jnp.zeros((b, nkv, g, bq, hv), jnp.float32), l0[..., None]], -1)
+      init = (acc0, m0, None)
+    else:
+      init = (jnp.zeros((b, nkv, g, bq, hv), jnp.float32), m0, l0)
     lo, hi = _kv_range(cfg, i, nk_valid, shift)
     acc, m, l = _split_loop(lo, hi, _kv_split(cfg, i, lo, hi, shift), body,
                             init)
+    if ones_col:
+      acc, l = acc[..., :hv], acc[..., hv]
     has = l > 0   # the row has something to attend to (never a sentinel test)
     out = acc / jnp.where(has, l, 1.0)[..., None]
     # Row statistics: m and log(l) separately (lse = m + log l rounds log l
