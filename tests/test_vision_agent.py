@@ -116,10 +116,14 @@ def test_official_state_dict_matches_official_forward(tmp_path):
   with torch.no_grad():
     ref = _official_forward(sd, torch.from_numpy(x).double().permute(0, 3, 1, 2),
                             2, nh, a, w, 4).numpy()
-  out = np.asarray(model(x))
+  # forward and attention maps in one compiled program (eager, every op of
+  # the model was compiled on its own)
+  from flax import nnx
+  out, maps = nnx.jit(lambda m, x: (m(x), vision.attention_maps(m, x[:1])))(
+      model, x)
+  out = np.asarray(out)
   assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max(), np.abs(out - ref).max()
   # attention maps of the converted model are row-stochastic
-  maps = vision.attention_maps(model, x[:1])
   assert len(maps) == 2
   for m in maps.values():
     np.testing.assert_allclose(np.asarray(m).sum(-1), 1.0, atol=1e-5)
