@@ -144,18 +144,24 @@ def test_layer_matches_primitive():
   layer = sp.AggregatedAttention(16, 2, window_size=3, pool_size=2,
                                  rngs=nnx.Rngs(0))
   x = normal(11, (1, 4, 5, 16))
-  q = layer.q(x).reshape(1, 4, 5, 2, 8)
-  kv = layer.kv(x).reshape(1, 4, 5, 2, 2, 8)
-  kvp = layer.kv(layer.pooled_tokens(x)).reshape(1, 4, 2, 2, 8)
   np.testing.assert_allclose(jax.nn.softplus(layer.temperature[...]), 1 / 0.24,
                              rtol=1e-5)
-  want = sp.aggregated_attention_reference(
-      q, kv[..., 0, :, :], kv[..., 1, :, :], kvp[:, :, 0], kvp[:, :, 1], 3,
-      query_embedding=layer.query_embedding[...],
-      temperature=jax.nn.softplus(layer.temperature[...]),
-      local_bias=layer.relative_pos_bias_local[...],
-      pool_bias=layer.pool_bias((4, 5))[None],
-      learnable_tokens=layer.learnable_tokens[...],
-      learnable_bias=layer.learnable_bias[...])
-  np.testing.assert_allclose(layer(x), layer.proj(want.reshape(x.shape)),
-                             atol=1e-5)
+
+  # layer and reference each compiled as one program (eager, each op was
+  # compiled on its own)
+  @nnx.jit
+  def got_want(layer, x):
+    q = layer.q(x).reshape(1, 4, 5, 2, 8)
+    kv = layer.kv(x).reshape(1, 4, 5, 2, 2, 8)
+    kvp = layer.kv(layer.pooled_tokens(x)).reshape(1, 4, 2, 2, 8)
+    want = sp.aggregated_attention_reference(
+        q, kv[..., 0, :, :], kv[..., 1, :, :], kvp[:, :, 0], kvp[:, :, 1], 3,
+        query_embedding=layer.query_embedding[...],
+        temperature=jax.nn.softplus(layer.temperature[...]),
+        local_bias=layer.relative_pos_bias_local[...],
+        pool_bias=layer.pool_bias((4, 5))[None],
+        learnable_tokens=layer.learnable_tokens[...],
+        learnable_bias=layer.learnable_bias[...])
+    return layer(x), layer.proj(want.reshape(x.shape))
+
+  np.testing.assert_allclose(*got_want(layer, x), atol=1e-5)

@@ -110,19 +110,28 @@ def test_video_window_size_and_layer():
                                rngs=nnx.Rngs(0))
   n = sum(x.size for x in jax.tree.leaves(nnx.state(layer, nnx.Param)))
   assert n == 16 * 48 + 48 + 16 * 16 + 16 + 3 * 5 * 5 * 4
+  # layer and reference each compiled as one program (eager, each op was
+  # compiled on its own)
+  @nnx.jit
+  def got_want(layer, x):
+    qkv = layer.qkv(x).reshape(1, 2, 4, 5, 3, 4, 4)
+    want = sp.window_attention_3d_reference(
+        qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :], (2, 3, 3),
+        shift_size=(0, 1, 1), rpb=layer.relative_position_bias(), scale=0.5)
+    return layer(x), layer.proj(want.reshape(x.shape))
+
   x = normal(5, (1, 2, 4, 5, 16))       # depth 2 <= window 2: no depth shift
-  qkv = layer.qkv(x).reshape(1, 2, 4, 5, 3, 4, 4)
-  want = sp.window_attention_3d_reference(
-      qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :], (2, 3, 3),
-      shift_size=(0, 1, 1), rpb=layer.relative_position_bias(), scale=0.5)
-  np.testing.assert_allclose(layer(x), layer.proj(want.reshape(x.shape)),
-                             atol=1e-5)
+  np.testing.assert_allclose(*got_want(layer, x), atol=1e-5)
+
   # A map smaller than the window: the central part of the table.
+  @nnx.jit
+  def got_want_small(layer, x):
+    qkv = layer.qkv(x).reshape(1, 1, 2, 5, 3, 4, 4)
+    rpb = layer.relative_position_bias()[:, 1:2, 1:4, :]
+    want = sp.window_attention_3d_reference(
+        qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :], (1, 2, 3),
+        shift_size=(0, 0, 1), rpb=rpb, scale=0.5)
+    return layer(x), layer.proj(want.reshape(x.shape))
+
   x = normal(6, (1, 1, 2, 5, 16))
-  qkv = layer.qkv(x).reshape(1, 1, 2, 5, 3, 4, 4)
-  rpb = layer.relative_position_bias()[:, 1:2, 1:4, :]
-  want = sp.window_attention_3d_reference(
-      qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :], (1, 2, 3),
-      shift_size=(0, 0, 1), rpb=rpb, scale=0.5)
-  np.testing.assert_allclose(layer(x), layer.proj(want.reshape(x.shape)),
-                             atol=1e-5)
+  np.testing.assert_allclose(*got_want_small(layer, x), atol=1e-5)
