@@ -125,19 +125,24 @@ def test_layer_mixed_windows():
   n = sum(x.size for x in jax.tree.leaves(nnx.state(layer, nnx.Param)))
   assert n == 32 * 96 + 32 * 32 + 32 + (9 + 1) * 8 + (25 + 1) * 12 + (49 + 1) * 12
   x = normal(9, (1, 5, 6, 32))
-  qkv = layer.qkv(x).reshape(1, 5, 6, 3, 8, 4)
-  q, k, v = (qkv[..., i, :, :] for i in range(3))
-  # CoaT: head group g convolved with its own window, then q * conv.
-  want = sp.factorized_attention_reference(q, k, v, scale=0.5)
-  start = 0
-  for w, hh in layer.windows.items():
-    kern = getattr(layer, f"crpe_kernel_{w}")[...].reshape(w, w, hh, 4)
-    bias = getattr(layer, f"crpe_bias_{w}")[...].reshape(hh, 4)
-    sl = slice(start, start + hh)
-    part = sp.factorized_attention_reference(
-        q[..., sl, :], k[..., sl, :], v[..., sl, :], crpe_kernel=kern,
-        crpe_bias=bias, scale=0.5)
-    want = want.at[..., sl, :].set(part)
-    start += hh
-  np.testing.assert_allclose(layer(x), layer.proj(want.reshape(x.shape)),
-                             atol=1e-5)
+  # layer and reference in one compiled program (eager, each op was compiled
+  # on its own)
+  @nnx.jit
+  def got_want(layer, x):
+    qkv = layer.qkv(x).reshape(1, 5, 6, 3, 8, 4)
+    q, k, v = (qkv[..., i, :, :] for i in range(3))
+    # CoaT: head group g convolved with its own window, then q * conv.
+    want = sp.factorized_attention_reference(q, k, v, scale=0.5)
+    start = 0
+    for w, hh in layer.windows.items():
+      kern = getattr(layer, f"crpe_kernel_{w}")[...].reshape(w, w, hh, 4)
+      bias = getattr(layer, f"crpe_bias_{w}")[...].reshape(hh, 4)
+      sl = slice(start, start + hh)
+      part = sp.factorized_attention_reference(
+          q[..., sl, :], k[..., sl, :], v[..., sl, :], crpe_kernel=kern,
+          crpe_bias=bias, scale=0.5)
+      want = want.at[..., sl, :].set(part)
+      start += hh
+    return layer(x), layer.proj(want.reshape(x.shape))
+
+  np.testing.assert_allclose(*got_want(layer, x), atol=1e-5)

@@ -100,12 +100,17 @@ def test_layers():
   x = normal(5, (1, 5, 6, 16))
   rpb = layer.pos((3, 3))
   assert rpb.shape == (4, 5, 5)
-  qkv = layer.qkv(x).reshape(1, 5, 6, 3, 4, 4)
-  want = sp.lsda_attention_reference(qkv[..., 0, :, :], qkv[..., 1, :, :],
-                                     qkv[..., 2, :, :], 2, mode="lda", rpb=rpb,
-                                     scale=0.5)
-  np.testing.assert_allclose(layer(x), layer.proj(want.reshape(x.shape)),
-                             atol=1e-5)
+  # layer and reference in one compiled program (eager, each op was compiled
+  # on its own)
+  @nnx.jit
+  def got_want(layer, x, rpb):
+    qkv = layer.qkv(x).reshape(1, 5, 6, 3, 4, 4)
+    want = sp.lsda_attention_reference(qkv[..., 0, :, :], qkv[..., 1, :, :],
+                                       qkv[..., 2, :, :], 2, mode="lda",
+                                       rpb=rpb, scale=0.5)
+    return layer(x), layer.proj(want.reshape(x.shape))
+
+  np.testing.assert_allclose(*got_want(layer, x, rpb), atol=1e-5)
   cel = sp.CrossScaleEmbedding(3, 64, rngs=nnx.Rngs(1))
   assert cel.channels == (32, 16, 8, 8)        # CrossFormer stage-1 split
   img = normal(6, (1, 32, 32, 3))

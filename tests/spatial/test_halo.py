@@ -147,11 +147,17 @@ def test_layer_matches_primitive_and_param_count():
   n = sum(x.size for x in jax.tree.leaves(nnx.state(layer, nnx.Param)))
   assert n == 16 * 16 + 16 * 32 + 2 * (2 * 6 - 1) * 4
   x = normal(7, (2, 5, 7, 16))
-  q = layer.q(x).reshape(2, 5, 7, 4, 4)
-  kv = layer.kv(x).reshape(2, 5, 7, 2, 4, 4)
-  want = sp.halo_attention_reference(q, kv[..., 0, :, :], kv[..., 1, :, :], 4,
-                                     1, rel_h=layer.rel_h[...],
-                                     rel_w=layer.rel_w[...], scale=0.5)
-  np.testing.assert_allclose(layer(x), want.reshape(x.shape), atol=1e-5)
+  # layer and reference in one compiled program (eager, each op was compiled
+  # on its own)
+  @nnx.jit
+  def got_want(layer, x):
+    q = layer.q(x).reshape(2, 5, 7, 4, 4)
+    kv = layer.kv(x).reshape(2, 5, 7, 2, 4, 4)
+    want = sp.halo_attention_reference(q, kv[..., 0, :, :], kv[..., 1, :, :],
+                                       4, 1, rel_h=layer.rel_h[...],
+                                       rel_w=layer.rel_w[...], scale=0.5)
+    return layer(x), want.reshape(x.shape)
+
+  np.testing.assert_allclose(*got_want(layer, x), atol=1e-5)
   with pytest.raises(ValueError, match="channels"):
     layer(jnp.zeros((2, 16, 5, 7)))

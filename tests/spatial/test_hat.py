@@ -91,9 +91,14 @@ def test_errors_and_layer():
   assert layer.overlap_size == 4
   assert layer.relative_position_bias_table.shape == (25, 2)
   x = normal(5, (1, 5, 6, 8))
-  qkv = layer.qkv(x).reshape(1, 5, 6, 3, 2, 4)
-  want = sp.overlapping_cross_attention_reference(
-      qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :], 2, 4,
-      rpb=layer.relative_position_bias(), scale=0.5)
-  np.testing.assert_allclose(layer(x), layer.proj(want.reshape(x.shape)),
-                             atol=1e-5)
+  # layer and reference in one compiled program (eager, each op was compiled
+  # on its own)
+  @nnx.jit
+  def got_want(layer, x):
+    qkv = layer.qkv(x).reshape(1, 5, 6, 3, 2, 4)
+    want = sp.overlapping_cross_attention_reference(
+        qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :], 2, 4,
+        rpb=layer.relative_position_bias(), scale=0.5)
+    return layer(x), layer.proj(want.reshape(x.shape))
+
+  np.testing.assert_allclose(*got_want(layer, x), atol=1e-5)

@@ -98,8 +98,13 @@ def test_masked_slots_errors_layer():
     sp.spherical_attention(q, k, v, grid="healpix")
   layer = sp.SphericalAttention(8, 2, rngs=nnx.Rngs(0))
   x = normal(5, (1, 4, 6, 8))
-  qkv = layer.qkv(x).reshape(1, 4, 6, 3, 2, 4)
-  want = sp.spherical_attention_reference(qkv[..., 0, :, :], qkv[..., 1, :, :],
-                                          qkv[..., 2, :, :], scale=0.5)
-  np.testing.assert_allclose(layer(x), layer.proj(want.reshape(x.shape)),
-                             atol=1e-5)
+  # layer and reference in one compiled program (eager, each op was compiled
+  # on its own)
+  @nnx.jit
+  def got_want(layer, x):
+    qkv = layer.qkv(x).reshape(1, 4, 6, 3, 2, 4)
+    want = sp.spherical_attention_reference(
+        qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :], scale=0.5)
+    return layer(x), layer.proj(want.reshape(x.shape))
+
+  np.testing.assert_allclose(*got_want(layer, x), atol=1e-5)
