@@ -126,7 +126,9 @@ def test_parse_mesh():
 def test_bench_distributed_smoke(tmp_path):
   """The benchmark binary runs and per-device memory drops as P grows."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  env["XLA_FLAGS"] = " ".join(   # keeps the test run's flags (conftest)
+      [os.environ.get("XLA_FLAGS", ""),
+       "--xla_force_host_platform_device_count=4"]).strip()
   env["PYTHONPATH"] = ROOT
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.bench_distributed",
