@@ -581,9 +581,10 @@ class NeighborhoodXLA(BackendConfig):
   per axis); `row_loop=True`: compute one row of tiles (along the first
   axis) per loop step instead of all tiles at once (None / False): ~3x less
   memory on large maps (112x112, 4 heads x 32: 28 vs 86 MiB forward, 63 vs
-  190 MiB forward+backward), not faster on the 2-core CPU measured
-  (docs/benchmarks/cpu_perf.md, item 3), so not the default. Results do not
-  depend on either setting."""
+  190 MiB forward+backward) and a cost per pixel that stays flat, but on the
+  2-core CPU measured slower up to 56x56 (each loop step costs ~0.4 ms) and
+  faster only for the 112x112 forward (docs/benchmarks/cpu_perf.md, item 3),
+  so not the default. Results do not depend on either setting."""
   backend: ClassVar[str] = "xla"
   tile_size: Optional[object] = None
   row_loop: Optional[bool] = None
