@@ -88,7 +88,7 @@ def test_vit_map_matches_attention_weights():
 def test_window_map_is_block_diagonal():
   """Swin's first block (no shift) attends only within 4x4 windows."""
   model = V.create_model("swin", "tiny", in_chans=1)
-  m = V.attention_maps(model, jnp.ones((1, 32, 32, 1)))["stages/0/0"]
+  m = nnx.jit(V.attention_maps)(model, jnp.ones((1, 32, 32, 1)))["stages/0/0"]
   yy, xx = np.divmod(np.arange(256), 16)
   win = (yy // 4) * 4 + xx // 4
   outside = np.asarray(m[0, 0])[win[:, None] != win[None, :]]
@@ -103,7 +103,7 @@ def test_vit_position_embedding_resizes():
   np.testing.assert_array_equal(np.asarray(same), np.asarray(pos[:, 1:]))
   big = resize_pos_embed(pos[:, 1:], (8, 8), (12, 10))
   assert big.shape == (1, 120, 64)
-  out = model(jnp.ones((1, 48, 40, 1)))
+  out = nnx.jit(lambda m, x: m(x))(model, jnp.ones((1, 48, 40, 1)))
   assert out.shape == (1, 10)
 
 
@@ -113,4 +113,4 @@ def test_swin_window_resize():
   attn = model.blocks()[1].attn
   assert attn.window_size == (6, 6) and attn.shift_size == (3, 3)
   assert attn.relative_position_bias_table.shape == (121, 2)
-  assert model(jnp.ones((1, 32, 32, 1))).shape == (1, 10)
+  assert nnx.jit(lambda m, x: m(x))(model, jnp.ones((1, 32, 32, 1))).shape == (1, 10)
