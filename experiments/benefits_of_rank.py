@@ -146,7 +146,9 @@ def make_model(cfg, rank: int, depth: int, width: int, seed: int):
   d = int(cfg.dim)
   if cfg.arch == "postnorm":
     return PostNormRankEncoder(d, rank, depth, width=width,
-                               mlp_dim=int(cfg.mlp_dim), rngs=nnx.Rngs(seed))
+                               mlp_dim=int(cfg.mlp_dim),
+                               fused=bool(cfg.get("fused_attention", True)),
+                               rngs=nnx.Rngs(seed))
   if cfg.arch == "prenorm":
     return RankAttentionNet(d, rank, depth, num_heads=width * (d // rank),
                             mlp_dim=int(cfg.mlp_dim), rngs=nnx.Rngs(seed))

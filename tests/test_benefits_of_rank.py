@@ -12,6 +12,7 @@ from flax import nnx
 from attnjax.models.rank_models import (PostNormRankEncoder,
                                         RankAttentionNet,
                                         farthest_point_targets,
+                                        rank1_heads_attention,
                                         rank1_random_heads_mse,
                                         sample_rank1_heads, sample_sphere,
                                         sphere_batch)
@@ -158,6 +159,80 @@ def test_postnorm_encoder_matches_numpy_reference(rank, width, layers, mlp):
   per_layer = width * (4 * d * d + 3 * d) + d + (
       2 * d * mlp + mlp + d + 2 if mlp else 1)
   assert study.count_params(model) == layers * per_layer
+
+
+def _rank1_attention_f64(q, k, v):
+  """Float64 NumPy softmax attention of rank-1 heads, q/k/v [B, N, H]."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  s = q[:, :, None, :] * k[:, None, :, :]                   # [B, T, S, H]
+  p = np.exp(s - s.max(2, keepdims=True))
+  p /= p.sum(2, keepdims=True)
+  return np.einsum("btsh,bsh->bth", p, v)
+
+
+def _rank1_attention_jnp(q, k, v):
+  """The textbook formulation the fused path replaces (head-major einsums)."""
+  s = jnp.einsum("btn,bsn->bnts", q, k)
+  return jnp.einsum("bnts,bsn->btn", jax.nn.softmax(s, axis=-1), v)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_rank1_heads_attention_values_and_grads(scale):
+  # values vs float64 NumPy, gradients vs jax.grad of the textbook einsum
+  # formulation; scale 30 puts logits near +-900 (the closed-form row max
+  # must keep exp finite); jit and vmap agree with the eager call.
+  ks = jax.random.split(jax.random.key(7), 4)
+  q, k, v = (jax.random.normal(ks[i], (2, 5, 3)) for i in range(3))
+  q, k = q * np.sqrt(scale), k * np.sqrt(scale)
+  w = jax.random.normal(ks[3], (2, 5, 3))
+  got = rank1_heads_attention(q, k, v)
+  np.testing.assert_allclose(np.asarray(got), _rank1_attention_f64(q, k, v),
+                             atol=2e-5 * scale, rtol=1e-5)
+  loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) * w))
+  g = jax.grad(loss(rank1_heads_attention), argnums=(0, 1, 2))(q, k, v)
+  g_ref = jax.grad(loss(_rank1_attention_jnp), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g, g_ref):
+    assert np.all(np.isfinite(np.asarray(a)))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                               atol=1e-4 * scale, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(jax.jit(rank1_heads_attention)(
+      q, k, v)), np.asarray(got), atol=1e-6 * scale)
+  vm = jax.vmap(rank1_heads_attention)(q[:, None], k[:, None], v[:, None])
+  np.testing.assert_allclose(np.asarray(vm[:, 0]), np.asarray(got),
+                             atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("rank,width,n", [(1, 3, 6), (1, 16, 16),
+                                          (4, 2, 6), (1, 2, 20)])
+def test_fused_attention_equals_module_path(rank, width, n):
+  # PostNormRankEncoder(fused=True) (one q/k/v matmul, rank-1 heads on the
+  # minor axis, hand-written backward) against fused=False (the
+  # MultiHeadAttention call used before): same parameters, loss and every
+  # parameter gradient equal to float tolerance, with nonzero q/k/v biases.
+  # Rank 4 and N = 20 > 16 take the module path in both (identity checks).
+  d = 16 if rank == 4 else 8
+  x, y = sphere_batch(jax.random.key(2), 3, n, d)
+  res = {}
+  for fused in (True, False):
+    model = PostNormRankEncoder(d, rank, 2, width=width, mlp_dim=8,
+                                fused=fused, rngs=nnx.Rngs(5))
+    for layer in model.layers:
+      for b, c in ((layer.attn.query.bias, 0.1), (layer.attn.key.bias, -0.2),
+                   (layer.attn.value.bias, 0.05)):
+        b[...] = c * jnp.ones_like(b[...])
+    gd, st = nnx.split(model)
+    f = lambda st: study.per_vector_mse(nnx.merge(gd, st)(x), y)
+    res[fused] = jax.jit(jax.value_and_grad(f))(st)
+  np.testing.assert_allclose(float(res[True][0]), float(res[False][0]),
+                             rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(res[True][1]), jax.tree.leaves(res[False][1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6,
+                               rtol=1e-4)
+  if rank == 1 and n <= 16:
+    layer = PostNormRankEncoder(d, 1, 1, width=width, mlp_dim=0,
+                                rngs=nnx.Rngs(1)).layers[0]
+    np.testing.assert_allclose(np.asarray(layer._fused_attention(x)),
+                               np.asarray(layer.attn(x)), atol=1e-6)
 
 
 def test_postnorm_init_is_pytorch_default():

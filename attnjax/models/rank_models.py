@@ -152,17 +152,112 @@ def _dense_attention(q, k, v, **kwargs):
   return jnp.einsum("bnts,bsnh->btnh", p, v)
 
 
+def _vsum(xs, axis):
+  """Sums of several same-shape arrays over `axis` as ONE variadic reduce.
+
+  XLA:CPU fuses the elementwise producers of a variadic reduce into it (the
+  [.., N, N, ..] operands are never written to memory), while a plain sum
+  of a broadcast product is handed to its YNNPACK reduce fusion, which first
+  materialises every broadcast operand (measured 2-3x slower here).
+  """
+  xs = list(xs)
+  if len(xs) == 1:
+    xs.append(xs[0])          # a 2-operand reduce; the copy is discarded
+  zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
+  return list(jax.lax.reduce(
+      tuple(xs), zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)),
+      (axis,)))
+
+
+def _rank1_fwd(q, k, v):
+  """Softmax attention of rank-1 heads, heads on the minor axis.
+
+  q, k, v [B, N, H] (one feature per head); logits s[b, t, s, h] =
+  q[b, t, h] k[b, s, h] (scale 1 / sqrt(1)). The row max is exact in closed
+  form, max_s q_t k_s = max(q_t max_s k_s, q_t min_s k_s), so one pass of
+  exp over the [B, N, N, H] logits (fused into the variadic reduce) gives
+  the normaliser l and the output o. Returns o [B, N, H] and (m, l).
+  """
+  kmax = jnp.max(k, axis=1, keepdims=True)
+  kmin = jnp.min(k, axis=1, keepdims=True)
+  m = jnp.maximum(q * kmax, q * kmin)                         # [B, T, H]
+  e = jnp.exp(q[:, :, None] * k[:, None] - m[:, :, None])      # [B, T, S, H]
+  l, u = _vsum([e, e * v[:, None]], 2)
+  return u / l, m, l
+
+
+@jax.custom_vjp
+def rank1_heads_attention(q, k, v):
+  """softmax(q k^T) v per head for heads of rank 1, heads on the last axis.
+
+  q, k, v: [B, N, H] (the one query/key/value feature of each of H heads).
+  Returns [B, N, H]. Equal to `jnp.einsum("bnts,bsn->btn",
+  softmax(einsum("btn,bsn->bnts", q, k)), v)` (tested to float tolerance,
+  values and gradients); computed as broadcast products and variadic
+  reductions with the head axis minor, and a hand-written backward pass
+  that recomputes the attention weights instead of storing [B, H, N, N]:
+    dv_s = sum_t p_ts g_t,
+    dq_t = g_t (sum_s p_ts v_s k_s - o_t sum_s p_ts k_s),
+    dk_s = sum_t p_ts g_t q_t (v_s - o_t)
+  (ds_ts = p_ts g_t (v_s - o_t) for one value feature). Many heads of size
+  1 are where the generic [B, N, H, r] einsums spend most of their time in
+  transposes and size-1 contractions.
+  """
+  return _rank1_fwd(q, k, v)[0]
+
+
+def _rank1_vjp_fwd(q, k, v):
+  o, m, l = _rank1_fwd(q, k, v)
+  return o, (q, k, v, o, m, l)
+
+
+def _rank1_vjp_bwd(res, g):
+  q, k, v, o, m, l = res
+  # p[b, t, s, h] = exp(q_t k_s - m_t - log l_t), recomputed. (Written
+  # with log l in the exponent, not as the forward's exp(..) / l, so that
+  # XLA does not merge it with the forward's exponentials and keep the
+  # [B, N, N, H] array alive between the passes.)
+  p = jnp.exp(q[:, :, None] * k[:, None] - (m + jnp.log(l))[:, :, None])
+  a, b = _vsum([p * (v * k)[:, None], p * k[:, None]], 2)    # over keys
+  dq = g * (a - o * b)
+  dv, dk = _vsum([p * g[:, :, None],
+                  p * ((g * q)[:, :, None] * (v[:, None] - o[:, :, None]))],
+                 1)                                            # over queries
+  return dq, dk, dv
+
+
+rank1_heads_attention.defvjp(_rank1_vjp_fwd, _rank1_vjp_bwd)
+
+# The rank-1 path is used up to this N. Measured (one training step of
+# PostNormRankEncoder, d = 16, batch 256, XLA:CPU, interleaved with the
+# module path; runs/s14r, 2026-12-02): N = 16 with 64-256 heads 1.7-1.9x
+# fewer CPU-s per step, 16 heads 1.1x; N = 64 with 64 heads 0.55x (slower:
+# the [B, N, N, H] passes leave the cache), so not used there.
+_RANK1_MAX_POINTS = 16
+
+
 class _PostNormLayer(nnx.Module):
-  """h <- N1(h + mean_m Attn_m(h)); h <- N2(h + MLP(h)) (post-norm)."""
+  """h <- N1(h + mean_m Attn_m(h)); h <- N2(h + MLP(h)) (post-norm).
+
+  `fused=True` (default): rank-1 heads (head_dim 1, N <= _RANK1_MAX_POINTS)
+  are computed from the `attn` module's parameters by `_fused_attention`
+  (one q/k/v matmul, heads on the minor axis, `rank1_heads_attention`);
+  every other case, and `fused=False`, calls the module (the formulation
+  used before; same parameters, same function up to float rounding; it is
+  the reference of the tests and of the timing benchmark). Head-major
+  einsums for rank 4 were measured 0.87x (slower), so they are not used.
+  """
 
   def __init__(self, dim: int, rank: int, heads_per_module: int, width: int,
-               mlp_dim: int, use_bias: bool, rngs: nnx.Rngs):
+               mlp_dim: int, use_bias: bool, rngs: nnx.Rngs,
+               fused: bool = True):
     # `width` torch MultiheadAttention(d, heads_per_module) modules whose
     # outputs are averaged == one layer of width * heads_per_module heads of
     # size `rank` whose output projection is scaled by 1 / width. PyTorch
     # init: in_proj xavier-uniform on the stacked [3d, d] weight, bound
     # sqrt(6 / 4d); out_proj U(+-1/sqrt(d)); all attention biases zero.
     self.width = width
+    self.fused = fused
     self.attn = MultiHeadAttention(
         width * heads_per_module, dim, head_dim=rank, use_bias=use_bias,
         use_out_bias=False, attention_fn=_dense_attention,
@@ -185,8 +280,30 @@ class _PostNormLayer(nnx.Module):
     else:
       self.fc1 = self.fc2 = self.norm2 = None
 
+  def _fused_attention(self, h):
+    """sum over heads of W_O,h softmax(q_h k_h^T) v_h for rank-1 heads.
+
+    The same function as `self.attn(h)` (tested): q, k and v [B, N, H]
+    come from one matmul with the three kernels stacked on the head axis,
+    the heads stay on the minor axis, `rank1_heads_attention` attends.
+    """
+    a = self.attn
+    w = jnp.concatenate([a.query.kernel[...], a.key.kernel[...],
+                         a.value.kernel[...]], axis=1)[..., 0]  # [d, 3H]
+    qkv = jnp.einsum("bnd,dh->bnh", h, w)
+    if a.query.bias is not None:
+      qkv = qkv + jnp.concatenate([a.query.bias[...], a.key.bias[...],
+                                   a.value.bias[...]], axis=0)[:, 0]
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    o = rank1_heads_attention(q, k, v)                          # [B, N, H]
+    return jnp.einsum("bnh,hd->bnd", o, a.out.kernel[...][:, 0])
+
   def __call__(self, h):
-    a = self.attn(h) / self.width
+    if (self.fused and h.ndim == 3 and self.attn.head_dim == 1
+        and h.shape[-2] <= _RANK1_MAX_POINTS):
+      a = self._fused_attention(h) / self.width
+    else:
+      a = self.attn(h) / self.width
     if self.out_bias is not None:
       a = a + self.out_bias[...]
     h = self.norm1(h + a)
@@ -209,11 +326,17 @@ class PostNormRankEncoder(nnx.Module):
   Per layer the query-key parameters number rank * d * (width * d / rank)
   = width * d^2, i.e. d^2, d^2.5, d^3 for width 1, sqrt(d), d (the
   authors' "params per layer" axis).
+
+  `fused` (default True) only changes how the attention is evaluated
+  (`_PostNormLayer._fused_attention`: one q/k/v matmul, head-major einsums,
+  `rank1_heads_attention` for rank-1 heads); False evaluates it through
+  `MultiHeadAttention.__call__`. Parameters, initialisation and the
+  computed function are the same (equal to float rounding, tested).
   """
 
   def __init__(self, dim: int, rank: int, num_layers: int, *,
                width: int = 1, mlp_dim: int = 2048, use_bias: bool = True,
-               rngs: nnx.Rngs):
+               fused: bool = True, rngs: nnx.Rngs):
     if dim <= 0 or rank <= 0 or rank > dim or dim % rank:
       raise ValueError(f"`rank` must divide `dim` and lie in [1, dim]; got "
                        f"rank={rank}, dim={dim}.")
@@ -223,7 +346,8 @@ class PostNormRankEncoder(nnx.Module):
     self.dim, self.rank, self.width = dim, rank, width
     self.num_heads = width * (dim // rank)
     self.layers = nnx.List([
-        _PostNormLayer(dim, rank, dim // rank, width, mlp_dim, use_bias, rngs)
+        _PostNormLayer(dim, rank, dim // rank, width, mlp_dim, use_bias, rngs,
+                       fused=fused)
         for _ in range(num_layers)])
 
   def __call__(self, x):
