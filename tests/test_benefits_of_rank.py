@@ -322,6 +322,13 @@ def test_configs_and_docstring():
               "postnorm", 64, 16, "1,8,64", "1,3,5", 256, 1e-2, 0.95, 0.05, 5,
               2048, 100_000)
   assert paper.fign_num_points == "4,16,64,256" and paper.fign_depth == 2
+  # the hour-sized CPU analog of Fig. 1: depths 1 and 2, widths 1/4/16,
+  # ranks 16/4/1 (18 training cells at one seed), no N-sweep
+  fig1 = configs.get_config("fig1")
+  assert (fig1.depths, fig1.widths, fig1.ranks, fig1.fign_num_points,
+          fig1.dim, fig1.num_points) == ("1,2", "1,4,16", "16,4,1", "", 16,
+                                         16)
+  assert len(study.make_cells(fig1)) == 18
   assert configs.get_config("default").preset == "cpu"
   for preset in configs.PRESETS:
     assert f":{preset}" in configs.__doc__ or preset == "cpu"

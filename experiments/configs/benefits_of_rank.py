@@ -13,6 +13,17 @@ Presets (`--config=experiments/configs/benefits_of_rank.py:<preset>`):
            CPU-s for 2 seeds (rank 4 not measured); the whole preset is
            several CPU-hours. Not yet run in full
            (docs/results/benefits_of_rank.md has the parts that were).
+  fig1     the CPU analog of the authors' Fig. 1 that fits in an hour on 2
+           cores: the `cpu` preset's fig1 sweep only (d = 16, N = 16, ranks
+           16/4/1, widths 1/4/16, depths 1 and 2, MLP 64, 1500 steps, lr
+           1e-2), 1 seed, no N-sweep, the random rank-1 heads curve at
+           d = 8, 16 up to 1024 heads. Cost: 18 training cells, 1,855
+           CPU-s summed over cells (per-cell compile + 1500 x CPU-s per
+           step, measured 2026-12-02 with the fused rank-1 path at load
+           average 8-10; evaluation and the closed-form curve add seconds;
+           the most expensive cell, depth 2 with 256 rank-1 heads, 345
+           CPU-s). Not yet timed end to end on idle cores. The paper sizes
+           are one flag away: --config=...:paper.
   paper    the authors' sizes (paper_experiments/fig1, figN): d = 64,
            N = 16, ranks 64/32/16/8, widths 1/8/64, depths 1/3/5, MLP 2048,
            100k steps (1000 epochs x 100 batches), lr 1e-2, 5 seeds; N-sweep
@@ -27,6 +38,8 @@ Presets (`--config=experiments/configs/benefits_of_rank.py:<preset>`):
 Run commands (from the repository root):
 
   python -m experiments.benefits_of_rank --workdir=/tmp/rank_cpu
+  python -m experiments.benefits_of_rank --workdir=/tmp/rank_fig1 \\
+      --config=experiments/configs/benefits_of_rank.py:fig1
   python -m experiments.benefits_of_rank --workdir=/tmp/rank_paper \\
       --config=experiments/configs/benefits_of_rank.py:paper
   python -m experiments.benefits_of_rank --workdir=/tmp/rank_tiny \\
@@ -68,7 +81,7 @@ numbers as an uninterrupted run.
 
 import ml_collections
 
-PRESETS = ("cpu", "paper", "prenorm", "tiny")
+PRESETS = ("cpu", "fig1", "paper", "prenorm", "tiny")
 # One line per field for `--helpfull` (experiments.common.describe_config).
 FIELD_DOCS = {
     "preset": "the preset these values came from",
@@ -159,6 +172,12 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     c.rank1_heads = ",".join(str(2 ** i) for i in range(15))
     c.ckpt_every = 5000
     c.eval_batch = 8192
+  elif preset == "fig1":
+    c.seeds = 1
+    c.fign_num_points = ""
+    c.rank1_dims = "8,16"
+    c.rank1_heads = "1,4,16,64,256,1024"
+    c.rank1_trials = 3
   elif preset == "prenorm":
     c.arch = "prenorm"
     c.widths = "1"
