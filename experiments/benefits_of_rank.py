@@ -390,6 +390,75 @@ def make_figures(out, cfg, workdir):
     common.save_figure(fig, workdir, "rank1_random_heads")
 
 
+def collect_fig1(workdirs, cfg) -> Dict[str, Any]:
+  """fig1 numbers from the finished cells of one or more workdirs.
+
+  For runs split over several workdirs or not finished: reads each
+  workdir's cells/<cell>.json and metrics.jsonl and returns
+  {"fig1": {"depth=L": {"width=m": {"rank=r": min over training and the
+  seeds found}}}, "fig1_final": (median held-out MSE), "seeds": (seeds
+  found per entry)}; a cell found in no workdir is left out. The first
+  workdir holding a cell wins.
+  """
+  import json
+  import os
+  cfg = cfg.copy_and_resolve_references()
+  cfg.fign_num_points = ""            # the fig1 cells only
+  cells = make_cells(cfg)
+  found = {}
+  for wd in workdirs:
+    mins = min_train_losses(wd)
+    for c in cells:
+      path = os.path.join(wd, "cells", c.name + ".json")
+      if c.name in found or not os.path.exists(path):
+        continue
+      with open(path) as f:
+        res = json.load(f)
+      found[c.name] = (c.info, mins[c.name], res["final_mse"])
+  out = {"fig1": {}, "fig1_final": {}, "seeds": {}}
+  for info, mn, fin in found.values():
+    keys = (f"depth={info['depth']}", f"width={info['width']}",
+            f"rank={info['rank']}")
+    for k, v in (("fig1", mn), ("fig1_final", fin), ("seeds", 1)):
+      d = out[k].setdefault(keys[0], {}).setdefault(keys[1], {})
+      d.setdefault(keys[2], []).append(v)
+  for k, f in (("fig1", min), ("fig1_final", np.median), ("seeds", sum)):
+    for a in out[k].values():
+      for b in a.values():
+        for r in b:
+          b[r] = float(f(b[r]))
+  return out
+
+
+def draw_fig1(out, cfg, workdir, name="fig1_rank_width_depth"):
+  """Fig. 1 analog (one panel per depth, one curve per width) from
+  `out["fig1"]`; entries that are missing are left out of their curve."""
+  plt = common.setup_matplotlib()
+  d = int(cfg.dim)
+  ranks, widths = ints(cfg.ranks), ints(cfg.widths)
+  depths = [L for L in ints(cfg.depths) if f"depth={L}" in out["fig1"]]
+  fig, axes = plt.subplots(1, len(depths), figsize=(3.8 * len(depths), 3.4),
+                           squeeze=False, sharey=True)
+  for ax, L in zip(axes[0], depths):
+    for m in widths:
+      row = out["fig1"][f"depth={L}"].get(f"width={m}", {})
+      rs = [r for r in ranks if f"rank={r}" in row]
+      if not rs:
+        continue
+      p = 2 + np.log(m) / np.log(d)
+      ax.plot(rs, [row[f"rank={r}"] for r in rs], "o-",
+              label=f"width {m} (qk params d^{p:.3g})")
+    ax.axhline(1.0, color="gray", ls=":", lw=1, label="predict 0")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("rank r per head")
+    ax.set_ylabel("MSE (min over training, seeds)")
+    ax.set_title(f"{L} layer{'s' if L > 1 else ''}, d={d}, "
+                 f"N={cfg.num_points}")
+    ax.legend(fontsize=7)
+  common.save_figure(fig, workdir, name)
+
+
 def main(argv):
   del argv
   res, path = common.run_study_main(run_study, stopped=(Stopped,))

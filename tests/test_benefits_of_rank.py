@@ -413,6 +413,13 @@ def test_resume_identical_and_skips_finished_cells(tmp_path):
     pngs.append("figN_rank_vs_N")
   for png in pngs:
     assert os.path.exists(os.path.join(killed, png + ".png"))
+  # collect_fig1 (partial runs over several workdirs) reproduces the
+  # binary's fig1 numbers from the cell files and metrics
+  got = study.collect_fig1([str(tmp_path / "nowhere"), killed], cfg)
+  assert got["fig1"] == resumed["fig1"]
+  assert got["fig1_final"] == resumed["fig1_final"]
+  study.draw_fig1(got, cfg, str(tmp_path), "partial")
+  assert os.path.exists(os.path.join(tmp_path, "partial.png"))
 
 
 @pytest.mark.slow
