@@ -18,14 +18,12 @@ Presets:
            per penalty of the dual n x n (n <= p) or primal p x p Gram
            matrix, all targets as one right-hand side. Cost model: ~17,900
            GFLOP in all (the n = 4096/8192/16384 cells at p = 4352 are
-           ~90% of it). Measured 2026-12-01 (runs/s14/rfa_paper.log,
-           load average 15-18 from 8 sessions): the first 5 cells (draw 0,
-           rfa_zero, n = 128..2048, 78 GFLOP) took 40.5 CPU-s, i.e. ~3.2
-           GFLOP per CPU-second on the loaded machine, which extrapolates
-           to ~5,600 CPU-s, ~47 min on 2 idle cores (an extrapolation; the
-           full preset has not been run: the process got 9% of one CPU and
-           was stopped after 10.5 min; its finished cells are kept and a
-           re-run resumes). The paper's own sizes are unknown (below).
+           ~90% of it). Measured in full 2026-12-02
+           (runs/s14/rfa_paper_full, all 117 cells from scratch, under
+           /usr/bin/time): 1,551 CPU-s (1,494.6 user + 56.2 system), i.e.
+           26 CPU-minutes, so at most ~26 min wall on 2 idle cores (not
+           timed idle: it ran 81.9 min wall at load ~10, getting 31% of one
+           CPU); max RSS 3.0 GB. The paper's own sizes are unknown (below).
   tiny     for tests and the colab (seconds).
 
 What we could find about the paper's experiments (searched 2026-12-01 with
