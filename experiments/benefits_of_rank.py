@@ -329,23 +329,7 @@ def make_figures(out, cfg, workdir):
   d = int(cfg.dim)
   ranks, depths, widths = ints(cfg.ranks), ints(cfg.depths), ints(cfg.widths)
   if ranks and depths and widths:
-    fig, axes = plt.subplots(1, len(depths), figsize=(3.8 * len(depths), 3.4),
-                             squeeze=False, sharey=True)
-    for ax, L in zip(axes[0], depths):
-      for m in widths:
-        p = 2 + np.log(m) / np.log(d)
-        ys = [out["fig1"][f"depth={L}"][f"width={m}"][f"rank={r}"]
-              for r in ranks]
-        ax.plot(ranks, ys, "o-", label=f"width {m} (qk params d^{p:.3g})")
-      ax.axhline(1.0, color="gray", ls=":", lw=1, label="predict 0")
-      ax.set_xscale("log", base=2)
-      ax.set_yscale("log")
-      ax.set_xlabel("rank r per head")
-      ax.set_ylabel("MSE (min over training, seeds)")
-      ax.set_title(f"{L} layer{'s' if L > 1 else ''}, d={d}, "
-                   f"N={cfg.num_points}")
-      ax.legend(fontsize=7)
-    common.save_figure(fig, workdir, "fig1_rank_width_depth")
+    draw_fig1(out, cfg, workdir)
   ns, franks = ints(cfg.fign_num_points), ints(cfg.fign_ranks)
   if ns and franks:
     # Left: this run, MSE vs r / d. Right: the authors' figN (d = 64), read
