@@ -165,6 +165,17 @@ def format_targets(targets) -> str:
   return "\n".join(lines) if lines else "  (no targets)"
 
 
+def load_note(load) -> str:
+  """The end-of-run load line; the caveat about shared cores only when the
+  1-minute load average is above the CPU count."""
+  la, ncpu = load["loadavg_1m"], load["cpu_count"]
+  note = f"load average at end: {la:.1f} (1 min) on {ncpu} CPUs"
+  if ncpu and la > ncpu:
+    note += (" (above the CPU count, other processes shared the cores: "
+             "compare ratios, not absolute times)")
+  return note
+
+
 def main(argv):
   del argv
   sections = parse_sections(FLAGS.sections)
@@ -210,9 +221,7 @@ def main(argv):
       "rows": all_rows,
       "targets": all_targets,
   })
-  print(f"\nload average at end: {load_end['loadavg_1m']:.1f} (1 min) on "
-        f"{load_end['cpu_count']} CPUs (above the CPU count, other processes "
-        "shared the cores: compare ratios, not absolute times)")
+  print(f"\n{load_note(load_end)}")
   print(f"targets: {len(all_targets) - len(missed)} ok, {len(missed)} missed")
   print(f"wrote {out} and {len(figures)} figure(s) to "
         f"{os.path.abspath(FLAGS.workdir)}")

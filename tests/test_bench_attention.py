@@ -162,3 +162,11 @@ def test_softmax_targets():
           False) in got
   assert ("attnjax(xla) causal S=4096 fwd_bwd memory <= 1.05x jax.nn's",
           False) in got
+
+
+def test_load_note_mentions_shared_cores_only_above_the_cpu_count():
+  low = bench_attention.load_note({"loadavg_1m": 1.3, "cpu_count": 2})
+  assert "1.3 (1 min) on 2 CPUs" in low
+  assert "above the CPU count" not in low
+  high = bench_attention.load_note({"loadavg_1m": 5.2, "cpu_count": 2})
+  assert "above the CPU count" in high and "5.2" in high
