@@ -11,7 +11,9 @@ import attnjax
 from attnjax.softmax import chunked as chunked_lib
 from experiments import bench_utils
 
-spec = importlib.util.spec_from_file_location("old_chunked", "runs/p22/old_chunked.py")
+# OLD_CHUNKED=path picks another saved module (default runs/p22/old_chunked.py).
+spec = importlib.util.spec_from_file_location(
+    "old_chunked", os.environ.get("OLD_CHUNKED", "runs/p22/old_chunked.py"))
 old = importlib.util.module_from_spec(spec); sys.modules["old_chunked"] = old; spec.loader.exec_module(old)
 
 @contextlib.contextmanager
