@@ -1,9 +1,13 @@
-"""neighborhood_attention 'xla', NeighborhoodXLA(row_loop=True) (issue 22
-item 3): one row of tiles per loop step. Structure, not timings: nothing
-outside the loop is larger than the inputs by more than the key rows'
-overlap (the all-tiles path holds [tiles, heads, 49, 169] logits and
-3.4x-duplicated key runs for the whole image); values and gradients of both
-paths vs the reference; the loop is opt-in (measured not faster on CPU).
+"""neighborhood_attention 'xla' (issue 22 item 3). Structure, not timings.
+
+Default: all tiles at once while their logits fit one step (~2 MiB), above
+that a loop over bands of tile rows with a custom VJP (`_band_loop`): values,
+lse and gradients vs the reference (multi-step loop forced with
+step_bytes=1), bf16 and vmap, no gather/scatter in forward+backward, compiled
+temp memory at 112x112 under glibc's mmap-every-call size.
+NeighborhoodXLA(row_loop=True) (opt-in): one row of tiles per loop step,
+nothing outside the loop larger than the inputs by more than the key rows'
+overlap; row_loop=False: the all-tiles path at every size.
 """
 
 import jax
@@ -15,6 +19,7 @@ from attnjax.spatial.neighborhood import (NeighborhoodXLA,
                                           neighborhood_attention,
                                           neighborhood_attention_reference)
 from experiments import bench_utils
+from tests.spatial.zoo_checks import jit_vjp
 
 
 def _qkv(shape, seed=0):
@@ -76,16 +81,19 @@ def test_row_loop_and_all_tiles_match_reference(row_loop):
 
 
 def _has_loop(fn, *args):
-  return any(e.primitive.name in ("scan", "while")
-             for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns)
+  return bool({"scan", "while"} & _primitives(jax.make_jaxpr(fn)(*args).jaxpr))
 
 
-def test_row_loop_is_opt_in():
+def test_row_loop_is_opt_in_and_default_loops_only_on_large_maps():
   fn = lambda q, k, v: neighborhood_attention(q, k, v, 7)
   loop = lambda q, k, v: neighborhood_attention(
       q, k, v, 7, implementation=NeighborhoodXLA(row_loop=True))
+  small = jax.ShapeDtypeStruct((1, 28, 28, 4, 32), jnp.float32)
   x = jax.ShapeDtypeStruct((1, 56, 56, 4, 32), jnp.float32)
-  assert not _has_loop(fn, x, x, x)
+  # 28x28: all 16 tiles' logits (2.1 MiB) in one step, no loop; 56x56: the
+  # band loop (one tile row per step)
+  assert not _has_loop(fn, small, small, small)
+  assert _has_loop(fn, x, x, x)
   assert _has_loop(loop, x, x, x)
 
 
@@ -114,3 +122,111 @@ def test_all_tiles_forward_writes_few_logits_sized_arrays():
   fn = lambda q, k, v: neighborhood_attention(q, k, v, 7)
   logits = 16 * 2 * 49 * 169    # 4 x 4 tiles of 7 x 7 queries, 13 x 13 keys
   assert _logits_sized_ops(fn, (q, k, v), logits) <= 3
+
+
+# ----------------------------------------------------------------------------
+# The default path: halo runs cut with static slices, a loop over bands of
+# tile rows (issue 22 item 3, fifth session)
+# ----------------------------------------------------------------------------
+
+# (shape, kernel, kwargs, tile): every case runs with step_bytes=1, i.e. one
+# tile row per loop step (the loop is entered at these tiny sizes).
+BAND_CASES = [
+    # 2D: dilation on axis 0, stride, causal axis 1, rpb, partial tiles
+    ((1, 13, 11, 2, 4), 5, dict(stride=(1, 2), dilation=(2, 1),
+                                is_causal=(False, True)), 3),
+    # 2D: causal axis 0, dilation on axis 1, stride 3, batch 2, default tile
+    ((2, 30, 23, 2, 4), 5, dict(stride=(3, 2), dilation=(1, 2),
+                                is_causal=(True, False)), None),
+    # 1D: dilation 3, stride 2
+    ((1, 40, 2, 4), 5, dict(stride=2, dilation=3), 5),
+    # 3D: causal last axis, dilation on axis 1
+    ((1, 9, 10, 11, 2, 4), 3, dict(dilation=(1, 2, 1),
+                                   is_causal=(False, False, True)), 3),
+]
+
+
+@pytest.mark.parametrize("shape,kernel,kw,tile", BAND_CASES)
+def test_band_loop_values_and_grads_vs_reference(shape, kernel, kw, tile):
+  q, k, v = _qkv(shape)
+  nd = len(shape) - 3
+  rpb = jax.random.normal(jax.random.key(5), (2,) + (2 * kernel - 1,) * nd)
+  impl = NeighborhoodXLA(tile_size=tile, step_bytes=1)
+  ct = jax.random.normal(jax.random.key(7), q.shape)
+  ct_lse = jax.random.normal(jax.random.key(8), q.shape[:-1])
+
+  def with_lse(fn):
+    # out + the lse's contribution (the lse is differentiable too)
+    def g(q, k, v, rpb):
+      out, lse = fn(q, k, v, kernel, rpb=rpb, return_lse=True, **kw)
+      return out + jnp.sum(lse * ct_lse) / out.size
+    return g
+  f = with_lse(lambda *a, **k: neighborhood_attention(
+      *a, implementation=impl, **k))
+  r = with_lse(neighborhood_attention_reference)
+  assert _has_loop(f, q, k, v, rpb)
+  out, g = jit_vjp(f, (q, k, v, rpb), ct, (0, 1, 2, 3))
+  ref, gr = jit_vjp(r, (q, k, v, rpb), ct, (0, 1, 2, 3))
+  np.testing.assert_allclose(out, ref, atol=2e-6, rtol=2e-6)
+  for a, b in zip(g, gr):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_band_loop_bfloat16_and_vmap():
+  q, k, v = (x.astype(jnp.bfloat16) for x in _qkv((2, 15, 9, 2, 4)))
+  impl = NeighborhoodXLA(tile_size=3, step_bytes=1)
+  f = lambda q, k, v: neighborhood_attention(q, k, v, 5, dilation=(2, 1),
+                                             implementation=impl)
+  f32 = lambda x: x.astype(jnp.float32)
+  ref = neighborhood_attention_reference(f32(q), f32(k), f32(v), 5,
+                                         dilation=(2, 1))
+  out = jax.vmap(f)(q[:, None], k[:, None], v[:, None])[:, 0]
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(f32(out), ref, atol=3e-2, rtol=3e-2)
+  g = jax.jit(jax.grad(lambda q: f(q, k, v).astype(jnp.float32).sum()))(q)
+  gr = jax.grad(lambda q: neighborhood_attention_reference(
+      q, f32(k), f32(v), 5, dilation=(2, 1)).sum())(f32(q))
+  assert g.dtype == jnp.bfloat16
+  np.testing.assert_allclose(f32(g), gr, atol=6e-2, rtol=6e-2)
+
+
+def _primitives(jaxpr, acc=None):
+  """Names of every primitive in a jaxpr, loop and remat bodies included."""
+  acc = set() if acc is None else acc
+  for e in jaxpr.eqns:
+    acc.add(e.primitive.name)
+    for p in e.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          _primitives(inner, acc)
+  return acc
+
+
+def test_default_backward_has_no_gather_or_scatter():
+  """The default path cuts key runs with static slices: its forward+backward
+  has no gather and no scatter-add (the all-tiles path gathers the runs and
+  its backward scatter-adds into full-size cotangents: fails on it)."""
+  x = jax.ShapeDtypeStruct((1, 56, 56, 4, 8), jnp.float32)
+  fb = lambda impl: bench_utils.fwd_bwd(lambda q, k, v: neighborhood_attention(
+      q, k, v, 7, implementation=impl))
+  for impl in (None, NeighborhoodXLA(step_bytes=1)):
+    prims = _primitives(jax.make_jaxpr(fb(impl))(x, x, x).jaxpr)
+    assert not {"gather", "scatter-add", "scatter_add", "scatter"} & prims
+  old = _primitives(jax.make_jaxpr(fb(NeighborhoodXLA(row_loop=False)))(
+      x, x, x).jaxpr)
+  assert "gather" in old and {"scatter-add", "scatter_add"} & old
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+def test_default_temp_memory_at_112(mode):
+  """Compiled temp memory of the bench's largest call (112x112, 4 heads x
+  32): the all-tiles path needs 86 / 190 MiB (fwd / fwd+bwd), which glibc
+  maps fresh on every call (page faults: the exponent's excess); the band
+  loop holds one step's logits. Bounds: 32 MiB forward, 64 MiB fwd+bwd."""
+  x = jax.ShapeDtypeStruct((1, 112, 112, 4, 32), jnp.float32)
+  fn = lambda q, k, v: neighborhood_attention(q, k, v, 7)
+  if mode == "fwd_bwd":
+    fn = bench_utils.fwd_bwd(fn)
+  mem = jax.jit(fn).lower(x, x, x).compile().memory_analysis()
+  assert mem.temp_size_in_bytes < (32 if mode == "fwd" else 64) * 2 ** 20

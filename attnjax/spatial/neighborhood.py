@@ -548,14 +548,346 @@ def _row_loop(query, key, value, plans, dl, spatial, scale, rpb):
   return rows_back(out), rows_back(lse)
 
 
+# ----------------------------------------------------------------------------
+# Default 'xla' computation: halo runs cut with static slices, a loop over
+# bands of tile rows sized to the cache
+# ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=256)
+def _halo_plan(length, kernel_size, stride, dilation, is_causal, tile
+               ) -> AxisPlan:
+  """Like `_axis_plan`, but every tile's key run starts `hl` keys before
+  the tile in zero-padded in-group coordinates: tile t's run is the padded
+  positions [t*tile - hl, t*tile + tile + hr), the same offsets for every
+  tile, so all runs are cut with static slices (`_runs`) instead of a
+  gather, and their gradients fold back with static pads and adds.
+  `key_index` holds (hl, hr); `run` = hl + tile + hr."""
+  d, k = dilation, kernel_size
+  lg = -(-length // d)
+  tile = max(1, min(tile, lg))
+  nt = -(-lg // tile)
+  windows = []
+  hl = hr = 0
+  for g in range(d):
+    n_g = -(-(length - g) // d)
+    for t in range(nt):
+      q = np.arange(t * tile, t * tile + tile)
+      valid = q < n_g
+      qc = np.minimum(q, n_g - 1)
+      first, last = na_window(qc, n_g, k, stride, is_causal)
+      windows.append((g, t, qc, valid, first, last))
+      if valid.any():
+        hl = max(hl, t * tile - int(first[valid].min()))
+        hr = max(hr, int(last[valid].max()) - (t * tile + tile - 1))
+  run = hl + tile + hr
+  mask = np.zeros((d, nt, tile, run), bool)
+  rel = np.zeros((d, nt, tile, run), np.int32)
+  for g, t, qc, valid, first, last in windows:
+    cols = t * tile - hl + np.arange(run)
+    mask[g, t] = (valid[:, None] & (cols[None, :] >= first[:, None]) &
+                  (cols[None, :] <= last[:, None]))
+    rel[g, t] = np.clip(cols[None, :] - qc[:, None] + k - 1, 0, 2 * k - 2)
+  return AxisPlan(lg, nt, tile, run, np.array([hl, hr]), mask, rel)
+
+
+def _runs(x, axis, n, size, halo):
+  """Runs [i*size, i*size + size + halo) of `axis`, i < n, as a new axis
+  pair [..., n, size + halo, ...], with static slices only (x is cropped or
+  zero-padded at the end of the axis as needed)."""
+  c = -(-halo // size)
+  total = (n + c) * size
+  length = x.shape[axis]
+  if length < total:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, total - length)
+    x = jnp.pad(x, pad)
+  elif length > total:
+    x = jax.lax.slice_in_dim(x, 0, total, axis=axis)
+  x = x.reshape(x.shape[:axis] + (n + c, size) + x.shape[axis + 1:])
+  if c == 0:
+    return x
+  # run i = tile i, then the first `halo` positions of tiles i+1, i+2, ...
+  parts = [jax.lax.slice_in_dim(
+      jax.lax.slice_in_dim(x, j, j + n, axis=axis), 0,
+      min(size, size + halo - j * size), axis=axis + 1)
+           for j in range(c + 1)]
+  return jnp.concatenate(parts, axis=axis + 1)
+
+
+def _to_groups(x, plans, dl, spatial):
+  """[B, *spatial, N, C] -> [B, d.., lg.., N, C] (dilation groups apart,
+  zero-padded to lg * d per axis)."""
+  nd, b = len(plans), x.shape[0]
+  pads = [(0, 0)] + [(0, p.group_len * d - l)
+                     for p, d, l in zip(plans, dl, spatial)] + [(0, 0)] * 2
+  x = jnp.pad(x, pads)
+  shape = [b]
+  for p, d in zip(plans, dl):
+    shape += [p.group_len, d]
+  x = x.reshape(*shape, *x.shape[-2:])
+  perm = ([0] + [2 + 2 * a for a in range(nd)] + [1 + 2 * a for a in range(nd)]
+          + [1 + 2 * nd, 2 + 2 * nd])
+  return x.transpose(perm)
+
+
+def _from_groups(x, plans, dl, spatial):
+  """Inverse of `_to_groups` for x [B, d.., >= lg.., N, C]."""
+  nd, b = len(plans), x.shape[0]
+  x = x[(slice(None),) * (1 + nd) + tuple(slice(0, p.group_len)
+                                          for p in plans)]
+  perm = [0]
+  for a in range(nd):
+    perm += [1 + nd + a, 1 + a]
+  perm += [1 + 2 * nd, 2 + 2 * nd]
+  x = x.transpose(perm)
+  x = x.reshape(b, *[p.group_len * d for p, d in zip(plans, dl)],
+                *x.shape[-2:])
+  return x[(slice(None),) + tuple(slice(0, l) for l in spatial)]
+
+
+def _axis_pad(x, axis, before, after):
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (before, after)
+  return jnp.pad(x, pad)
+
+
+# float32 logits of one loop step; all tiles at once (no loop) while all
+# tiles' logits stay under ALL_TILES_BYTES (docs/benchmarks/cpu_perf.md,
+# fifth session: 2 MiB is a core's L2 here, 28x28 x 4 heads is 2.1 MiB).
+STEP_LOGITS_BYTES = 2 << 20
+ALL_TILES_BYTES = 4 << 20
+
+
+def _band_rows(plans, dl, batch, heads, step_bytes=None):
+  """Tile rows (first axis) per loop step: one step's float32 logits (all
+  groups, batch, heads) about `step_bytes` (default STEP_LOGITS_BYTES), or
+  all of them (no loop) while all tiles' logits are under ALL_TILES_BYTES
+  (only with the default `step_bytes`)."""
+  row_bytes = 4 * batch * heads * int(np.prod(dl)) * int(np.prod(
+      [p.num_tiles for p in plans[1:]])) * int(np.prod(
+          [p.tile for p in plans])) * int(np.prod([p.run for p in plans]))
+  nt = plans[0].num_tiles
+  if step_bytes is None:
+    if row_bytes * nt <= ALL_TILES_BYTES:
+      return nt
+    step_bytes = STEP_LOGITS_BYTES
+  return max(1, min(nt, step_bytes // max(row_bytes, 1)))
+
+
+def _band_loop(query, key, value, plans, dl, spatial, scale, rpb, r):
+  """The 'xla' computation on large maps (`_halo_plan` tiles): a
+  `lax.scan` over bands of `r` tile rows (first axis), sized so that one
+  step's logits stay in a core's L2 (`_band_rows`). Queries are tiled once
+  outside the loop; each step cuts its key/value rows (band + halo) from the
+  zero-padded keys with a dynamic slice and the per-tile key runs with
+  static slices, and attends per tile with `_tiled_softmax_attention`;
+  outputs and log-sum-exps are the scan's per-step outputs. A custom VJP
+  (`_band_core`): the backward loop recomputes each step's weights from the
+  saved log-sum-exp and emits the step's query gradient and the gradients
+  of its key/value rows as per-step outputs, folded back into the keys by
+  static pads and adds (no gather, no scatter, no image-sized carry)."""
+  nd, b, n = len(plans), query.shape[0], query.shape[-2]
+  h = query.shape[-1]
+  p0, rest = plans[0], plans[1:]
+  halos = [tuple(int(i) for i in p.key_index) for p in plans]
+  steps = -(-p0.num_tiles // r)
+  band = r * p0.tile
+  rows = steps * band
+  tshape = [p.tile for p in plans]
+  ntiles = [r] + [p.num_tiles for p in rest]
+  # [.., (n_0, T_0), .., (n_k, T_k), N, C] <-> [.., n.., N, T.., C]
+  perm = ([0] + list(range(1, 1 + nd))
+          + [1 + nd + 2 * a for a in range(nd)] + [1 + 3 * nd]
+          + [2 + nd + 2 * a for a in range(nd)] + [2 + 3 * nd])
+
+  # queries [B, *spatial, N, H] -> [steps, B, G, N, tq, H] (tiled once)
+  q = _to_groups(query, plans, dl, spatial)
+  q = _axis_pad(q, 1 + nd, 0, rows - p0.group_len)
+  for a, p in enumerate(rest, 1):
+    q = _axis_pad(q, 1 + nd + a, 0, p.num_tiles * p.tile - p.group_len)
+  q = jnp.moveaxis(q.reshape(q.shape[:1 + nd] + (steps, band)
+                             + q.shape[2 + nd:]), 1 + nd, 0)
+  q = q.reshape(q.shape[:2 + nd] + sum(
+      ((t, s) for t, s in zip(ntiles, tshape)), ()) + (n, h))
+  q = q.transpose([0] + [1 + i for i in perm])
+  q = q.reshape(steps, b, -1, n, int(np.prod(tshape)), h)
+
+  def padded(x):
+    """[B, *spatial, N, C] -> [B, d.., rows + halo_0, lg_1 + hl_1.., N, C]:
+    keys in group layout, zero-padded by each axis' left halo (and axis 0
+    to whole bands)."""
+    x = _to_groups(x, plans, dl, spatial)
+    for a, (hl, _) in enumerate(halos):
+      x = _axis_pad(x, 1 + nd + a, hl,
+                    rows + sum(halos[0]) - hl - p0.group_len if a == 0 else 0)
+    return x
+
+  # the first axis' mask / rpb offsets per step: [steps, d0, r, T0, run0]
+  def per_step(a):
+    extra = steps * r - p0.num_tiles
+    a = np.pad(a, ((0, 0), (0, extra), (0, 0), (0, 0)))
+    return np.moveaxis(a.reshape(a.shape[0], steps, r, *a.shape[2:]), 1, 0)
+  m0, r0 = per_step(p0.mask), per_step(p0.rel)
+  sub_plan = lambda m, rel: [AxisPlan(p0.group_len, r, p0.tile, p0.run, None,
+                                      m, rel)] + rest
+  masks = np.stack([_joint_mask(sub_plan(m0[s], None), dl)
+                    for s in range(steps)])      # [steps, G, 1, tq, tk]
+  geo = _BandGeometry(nd, b, n, band, sum(halos[0]), tuple(ntiles),
+                      tuple(tshape), tuple(h0 + h1 for h0, h1 in halos),
+                      tuple(perm), masks, r0, sub_plan, tuple(dl), scale)
+  out, lse = _band_core(geo, q, padded(key), padded(value), rpb)
+
+  def image(x):
+    # [steps, B, G, N, tq, C] -> [steps, B, d.., n.., N, T.., C]
+    # -> [B, d.., (steps, n_0, T_0), (n_1, T_1).., N, C] -> [B, *spatial, N, C]
+    x = x.reshape((steps, b) + tuple(dl) + tuple(ntiles) + (n,)
+                  + tuple(tshape) + x.shape[-1:])
+    x = x.transpose([1] + [2 + a for a in range(nd)] + [0] + sum(
+        ([2 + nd + a, 3 + 2 * nd + a] for a in range(nd)), [])
+                    + [2 + 2 * nd, 3 + 3 * nd])
+    x = x.reshape((b,) + tuple(dl) + (rows,) + tuple(
+        p.num_tiles * p.tile for p in rest) + (n, x.shape[-1]))
+    return _from_groups(x, plans, dl, spatial)
+  return image(out.astype(query.dtype)), image(lse[..., None])[..., 0]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _BandGeometry:
+  """Static description of a band loop (hashable by identity)."""
+  nd: int
+  b: int
+  n: int
+  band: int
+  halo0: int
+  ntiles: tuple
+  tshape: tuple
+  halo: tuple
+  perm: tuple
+  masks: np.ndarray
+  r0: np.ndarray
+  sub_plan: object
+  dl: tuple
+  scale: float
+
+  def band_rows(self, x, s):
+    """Rows [s*band, s*band + band + halo_0) of padded keys."""
+    return jax.lax.dynamic_slice_in_dim(x, s * self.band,
+                                        self.band + self.halo0,
+                                        axis=1 + self.nd)
+
+  def tile_runs(self, x):
+    """[B, d.., band + halo0, K1.., N, C] -> [B, G, N, tk, C]."""
+    nd = self.nd
+    for a in range(nd):
+      x = _runs(x, 1 + nd + 2 * a, self.ntiles[a], self.tshape[a],
+                self.halo[a])
+    x = x.transpose(self.perm)
+    return x.reshape(self.b, -1, self.n, self.masks.shape[-1], x.shape[-1])
+
+  def bias(self, rpb, rs):
+    if rpb is None:
+      return None
+    return _joint_bias(rpb, self.sub_plan(None, rs), self.dl, xp=jnp)
+
+
+def _band_fwd_loop(geo, q, k, v, rpb):
+  def body(_, xs):
+    s, qt, mask, rs = xs
+    kt = geo.tile_runs(geo.band_rows(k, s))
+    vt = geo.tile_runs(_with_ones(geo.band_rows(v, s)))
+    out, lse = _tiled_softmax_attention(qt, kt, vt, mask, geo.bias(rpb, rs),
+                                        geo.scale)
+    return None, (out.astype(q.dtype), lse)
+  steps = q.shape[0]
+  _, (out, lse) = jax.lax.scan(
+      body, None, (jnp.arange(steps), q, geo.masks, geo.r0))
+  return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _band_core(geo, q, k, v, rpb):
+  """(out [steps, B, G, N, tq, Hv] q.dtype, lse float32 [steps, B, G, N,
+  tq]) of tiled queries q [steps, B, G, N, tq, H] against padded keys /
+  values (`_band_loop`)."""
+  return _band_fwd_loop(geo, q, k, v, rpb)
+
+
+def _band_core_fwd(geo, q, k, v, rpb):
+  out, lse = _band_fwd_loop(geo, q, k, v, rpb)
+  return (out, lse), (q, k, v, rpb, out, lse)
+
+
+def _band_core_bwd(geo, res, cts):
+  q, k, v, rpb, out, lse = res
+  dout, dlse = cts
+  f32 = jnp.float32
+  steps = q.shape[0]
+
+  def body(drpb, xs):
+    s, qt, ot, lt, dot, dlt, mask, rs = xs
+    kb, vb = geo.band_rows(k, s), geo.band_rows(v, s)
+    kt, vt = geo.tile_runs(kb), geo.tile_runs(vb)
+    logits = jnp.einsum("bgnqh,bgnkh->bgnqk", qt, kt,
+                        preferred_element_type=f32) * geo.scale
+    bias, bias_vjp = (None, None) if rpb is None else jax.vjp(
+        lambda t: geo.bias(t, rs), rpb)
+    if bias is not None:
+      logits = logits + bias[None]
+    ok = jnp.asarray(mask)[None]
+    p = jnp.where(ok, jnp.exp(logits - lt[..., None]), 0.0)
+    dof = dot.astype(f32)
+    delta = jnp.sum(dof * ot.astype(f32), axis=-1) - dlt.astype(f32)
+    dp = jnp.einsum("bgnqh,bgnkh->bgnqk", dof, vt,
+                    preferred_element_type=f32)
+    ds = p * (dp - delta[..., None])
+    dq = jnp.einsum("bgnqk,bgnkh->bgnqh", ds, kt,
+                    preferred_element_type=f32) * geo.scale
+    dkt = jnp.einsum("bgnqk,bgnqh->bgnkh", ds, qt,
+                     preferred_element_type=f32) * geo.scale
+    dvt = jnp.einsum("bgnqk,bgnqh->bgnkh", p, dof,
+                     preferred_element_type=f32)
+    _, runs_vjp = jax.vjp(geo.tile_runs, kb.astype(f32))
+    dkb, = runs_vjp(dkt)
+    _, runs_vjp = jax.vjp(geo.tile_runs, vb.astype(f32))
+    dvb, = runs_vjp(dvt)
+    if bias_vjp is not None:
+      drpb = drpb + bias_vjp(jnp.sum(ds, axis=0))[0].astype(f32)
+    return drpb, (dq.astype(q.dtype), dkb.astype(k.dtype),
+                  dvb.astype(v.dtype))
+
+  drpb0 = None if rpb is None else jnp.zeros(rpb.shape, f32)
+  drpb, (dq, dkb, dvb) = jax.lax.scan(
+      body, drpb0, (jnp.arange(steps), q, out, lse, dout, dlse, geo.masks,
+                    geo.r0))
+
+  def fold(bands, x):
+    # per-step rows back into the padded keys: static pads and adds
+    _, vjp = jax.vjp(lambda x: jnp.moveaxis(
+        _runs(x, 1 + geo.nd, steps, geo.band, geo.halo0), 1 + geo.nd, 0), x)
+    return vjp(bands)[0]
+  return (dq, fold(dkb, k), fold(dvb, v),
+          None if rpb is None else drpb.astype(rpb.dtype))
+
+
+_band_core.defvjp(_band_core_fwd, _band_core_bwd)
+
+
 def _xla_backend(config, query, key, value, params, scale, rpb):
   """(out [B, *spatial, N, Hv] query.dtype, lse float32 [B, *spatial, N])."""
   p, n = params, query.shape[-2]
   nd, dl = p.ndim, p.dilation
   tiles = _xla_tiles(config, nd, p.kernel_size)
+  key, value = repeat_kv(key, n), repeat_kv(value, n)
+  if config is None or config.row_loop is None:
+    hplans = [_halo_plan(l, k, s, d, c, t)
+              for (l, k, s, d, c), t in zip(p.axes(), tiles)]
+    r = _band_rows(hplans, dl, query.shape[0], n,
+                   None if config is None else config.step_bytes)
+    if r < hplans[0].num_tiles:
+      return _band_loop(query, key, value, hplans, dl, p.spatial, scale, rpb,
+                        r)
   plans = [_axis_plan(l, k, s, d, c, t)
            for (l, k, s, d, c), t in zip(p.axes(), tiles)]
-  key, value = repeat_kv(key, n), repeat_kv(value, n)
   if config is not None and config.row_loop:
     return _row_loop(query, key, value, plans, dl, p.spatial, scale, rpb)
   b, h, hv = query.shape[0], query.shape[-1], value.shape[-1]
@@ -588,6 +920,7 @@ class NeighborhoodXLA(BackendConfig):
   backend: ClassVar[str] = "xla"
   tile_size: Optional[object] = None
   row_loop: Optional[bool] = None
+  step_bytes: Optional[int] = None
 
 
 # ----------------------------------------------------------------------------

@@ -8,9 +8,13 @@ inputs), float32; every call of one size timed round-robin, wall and process
 CPU time; exponent fits of time vs pixels over the sizes given.
 
   python docs/benchmarks/cpu_perf/na_ab.py 28,56,112 5 [old,new,...] [out.json]
+
+(NA_OLD=<path> loads "old" from another copy; new_s<KiB>: the default path
+with NeighborhoodXLA(step_bytes=<KiB> * 1024).)
 """
 import importlib.util
 import json
+import os
 import sys
 
 import jax
@@ -34,7 +38,8 @@ which = (sys.argv[3] if len(sys.argv) > 3 else "old,new").split(",")
 path = sys.argv[4] if len(sys.argv) > 4 else "runs/p22/na_ab.json"
 fns = {}
 if "old" in which:
-  old_na = _load("old_neighborhood", "runs/p22/old_neighborhood.py")
+  old_na = _load("old_neighborhood", os.environ.get(
+      "NA_OLD", "runs/p22/old_neighborhood.py"))
   fns["old"] = lambda q, k, v: old_na.neighborhood_attention(q, k, v, 7)
 if "new" in which:
   fns["new"] = lambda q, k, v: new_na.neighborhood_attention(q, k, v, 7)
@@ -47,6 +52,10 @@ if "new_noloop" in which:
   fns["new_noloop"] = lambda q, k, v: new_na.neighborhood_attention(
       q, k, v, 7, implementation=cfg)
 for w in which:
+  if w.startswith("new_s"):   # NeighborhoodXLA(step_bytes=<KiB> * 1024)
+    cfg = new_na.NeighborhoodXLA(step_bytes=int(w[5:]) * 1024)
+    fns[w] = (lambda c: lambda q, k, v: new_na.neighborhood_attention(
+        q, k, v, 7, implementation=c))(cfg)
   if w.startswith("new_t"):
     cfg = new_na.NeighborhoodXLA(tile_size=int(w[5:]))
     fns[w] = (lambda c: lambda q, k, v: new_na.neighborhood_attention(
