@@ -2,14 +2,17 @@
 item 4), timed round-robin in one process (wall and process CPU time), next
 to the products-only and products+exp block loops of ceiling_chunked.py.
 
-Modules: saved copies of attnjax/softmax/chunked.py; the two variants are
-kept as patches against the module at c567f6f (run from the repository root):
+Modules: saved copies of attnjax/softmax/chunked.py; the three variants are
+kept as patches against the module at c567f6f (unchanged since 6b53578);
+rebuild them from the repository root:
   mkdir -p runs/ch6
   git show c567f6f:attnjax/softmax/chunked.py > runs/ch6/old_chunked.py
   patch -o runs/ch6/fixed_stabilizer_chunked.py runs/ch6/old_chunked.py \\
       docs/benchmarks/cpu_perf/chunked_fixed_stabilizer.diff
   patch -o runs/ch6/new_exp_chunked.py runs/ch6/old_chunked.py \\
       docs/benchmarks/cpu_perf/chunked_block_exp.diff
+  patch -o runs/ch6/quarters_chunked.py runs/ch6/old_chunked.py \\
+      docs/benchmarks/cpu_perf/chunked_edge_quarters.diff
 
 Usage:
   chunked_variants_ab.py modules S causal(0|1) repeats
