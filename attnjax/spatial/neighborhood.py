@@ -47,8 +47,14 @@ tiles of `tile_size` positions per axis; the union of their windows is a
 contiguous run of keys per axis (at most tile + K + s - 2), gathered once per
 tile. Attention is computed per tile over that run with a static mask, so
 memory and FLOPs grow linearly in the number of pixels (never the S x S
-matrix). `neighborhood_attention_reference` builds the dense [S, S] mask from
-the definition and runs plain masked attention; it is the test oracle.
+matrix). While all tiles' logits are small (<= 4 MiB float32; 28x28 at 4
+heads) every tile is computed at once; on larger maps (`_band_loop`) a loop
+over bands of tile rows, ~2 MiB of logits per step, whose key runs start a
+fixed halo before their tile in zero-padded coordinates (cut with static
+slices, no gather) and whose custom VJP emits per-step gradients folded back
+with static pads and adds (no scatter, no image-sized carry).
+`neighborhood_attention_reference` builds the dense [S, S] mask from the
+definition and runs plain masked attention; it is the test oracle.
 """
 
 from __future__ import annotations
@@ -910,13 +916,15 @@ def _xla_backend(config, query, key, value, params, scale, rpb):
 @dataclasses.dataclass(frozen=True)
 class NeighborhoodXLA(BackendConfig):
   """'xla' backend tuning: query tile per axis (int or tuple; None: max(K, 4)
-  per axis); `row_loop=True`: compute one row of tiles (along the first
-  axis) per loop step instead of all tiles at once (None / False): ~3x less
-  memory on large maps (112x112, 4 heads x 32: 28 vs 86 MiB forward, 63 vs
-  190 MiB forward+backward) and a cost per pixel that stays flat, but on the
-  2-core CPU measured slower up to 56x56 (each loop step costs ~0.4 ms) and
-  faster only for the 112x112 forward (docs/benchmarks/cpu_perf.md, item 3),
-  so not the default. Results do not depend on either setting."""
+  per axis). `row_loop=None` (default): all tiles at once while their
+  float32 logits are <= 4 MiB, else the band loop with `step_bytes` of
+  logits per step (None: 2 MiB; giving `step_bytes` always loops, at least
+  one tile row per step). `row_loop=False`: all tiles at once at every size
+  (the earlier default: at 112x112, 4 heads x 32, 86 / 190 MiB temp forward /
+  forward+backward, mapped fresh on every call). `row_loop=True`: the older
+  one-row-per-step loop (autodiff backward, in-step gathers; measured slower).
+  docs/benchmarks/cpu_perf.md (item 3) has the measurements. Results do not
+  depend on any setting."""
   backend: ClassVar[str] = "xla"
   tile_size: Optional[object] = None
   row_loop: Optional[bool] = None

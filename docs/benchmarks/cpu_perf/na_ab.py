@@ -37,29 +37,31 @@ reps = int(sys.argv[2])
 which = (sys.argv[3] if len(sys.argv) > 3 else "old,new").split(",")
 path = sys.argv[4] if len(sys.argv) > 4 else "runs/p22/na_ab.json"
 fns = {}
+# NA_KW: extra window arguments for every variant, e.g. NA_KW='dilation=2'
+KW = eval(f"dict({os.environ.get('NA_KW', '')})")
 if "old" in which:
   old_na = _load("old_neighborhood", os.environ.get(
       "NA_OLD", "runs/p22/old_neighborhood.py"))
-  fns["old"] = lambda q, k, v: old_na.neighborhood_attention(q, k, v, 7)
+  fns["old"] = lambda q, k, v: old_na.neighborhood_attention(q, k, v, 7, **KW)
 if "new" in which:
-  fns["new"] = lambda q, k, v: new_na.neighborhood_attention(q, k, v, 7)
+  fns["new"] = lambda q, k, v: new_na.neighborhood_attention(q, k, v, 7, **KW)
 if "new_loop" in which:
   cfg_l = new_na.NeighborhoodXLA(row_loop=True)
   fns["new_loop"] = lambda q, k, v: new_na.neighborhood_attention(
-      q, k, v, 7, implementation=cfg_l)
+      q, k, v, 7, **KW, implementation=cfg_l)
 if "new_noloop" in which:
   cfg = new_na.NeighborhoodXLA(row_loop=False)
   fns["new_noloop"] = lambda q, k, v: new_na.neighborhood_attention(
-      q, k, v, 7, implementation=cfg)
+      q, k, v, 7, **KW, implementation=cfg)
 for w in which:
   if w.startswith("new_s"):   # NeighborhoodXLA(step_bytes=<KiB> * 1024)
     cfg = new_na.NeighborhoodXLA(step_bytes=int(w[5:]) * 1024)
     fns[w] = (lambda c: lambda q, k, v: new_na.neighborhood_attention(
-        q, k, v, 7, implementation=c))(cfg)
+        q, k, v, 7, **KW, implementation=c))(cfg)
   if w.startswith("new_t"):
     cfg = new_na.NeighborhoodXLA(tile_size=int(w[5:]))
     fns[w] = (lambda c: lambda q, k, v: new_na.neighborhood_attention(
-        q, k, v, 7, implementation=c))(cfg)
+        q, k, v, 7, **KW, implementation=c))(cfg)
 out = {"load_start": bu.machine_load(), "sizes": sizes, "repeats": reps}
 res = {}
 for s in sizes:

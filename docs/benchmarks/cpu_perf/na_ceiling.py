@@ -5,6 +5,8 @@ ceiling/<g>: the per-tile work of g tiles at once, pre-arranged (batched
   16 / 64 / 256 tiles are 28^2 / 56^2 / 112^2 (B=1, 4 heads x 32).
 scan/<g>x<s>: the same work as a lax.scan of s steps of g tiles each
   (xs pre-arranged per step: no gather, no dynamic slice in the body).
+default/<size>, all_tiles/<size>: neighborhood_attention(q, k, v, 7) at
+  <size>^2 (the default, and NeighborhoodXLA(row_loop=False)).
 Forward only, process CPU and wall time, round-robin in one process.
 
   python docs/benchmarks/cpu_perf/na_ceiling.py 5
@@ -48,6 +50,16 @@ for g in (16, 64, 256):
       s = g // step
       calls[f"scan/{step}x{s}"] = (scanned, tuple(
           x.reshape(s, step, *x.shape[1:]) for x in (q, k, v)))
+from attnjax.spatial import neighborhood as na  # noqa: E402
+for size in (28, 56, 112):
+  ks = jax.random.split(jax.random.key(size), 3)
+  x = [jax.random.normal(kk, (1, size, size, N, H)) for kk in ks]
+  calls[f"default/{size}"] = (
+      lambda q, k, v: na.neighborhood_attention(q, k, v, 7), tuple(x))
+  calls[f"all_tiles/{size}"] = (
+      lambda q, k, v: na.neighborhood_attention(
+          q, k, v, 7, implementation=na.NeighborhoodXLA(row_loop=False)),
+      tuple(x))
 load0 = bu.machine_load()["loadavg_1m"]
 med, _, cpu = bu.interleaved_times(calls, repeats=reps, cpu=True)
 for name in calls:
@@ -55,7 +67,10 @@ for name in calls:
 px = [784, 3136, 12544]
 for lab, names in (("ceiling", ["ceiling/16", "ceiling/64", "ceiling/256"]),
                    ("scan16", ["ceiling/16", "scan/16x4", "scan/16x16"]),
-                   ("scan4", ["scan/4x4", "scan/4x16", "scan/4x64"])):
+                   ("scan4", ["scan/4x4", "scan/4x16", "scan/4x64"]),
+                   ("default", ["default/28", "default/56", "default/112"]),
+                   ("all_tiles", ["all_tiles/28", "all_tiles/56",
+                                  "all_tiles/112"])):
   print(lab, "exponent wall %.3f cpu %.3f" % (
       bu.loglog_slope(px, [med[n] for n in names]),
       bu.loglog_slope(px, [cpu[n] for n in names])))

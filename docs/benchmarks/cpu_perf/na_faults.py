@@ -1,7 +1,9 @@
 """Neighborhood 2D k=7 (B=1, 4 heads x 32): user and system CPU time and
 minor page faults per call (10 calls after a warm-up, getrusage), at
 28, 56, 112 pixels per side, fwd and fwd_bwd (issue 22 item 3).
-  python docs/benchmarks/cpu_perf/na_faults.py [loop]   (loop: row_loop=True)
+  python docs/benchmarks/cpu_perf/na_faults.py [loop|default]
+  (no argument: the all-tiles path, row_loop=False; loop: row_loop=True;
+  default: implementation=None, the size-selected default)
 """
 import resource, time, jax, jax.numpy as jnp, sys
 sys.path.insert(0,'.')
@@ -10,7 +12,8 @@ from experiments import bench_utils as bu
 for s in (28, 56, 112):
   q=jax.random.normal(jax.random.key(0),(1,s,s,4,32))
   for mode in ("fwd","fwd_bwd"):
-    cfg=na.NeighborhoodXLA(row_loop=(len(sys.argv) > 1 and sys.argv[1] == "loop"))
+    arg=sys.argv[1] if len(sys.argv) > 1 else ""
+    cfg=None if arg=="default" else na.NeighborhoodXLA(row_loop=(arg == "loop"))
     f0=lambda q,k,v: na.neighborhood_attention(q,k,v,7,implementation=cfg)
     f=jax.jit(bu.fwd_bwd(f0) if mode=="fwd_bwd" else f0)
     jax.block_until_ready(f(q,q,q))
