@@ -7,6 +7,8 @@ the forced host devices never leak into other tests. Usage:
   python tests/distributed_checks.py attention          # needs 8 devices
   python tests/distributed_checks.py ckpt_save DIR      # any N >= 2
   python tests/distributed_checks.py ckpt_restore DIR   # any M >= 1
+  python tests/distributed_checks.py attention,ring_window,ckpt_save DIR
+                                                   # several groups, one start
   python -m experiments.launch --num_processes=2 --devices_per_process=2 -- \
       python tests/distributed_checks.py mp DIR        # 2 real processes
 
@@ -499,24 +501,35 @@ def check_mp_attention():
      "devices")
 
 
+def main(argv):
+  """argv: GROUP[,GROUP...] [DIR]: the groups run in order in this process
+  (one interpreter start, one jax import and device set-up for all of them),
+  stopping at the first failed check."""
+  groups = argv[1].split(",")
+  unknown = set(groups) - {"attention", "ckpt_save", "ckpt_restore",
+                           "ring_window", "mp_attention", "mp_ckpt", "mp"}
+  if unknown:
+    raise SystemExit(f"unknown group(s) {sorted(unknown)}")
+  workdir = argv[2] if len(argv) > 2 else None
+  for group in groups:
+    if group == "attention":
+      check_attention()
+    elif group == "ckpt_save":
+      check_ckpt_save(workdir)
+    elif group == "ckpt_restore":
+      check_ckpt_restore(workdir)
+    elif group == "ring_window":
+      check_ring_window()
+    elif group == "mp_attention":
+      check_mp_attention()
+    elif group == "mp_ckpt":
+      from experiments import sharding as _sharding
+      _sharding.maybe_initialize_distributed()
+      check_ckpt_save(workdir)
+    elif group == "mp":     # attention, then a collective FSDP checkpoint
+      check_mp_attention()
+      check_ckpt_save(workdir)
+
+
 if __name__ == "__main__":
-  group = sys.argv[1]
-  if group == "attention":
-    check_attention()
-  elif group == "ckpt_save":
-    check_ckpt_save(sys.argv[2])
-  elif group == "ckpt_restore":
-    check_ckpt_restore(sys.argv[2])
-  elif group == "ring_window":
-    check_ring_window()
-  elif group == "mp_attention":
-    check_mp_attention()
-  elif group == "mp_ckpt":
-    from experiments import sharding as _sharding
-    _sharding.maybe_initialize_distributed()
-    check_ckpt_save(sys.argv[2])
-  elif group == "mp":     # attention, then a collective FSDP checkpoint
-    check_mp_attention()
-    check_ckpt_save(sys.argv[2])
-  else:
-    raise SystemExit(f"unknown group {group!r}")
+  main(sys.argv)

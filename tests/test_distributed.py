@@ -33,10 +33,20 @@ def _run(args, devices, timeout=600):
   return proc.stdout
 
 
-def test_attention_matches_single_device():
-  """Ring (zigzag/striped/contiguous) and Ulysses vs dot_product_attention,
-  causal and not, values and gradients, P = 2, 4, 8; errors."""
-  out = _run(["attention"], devices=8)
+def test_attention_windows_and_checkpoint_on_8_devices(tmp_path):
+  """One subprocess on 8 forced devices runs three groups of checks (one
+  interpreter start and jax set-up instead of three):
+
+  * attention: Ring (zigzag/striped/contiguous) and Ulysses vs
+    dot_product_attention, causal and not, values and gradients,
+    P = 2, 4, 8; errors.
+  * ring_window: Ring attention with local windows (causal sliding,
+    asymmetric, two-sided, reaching 0..all shards; segment ids with NaN/Inf
+    padding) vs dot_product_attention, values and gradients, P = 4.
+  * ckpt_save: sharded training saved on 8 devices; then restored on 2 (a
+    second subprocess) with equal params and the same next step."""
+  out = _run(["attention,ring_window,ckpt_save", str(tmp_path)], devices=8)
+  # attention
   for p in (2, 4) if os.environ.get("CI") else (2, 4, 8):   # as the script
     for name in ("ring causal zigzag", "ring full", "ulysses causal",
                  "ulysses full"):
@@ -46,13 +56,7 @@ def test_attention_matches_single_device():
   for name in ("causal zigzag", "causal striped", "causal contiguous", "full"):
     assert f"OK ring segments {name} P=4" in out, out
   assert "OK ulysses segments causal P=4" in out
-
-
-def test_ring_local_windows_match_single_device():
-  """Ring attention with local windows (causal sliding, asymmetric, two-sided,
-  reaching 0..all shards; segment ids with NaN/Inf padding) vs
-  dot_product_attention, values and gradients, P = 4."""
-  out = _run(["ring_window"], devices=4)
+  # ring_window
   for w, c in (("5", True), ("12", True), ("(7, 3)", True), ("(3, 9)", False),
                ("(20, 0)", False), ("2", False), ("40", True)):
     assert f"OK ring window {w} causal={c} P=4" in out, out
@@ -60,6 +64,10 @@ def test_ring_local_windows_match_single_device():
   for e in ("cross", "permuted zigzag", "negative"):
     assert f"OK err window {e}" in out, out
   assert "OK err block_q" in out, out
+  # ckpt_save on 8, restored on 2
+  assert "OK ckpt_save on 8 devices" in out, out
+  out = _run(["ckpt_restore", str(tmp_path)], devices=2)
+  assert "params identical" in out and "next step matches" in out, out
 
 
 def test_ring_layout_argument_errors():
@@ -85,13 +93,6 @@ def test_ring_layout_argument_errors():
   np.testing.assert_array_equal(ring_permutation(np.int64(8), np.int64(2),
                                                  "striped"),
                                 [0, 2, 4, 6, 1, 3, 5, 7])
-
-
-def test_checkpoint_save_8_restore_2(tmp_path):
-  """Sharded training saved on 8 devices restores on 2 with equal params."""
-  _run(["ckpt_save", str(tmp_path)], devices=8)
-  out = _run(["ckpt_restore", str(tmp_path)], devices=2)
-  assert "params identical" in out and "next step matches" in out, out
 
 
 def test_forced_devices_do_not_leak():
