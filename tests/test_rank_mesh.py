@@ -27,7 +27,10 @@ RTOL = 1e-4
 
 # Runs in the 4-device subprocess: the batch-size check, then the compiled
 # training chunk of one cell on data:4 (must all-reduce the gradients, i.e.
-# the batch really is split), then the binary itself on data:4.
+# the batch really is split), then the binary itself on data:4. The chunk
+# checked is the binary's own first program (first cell, the preset's chunk
+# length, `rest` passed as the sweep passes it), so the binary gets it from
+# the per-run compile cache instead of compiling a second training chunk.
 _CODE = """
 import sys
 import jax
@@ -43,8 +46,9 @@ except ValueError as e:
 c = get_config('tiny'); c.mesh = 'data:4'
 mesh = study.make_mesh(c)
 print('mesh', dict(mesh.shape))
-b = sweep.build_cell(study.make_cells(c)[0], chunk=2, mesh=mesh)
-hlo = b.run_chunk.lower(b.init['params'], b.init['opt'], 0).compile().as_text()
+b = sweep.build_cell(study.make_cells(c)[0], chunk=int(c.chunk), mesh=mesh)
+hlo = b.run_chunk.lower(b.init['params'], b.init['opt'], 0,
+                        b.rest).compile().as_text()
 print('all-reduce' in hlo and 'all-reduce', flush=True)
 sys.argv = ['benefits_of_rank', '--workdir=' + sys.argv[1],
             '--config=experiments/configs/benefits_of_rank.py:tiny',
