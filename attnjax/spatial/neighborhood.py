@@ -296,34 +296,53 @@ class AxisPlan:
   rel: np.ndarray
 
 
-@functools.lru_cache(maxsize=256)
-def _axis_plan(length, kernel_size, stride, dilation, is_causal, tile
-               ) -> AxisPlan:
-  d, k = dilation, kernel_size
+def _tile_windows(length, kernel_size, stride, dilation, is_causal, tile):
+  """Per-axis tiling shared by `_axis_plan` and `_halo_plan`: (group length
+  lg, number of tiles nt, tile, windows), windows a list of (g, t, clamped
+  queries, valid, first key, last key) per dilation group g and tile t."""
+  d = dilation
   lg = -(-length // d)
   tile = max(1, min(tile, lg))
   nt = -(-lg // tile)
-  windows = []        # (g, t, queries, valid, first, last)
-  run = 1
+  windows = []
   for g in range(d):
     n_g = -(-(length - g) // d)
     for t in range(nt):
       q = np.arange(t * tile, t * tile + tile)
       valid = q < n_g
       qc = np.minimum(q, n_g - 1)
-      first, last = na_window(qc, n_g, k, stride, is_causal)
+      first, last = na_window(qc, n_g, kernel_size, stride, is_causal)
       windows.append((g, t, qc, valid, first, last))
-      run = max(run, int(last.max()) - int(first.min()) + 1)
+  return lg, nt, tile, windows
+
+
+def _run_mask_rel(window, cols, kernel_size):
+  """bool [tile, run] mask and int32 [tile, run] rpb offsets of one tile's
+  key run `cols` (positions in its dilation group)."""
+  _, _, qc, valid, first, last = window
+  mask = (valid[:, None] & (cols[None, :] >= first[:, None]) &
+          (cols[None, :] <= last[:, None]))
+  rel = np.clip(cols[None, :] - qc[:, None] + kernel_size - 1, 0,
+                2 * kernel_size - 2)
+  return mask, rel
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_plan(length, kernel_size, stride, dilation, is_causal, tile
+               ) -> AxisPlan:
+  d, k = dilation, kernel_size
+  lg, nt, tile, windows = _tile_windows(length, k, stride, d, is_causal, tile)
+  run = max([1] + [int(last.max()) - int(first.min()) + 1
+                   for *_, first, last in windows])
   run = min(run, lg)
   kidx = np.zeros((d, nt, run), np.int32)
   mask = np.zeros((d, nt, tile, run), bool)
   rel = np.zeros((d, nt, tile, run), np.int32)
-  for g, t, qc, valid, first, last in windows:
+  for w in windows:
+    g, t, first = w[0], w[1], w[4]
     cols = min(int(first.min()), lg - run) + np.arange(run)
     kidx[g, t] = cols
-    mask[g, t] = (valid[:, None] & (cols[None, :] >= first[:, None]) &
-                  (cols[None, :] <= last[:, None]))
-    rel[g, t] = np.clip(cols[None, :] - qc[:, None] + k - 1, 0, 2 * k - 2)
+    mask[g, t], rel[g, t] = _run_mask_rel(w, cols, k)
   return AxisPlan(lg, nt, tile, run, kidx, mask, rel)
 
 
@@ -352,18 +371,24 @@ def _tile_queries(query, plans, dl):
   return q.transpose(perm)
 
 
-def _gather_key_runs(x, plans, dl):
-  """[B, *spatial, N, C] -> [B, d.., nT.., N, run.., C]: each query tile's
-  key run, gathered axis by axis."""
-  nd, b = len(plans), x.shape[0]
-  spatial = x.shape[1:1 + nd]
+def _split_groups(x, plans, dl, spatial):
+  """[B, *spatial, N, C] -> [B, (lg, d).., N, C]: each axis zero-padded to
+  lg * d and split into (position in group, dilation group)."""
+  b = x.shape[0]
   pads = [(0, 0)] + [(0, p.group_len * d - l)
                      for p, d, l in zip(plans, dl, spatial)] + [(0, 0)] * 2
   x = jnp.pad(x, pads)
   shape = [b]
   for p, d in zip(plans, dl):
     shape += [p.group_len, d]
-  x = x.reshape(*shape, *x.shape[-2:])
+  return x.reshape(*shape, *x.shape[-2:])
+
+
+def _gather_key_runs(x, plans, dl):
+  """[B, *spatial, N, C] -> [B, d.., nT.., N, run.., C]: each query tile's
+  key run, gathered axis by axis."""
+  nd = len(plans)
+  x = _split_groups(x, plans, dl, x.shape[1:1 + nd])
   # x: [B, (lg, d)*nd, N, C]; processed axes become (d, nT, run) triples.
   for a, (p, d) in enumerate(zip(plans, dl)):
     if p.num_tiles == 1 and d == 1 and p.run == p.group_len:
@@ -569,30 +594,18 @@ def _halo_plan(length, kernel_size, stride, dilation, is_causal, tile
   gather, and their gradients fold back with static pads and adds.
   `key_index` holds (hl, hr); `run` = hl + tile + hr."""
   d, k = dilation, kernel_size
-  lg = -(-length // d)
-  tile = max(1, min(tile, lg))
-  nt = -(-lg // tile)
-  windows = []
+  lg, nt, tile, windows = _tile_windows(length, k, stride, d, is_causal, tile)
   hl = hr = 0
-  for g in range(d):
-    n_g = -(-(length - g) // d)
-    for t in range(nt):
-      q = np.arange(t * tile, t * tile + tile)
-      valid = q < n_g
-      qc = np.minimum(q, n_g - 1)
-      first, last = na_window(qc, n_g, k, stride, is_causal)
-      windows.append((g, t, qc, valid, first, last))
-      if valid.any():
-        hl = max(hl, t * tile - int(first[valid].min()))
-        hr = max(hr, int(last[valid].max()) - (t * tile + tile - 1))
+  for _, t, _, valid, first, last in windows:
+    if valid.any():
+      hl = max(hl, t * tile - int(first[valid].min()))
+      hr = max(hr, int(last[valid].max()) - (t * tile + tile - 1))
   run = hl + tile + hr
   mask = np.zeros((d, nt, tile, run), bool)
   rel = np.zeros((d, nt, tile, run), np.int32)
-  for g, t, qc, valid, first, last in windows:
-    cols = t * tile - hl + np.arange(run)
-    mask[g, t] = (valid[:, None] & (cols[None, :] >= first[:, None]) &
-                  (cols[None, :] <= last[:, None]))
-    rel[g, t] = np.clip(cols[None, :] - qc[:, None] + k - 1, 0, 2 * k - 2)
+  for w in windows:
+    g, t = w[0], w[1]
+    mask[g, t], rel[g, t] = _run_mask_rel(w, t * tile - hl + np.arange(run), k)
   return AxisPlan(lg, nt, tile, run, np.array([hl, hr]), mask, rel)
 
 
@@ -604,9 +617,7 @@ def _runs(x, axis, n, size, halo):
   total = (n + c) * size
   length = x.shape[axis]
   if length < total:
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, total - length)
-    x = jnp.pad(x, pad)
+    x = _axis_pad(x, axis, 0, total - length)
   elif length > total:
     x = jax.lax.slice_in_dim(x, 0, total, axis=axis)
   x = x.reshape(x.shape[:axis] + (n + c, size) + x.shape[axis + 1:])
@@ -623,14 +634,8 @@ def _runs(x, axis, n, size, halo):
 def _to_groups(x, plans, dl, spatial):
   """[B, *spatial, N, C] -> [B, d.., lg.., N, C] (dilation groups apart,
   zero-padded to lg * d per axis)."""
-  nd, b = len(plans), x.shape[0]
-  pads = [(0, 0)] + [(0, p.group_len * d - l)
-                     for p, d, l in zip(plans, dl, spatial)] + [(0, 0)] * 2
-  x = jnp.pad(x, pads)
-  shape = [b]
-  for p, d in zip(plans, dl):
-    shape += [p.group_len, d]
-  x = x.reshape(*shape, *x.shape[-2:])
+  nd = len(plans)
+  x = _split_groups(x, plans, dl, spatial)
   perm = ([0] + [2 + 2 * a for a in range(nd)] + [1 + 2 * a for a in range(nd)]
           + [1 + 2 * nd, 2 + 2 * nd])
   return x.transpose(perm)
