@@ -129,29 +129,52 @@ class MetricsWriter:
   """Appends `{"step": s, ...}` lines to workdir/metrics.jsonl.
 
   `resume_from(step)` drops any line with a step past the restored
-  checkpoint (written after the last save by a killed run).
+  checkpoint (written after the last save by a killed run). A run killed in
+  the middle of `write` can leave a last line without its newline and cut
+  short: `resume_from` drops it and `read` leaves it out (any other line
+  that is not JSON is an error naming the file and line). `resume_from`
+  rewrites the file through a temporary file and `os.replace`, so a kill
+  during the rewrite leaves the old file whole.
   """
 
   def __init__(self, workdir: str, name: str = "metrics.jsonl"):
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, name)
 
+  def _records(self):
+    """[(line, record)] of the file; a cut-short last line is left out."""
+    with open(self.path) as f:
+      lines = f.read().split("\n")
+    # Everything before the last "\n" was written whole; what follows it
+    # (normally "") is a record only if it parses.
+    out = []
+    for n, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      try:
+        out.append((line.strip(), json.loads(line)))
+      except json.JSONDecodeError as e:
+        if n == len(lines):      # no newline after it: a cut-short write
+          break
+        raise ValueError(f"{self.path}, line {n}: not a JSON record ({e}): "
+                         f"{line[:80]!r}") from None
+    return out
+
   def resume_from(self, step: Optional[int]) -> None:
     if not is_main_process():
       return
     if not os.path.exists(self.path):
       return
-    keep = []
-    with open(self.path) as f:
-      for line in f:
-        line = line.strip()
-        if not line:
-          continue
-        rec = json.loads(line)
-        if step is not None and rec.get("step", -1) <= step:
-          keep.append(line)
-    with open(self.path, "w") as f:
-      f.write("".join(l + "\n" for l in keep))
+    keep = [line for line, rec in self._records()
+            if step is not None and rec.get("step", -1) <= step]
+    tmp = self.path + ".tmp"
+    try:
+      with open(tmp, "w") as f:
+        f.write("".join(l + "\n" for l in keep))
+      os.replace(tmp, self.path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
 
   def write(self, step: int, **scalars) -> None:
     if not is_main_process():
@@ -164,8 +187,7 @@ class MetricsWriter:
   def read(self):
     if not os.path.exists(self.path):
       return []
-    with open(self.path) as f:
-      return [json.loads(l) for l in f if l.strip()]
+    return [rec for _, rec in self._records()]
 
 
 def setup_logging() -> None:
