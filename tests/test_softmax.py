@@ -1,5 +1,7 @@
 """Softmax attention backends run the shared suite (tests/softmax_base.py)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +12,18 @@ from attnjax.softmax import chunked_dot_product_attention
 from tests.conftest import gpu_available
 from tests.reference_np import attention_np
 from tests.softmax_base import SoftmaxAttentionSuite
+from tests.strict_modes import ALL
 
 
 class TestXla(SoftmaxAttentionSuite):
+  """The reference backend. Under CI it runs under the three strict modes
+  at once ('all'; tests/strict_modes.py): a mode only adds errors and the
+  library never branches on them, so this one run makes every assertion a
+  plain run makes and the strict ones too (it replaces the plain run plus
+  test_strict_modes' separate 'all' class, the same compiles twice)."""
   implementation = "xla"
   supports_dropout = True
+  strict_mode = ALL if os.environ.get("CI") else None
 
 
 class TestChunkedSmallBlocks(SoftmaxAttentionSuite):
