@@ -37,7 +37,9 @@ Run:
       --sections=softmax --seq_lens=32768 --impls=chunked,attnjax(xla) \
       --modes=fwd_bwd --repeats=1 --causal=false
 
-Writes DIR/results.json (rows, exponent fits, targets, load), DIR/*.png.
+Writes DIR/results.json (rows, exponent fits, targets, load), DIR/results.md
+(the same as Markdown tables: the committed docs/benchmarks pages quote it;
+`--markdown_from=DIR/results.json` rewrites it from an earlier run), DIR/*.png.
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ flags.DEFINE_string("four_pattern_lens", "",
                     "1024,2048,4096; quick 128,256; cross: S = T/2).")
 flags.DEFINE_string("crossover_lens", "",
                     "Crossover section lengths (default 256..4096).")
+flags.DEFINE_string("markdown_from", "",
+                    "Only rewrite the Markdown page of an earlier run: "
+                    "DIR/results.json -> DIR/results.md (no timing).")
 flags.DEFINE_bool("write_crossover", False,
                   "Crossover section: store the measured rule in "
                   "attnjax/softmax/crossover.json for this platform.")
@@ -133,23 +138,32 @@ class Context:
   fwd_bwd: Callable = bench_utils.fwd_bwd
 
 
-def format_table(rows) -> str:
-  if not rows:
-    return "(no rows)"
-  preferred = ["section", "name", "impl", "mode", "causal", "batch", "heads",
+_COLUMNS = ["section", "name", "impl", "mode", "causal", "batch", "heads",
                "head_dim", "seq_len", "image_size", "time_ms", "cpu_ms", "mem_mb",
                "gflops", "gflops_per_s", "pattern", "kv_len", "supported",
                "mem_ratio_vs_softmax", "ratio_vs_matmul", "ratio_vs_matmul_cpu",
                "ratio_vs_jax_nn",
                "ratio_vs_softmax", "ratio_vs_dense", "ratio_chunked_over_xla",
                "auto", "exponent", "fit_range", "note"]
-  keys = [k for k in preferred if any(k in r for r in rows)]
-  def fmt(v):
-    if v is None:
-      return "-"
-    if isinstance(v, float):
-      return f"{v:.3g}"
-    return str(v)
+
+
+def _columns(rows):
+  return [k for k in _COLUMNS if any(k in r for r in rows)]
+
+
+def _fmt(v) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, float):
+    return f"{v:.3g}"
+  return str(v)
+
+
+def format_table(rows) -> str:
+  if not rows:
+    return "(no rows)"
+  keys = _columns(rows)
+  fmt = _fmt
   table = [keys] + [[fmt(r.get(k)) for k in keys] for r in rows]
   widths = [max(len(row[i]) for row in table) for i in range(len(keys))]
   lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
@@ -176,8 +190,69 @@ def load_note(load) -> str:
   return note
 
 
+def markdown_page(results) -> str:
+  """results.json (as written by main) -> a Markdown page: the command, the
+  machine and its load, then per section its rows and its targets."""
+  load = results.get("load", {})
+  def la(which):
+    d = load.get(which) or {}
+    if not d:
+      return "?"
+    return (f"{d['loadavg_1m']:.1f} (1 min) / {d.get('loadavg_5m', 0):.1f} "
+            f"(5 min) on {d['cpu_count']} CPUs")
+  out = [f"Command: `{results.get('command', '?')}`", "",
+         f"Backend {results.get('backend', '?')} "
+         f"({results.get('device', '?')}), jax {results.get('jax_version', '?')}; "
+         f"load average at start {la('start')}, at end {la('end')}. "
+         "Times are medians of calls timed round-robin in one process; "
+         "memory is XLA's compiled memory analysis.", ""]
+  rows, targets = results.get("rows", []), results.get("targets", [])
+  sections = list(dict.fromkeys(
+      [r.get("section", "") for r in rows]
+      + [t.get("section", "") for t in targets]))
+  for name in sections:
+    srows = [r for r in rows if r.get("section", "") == name]
+    out.append(f"### {name or 'rows'}")
+    out.append("")
+    if srows:
+      keys = [k for k in _columns(srows) if k != "section"]
+      out.append("| " + " | ".join(keys) + " |")
+      out.append("|" + "|".join(
+          "---:" if any(isinstance(r.get(k), (int, float))
+                        and not isinstance(r.get(k), bool) for r in srows)
+          else "---" for k in keys) + "|")
+      for r in srows:
+        out.append("| " + " | ".join(
+            _fmt(r.get(k)).replace("|", "\\|") for k in keys) + " |")
+      out.append("")
+    st = [t for t in targets if t.get("section", "") == name]
+    if st:
+      n_ok = sum(bool(t["ok"]) for t in st)
+      out.append(f"Targets: {n_ok} ok, {len(st) - n_ok} missed.")
+      out.append("")
+      for t in st:
+        out.append(f"- {'ok' if t['ok'] else '**MISSED**'}: {t['target']}: "
+                   f"{_fmt(t['value'])}")
+      out.append("")
+  return "\n".join(out)
+
+
+def write_markdown(results_path: str) -> str:
+  """Writes results.md beside results.json; returns its path."""
+  import json
+  with open(results_path) as f:
+    results = json.load(f)
+  path = os.path.join(os.path.dirname(results_path) or ".", "results.md")
+  with open(path, "w") as f:
+    f.write(markdown_page(results) + "\n")
+  return path
+
+
 def main(argv):
   del argv
+  if FLAGS.markdown_from:
+    print(f"wrote {write_markdown(FLAGS.markdown_from)}")
+    return
   sections = parse_sections(FLAGS.sections)
   if FLAGS.quick and FLAGS["seq_lens"].using_default_value:
     FLAGS.seq_lens = "128,256"
@@ -221,9 +296,10 @@ def main(argv):
       "rows": all_rows,
       "targets": all_targets,
   })
+  md = write_markdown(out)
   print(f"\n{load_note(load_end)}")
   print(f"targets: {len(all_targets) - len(missed)} ok, {len(missed)} missed")
-  print(f"wrote {out} and {len(figures)} figure(s) to "
+  print(f"wrote {out}, {os.path.basename(md)} and {len(figures)} figure(s) to "
         f"{os.path.abspath(FLAGS.workdir)}")
 
 
