@@ -1,0 +1,187 @@
+"""Sequence mechanisms that are linear in theory, computed in groups of
+positions so that they are linear in practice (issue 22 item 3).
+
+Whole-sequence elementwise passes and contractions over S (the softmax over
+key positions, feature maps, the [S, K, H] x [S, K, Hv] context product)
+fall out of cache as S grows, and CPU time per element doubled between
+S=4096 and 16384. The mechanisms below now loop over groups of positions
+(a lax.scan's scanned inputs and outputs), carrying only small per-head
+state. Tested here: values and gradients of the grouped paths at lengths
+that use several groups, with a ragged last group, key padding, GQA and
+cross lengths, float32 and bfloat16, jit and vmap, against the quadratic
+`*_reference` functions; fully masked rows are zeros; and the structure:
+the forward and backward computations do loop, and no loop carries an
+array of sequence length.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnjax import sequence as sq
+from attnjax.sequence import efficient
+
+_f32 = lambda x: x.astype(jnp.float32)
+
+
+def _inputs(b, t, s, n, kh, h, hv, dtype, seed=0, scale=1.0):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (b, t, n, h), dtype) * scale
+  k = jax.random.normal(ks[1], (b, s, kh, h), dtype) * scale
+  v = jax.random.normal(ks[2], (b, s, kh, hv), dtype)
+  w = jax.random.normal(ks[3], (b, t, n, hv), jnp.float32)
+  return q.astype(dtype), k.astype(dtype), v, w
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _value_and_grads(fn, q, k, v, w):
+  """fn(q, k, v) and the gradients of sum(fn(q, k, v) * w), compiled."""
+  out, pull = jax.vjp(fn, q, k, v)
+  return out, pull(w.astype(out.dtype))
+
+
+def _key_mask(b, s, drop):
+  """[B, 1, 1, S]: batch row 0 drops its last `drop` keys, the last batch
+  row (when B > 1) has no valid key at all."""
+  m = np.ones((b, 1, 1, s), bool)
+  m[0, ..., s - drop:] = False
+  if b > 1:
+    m[-1] = False
+  return jnp.asarray(m)
+
+
+def _check_f32(fn, ref, q, k, v, w, rtol=1e-4, gtol=2e-3):
+  out, grads = _value_and_grads(fn, q, k, v, w)
+  want, want_grads = _value_and_grads(ref, q, k, v, w)
+  np.testing.assert_allclose(out, want, rtol=rtol, atol=rtol)
+  for name, a, b in zip("qkv", grads, want_grads):
+    assert np.all(np.isfinite(a)), name
+    scale = max(1.0, float(jnp.max(jnp.abs(b))))
+    np.testing.assert_allclose(a, b, rtol=gtol, atol=gtol * scale,
+                               err_msg=name)
+  return out, grads
+
+
+def _check_bf16(fn, ref, q, k, v, w):
+  out, grads = _value_and_grads(fn, q, k, v, w)
+  want, want_grads = _value_and_grads(ref, _f32(q), _f32(k), _f32(v), w)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(_f32(out), want, rtol=3e-2, atol=3e-2)
+  for name, a, b in zip("qkv", grads, want_grads):
+    assert a.dtype == jnp.bfloat16, name
+    scale = float(jnp.max(jnp.abs(b))) or 1.0
+    np.testing.assert_allclose(_f32(a), b, rtol=5e-2, atol=4e-2 * scale,
+                               err_msg=name)
+
+
+def _loop_carries(jaxpr):
+  """Element counts of every value carried by a scan/while loop, recursively."""
+  out = []
+  for eqn in jaxpr.eqns:
+    p = eqn.primitive.name
+    if p == "scan":
+      nc, ncar = _scan_counts(eqn.params)
+      out += [int(np.prod(x.aval.shape)) for x in eqn.invars[nc:nc + ncar]]
+    elif p == "while":
+      body = eqn.params["body_jaxpr"].jaxpr
+      nb = eqn.params["body_nconsts"]
+      out += [int(np.prod(x.aval.shape)) for x in body.invars[nb:]]
+    for sub in _subjaxprs(eqn.params):
+      out += _loop_carries(sub)
+  return out
+
+
+def _scan_counts(params):
+  if "num_consts" in params:
+    return params["num_consts"], params["num_carry"]
+  ft = params["ft_in"]
+  if hasattr(ft, "elts"):
+    consts, carry, _ = ft.elts
+    return len(list(consts)), len(list(carry))
+  consts, carry, _ = ft.tree.children()
+  return consts.num_leaves, carry.num_leaves
+
+
+def _subjaxprs(params):
+  for v in params.values():
+    for x in (v if isinstance(v, (list, tuple)) else (v,)):
+      if hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
+        yield x.jaxpr
+      elif hasattr(x, "eqns"):
+        yield x
+
+
+def _assert_grouped(fn, t, n=2, h=8):
+  """fn's forward and backward loop over groups of positions (there are
+  loops, in the forward and in the gradient), and no loop carries anything
+  of sequence length (B * T * N * H elements)."""
+  q, k, v, _ = _inputs(1, t, t, n, n, h, h, jnp.float32)
+  fwd = jax.make_jaxpr(fn)(q, k, v).jaxpr
+  assert _loop_carries(fwd), "expected the forward to loop over groups"
+  loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+  grad = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
+  carries = _loop_carries(grad)
+  assert carries, "expected the gradient to loop over groups"
+  assert max(carries) < t, sorted(carries)[-5:]
+  # The whole-sequence work happens inside the loops: no op outside a loop
+  # reduces over the sequence axis.
+  for eqn in fwd.eqns:
+    if eqn.primitive.name in ("reduce_max", "reduce_sum", "dot_general"):
+      shapes = [x.aval.shape for x in eqn.invars if hasattr(x, "aval")]
+      assert not any(len(sh) > 1 and t in sh for sh in shapes), (eqn, shapes)
+
+
+# --------------------------------------------------------------------------
+# efficient_attention: online softmax over key positions per channel.
+
+# Lengths above 2 * _TOKENS_PER_STEP: several groups and a ragged last one.
+_T, _S = 1100, 1300
+
+
+def test_efficient_lengths_use_several_groups():
+  assert _S > 2 * efficient._TOKENS_PER_STEP
+  assert _T % efficient._TOKENS_PER_STEP and _S % efficient._TOKENS_PER_STEP
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_efficient_values_and_grads_f32(masked):
+  q, k, v, w = _inputs(2, _T, _S, 4, 2, 8, 6, jnp.float32, scale=3.0)
+  mask = _key_mask(2, _S, 37) if masked else None
+  fn = functools.partial(sq.efficient_attention, mask=mask, scale=0.7)
+  ref = functools.partial(sq.efficient_attention_reference, mask=mask,
+                          scale=0.7)
+  out, grads = _check_f32(fn, ref, q, k, v, w)
+  if masked:
+    # No valid key in batch row 1: zeros, and nothing flows back to it.
+    np.testing.assert_array_equal(out[1], 0.0)
+    for gr in grads:
+      np.testing.assert_array_equal(gr[1], 0.0)
+
+
+def test_efficient_bf16():
+  q, k, v, w = _inputs(1, _T, _S, 2, 2, 8, 8, jnp.bfloat16, seed=1)
+  _check_bf16(sq.efficient_attention, sq.efficient_attention_reference,
+              q, k, v, w)
+
+
+def test_efficient_vmap():
+  q, k, v, _ = _inputs(3, 700, 1100, 2, 1, 8, 4, jnp.float32, seed=2)
+  out = jax.jit(jax.vmap(sq.efficient_attention))(q, k, v)
+  want = jnp.stack([sq.efficient_attention_reference(q[i], k[i], v[i])
+                    for i in range(3)])
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_efficient_large_logits_finite():
+  # Key logits up to ~1e3: the running maximum keeps every exp <= 1.
+  q, k, v, w = _inputs(1, _T, _S, 2, 2, 8, 4, jnp.float32, seed=3,
+                       scale=300.0)
+  _check_f32(sq.efficient_attention, sq.efficient_attention_reference,
+             q, k, v, w, rtol=1e-3, gtol=1e-2)
+
+
+def test_efficient_grouped_structure():
+  _assert_grouped(sq.efficient_attention, 4096)
