@@ -143,6 +143,12 @@ BAND_CASES = [
     # 3D: causal last axis, dilation on axis 1
     ((1, 9, 10, 11, 2, 4), 3, dict(dilation=(1, 2, 1),
                                    is_causal=(False, False, True)), 3),
+    # 2D: dilation on both axes (lengths not multiples of it: groups of
+    # unequal length), stride 4 on axis 1, default (band) tiles, batch 2
+    ((2, 23, 21, 2, 4), 5, dict(stride=(1, 4), dilation=(2, 3)), None),
+    # 2D: dilation 2 and causal on axis 0, default tiles
+    ((1, 26, 15, 2, 4), 5, dict(dilation=(2, 1),
+                                is_causal=(True, False)), None),
 ]
 
 
@@ -230,3 +236,42 @@ def test_default_temp_memory_at_112(mode):
     fn = bench_utils.fwd_bwd(fn)
   mem = jax.jit(fn).lower(x, x, x).compile().memory_analysis()
   assert mem.temp_size_in_bytes < (32 if mode == "fwd" else 64) * 2 ** 20
+
+
+# ----------------------------------------------------------------------------
+# Band loop tiles and layout (issue 22 item 3, NA7)
+# ----------------------------------------------------------------------------
+
+def _dot_shapes(jaxpr, acc=None):
+  """Output shapes of every dot_general, loop and custom-VJP bodies
+  included."""
+  acc = [] if acc is None else acc
+  for e in jaxpr.eqns:
+    if e.primitive.name == "dot_general":
+      acc.append(tuple(e.outvars[0].aval.shape))
+    for p in e.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          _dot_shapes(inner, acc)
+  return acc
+
+
+@pytest.mark.parametrize("kw,logits", [
+    (dict(), (16, 100)),            # 4x4 queries, 10x10 keys (7x7: 49, 169)
+    (dict(dilation=2), (16, 100)),
+    (dict(stride=4), (16, 100)),    # 7x7 tiles straddle stride blocks: 256
+])
+def test_band_loop_default_tiles_compute_fewer_logits_per_query(kw, logits):
+  """On large maps the band loop's default tile is the smallest multiple of
+  the stride >= 4 (`_band_tile`): 100 logits per query at K=7 instead of
+  the 169 of 7x7 tiles (13x13 key runs); at stride 4 a tile is one stride
+  block (one shared window, 3 keys of halo each side for the windows the
+  borders shift inward) instead of 7x7 tiles straddling blocks (16x16 runs,
+  256 per query). The old loop used 7x7 tiles: fails on it."""
+  x = jax.ShapeDtypeStruct((1, 56, 56, 4, 8), jnp.float32)
+  fn = lambda q, k, v: neighborhood_attention(q, k, v, 7, **kw)
+  assert _has_loop(fn, x, x, x)
+  shapes = _dot_shapes(jax.make_jaxpr(fn)(x, x, x).jaxpr)
+  # Q K^T per tile: [..., tq, tk]; P V: [..., tq, head_dim + 1]
+  assert {s[-2:] for s in shapes if s[-1] != 9} == {logits}

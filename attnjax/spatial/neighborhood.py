@@ -485,6 +485,18 @@ def _tiled_softmax_attention(q, k, v1, mask, bias, scale):
   return out, lse
 
 
+def _band_tile(stride):
+  """Default query tile (per axis) of the band loop: the smallest multiple
+  of the stride that is >= 4. Each tile computes logits against a run of
+  tile + K + stride - 2 keys at most (K - 1 + tile for stride 1), so smaller
+  tiles waste fewer logits per query: 4 -> 10x10 = 100 per query at K=7
+  (7 -> 169), and a tile of whole stride blocks shares one window (stride 4,
+  K=7: runs of 10 with the border windows' inward shifts, 7x7 tiles: 16,
+  256 logits per query). Measured faster than max(K, 4) on large maps
+  (docs/benchmarks/cpu_perf.md, issue 22 item 3, NA7)."""
+  return stride * -(-4 // stride)
+
+
 def _xla_tiles(config, nd, ks):
   if config is None or config.tile_size is None:
     return tuple(max(k, 4) for k in ks)
@@ -892,9 +904,15 @@ def _xla_backend(config, query, key, value, params, scale, rpb):
   if config is None or config.row_loop is None:
     hplans = [_halo_plan(l, k, s, d, c, t)
               for (l, k, s, d, c), t in zip(p.axes(), tiles)]
-    r = _band_rows(hplans, dl, query.shape[0], n,
-                   None if config is None else config.step_bytes)
+    step_bytes = None if config is None else config.step_bytes
+    r = _band_rows(hplans, dl, query.shape[0], n, step_bytes)
     if r < hplans[0].num_tiles:
+      if config is None or config.tile_size is None:
+        hplans = [_halo_plan(l, k, s, d, c, _band_tile(s))
+                  for l, k, s, d, c in p.axes()]
+        r = _band_rows(hplans, dl, query.shape[0], n,
+                       STEP_LOGITS_BYTES if step_bytes is None
+                       else step_bytes)
       return _band_loop(query, key, value, hplans, dl, p.spatial, scale, rpb,
                         r)
   plans = [_axis_plan(l, k, s, d, c, t)
@@ -921,8 +939,10 @@ def _xla_backend(config, query, key, value, params, scale, rpb):
 @dataclasses.dataclass(frozen=True)
 class NeighborhoodXLA(BackendConfig):
   """'xla' backend tuning: query tile per axis (int or tuple; None: max(K, 4)
-  per axis). `row_loop=None` (default): all tiles at once while their
-  float32 logits are <= 4 MiB, else the band loop with `step_bytes` of
+  per axis for all tiles at once, the smallest multiple of the stride >= 4
+  in the band loop, `_band_tile`). `row_loop=None` (default): all tiles at
+  once while their float32 logits (max(K, 4) tiles) are <= 4 MiB, else the
+  band loop with `step_bytes` of
   logits per step (None: 2 MiB; giving `step_bytes` always loops, at least
   one tile row per step). `row_loop=False`: all tiles at once at every size
   (the earlier default: at 112x112, 4 heads x 32, 86 / 190 MiB temp forward /
