@@ -275,3 +275,24 @@ def test_band_loop_default_tiles_compute_fewer_logits_per_query(kw, logits):
   shapes = _dot_shapes(jax.make_jaxpr(fn)(x, x, x).jaxpr)
   # Q K^T per tile: [..., tq, tk]; P V: [..., tq, head_dim + 1]
   assert {s[-2:] for s in shapes if s[-1] != 9} == {logits}
+
+
+def _top_level_transposes(fn, args, elements):
+  """Top-level (outside loops) transposes of arrays of >= `elements`."""
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  return sum(1 for e in jaxpr.eqns if e.primitive.name == "transpose"
+             and int(np.prod(e.invars[0].aval.shape)) >= elements)
+
+
+def test_band_loop_dilation_moves_image_sized_arrays_once():
+  """Dilated maps: keys and values enter the loop in image order (padded and
+  reshaped, no transpose; the steps' run copies separate the dilation
+  groups), queries and the output / lse take one transpose each. XLA:CPU
+  needed ~4 ms per 112x112 transpose into group-major order; the old loop
+  made 8 (q, k, v and the output / lse into and out of group order, plus
+  the tiling): fails on it."""
+  x = jax.ShapeDtypeStruct((1, 56, 56, 4, 8), jnp.float32)
+  fn = lambda q, k, v: neighborhood_attention(q, k, v, 7, dilation=2,
+                                              return_lse=True)
+  assert _has_loop(fn, x, x, x)
+  assert _top_level_transposes(fn, (x, x, x), 56 * 56 * 4) <= 3

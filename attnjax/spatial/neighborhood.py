@@ -643,31 +643,6 @@ def _runs(x, axis, n, size, halo):
   return jnp.concatenate(parts, axis=axis + 1)
 
 
-def _to_groups(x, plans, dl, spatial):
-  """[B, *spatial, N, C] -> [B, d.., lg.., N, C] (dilation groups apart,
-  zero-padded to lg * d per axis)."""
-  nd = len(plans)
-  x = _split_groups(x, plans, dl, spatial)
-  perm = ([0] + [2 + 2 * a for a in range(nd)] + [1 + 2 * a for a in range(nd)]
-          + [1 + 2 * nd, 2 + 2 * nd])
-  return x.transpose(perm)
-
-
-def _from_groups(x, plans, dl, spatial):
-  """Inverse of `_to_groups` for x [B, d.., >= lg.., N, C]."""
-  nd, b = len(plans), x.shape[0]
-  x = x[(slice(None),) * (1 + nd) + tuple(slice(0, p.group_len)
-                                          for p in plans)]
-  perm = [0]
-  for a in range(nd):
-    perm += [1 + nd + a, 1 + a]
-  perm += [1 + 2 * nd, 2 + 2 * nd]
-  x = x.transpose(perm)
-  x = x.reshape(b, *[p.group_len * d for p, d in zip(plans, dl)],
-                *x.shape[-2:])
-  return x[(slice(None),) + tuple(slice(0, l) for l in spatial)]
-
-
 def _axis_pad(x, axis, before, after):
   pad = [(0, 0)] * x.ndim
   pad[axis] = (before, after)
@@ -708,42 +683,51 @@ def _band_loop(query, key, value, plans, dl, spatial, scale, rpb, r):
   (`_band_core`): the backward loop recomputes each step's weights from the
   saved log-sum-exp and emits the step's query gradient and the gradients
   of its key/value rows as per-step outputs, folded back into the keys by
-  static pads and adds (no gather, no scatter, no image-sized carry)."""
+  static pads and adds (no gather, no scatter, no image-sized carry).
+
+  Keys and values stay in the image's own order, each axis only padded and
+  split into (in-group position, dilation group) by a reshape
+  (`_split_axes`); the dilation groups are separated inside the steps, by
+  the same copy that lays out the key runs, and the queries' tiling and the
+  output's untiling are one transpose each, as without dilation (a separate
+  transpose into group-major order cost ~4 ms per 112x112 array here)."""
   nd, b, n = len(plans), query.shape[0], query.shape[-2]
   h = query.shape[-1]
   p0, rest = plans[0], plans[1:]
   halos = [tuple(int(i) for i in p.key_index) for p in plans]
+  halo = [sum(hh) for hh in halos]
   steps = -(-p0.num_tiles // r)
   band = r * p0.tile
   rows = steps * band
   tshape = [p.tile for p in plans]
   ntiles = [r] + [p.num_tiles for p in rest]
-  # [.., (n_0, T_0), .., (n_k, T_k), N, C] <-> [.., n.., N, T.., C]
-  perm = ([0] + list(range(1, 1 + nd))
-          + [1 + nd + 2 * a for a in range(nd)] + [1 + 3 * nd]
-          + [2 + nd + 2 * a for a in range(nd)] + [2 + 3 * nd])
+  # rows a step cuts: whole tiles, so its runs need no padding inside it
+  cut0 = (r + -(-halo[0] // p0.tile)) * p0.tile
+  qlen = [rows] + [p.num_tiles * p.tile for p in rest]
+  klen = [rows - band + cut0] + [
+      (p.num_tiles + -(-hh // p.tile)) * p.tile for p, hh in zip(rest,
+                                                                halo[1:])]
 
-  # queries [B, *spatial, N, H] -> [steps, B, G, N, tq, H] (tiled once)
-  q = _to_groups(query, plans, dl, spatial)
-  q = _axis_pad(q, 1 + nd, 0, rows - p0.group_len)
-  for a, p in enumerate(rest, 1):
-    q = _axis_pad(q, 1 + nd + a, 0, p.num_tiles * p.tile - p.group_len)
-  q = jnp.moveaxis(q.reshape(q.shape[:1 + nd] + (steps, band)
-                             + q.shape[2 + nd:]), 1 + nd, 0)
-  q = q.reshape(q.shape[:2 + nd] + sum(
-      ((t, s) for t, s in zip(ntiles, tshape)), ()) + (n, h))
-  q = q.transpose([0] + [1 + i for i in perm])
-  q = q.reshape(steps, b, -1, n, int(np.prod(tshape)), h)
+  def split_axes(x, before, lengths):
+    """[B, *spatial, N, C] -> [B, P_0, d_0, .., P_n, d_n, N, C]: axis a
+    zero-padded by before[a] in-group positions in front and to lengths[a]
+    in-group positions in all, then split (a reshape) into (in-group
+    position, dilation group)."""
+    pads = [(0, 0)] + [(f * d, (ln - f) * d - l) for f, ln, d, l in zip(
+        before, lengths, dl, spatial)] + [(0, 0)] * 2
+    x = jnp.pad(x, pads)
+    return x.reshape((b,) + sum(((ln, d) for ln, d in zip(lengths, dl)), ())
+                     + x.shape[-2:])
 
-  def padded(x):
-    """[B, *spatial, N, C] -> [B, d.., rows + halo_0, lg_1 + hl_1.., N, C]:
-    keys in group layout, zero-padded by each axis' left halo (and axis 0
-    to whole bands)."""
-    x = _to_groups(x, plans, dl, spatial)
-    for a, (hl, _) in enumerate(halos):
-      x = _axis_pad(x, 1 + nd + a, hl,
-                    rows + sum(halos[0]) - hl - p0.group_len if a == 0 else 0)
-    return x
+  # queries [B, (steps, r, T_0, d_0), (n_a, T_a, d_a).., N, H]
+  #   -> [steps, B, d.., n.., N, T.., H] -> [steps, B, G, N, tq, H]
+  q = split_axes(query, [0] * nd, qlen)
+  q = q.reshape((b, steps) + sum(((nt, t, d) for nt, t, d in zip(
+      ntiles, tshape, dl)), ()) + (n, h))
+  qperm = ([1, 0] + [4 + 3 * a for a in range(nd)]
+           + [2 + 3 * a for a in range(nd)] + [2 + 3 * nd]
+           + [3 + 3 * a for a in range(nd)] + [3 + 3 * nd])
+  q = q.transpose(qperm).reshape(steps, b, -1, n, int(np.prod(tshape)), h)
 
   # the first axis' mask / rpb offsets per step: [steps, d0, r, T0, run0]
   def per_step(a):
@@ -755,37 +739,38 @@ def _band_loop(query, key, value, plans, dl, spatial, scale, rpb, r):
                                       m, rel)] + rest
   masks = np.stack([_joint_mask(sub_plan(m0[s], None), dl)
                     for s in range(steps)])      # [steps, G, 1, tq, tk]
-  geo = _BandGeometry(nd, b, n, band, sum(halos[0]), tuple(ntiles),
-                      tuple(tshape), tuple(h0 + h1 for h0, h1 in halos),
-                      tuple(perm), masks, r0, sub_plan, tuple(dl), scale)
-  out, lse = _band_core(geo, q, padded(key), padded(value), rpb)
+  geo = _BandGeometry(nd, b, n, band, cut0, tuple(ntiles), tuple(tshape),
+                      tuple(halo), masks, r0, sub_plan, tuple(dl), scale)
+  before = [hl for hl, _ in halos]
+  out, lse = _band_core(geo, q, split_axes(key, before, klen),
+                        split_axes(value, before, klen), rpb)
 
   def image(x):
     # [steps, B, G, N, tq, C] -> [steps, B, d.., n.., N, T.., C]
-    # -> [B, d.., (steps, n_0, T_0), (n_1, T_1).., N, C] -> [B, *spatial, N, C]
+    # -> [B, (steps, r, T_0, d_0), (n_a, T_a, d_a).., N, C] -> [B, *spatial,
+    # N, C]
     x = x.reshape((steps, b) + tuple(dl) + tuple(ntiles) + (n,)
                   + tuple(tshape) + x.shape[-1:])
-    x = x.transpose([1] + [2 + a for a in range(nd)] + [0] + sum(
-        ([2 + nd + a, 3 + 2 * nd + a] for a in range(nd)), [])
-                    + [2 + 2 * nd, 3 + 3 * nd])
-    x = x.reshape((b,) + tuple(dl) + (rows,) + tuple(
-        p.num_tiles * p.tile for p in rest) + (n, x.shape[-1]))
-    return _from_groups(x, plans, dl, spatial)
+    x = x.transpose(np.argsort(qperm))
+    x = x.reshape((b,) + tuple(ln * d for ln, d in zip(qlen, dl))
+                  + (n, x.shape[-1]))
+    return x[(slice(None),) + tuple(slice(0, l) for l in spatial)]
   return image(out.astype(query.dtype)), image(lse[..., None])[..., 0]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _BandGeometry:
-  """Static description of a band loop (hashable by identity)."""
+  """Static description of a band loop (hashable by identity). Keys are
+  [B, P_0, d_0, .., P_n, d_n, N, C] (`_band_loop`); a step cuts `cut0`
+  first-axis positions from step * band."""
   nd: int
   b: int
   n: int
   band: int
-  halo0: int
+  cut0: int
   ntiles: tuple
   tshape: tuple
   halo: tuple
-  perm: tuple
   masks: np.ndarray
   r0: np.ndarray
   sub_plan: object
@@ -793,18 +778,19 @@ class _BandGeometry:
   scale: float
 
   def band_rows(self, x, s):
-    """Rows [s*band, s*band + band + halo_0) of padded keys."""
-    return jax.lax.dynamic_slice_in_dim(x, s * self.band,
-                                        self.band + self.halo0,
-                                        axis=1 + self.nd)
+    """First-axis positions [s*band, s*band + cut0) of the padded keys."""
+    return jax.lax.dynamic_slice_in_dim(x, s * self.band, self.cut0, axis=1)
 
   def tile_runs(self, x):
-    """[B, d.., band + halo0, K1.., N, C] -> [B, G, N, tk, C]."""
+    """[B, P_0, d_0, .., N, C] (band rows) -> [B, G, N, tk, C]: runs per
+    axis, then (d.., n.., N, run.., C) order, groups apart."""
     nd = self.nd
     for a in range(nd):
-      x = _runs(x, 1 + nd + 2 * a, self.ntiles[a], self.tshape[a],
-                self.halo[a])
-    x = x.transpose(self.perm)
+      x = _runs(x, 1 + 3 * a, self.ntiles[a], self.tshape[a], self.halo[a])
+    # x: [B, (n_a, run_a, d_a).., N, C]
+    x = x.transpose([0] + [3 + 3 * a for a in range(nd)]
+                    + [1 + 3 * a for a in range(nd)] + [1 + 3 * nd]
+                    + [2 + 3 * a for a in range(nd)] + [2 + 3 * nd])
     return x.reshape(self.b, -1, self.n, self.masks.shape[-1], x.shape[-1])
 
   def bias(self, rpb, rs):
@@ -886,7 +872,7 @@ def _band_core_bwd(geo, res, cts):
   def fold(bands, x):
     # per-step rows back into the padded keys: static pads and adds
     _, vjp = jax.vjp(lambda x: jnp.moveaxis(
-        _runs(x, 1 + geo.nd, steps, geo.band, geo.halo0), 1 + geo.nd, 0), x)
+        _runs(x, 1, steps, geo.band, geo.cut0 - geo.band), 1, 0), x)
     return vjp(bands)[0]
   return (dq, fold(dkb, k), fold(dvb, v),
           None if rpb is None else drpb.astype(rpb.dtype))
