@@ -185,3 +185,63 @@ def test_efficient_large_logits_finite():
 
 def test_efficient_grouped_structure():
   _assert_grouped(sq.efficient_attention, 4096)
+
+
+# --------------------------------------------------------------------------
+# performer_attention (non-causal): exponents and features per group, a
+# running per-feature key maximum.
+
+from attnjax.sequence import performer  # noqa: E402
+
+_PROJ = sq.orthogonal_random_features(jax.random.key(7), 32, 8)
+
+
+def test_performer_lengths_use_several_groups():
+  step = performer._TOKENS_PER_STEP
+  assert _S > 2 * step and _T % step and _S % step
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_performer_values_and_grads_f32(masked):
+  q, k, v, w = _inputs(2, _T, _S, 4, 2, 8, 6, jnp.float32, seed=4, scale=2.0)
+  mask = _key_mask(2, _S, 37) if masked else None
+  fn = functools.partial(sq.performer_attention, projection=_PROJ, mask=mask)
+  ref = functools.partial(sq.performer_attention_reference, projection=_PROJ,
+                          mask=mask)
+  out, grads = _check_f32(fn, ref, q, k, v, w)
+  if masked:
+    np.testing.assert_array_equal(out[1], 0.0)
+    for gr in grads:
+      np.testing.assert_array_equal(gr[1], 0.0)
+
+
+def test_performer_large_inputs_finite():
+  # Exponents in the hundreds: per-group features would overflow or
+  # underflow without the running maximum and the query shift.
+  q, k, v, w = _inputs(1, _T, _S, 2, 2, 8, 4, jnp.float32, seed=5,
+                       scale=12.0)
+  fn = functools.partial(sq.performer_attention, projection=_PROJ)
+  ref = functools.partial(sq.performer_attention_reference, projection=_PROJ)
+  _check_f32(fn, ref, q, k, v, w, rtol=2e-3, gtol=2e-2)
+
+
+def test_performer_bf16():
+  q, k, v, w = _inputs(1, _T, _S, 2, 2, 8, 8, jnp.bfloat16, seed=6)
+  _check_bf16(functools.partial(sq.performer_attention, projection=_PROJ),
+              functools.partial(sq.performer_attention_reference,
+                                projection=_PROJ), q, k, v, w)
+
+
+def test_performer_vmap():
+  q, k, v, _ = _inputs(3, 700, 1100, 2, 1, 8, 4, jnp.float32, seed=8)
+  fn = functools.partial(sq.performer_attention, projection=_PROJ)
+  out = jax.jit(jax.vmap(fn))(q, k, v)
+  want = jnp.stack([sq.performer_attention_reference(q[i], k[i], v[i],
+                                                     projection=_PROJ)
+                    for i in range(3)])
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_performer_grouped_structure():
+  _assert_grouped(functools.partial(sq.performer_attention,
+                                    projection=_PROJ), 4096)
