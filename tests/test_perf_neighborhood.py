@@ -224,18 +224,24 @@ def test_default_backward_has_no_gather_or_scatter():
   assert "gather" in old and {"scatter-add", "scatter_add"} & old
 
 
+@pytest.mark.parametrize("kw", [{}, {"dilation": 2}, {"stride": 4}])
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
-def test_default_temp_memory_at_112(mode):
-  """Compiled temp memory of the bench's largest call (112x112, 4 heads x
+def test_default_temp_memory_at_112(mode, kw):
+  """Compiled temp memory of the bench's largest calls (112x112, 4 heads x
   32): the all-tiles path needs 86 / 190 MiB (fwd / fwd+bwd), which glibc
   maps fresh on every call (page faults: the exponent's excess); the band
-  loop holds one step's logits. Bounds: 32 MiB forward, 64 MiB fwd+bwd."""
+  loop holds one step's logits, and its backward emits each step's own
+  key/value rows, the halo rows going on to the next step as a small carry
+  (48 / 52 / 48 MiB fwd+bwd for k7 / dilation 2 / stride 4). Per-step
+  rows + halo as outputs folded after the loop needed 53 / 65 / 64 MiB
+  (and 58 / 76 / 58 with 4x4 tiles): fails on it. Bounds: 32 MiB forward,
+  56 MiB fwd+bwd."""
   x = jax.ShapeDtypeStruct((1, 112, 112, 4, 32), jnp.float32)
-  fn = lambda q, k, v: neighborhood_attention(q, k, v, 7)
+  fn = lambda q, k, v: neighborhood_attention(q, k, v, 7, **kw)
   if mode == "fwd_bwd":
     fn = bench_utils.fwd_bwd(fn)
   mem = jax.jit(fn).lower(x, x, x).compile().memory_analysis()
-  assert mem.temp_size_in_bytes < (32 if mode == "fwd" else 64) * 2 ** 20
+  assert mem.temp_size_in_bytes < (32 if mode == "fwd" else 56) * 2 ** 20
 
 
 # ----------------------------------------------------------------------------

@@ -51,8 +51,9 @@ matrix). While all tiles' logits are small (<= 4 MiB float32; 28x28 at 4
 heads) every tile is computed at once; on larger maps (`_band_loop`) a loop
 over bands of tile rows, ~2 MiB of logits per step, whose key runs start a
 fixed halo before their tile in zero-padded coordinates (cut with static
-slices, no gather) and whose custom VJP emits per-step gradients folded back
-with static pads and adds (no scatter, no image-sized carry).
+slices, no gather) and whose custom VJP emits each step's gradients of its
+own key rows, passing the halo rows' on to the next step (no scatter, no
+image-sized carry).
 `neighborhood_attention_reference` builds the dense [S, S] mask from the
 definition and runs plain masked attention; it is the test oracle.
 """
@@ -682,8 +683,10 @@ def _band_loop(query, key, value, plans, dl, spatial, scale, rpb, r):
   outputs and log-sum-exps are the scan's per-step outputs. A custom VJP
   (`_band_core`): the backward loop recomputes each step's weights from the
   saved log-sum-exp and emits the step's query gradient and the gradients
-  of its key/value rows as per-step outputs, folded back into the keys by
-  static pads and adds (no gather, no scatter, no image-sized carry).
+  of its own key/value rows (band rows) as per-step outputs; the gradients
+  of the halo rows below the band go on to the next step in a carry of
+  halo rows (no gather, no scatter, no image-sized carry; per-step band +
+  halo rows folded after the loop held 1.5-3x the keys' size).
 
   Keys and values stay in the image's own order, each axis only padded and
   split into (in-group position, dilation group) by a reshape
@@ -832,7 +835,10 @@ def _band_core_bwd(geo, res, cts):
   f32 = jnp.float32
   steps = q.shape[0]
 
-  def body(drpb, xs):
+  halo = geo.cut0 - geo.band
+
+  def body(carry, xs):
+    drpb, ck, cv = carry
     s, qt, ot, lt, dot, dlt, mask, rs = xs
     kb, vb = geo.band_rows(k, s), geo.band_rows(v, s)
     kt, vt = geo.tile_runs(kb), geo.tile_runs(vb)
@@ -861,20 +867,28 @@ def _band_core_bwd(geo, res, cts):
     dvb, = runs_vjp(dvt)
     if bias_vjp is not None:
       drpb = drpb + bias_vjp(jnp.sum(ds, axis=0))[0].astype(f32)
-    return drpb, (dq.astype(q.dtype), dkb.astype(k.dtype),
-                  dvb.astype(v.dtype))
+
+    def own_rows(db, c):
+      # the earlier steps' halo gradients of this step's first rows are
+      # added in; rows past the band go on to the next step
+      db = db + _axis_pad(c, 1, 0, geo.cut0 - halo)
+      return db[:, :geo.band], db[:, geo.band:]
+    dk, ck = own_rows(dkb, ck)
+    dv, cv = own_rows(dvb, cv)
+    return (drpb, ck, cv), (dq.astype(q.dtype), dk.astype(k.dtype),
+                            dv.astype(v.dtype))
 
   drpb0 = None if rpb is None else jnp.zeros(rpb.shape, f32)
-  drpb, (dq, dkb, dvb) = jax.lax.scan(
-      body, drpb0, (jnp.arange(steps), q, out, lse, dout, dlse, geo.masks,
-                    geo.r0))
+  zeros = lambda x: jnp.zeros((x.shape[0], halo) + x.shape[2:], f32)
+  (drpb, ck, cv), (dq, dk, dv) = jax.lax.scan(
+      body, (drpb0, zeros(k), zeros(v)),
+      (jnp.arange(steps), q, out, lse, dout, dlse, geo.masks, geo.r0))
 
-  def fold(bands, x):
-    # per-step rows back into the padded keys: static pads and adds
-    _, vjp = jax.vjp(lambda x: jnp.moveaxis(
-        _runs(x, 1, steps, geo.band, geo.cut0 - geo.band), 1, 0), x)
-    return vjp(bands)[0]
-  return (dq, fold(dkb, k), fold(dvb, v),
+  def rows(own, c, x):
+    # [steps, B, band, ...] + the last halo -> [B, steps * band + halo, ...]
+    own = jnp.moveaxis(own, 0, 1).reshape((x.shape[0], -1) + x.shape[2:])
+    return jnp.concatenate([own, c.astype(x.dtype)], axis=1)
+  return (dq, rows(dk, ck, k), rows(dv, cv, v),
           None if rpb is None else drpb.astype(rpb.dtype))
 
 
