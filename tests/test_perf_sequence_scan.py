@@ -245,3 +245,73 @@ def test_performer_vmap():
 def test_performer_grouped_structure():
   _assert_grouped(functools.partial(sq.performer_attention,
                                     projection=_PROJ), 4096)
+
+
+# --------------------------------------------------------------------------
+# agent_attention: pooling, agent aggregation (online softmax over keys)
+# and broadcast, each per group of positions.
+
+from attnjax.sequence import agent  # noqa: E402
+
+
+def test_agent_lengths_use_several_groups():
+  step = agent._TOKENS_PER_STEP
+  assert _S > 2 * step and _T % step and _S % step
+
+
+@pytest.mark.parametrize("num_agents", [13, 64])
+def test_pool_agents_window_means(num_agents):
+  # Adaptive average pooling written out in float64 NumPy: agent i is the
+  # mean of positions floor(i T / a) .. ceil((i + 1) T / a) - 1.
+  q, _, _, _ = _inputs(2, _T, 4, 3, 1, 5, 1, jnp.float32, seed=9)
+  got = agent.pool_agents(q, num_agents)
+  qn = np.asarray(q, np.float64)
+  want = np.stack([qn[:, (i * _T) // num_agents:
+                      -(-((i + 1) * _T) // num_agents)].mean(axis=1)
+                   for i in range(num_agents)], axis=1)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_agent_values_and_grads_f32(masked):
+  q, k, v, w = _inputs(2, _T, _S, 4, 2, 8, 6, jnp.float32, seed=10,
+                       scale=2.0)
+  mask = _key_mask(2, _S, 37) if masked else None
+  fn = functools.partial(sq.agent_attention, num_agents=13, mask=mask)
+  ref = functools.partial(sq.agent_attention_reference, num_agents=13,
+                          mask=mask)
+  out, grads = _check_f32(fn, ref, q, k, v, w)
+  if masked:
+    np.testing.assert_array_equal(out[1], 0.0)
+    for gr in grads:
+      np.testing.assert_array_equal(gr[1], 0.0)
+
+
+def test_agent_explicit_agents_large_logits():
+  q, k, v, w = _inputs(1, _T, _S, 2, 1, 8, 4, jnp.float32, seed=11,
+                       scale=20.0)
+  ag = jax.random.normal(jax.random.key(12), (1, 7, 2, 8)) * 20.0
+  fn = functools.partial(sq.agent_attention, agents=ag)
+  ref = functools.partial(sq.agent_attention_reference, agents=ag)
+  _check_f32(fn, ref, q, k, v, w, rtol=1e-3, gtol=1e-2)
+
+
+def test_agent_bf16():
+  q, k, v, w = _inputs(1, _T, _S, 2, 2, 8, 8, jnp.bfloat16, seed=13)
+  _check_bf16(functools.partial(sq.agent_attention, num_agents=16),
+              functools.partial(sq.agent_attention_reference, num_agents=16),
+              q, k, v, w)
+
+
+def test_agent_vmap():
+  q, k, v, _ = _inputs(3, 700, 1100, 2, 1, 8, 4, jnp.float32, seed=14)
+  fn = functools.partial(sq.agent_attention, num_agents=8)
+  out = jax.jit(jax.vmap(fn))(q, k, v)
+  want = jnp.stack([sq.agent_attention_reference(q[i], k[i], v[i],
+                                                 num_agents=8)
+                    for i in range(3)])
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_agent_grouped_structure():
+  _assert_grouped(functools.partial(sq.agent_attention, num_agents=16), 4096)

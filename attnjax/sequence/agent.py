@@ -50,16 +50,48 @@ def adaptive_pool_matrix(length: int, num_out: int) -> np.ndarray:
   return p
 
 
+# Positions per loop step. Whole-sequence passes (the [n_agents, S] agent
+# logits and their softmax over S, the [T, n_agents] broadcast logits, the
+# pooling contraction over T) fall out of cache as the length grows: CPU
+# time per position doubled from 4096 to 16384 (issue 22). Groups of this
+# many positions stay in cache, so time is linear in length.
+_TOKENS_PER_STEP = 128
+
+
+def _groups(x, step):
+  """[B, L, ...] -> [ceil(L / step), B, step, ...], zero-padded."""
+  b, length = x.shape[:2]
+  padded = _common.round_up(length, step)
+  x = jnp.pad(x, ((0, 0), (0, padded - length)) + ((0, 0),) * (x.ndim - 2))
+  return jnp.moveaxis(x.reshape((b, padded // step, step) + x.shape[2:]), 1, 0)
+
+
 def pool_agents(query, num_agents: int):
-  """Agent tokens [B, n_agents, N, H] pooled from query [B, T, N, H]."""
-  t = query.shape[1]
+  """Agent tokens [B, n_agents, N, H] pooled from query [B, T, N, H].
+
+  Accumulated over groups of query positions (a scan carrying only the
+  [B, n_agents, N, H] float32 sums), so the pooling is linear in T in
+  practice too.
+  """
+  b, t = query.shape[:2]
   if num_agents > t:
     raise ValueError(
         f"`num_agents` ({num_agents}) must be <= q_len ({t}) to pool agents "
         f"from `query` of shape {query.shape}.")
-  p = jnp.asarray(adaptive_pool_matrix(t, num_agents))
-  return jnp.einsum("at,btnh->banh", p, query.astype(jnp.float32)).astype(
-      query.dtype)
+  step = min(_TOKENS_PER_STEP, t)
+  padded = _common.round_up(t, step)
+  p = np.pad(adaptive_pool_matrix(t, num_agents), ((0, 0), (0, padded - t)))
+  p = jnp.asarray(
+      p.reshape(num_agents, padded // step, step).transpose(1, 0, 2))
+
+  def add(acc, xs):
+    pg, qg = xs
+    return acc + jnp.einsum("al,blnh->banh", pg, qg.astype(jnp.float32)), None
+
+  init = jnp.zeros((b, num_agents) + query.shape[2:], jnp.float32)
+  pooled, _ = jax.lax.scan(jax.checkpoint(add), init,
+                           (p, _groups(query, step)))
+  return pooled.astype(query.dtype)
 
 
 def _check(query, key, value, num_agents, agents, mask, is_causal, bias,
@@ -121,19 +153,63 @@ def agent_attention(query, key, value, *, num_agents: Optional[int] = None,
   query, key, value, dims, unbatched, kv_mask, agents = _check(
       query, key, value, num_agents, agents, mask, is_causal, bias,
       dropout_rate)
+  if (empty := _common.empty_output(dims, query.dtype, unbatched)) is not None:
+    return empty
   b, t, n, s, k, h, hv = dims
   g = n // k
   scale = _common.default_scale(scale, h)
   f32 = jnp.float32
-  a = agents.astype(f32).reshape(b, agents.shape[1], k, g, h)  # not -1: B may be 0
-  q = query.astype(f32).reshape(b, t, k, g, h)
-  agg = jnp.einsum("bakgh,bskh->bkgas", a, key.astype(f32)) * scale
-  ok = None if kv_mask is None else kv_mask[:, None, None, None, :]
-  va = jnp.einsum("bkgas,bskd->bkgad", _softmax_rows(agg, ok),
-                  value.astype(f32))
-  bc = jnp.einsum("btkgh,bakgh->bkgta", q, a) * scale
-  out = jnp.einsum("bkgta,bkgad->btkgd", _softmax_rows(bc), va)
-  out = out.reshape(b, t, n, hv).astype(query.dtype)
+  neg = _common.NEG
+  na = agents.shape[1]
+  a = agents.astype(f32).reshape(b, na, k, g, h)  # not -1: B may be 0
+  # Agent aggregation: one pass over groups of keys, an online softmax over
+  # key positions (running max m, sum l and V_A accumulator acc, rescaled
+  # when m grows); only these [B, K, G, n_agents(, Hv)] values are carried.
+  step_k = min(_TOKENS_PER_STEP, s)
+  valid = jnp.arange(_common.round_up(s, step_k)) < s
+  if kv_mask is not None:
+    valid = valid[None] & jnp.pad(kv_mask, ((0, 0), (0, valid.shape[0] - s)))
+  valid = jnp.broadcast_to(valid, (b, valid.shape[-1]))
+
+  def aggregate(carry, xs):
+    m, l, acc = carry
+    kg, vg, ok = xs
+    okb = ok[:, None, None, None, :]
+    x = jnp.einsum("bakgh,blkh->bkgal", a, kg.astype(f32)) * scale
+    x = jnp.where(okb, x, neg)
+    m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(x, axis=-1)))
+    had = m > 0.5 * neg
+    shrink = jnp.where(had, jnp.exp(jnp.where(had, m - m_new, 0.0)), 0.0)
+    base = jnp.where(m_new > 0.5 * neg, m_new, 0.0)[..., None]
+    p = jnp.where(okb, jnp.exp(jnp.where(okb, x - base, 0.0)), 0.0)
+    l = l * shrink + jnp.sum(p, axis=-1)
+    acc = acc * shrink[..., None] + jnp.einsum("bkgal,blkd->bkgad", p,
+                                               vg.astype(f32))
+    return (m_new, l, acc), None
+
+  init = (jnp.full((b, k, g, na), neg, f32), jnp.zeros((b, k, g, na), f32),
+          jnp.zeros((b, k, g, na, hv), f32))
+  # jax.checkpoint: the backward pass recomputes a group's logits from its
+  # inputs instead of storing them for every group.
+  (_, l, acc), _ = jax.lax.scan(
+      jax.checkpoint(aggregate), init,
+      (_groups(key, step_k), _groups(value, step_k),
+       _groups(valid, step_k)))
+  ok = l > 0                        # no valid key: V_A = 0, output zeros
+  va = jnp.where(ok[..., None], acc / jnp.where(ok, l, 1.0)[..., None], 0.0)
+  # Agent broadcast, per group of queries (softmax over the agents).
+  step_q = min(_TOKENS_PER_STEP, t)
+
+  def broadcast(_, qg):
+    bc = jnp.einsum("blkgh,bakgh->blkga",
+                    qg.astype(f32).reshape(b, step_q, k, g, h), a) * scale
+    out = jnp.einsum("blkga,bkgad->blkgd", _softmax_rows(bc), va)
+    return None, out.reshape(b, step_q, n, hv).astype(query.dtype)
+
+  _, out = jax.lax.scan(jax.checkpoint(broadcast), None,
+                        _groups(query, step_q))
+  out = jnp.moveaxis(out, 0, 1).reshape(b, _common.round_up(t, step_q), n,
+                                         hv)[:, :t]
   return out[0] if unbatched else out
 
 
