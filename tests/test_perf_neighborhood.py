@@ -1,6 +1,6 @@
 """neighborhood_attention 'xla' (issue 22 item 3). Structure, not timings.
 
-Default: all tiles at once while their logits fit one step (~2 MiB), above
+Default: all tiles at once while their logits fit 4 MiB, above
 that a loop over bands of tile rows with a custom VJP (`_band_loop`): values,
 lse and gradients vs the reference (multi-step loop forced with
 step_bytes=1), bf16 and vmap, no gather/scatter in forward+backward, compiled

@@ -49,7 +49,7 @@ tile. Attention is computed per tile over that run with a static mask, so
 memory and FLOPs grow linearly in the number of pixels (never the S x S
 matrix). While all tiles' logits are small (<= 4 MiB float32; 28x28 at 4
 heads) every tile is computed at once; on larger maps (`_band_loop`) a loop
-over bands of tile rows, ~2 MiB of logits per step, whose key runs start a
+over bands of tile rows, ~1 MiB of logits per step, whose key runs start a
 fixed halo before their tile in zero-padded coordinates (cut with static
 slices, no gather) and whose custom VJP emits each step's gradients of its
 own key rows, passing the halo rows' on to the next step (no scatter, no
@@ -653,7 +653,10 @@ def _axis_pad(x, axis, before, after):
 # float32 logits of one loop step; all tiles at once (no loop) while all
 # tiles' logits stay under ALL_TILES_BYTES (docs/benchmarks/cpu_perf.md,
 # fifth session: 2 MiB is a core's L2 here, 28x28 x 4 heads is 2.1 MiB).
-STEP_LOGITS_BYTES = 2 << 20
+# With the band loop's 4x4 tiles a step's key and value runs are ~2x its
+# logits, and 1 MiB steps measured 9-17% less CPU time at 56x56 than 2 MiB
+# (the same at 112x112; NA7, cpu_perf/na7_ab_steps.log).
+STEP_LOGITS_BYTES = 1 << 20
 ALL_TILES_BYTES = 4 << 20
 
 
@@ -943,7 +946,7 @@ class NeighborhoodXLA(BackendConfig):
   in the band loop, `_band_tile`). `row_loop=None` (default): all tiles at
   once while their float32 logits (max(K, 4) tiles) are <= 4 MiB, else the
   band loop with `step_bytes` of
-  logits per step (None: 2 MiB; giving `step_bytes` always loops, at least
+  logits per step (None: 1 MiB; giving `step_bytes` always loops, at least
   one tile row per step). `row_loop=False`: all tiles at once at every size
   (the earlier default: at 112x112, 4 heads x 32, 86 / 190 MiB temp forward /
   forward+backward, mapped fresh on every call). `row_loop=True`: the older
