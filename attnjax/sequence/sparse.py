@@ -164,13 +164,96 @@ def _band_pallas(config: Optional[Pallas], call: BandCall):
       interpret=None if config is None else config.interpret)
 
 
+# Largest number of key blocks per query block for which `_band_xla` stacks
+# the shifted key/value blocks (that many copies of K and V) and scans over
+# them; wider bands gather inside the loop (`gathered_attention`).
+_BAND_STACK_MAX_BLOCKS = 4
+
+
 def _band_xla(config: Optional[Xla], call: BandCall):
-  """Gathers, per query block, the key blocks its band touches."""
+  """Per query block, the key blocks its band touches.
+
+  Query block a (positions a*bs .. a*bs + bs - 1) needs keys
+  a*bs - left .. a*bs + bs - 1 + right: key blocks a + d .. a + d + top - 1
+  with d = floor(-left / bs), the same offsets for every block. So the
+  blocked keys and values, padded with invalid blocks at both ends, are cut
+  into `top` shifted static slices and a scan walks the query blocks with
+  their key windows as scanned inputs and outputs: nothing is gathered and
+  nothing of sequence length is carried, so the backward pass (the
+  transposes of slices are pads) stays linear in length. The gathered form
+  carried the full-size key and value cotangents through its reverse loop,
+  scatter-adding into them at every step (fwd+bwd ~S^1.15, issue 22). Bands
+  wider than _BAND_STACK_MAX_BLOCKS blocks use the gathered form.
+  """
   del config
   left, right = call.left, call.right
   t, s = call.query.shape[1], call.key.shape[1]
   bs = (max(1, min(DEFAULT_BLOCK, left + right + 1))
         if call.block_size is None else int(call.block_size))
+  nqb, nkb = -(-t // bs), -(-s // bs)
+  d = (-left) // bs
+  top = (bs - 1 + right) // bs - d + 1
+  if top > _BAND_STACK_MAX_BLOCKS:
+    return _band_gathered(call, bs)
+  b, _, n, h = call.query.shape
+  k, hv = call.key.shape[2], call.value.shape[-1]
+  g = n // k
+  # Padded key blocks: p_lo invalid blocks before block 0, so that window
+  # j of query block a is padded block a + d + j + p_lo (>= 0).
+  p_lo = max(0, -d)
+  p_hi = max(0, (nqb - 1) + d + (top - 1) - (nkb - 1))
+  np_blocks = p_lo + nkb + p_hi
+  tp = nqb * bs
+
+  def blocked(x):
+    x = jnp.pad(x, ((0, 0), (p_lo * bs, np_blocks * bs - p_lo * bs -
+                             x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+    return x.reshape((b, np_blocks, bs) + x.shape[2:])
+
+  key_ok = jnp.ones((b, s), bool) if call.kv_mask is None else call.kv_mask
+
+  def windows(x):
+    """[B, np_blocks, bs, ...] -> `top` arrays [nqb, B, bs, ...]: window j
+    of every query block (static shifted slices, joined inside the loop)."""
+    x = jnp.moveaxis(x, 1, 0)
+    return tuple(x[d + j + p_lo:d + j + p_lo + nqb] for j in range(top))
+
+  kw = windows(blocked(call.key))
+  vw = windows(blocked(call.value))
+  okw = windows(blocked(key_ok))
+  qb = jnp.pad(call.query, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+  qb = jnp.moveaxis(qb.reshape(b, nqb, bs, k, g, h), 1, 0)
+  offs = jnp.arange(top * bs)                        # key offset in window
+  qoff = jnp.arange(bs)
+
+  def step(_, xs):
+    qa, ka, va, oka, a = xs
+    ka, va, oka = (jnp.concatenate(x, axis=1) for x in (ka, va, oka))
+    logits = jnp.einsum("bqkgh,bskh->bkgqs", qa, ka,
+                        preferred_element_type=jnp.float32) * call.scale
+    qpos = a * bs + qoff                                   # [bs]
+    kpos = (a + d) * bs + offs                             # [top * bs]
+    rel = kpos[None, :] - qpos[:, None]                    # j - i
+    ok = (qpos < t)[:, None] & (rel >= -left) & (rel <= right)
+    if call.is_causal:
+      ok = ok & (rel <= 0)
+    ok = oka[:, None, None, None, :] & ok[None, None, None]
+    p = _common.masked_softmax(logits, ok)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(call.value.dtype), va,
+                     preferred_element_type=jnp.float32)
+    return None, out.reshape(b, bs, n, hv).astype(call.query.dtype)
+
+  # jax.checkpoint: the backward pass recomputes a block's logits and
+  # weights instead of storing them for every block.
+  _, out = jax.lax.scan(jax.checkpoint(step), None,
+                        (qb, kw, vw, okw, jnp.arange(nqb)))
+  return jnp.moveaxis(out, 0, 1).reshape(b, tp, n, hv)[:, :t]
+
+
+def _band_gathered(call: BandCall, bs: int):
+  """Gathers, per query block, the key blocks its band touches."""
+  left, right = call.left, call.right
+  t, s = call.query.shape[1], call.key.shape[1]
   nqb, nkb = -(-t // bs), -(-s // bs)
   # Key blocks touching [a*bs - left, a*bs + bs - 1 + right].
   top = min(nkb, (bs - 1 + left + right) // bs + 2)

@@ -45,8 +45,17 @@ def load_old(rev, name):
                        check=True, capture_output=True, text=True).stdout
   spec = importlib.util.spec_from_loader(f"old_{name}", loader=None)
   mod = importlib.util.module_from_spec(spec)
+  sys.modules[f"old_{name}"] = mod        # dataclasses look the module up
   exec(compile(src, f"old_{name}.py", "exec"), mod.__dict__)  # noqa: S102
   return mod
+
+
+def old_sliding(q, k, v):
+  """The gathered sliding-window path (the code before the change, kept as
+  `sparse._band_gathered` for wide bands), window 128, block 128, causal."""
+  call = sq.sparse.BandCall(q, k, v, None, 128, 0, True, HEAD_DIM ** -0.5,
+                            128)
+  return sq.sparse._band_gathered(call, 128)
 
 
 def mechanisms(rev, which):
@@ -56,7 +65,9 @@ def mechanisms(rev, which):
                                        HEAD_DIM)
   out = {}
   for m in which:
-    old = load_old(rev, FILES[m])
+    # sparse.py registers its ops by name (a second copy cannot be loaded);
+    # its old sliding-window path is kept unchanged as `_band_gathered`.
+    old = None if m == "sliding" else load_old(rev, FILES[m])
     for tag, mod in (("old", old), ("new", new[m])):
       if m == "efficient":
         fn = functools.partial(mod.efficient_attention)
@@ -64,9 +75,11 @@ def mechanisms(rev, which):
         fn = functools.partial(mod.performer_attention, projection=proj)
       elif m == "agent":
         fn = functools.partial(mod.agent_attention, num_agents=64)
-      else:
+      elif tag == "new":
         fn = functools.partial(mod.sliding_window_attention, window_size=128,
                                block_size=128, is_causal=True)
+      else:
+        fn = old_sliding
       out[(m, tag)] = fn
   return out
 
