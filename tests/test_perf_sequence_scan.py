@@ -386,3 +386,17 @@ def test_sliding_grouped_structure(window, causal, block):
   _assert_grouped(functools.partial(
       sq.sliding_window_attention, window_size=window, is_causal=causal,
       block_size=block), 4096)
+
+
+def test_agent_grad_wrt_explicit_agents():
+  # Learned agents are closed over by the loops: their gradient is
+  # accumulated across groups.
+  q, k, v, w = _inputs(1, _T, _S, 2, 1, 8, 4, jnp.float32, seed=18)
+  ag = jax.random.normal(jax.random.key(19), (1, 7, 2, 8))
+  mask = _key_mask(1, _S, 37)
+
+  def loss(f, ag):
+    return jnp.sum(f(q, k, v, agents=ag, mask=mask) * w)
+  got = jax.jit(jax.grad(functools.partial(loss, sq.agent_attention)))(ag)
+  want = jax.grad(functools.partial(loss, sq.agent_attention_reference))(ag)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
