@@ -94,6 +94,15 @@ def zero_masked(x, kv_mask):
   return jnp.where(keep, x, jnp.zeros((), x.dtype))
 
 
+def to_groups(x, step: int):
+  """[B, L, ...] -> [ceil(L / step), B, step, ...], zero-padded: the scanned
+  inputs of the loops that keep a group of positions in cache (issue 22)."""
+  b, length = x.shape[:2]
+  padded = round_up(length, step)
+  x = jnp.pad(x, ((0, 0), (0, padded - length)) + ((0, 0),) * (x.ndim - 2))
+  return jnp.moveaxis(x.reshape((b, padded // step, step) + x.shape[2:]), 1, 0)
+
+
 def reject(name: str, value, mechanism: str, why: str):
   """Raises NotImplementedError when an unsupported keyword is given."""
   if value is None or (isinstance(value, (bool, int, float)) and not value):

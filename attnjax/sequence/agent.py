@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.sequence import _common
+from attnjax.sequence._common import to_groups
 from attnjax.softmax import dot_product_attention
 
 SUPPORT = {
@@ -58,14 +59,6 @@ def adaptive_pool_matrix(length: int, num_out: int) -> np.ndarray:
 _TOKENS_PER_STEP = 128
 
 
-def _groups(x, step):
-  """[B, L, ...] -> [ceil(L / step), B, step, ...], zero-padded."""
-  b, length = x.shape[:2]
-  padded = _common.round_up(length, step)
-  x = jnp.pad(x, ((0, 0), (0, padded - length)) + ((0, 0),) * (x.ndim - 2))
-  return jnp.moveaxis(x.reshape((b, padded // step, step) + x.shape[2:]), 1, 0)
-
-
 def pool_agents(query, num_agents: int):
   """Agent tokens [B, n_agents, N, H] pooled from query [B, T, N, H].
 
@@ -90,7 +83,7 @@ def pool_agents(query, num_agents: int):
 
   init = jnp.zeros((b, num_agents) + query.shape[2:], jnp.float32)
   pooled, _ = jax.lax.scan(jax.checkpoint(add), init,
-                           (p, _groups(query, step)))
+                           (p, to_groups(query, step)))
   return pooled.astype(query.dtype)
 
 
@@ -193,8 +186,8 @@ def agent_attention(query, key, value, *, num_agents: Optional[int] = None,
   # inputs instead of storing them for every group.
   (_, l, acc), _ = jax.lax.scan(
       jax.checkpoint(aggregate), init,
-      (_groups(key, step_k), _groups(value, step_k),
-       _groups(valid, step_k)))
+      (to_groups(key, step_k), to_groups(value, step_k),
+       to_groups(valid, step_k)))
   ok = l > 0                        # no valid key: V_A = 0, output zeros
   va = jnp.where(ok[..., None], acc / jnp.where(ok, l, 1.0)[..., None], 0.0)
   # Agent broadcast, per group of queries (softmax over the agents).
@@ -207,7 +200,7 @@ def agent_attention(query, key, value, *, num_agents: Optional[int] = None,
     return None, out.reshape(b, step_q, n, hv).astype(query.dtype)
 
   _, out = jax.lax.scan(jax.checkpoint(broadcast), None,
-                        _groups(query, step_q))
+                        to_groups(query, step_q))
   out = jnp.moveaxis(out, 0, 1).reshape(b, _common.round_up(t, step_q), n,
                                          hv)[:, :t]
   return out[0] if unbatched else out

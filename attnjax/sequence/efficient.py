@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.sequence import _common
+from attnjax.sequence._common import to_groups
 
 SUPPORT = {
     "noncausal_self": True,
@@ -75,14 +76,6 @@ def _prepare(query, key, value, mask, is_causal, bias, dropout_rate, scale):
 _TOKENS_PER_STEP = 512
 
 
-def _groups(x, step):
-  """[B, L, ...] -> [ceil(L / step), B, step, ...], zero-padded."""
-  b, length = x.shape[:2]
-  padded = _common.round_up(length, step)
-  x = jnp.pad(x, ((0, 0), (0, padded - length)) + ((0, 0),) * (x.ndim - 2))
-  return jnp.moveaxis(x.reshape((b, padded // step, step) + x.shape[2:]), 1, 0)
-
-
 def _context(key, value, kv_mask, scale, step):
   """rho_k(K)^T V [B, K, H, Hv] (float32) by one pass over groups of keys:
   an online softmax over positions per key channel (running maximum m, sum
@@ -120,7 +113,8 @@ def _context(key, value, kv_mask, scale, step):
   # -23% at S=16384 in one A/B run).
   (_, l, acc), _ = jax.lax.scan(
       jax.checkpoint(step_fn), init,
-      (_groups(key, step), _groups(value, step), _groups(valid, step)))
+      (to_groups(key, step), to_groups(value, step),
+       to_groups(valid, step)))
   ok = l > 0
   return jnp.where(ok[..., None], acc / jnp.where(ok, l, 1.0)[..., None], 0.0)
 
@@ -164,7 +158,7 @@ def efficient_attention(query, key, value, *, mask=None, is_causal: bool = False
                      context)
     return None, out.reshape(b, step, n, hv).astype(query.dtype)
 
-  _, out = jax.lax.scan(jax.checkpoint(write), None, _groups(query, step))
+  _, out = jax.lax.scan(jax.checkpoint(write), None, to_groups(query, step))
   out = jnp.moveaxis(out, 0, 1).reshape(b, _common.round_up(t, step), n,
                                            hv)[:, :t]
   return out[0] if unbatched else out

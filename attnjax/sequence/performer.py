@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.sequence import _common
+from attnjax.sequence._common import to_groups
 
 SUPPORT = {
     "noncausal_self": True,
@@ -116,14 +117,6 @@ def _exponents(x, projection):
 _TOKENS_PER_STEP = 256
 
 
-def _groups(x, step):
-  """[B, L, ...] -> [ceil(L / step), B, step, ...], zero-padded."""
-  b, length = x.shape[:2]
-  padded = _common.round_up(length, step)
-  x = jnp.pad(x, ((0, 0), (0, padded - length)) + ((0, 0),) * (x.ndim - 2))
-  return jnp.moveaxis(x.reshape((b, padded // step, step) + x.shape[2:]), 1, 0)
-
-
 def _noncausal_stable(query, key, value, root, projection, kv_mask, groups,
                       dtype):
   """Non-causal output [B, T, N, Hv] with shifts chosen so that nothing a
@@ -177,8 +170,8 @@ def _noncausal_stable(query, key, value, root, projection, kv_mask, groups,
   init = (jnp.full((b, k, f), low, jnp.float32),
           jnp.zeros((b, k, f, hv + 1), jnp.float32))
   (m, acc), _ = jax.lax.scan(jax.checkpoint(key_step), init,
-                             (_groups(key, step_k), _groups(value, step_k),
-                              _groups(valid, step_k)))
+                             (to_groups(key, step_k), to_groups(value, step_k),
+                              to_groups(valid, step_k)))
   bk = jnp.where(m > 0.5 * low, m, 0.0)                       # [b,k,f]
   step_q = min(_TOKENS_PER_STEP, t)
 
@@ -193,7 +186,7 @@ def _noncausal_stable(query, key, value, root, projection, kv_mask, groups,
     return None, out.reshape(b, step_q, n, hv).astype(dtype)
 
   _, out = jax.lax.scan(jax.checkpoint(query_step), None,
-                        _groups(query, step_q))
+                        to_groups(query, step_q))
   out = jnp.moveaxis(out, 0, 1).reshape(b, _common.round_up(t, step_q), n, hv)
   return out[:, :t]
 
