@@ -64,9 +64,21 @@ def gathered_attention(query, key, value, idx, valid, *, block_q: int,
   cfg = _Cfg(block_q=block_q, block_k=block_k, scale=scale,
              is_causal=is_causal, window=window, t=t,
              batch_q_blocks=batch_q_blocks, out_dtype=query.dtype)
-  out = _gathered(cfg, qb, kb, vb, key_ok, idx_b, valid_b, blocks)
+  # The custom VJP's backward emits every query block's gathered key/value
+  # cotangents (nqb * top blocks) and folds them after its loop: worth it
+  # while that is a few times the keys (block-sparse, routing, sliding
+  # windows: top * T / block_q). Per-token routing (MoBA: block_q=1) would
+  # emit top * block_k cotangent rows per query (1.4x the memory and
+  # 1.2-1.6x the time of autodiff at T=1024-4096), so it keeps autodiff.
+  if nqb * top <= _VJP_MAX_BLOCKS_PER_KEY_BLOCK * nkb:
+    out = _gathered(cfg, qb, kb, vb, key_ok, idx_b, valid_b, blocks)
+  else:
+    out = _gathered_impl(cfg, qb, kb, vb, key_ok, idx_b, valid_b, blocks)
   out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, tp, n, hv)
   return out[:, :t]
+
+
+_VJP_MAX_BLOCKS_PER_KEY_BLOCK = 16
 
 
 class _Cfg(NamedTuple):

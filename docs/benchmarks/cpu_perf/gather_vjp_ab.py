@@ -1,4 +1,5 @@
-"""Gathered-block attention (block-sparse, MoBA, routing): the old
+"""Gathered-block attention (block-sparse, routing, wide sliding
+windows; MoBA keeps autodiff): the old
 `attnjax/sequence/_gather.py` (autodiff through the loop) vs the current one
 (custom VJP), interleaved in one process with the bench's calls (B=1, 4
 heads, head_dim 64, float32): fwd and fwd+bwd, wall and process CPU
@@ -29,8 +30,8 @@ MODS = (sparse, moba, routing)
 CALLS = {
     "block_sparse": lambda q, k, v: sq.block_sparse_attention(
         q, k, v, _band_layout(q.shape[1]), 128, is_causal=True),
-    "moba": lambda q, k, v: sq.moba_attention(q, k, v, block_size=256,
-                                             top_k=3, is_causal=True),
+    "sliding_w700": lambda q, k, v: sq.sliding_window_attention(
+        q, k, v, window_size=700, block_size=128),
     "routing": lambda q, k, v: sq.routing_attention(q, k, v, region_size=256,
                                                     top_k=4),
 }
