@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from attnjax.sequence import linear, linear_attention
+from tests.test_linear_attention_scan import _inputs
 
 PHI = {
     "elu_plus_one": lambda x: jax.nn.elu(x) + 1.0,
@@ -42,15 +43,6 @@ def _explicit(q, k, v, *, phi, normalize=True, scale=None, kv_valid=None):
   den = jnp.sum(w, -1).transpose(0, 2, 1)[..., None]
   safe = jnp.where(den == 0, 1.0, den)
   return jnp.where(den == 0, 0.0, num / safe).astype(q.dtype)
-
-
-def _inputs(b, t, s, n, kh, h, hv, dtype, seed=0):
-  ks = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(ks[0], (b, t, n, h), dtype)
-  k = jax.random.normal(ks[1], (b, s, kh, h), dtype)
-  v = jax.random.normal(ks[2], (b, s, kh, hv), dtype)
-  w = jax.random.normal(ks[3], (b, t, n, hv), jnp.float32)
-  return q, k, v, w
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -23,6 +23,7 @@ import pytest
 
 from attnjax import sequence as sq
 from attnjax.sequence import efficient
+from tests.test_linear_attention_scan import _loop_carries, _subjaxprs
 
 _f32 = lambda x: x.astype(jnp.float32)
 
@@ -75,43 +76,6 @@ def _check_bf16(fn, ref, q, k, v, w):
     scale = float(jnp.max(jnp.abs(b))) or 1.0
     np.testing.assert_allclose(_f32(a), b, rtol=5e-2, atol=4e-2 * scale,
                                err_msg=name)
-
-
-def _loop_carries(jaxpr):
-  """Element counts of every value carried by a scan/while loop, recursively."""
-  out = []
-  for eqn in jaxpr.eqns:
-    p = eqn.primitive.name
-    if p == "scan":
-      nc, ncar = _scan_counts(eqn.params)
-      out += [int(np.prod(x.aval.shape)) for x in eqn.invars[nc:nc + ncar]]
-    elif p == "while":
-      body = eqn.params["body_jaxpr"].jaxpr
-      nb = eqn.params["body_nconsts"]
-      out += [int(np.prod(x.aval.shape)) for x in body.invars[nb:]]
-    for sub in _subjaxprs(eqn.params):
-      out += _loop_carries(sub)
-  return out
-
-
-def _scan_counts(params):
-  if "num_consts" in params:
-    return params["num_consts"], params["num_carry"]
-  ft = params["ft_in"]
-  if hasattr(ft, "elts"):
-    consts, carry, _ = ft.elts
-    return len(list(consts)), len(list(carry))
-  consts, carry, _ = ft.tree.children()
-  return consts.num_leaves, carry.num_leaves
-
-
-def _subjaxprs(params):
-  for v in params.values():
-    for x in (v if isinstance(v, (list, tuple)) else (v,)):
-      if hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
-        yield x.jaxpr
-      elif hasattr(x, "eqns"):
-        yield x
 
 
 def _count_loops(jaxpr):
